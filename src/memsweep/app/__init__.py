@@ -1,0 +1,1 @@
+"""Hydra glue: the only package that sees Hydra or OmegaConf."""

@@ -1,0 +1,64 @@
+"""The one conversion boundary: a composed Hydra config becomes a frozen `JobSpec`.
+
+Unknown or missing keys and wrongly typed values fail here with a one-line `ConfigError`;
+range and cross-field checks live in the spec dataclasses themselves.
+"""
+
+from __future__ import annotations
+
+from dataclasses import MISSING, fields
+from typing import Any
+
+from omegaconf import DictConfig, OmegaConf
+
+from memsweep.errors import ConfigError
+from memsweep.formulas import FORMULAS, Formula, get_formula
+from memsweep.specs import Hardware, JobSpec, ModelSpec, OptimizerSpec, Parallel, Workload
+
+JOB_KEYS = ("seq", "batch", "dtype", "precision", "recompute", "attention")
+
+
+def _group(cls: type, group: str, values: Any) -> dict:
+    if not isinstance(values, dict):
+        raise ConfigError(group, values, f"a {group} preset (a mapping of {cls.__name__} fields)")
+    names = {f.name for f in fields(cls)}
+    for key in values:
+        if key not in names:
+            raise ConfigError(f"{group}.{key}", values[key], f"known keys: {', '.join(sorted(names))}")
+    for f in fields(cls):
+        if f.default is MISSING and f.default_factory is MISSING and f.name not in values:
+            raise ConfigError(f"{group}.{f.name}", "missing", "a value for every required key")
+    return values
+
+
+def to_job_spec(cfg: DictConfig | dict) -> JobSpec:
+    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    model = ModelSpec(**_group(ModelSpec, "model", c.get("model")))
+    w = dict(_group(Workload, "workload", c.get("workload")))
+    targets = w.get("lora_targets", ())
+    if isinstance(targets, str) or not isinstance(targets, (list, tuple)):
+        raise ConfigError("workload.lora_targets", targets, "a list of q, k, v, o, gate, up, down")
+    w["lora_targets"] = tuple(targets)
+    missing = [k for k in JOB_KEYS if k not in c]
+    if missing:
+        raise ConfigError(missing[0], "missing", "a value at the top level of the config")
+    return JobSpec(
+        model=model,
+        workload=Workload(**w),
+        optimizer=OptimizerSpec(**_group(OptimizerSpec, "optimizer", c.get("optimizer"))),
+        parallel=Parallel(**_group(Parallel, "parallel", c.get("parallel"))),
+        hardware=Hardware(**_group(Hardware, "hardware", c.get("hardware"))),
+        formulas=tuple(f.name for f in formulas_of(c)),
+        **{k: c[k] for k in JOB_KEYS},
+    )
+
+
+def formulas_of(c: dict) -> list[Formula]:
+    names = c.get("formulas")
+    if names in (None, "all"):
+        return list(FORMULAS.values())
+    if isinstance(names, str):
+        names = [names]
+    if not isinstance(names, (list, tuple)) or not names:
+        raise ConfigError("formulas", names, f"a list of {', '.join(FORMULAS)} (or all)")
+    return [get_formula(n) for n in names]

@@ -1,0 +1,82 @@
+"""One sweep job: config -> spec -> rows -> an atomically written part. It never raises.
+
+Hydra skips `on_multirun_end` when any job raises, so every failure, expected or not, becomes a
+row with `status` and `error` here, and collection sees every job.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import sys
+import traceback
+from pathlib import Path
+from typing import Any
+
+from hydra.core.hydra_config import HydraConfig
+from hydra.types import RunMode
+from omegaconf import DictConfig, OmegaConf
+
+from memsweep.app.convert import formulas_of, to_job_spec
+from memsweep.errors import ConfigError
+from memsweep.estimate import estimate_rows
+from memsweep.results import write_part
+
+log = logging.getLogger("memsweep")
+
+# Exit status of the last single (non-multirun) job, for sweep.py to return to the shell.
+last_exit_code = 0
+
+
+def job_id(cfg: DictConfig) -> str:
+    """A stable id: a hash of the resolved job configuration (same config, same id)."""
+    try:
+        payload: Any = OmegaConf.to_container(cfg, resolve=True)
+    except Exception:  # an unresolvable config still gets a stable id from its raw text
+        payload = OmegaConf.to_yaml(cfg)
+    text = json.dumps(payload, sort_keys=True, default=str)
+    return hashlib.sha1(text.encode()).hexdigest()[:12]
+
+
+def sweep_id(sweep_dir: Path) -> str:
+    """`outputs/multirun/2026-11-25_10-00-00` -> `2026-11-25_10-00-00`."""
+    return Path(sweep_dir).name
+
+
+def error_row(cfg: DictConfig, choices: dict[str, str], message: str) -> dict[str, Any]:
+    """What is known of a job that could not run: its group choices and raw top-level values."""
+    row: dict[str, Any] = {k: choices.get(k) for k in ("model", "workload", "optimizer", "hardware")}
+    for key in ("seq", "batch", "dtype", "precision", "recompute", "attention"):
+        row[key] = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
+    return {**row, "status": "error", "error": message}
+
+
+def run_job(cfg: DictConfig) -> int:
+    global last_exit_code
+    hc = HydraConfig.get()
+    multirun = hc.mode == RunMode.MULTIRUN
+    out_dir = Path(hc.runtime.output_dir)
+    meta = {
+        "sweep_id": sweep_id(Path(hc.sweep.dir) if multirun else out_dir),
+        "job_num": int(hc.job.num) if multirun else 0,
+        "job_id": job_id(cfg),
+    }
+    code, message = 0, ""
+    try:
+        spec = to_job_spec(cfg)
+        rows = estimate_rows(spec, formulas_of({"formulas": list(spec.formulas)}))
+    except ConfigError as exc:
+        code, message = 2, str(exc)
+        rows = [error_row(cfg, dict(hc.runtime.choices), message)]
+    except Exception as exc:  # unexpected: keep the traceback in the job's log, the row says what
+        code, message = 1, f"{type(exc).__name__}: {exc}".splitlines()[0]
+        log.debug("job failed:\n%s", traceback.format_exc())
+        rows = [error_row(cfg, dict(hc.runtime.choices), message)]
+    write_part([{**r, **meta} for r in rows], out_dir)
+    if code:
+        label = f"job {meta['job_num']}: " if multirun else ""
+        print(f"error: {label}{message}", file=sys.stderr)
+    if not multirun:
+        last_exit_code = code
+    return code

@@ -1,0 +1,216 @@
+"""The result schema (declared once), atomic part files, and collection into `results.parquet`.
+
+Each job writes `rows.parquet` into its own job directory (temp file + `os.replace`, so a crash
+never leaves a half-written part that looks finished). Collection globs the parts under a sweep
+directory, aligns every part to the schema (older parts missing newer columns get nulls), and
+writes `results.parquet` atomically too. It never depends on Hydra: `scripts/collect.py` runs the
+same function on any sweep directory, finished or interrupted.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+import tempfile
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import polars as pl
+
+from memsweep.units import GIB
+
+SCHEMA_VERSION = 1
+PART_NAME = "rows.parquet"
+RESULTS_NAME = "results.parquet"
+
+# Column names are a contract users script against: add columns at the end, never rename.
+SCHEMA: dict[str, pl.DataType] = {
+    "sweep_id": pl.String(),
+    "job_id": pl.String(),
+    "model": pl.String(),
+    "family": pl.String(),
+    "params": pl.Int64(),
+    "seq": pl.Int64(),
+    "batch": pl.Int64(),
+    "dtype": pl.String(),
+    "precision": pl.String(),
+    "workload": pl.String(),
+    "optimizer": pl.String(),
+    "recompute": pl.String(),
+    "attention": pl.String(),
+    "tp": pl.Int64(),
+    "pp": pl.Int64(),
+    "dp": pl.Int64(),
+    "zero": pl.Int64(),
+    "hardware": pl.String(),
+    "hardware_bytes": pl.Int64(),
+    "formula": pl.String(),
+    "weights_bytes": pl.Int64(),
+    "gradients_bytes": pl.Int64(),
+    "optimizer_bytes": pl.Int64(),
+    "activations_bytes": pl.Int64(),
+    "logits_bytes": pl.Int64(),
+    "kv_cache_bytes": pl.Int64(),
+    "overhead_bytes": pl.Int64(),
+    "total_bytes": pl.Int64(),
+    "fits": pl.Boolean(),
+    "status": pl.String(),
+    "error": pl.String(),
+    "measure_backend": pl.String(),
+    "measured_peak_bytes": pl.Int64(),
+    "measured_reserved_bytes": pl.Int64(),
+    "step_time_s": pl.Float64(),
+    # --- beyond the first contract ---
+    "job_num": pl.Int64(),
+    "total_gib": pl.Float64(),
+    "gen_tokens": pl.Int64(),
+    "lora_rank": pl.Int64(),
+    "optimizer_impl": pl.String(),
+    "sequence_parallel": pl.Boolean(),
+    "trainable_params": pl.Int64(),
+    "schema_version": pl.Int64(),
+}
+
+_PY_TYPES: dict[type, tuple[type, ...]] = {
+    pl.String: (str,),
+    pl.Int64: (int,),
+    pl.Float64: (float, int),
+    pl.Boolean: (bool,),
+}
+
+
+def coerce_row(values: Mapping[str, Any]) -> dict[str, Any]:
+    """Keep each known column whose value has the column's type; anything else becomes null.
+
+    Error rows are built from raw, possibly wrong, config values (`seq="abc"`); those must not
+    break the part file, and the error message already carries the bad value.
+    """
+    row: dict[str, Any] = {}
+    for name, dtype in SCHEMA.items():
+        v = values.get(name)
+        ok = _PY_TYPES[type(dtype)]
+        if v is not None and isinstance(v, ok) and not (isinstance(v, bool) and bool not in ok):
+            row[name] = v
+        else:
+            row[name] = None
+    row["schema_version"] = SCHEMA_VERSION
+    return row
+
+
+def frame(rows: Iterable[Mapping[str, Any]]) -> pl.DataFrame:
+    return pl.DataFrame([coerce_row(r) for r in rows], schema=SCHEMA, orient="row")
+
+
+def write_parquet_atomic(df: pl.DataFrame, path: Path) -> Path:
+    """Write to a temp file in the same directory, fsync, then rename over the target."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as fh:
+            df.write_parquet(fh)
+            fh.flush()
+            os.fsync(fh.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+    return path
+
+
+def write_part(rows: Iterable[Mapping[str, Any]], job_dir: Path) -> Path:
+    return write_parquet_atomic(frame(rows), Path(job_dir) / PART_NAME)
+
+
+def align(df: pl.DataFrame) -> pl.DataFrame:
+    """Bring a part to the current schema: missing columns as nulls, columns in schema order."""
+    missing = [pl.lit(None, dtype=t).alias(n) for n, t in SCHEMA.items() if n not in df.columns]
+    df = df.with_columns(missing) if missing else df
+    return df.select([pl.col(n).cast(t, strict=True) for n, t in SCHEMA.items()])
+
+
+@dataclass
+class Collected:
+    table: pl.DataFrame
+    path: Path | None
+    parts: int
+    skipped: list[tuple[Path, str]] = field(default_factory=list)
+    jobs_without_rows: list[Path] = field(default_factory=list)
+
+
+def find_parts(root: Path) -> list[Path]:
+    """Every finished part under `root` (temp files start with '.' and never match)."""
+    return sorted(Path(root).rglob(PART_NAME))
+
+
+def job_dirs(root: Path) -> list[Path]:
+    """Hydra job directories: each holds a `.hydra/` folder written when the job starts."""
+    return sorted(p.parent for p in Path(root).rglob(".hydra") if p.is_dir())
+
+
+def collect(root: Path, write: bool = True) -> Collected:
+    """Merge every part under `root` into one table and (atomically) `root/results.parquet`."""
+    root = Path(root)
+    frames, skipped = [], []
+    parts = find_parts(root)
+    for part in parts:
+        try:
+            frames.append(align(pl.read_parquet(part)))
+        except Exception as exc:  # a corrupt part is reported, never fatal
+            skipped.append((part, f"{type(exc).__name__}: {exc}".splitlines()[0]))
+    table = pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=SCHEMA)
+    table = table.sort(["job_num", "job_id", "formula"], nulls_last=True, maintain_order=True)
+    with_rows = {p.parent for p in parts}
+    missing = [d for d in job_dirs(root) if d not in with_rows and d != root]
+    path = write_parquet_atomic(table, root / RESULTS_NAME) if write else None
+    return Collected(table=table, path=path, parts=len(parts), skipped=skipped,
+                     jobs_without_rows=missing)
+
+
+# --- the printed summary ------------------------------------------------------------------
+
+PIVOT_KEYS = ("batch", "workload", "precision", "optimizer", "recompute", "attention", "hardware",
+              "tp", "pp", "dp", "zero")
+
+
+def summary_model(table: pl.DataFrame, preferred: str = "llama2-7b") -> str | None:
+    models = table.filter(pl.col("status") == "ok")["model"].unique(maintain_order=True).to_list()
+    if not models:
+        return None
+    return preferred if preferred in models else models[0]
+
+
+def pivot_gib(table: pl.DataFrame, model: str) -> pl.DataFrame:
+    """Total GiB per formula (one column each), rows seq x dtype plus any other swept key."""
+    ok = table.filter((pl.col("status") == "ok") & (pl.col("model") == model))
+    swept = [k for k in PIVOT_KEYS if ok[k].n_unique() > 1]
+    index = ["seq", "dtype", *swept]
+    formulas = ok["formula"].unique(maintain_order=True).to_list()
+    wide = ok.pivot(on="formula", index=index, values="total_gib", aggregate_function="first")
+    return wide.select([*index, *formulas]).sort(index)
+
+
+def summarize(collected: Collected, out=sys.stdout) -> None:
+    t = collected.table
+    print(f"results: {collected.path}", file=out)
+    counts = t.group_by("status").len().sort("status")
+    status = ", ".join(f"{s}={n}" for s, n in counts.iter_rows())
+    jobs = t["job_id"].n_unique()
+    print(f"rows: {t.height} ({jobs} jobs x formulas; {status or 'no rows'})", file=out)
+    for part, why in collected.skipped:
+        print(f"skipped corrupt part: {part}: {why}", file=out)
+    if collected.jobs_without_rows:
+        print(f"jobs without rows (interrupted?): {len(collected.jobs_without_rows)}", file=out)
+    errors = t.filter(pl.col("status") != "ok").unique("job_id", maintain_order=True)
+    for row in errors.head(5).iter_rows(named=True):
+        print(f"  job {row['job_num']}: {row['status']}: {row['error']}", file=out)
+    model = summary_model(t)
+    if model is None:
+        return
+    print(f"total GiB per GPU, model={model}:", file=out)
+    with pl.Config(tbl_formatting="ASCII_MARKDOWN", tbl_hide_column_data_types=True,
+                   tbl_hide_dataframe_shape=True, tbl_rows=60, tbl_cols=20, float_precision=2,
+                   tbl_width_chars=200):
+        print(pivot_gib(t, model), file=out)
