@@ -81,10 +81,16 @@ class Columns:
 
     @classmethod
     def from_arrays(cls, **arrays: object) -> Columns:
-        """Build from scalars and arrays, broadcast to one length (missing flags must be given)."""
-        arrs = [np.asarray(v, dtype=np.float64) for v in arrays.values()]
-        shaped = np.broadcast_arrays(*[np.atleast_1d(a) for a in arrs])
-        return cls(**{k: np.ascontiguousarray(a) for k, a in zip(arrays, shaped)})
+        """Build from scalars and arrays broadcast to one length. Omitted columns are 0, except
+        tp, pp and dp (1): callers that evaluate real configurations pass every column."""
+        unknown = set(arrays) - {f.name for f in fields(cls)}
+        if unknown:
+            raise TypeError(f"unknown columns: {sorted(unknown)}")
+        values = {f.name: arrays.get(f.name, 1.0 if f.name in ("tp", "pp", "dp") else 0.0)
+                  for f in fields(cls)}
+        shaped = np.broadcast_arrays(*[np.atleast_1d(np.asarray(v, dtype=np.float64))
+                                       for v in values.values()])
+        return cls(**{k: np.ascontiguousarray(a) for k, a in zip(values, shaped)})
 
     @classmethod
     def from_specs(cls, specs: Sequence[JobSpec]) -> Columns:

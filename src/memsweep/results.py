@@ -153,16 +153,17 @@ def job_dirs(root: Path) -> list[Path]:
 def collect(root: Path, write: bool = True) -> Collected:
     """Merge every part under `root` into one table and (atomically) `root/results.parquet`."""
     root = Path(root)
-    frames, skipped = [], []
+    frames, skipped, with_rows = [], [], set()
     parts = find_parts(root)
     for part in parts:
         try:
             frames.append(align(pl.read_parquet(part)))
+            with_rows.add(part.parent)
         except Exception as exc:  # a corrupt part is reported, never fatal
             skipped.append((part, f"{type(exc).__name__}: {exc}".splitlines()[0]))
     table = pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=SCHEMA)
-    table = table.sort(["job_num", "job_id", "formula"], nulls_last=True, maintain_order=True)
-    with_rows = {p.parent for p in parts}
+    # Within a job, rows keep the order the job wrote them in (the formula registry's order).
+    table = table.sort(["job_num", "job_id"], nulls_last=True, maintain_order=True)
     missing = [d for d in job_dirs(root) if d not in with_rows and d != root]
     path = write_parquet_atomic(table, root / RESULTS_NAME) if write else None
     return Collected(table=table, path=path, parts=len(parts), skipped=skipped,

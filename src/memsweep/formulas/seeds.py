@@ -56,10 +56,26 @@ class MixedConstants:
     adam_bytes_per_param: float = 12.0
 
 
-def mixed_optimizer_bytes_per_param(c: Columns, k: MixedConstants) -> Array:
+def mixed_weights(all_params: Array, mixed: Array, dtype_bytes: Array, k: MixedConstants) -> Array:
+    """F2 training: 6 bytes per parameter (adapters included) when mixed; the dtype's bytes when pure."""
+    return np.where(mixed == 1, k.weight_bytes_per_param, dtype_bytes) * all_params
+
+
+def mixed_activations(tokens: Array, hidden: Array, layers: Array, k: MixedConstants) -> Array:
+    """F2: 2*t*h*L bytes (activations with gradient checkpointing), t = b*s tokens."""
+    return k.activation_bytes_per_token_hidden_layer * tokens * hidden * layers
+
+
+def mixed_gradients(trainable: Array, mixed: Array, dtype_bytes: Array, k: MixedConstants) -> Array:
+    """F2: 4 bytes per trainable parameter (the dtype's bytes when pure)."""
+    return np.where(mixed == 1, k.gradient_bytes_per_param, dtype_bytes) * trainable
+
+
+def mixed_optimizer(trainable: Array, optimizer_states: Array, k: MixedConstants) -> Array:
     """F2: SGD 4, SGD + momentum 8, Adam 12 bytes per trainable parameter."""
-    return np.select([c.optimizer_states == 0, c.optimizer_states == 1],
-                     [k.sgd_bytes_per_param, k.momentum_bytes_per_param], k.adam_bytes_per_param)
+    per_param = np.select([optimizer_states == 0, optimizer_states == 1],
+                          [k.sgd_bytes_per_param, k.momentum_bytes_per_param], k.adam_bytes_per_param)
+    return per_param * trainable
 
 
 def mixed(c: Columns, k: MixedConstants) -> Breakdown:
@@ -71,17 +87,14 @@ def mixed(c: Columns, k: MixedConstants) -> Breakdown:
     """
     p = base_params(c)
     p_train = trainable_params(c)
-    all_params = p + lora_params(c)
-    w_bytes = np.where(c.mixed == 1, k.weight_bytes_per_param, c.dtype_bytes)
-    g_bytes = np.where(c.mixed == 1, k.gradient_bytes_per_param, c.dtype_bytes)
     train = c.training == 1
     return Breakdown.of(
         c.layers,
-        weights=np.where(train, w_bytes * all_params, p * c.dtype_bytes),
-        activations=c.training * k.activation_bytes_per_token_hidden_layer
-        * c.batch * c.seq * c.hidden * c.layers,
-        gradients=c.training * g_bytes * p_train,
-        optimizer=c.training * mixed_optimizer_bytes_per_param(c, k) * p_train,
+        weights=np.where(train, mixed_weights(p + lora_params(c), c.mixed, c.dtype_bytes, k),
+                         p * c.dtype_bytes),
+        activations=c.training * mixed_activations(c.batch * c.seq, c.hidden, c.layers, k),
+        gradients=c.training * mixed_gradients(p_train, c.mixed, c.dtype_bytes, k),
+        optimizer=c.training * mixed_optimizer(p_train, c.optimizer_states, k),
     )
 
 

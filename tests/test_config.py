@@ -1,0 +1,78 @@
+"""Every config option composes through Hydra and converts to a valid spec."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import CONF, load_yaml, preset_names
+from hydra import compose, initialize_config_dir
+from hydra.core.global_hydra import GlobalHydra
+
+from memsweep.app.cli import GROUPS, check_overrides
+from memsweep.app.convert import to_job_spec
+from memsweep.errors import ConfigError
+from memsweep.formulas import FORMULAS
+
+OPTIONS = [(g, n) for g in GROUPS for n in preset_names(g)]
+
+
+@pytest.fixture
+def hydra_compose():
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield lambda overrides=(): compose("config", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+
+
+def test_defaults_are_the_documented_ones(hydra_compose):
+    spec = to_job_spec(hydra_compose())
+    assert (spec.model.name, spec.workload.kind, spec.optimizer.name, spec.precision, spec.dtype,
+            spec.seq, spec.batch) == ("llama2-7b", "train", "adamw", "mixed", "bf16", 2048, 1)
+    assert spec.formulas == tuple(FORMULAS)
+
+
+@pytest.mark.parametrize("group,name", OPTIONS, ids=[f"{g}={n}" for g, n in OPTIONS])
+def test_every_option_composes_and_converts(hydra_compose, group, name):
+    overrides = [f"{group}={name}", "seq=256"]
+    if group == "parallel":
+        overrides.append("model=llama2-70b")  # 64 heads, 8 KV heads, 80 layers: every layout divides
+    spec = to_job_spec(hydra_compose(overrides))
+    assert getattr(spec, group).name == name if group != "measure" else True
+
+
+@pytest.mark.parametrize("group", GROUPS)
+def test_name_equals_file_name(group):
+    for name in preset_names(group):
+        assert load_yaml(group, name)["name"] == name
+
+
+@pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
+def test_used_by_dtypes_compose(hydra_compose, dtype):
+    assert to_job_spec(hydra_compose([f"dtype={dtype}", "seq=8192"])).dtype == dtype
+
+
+def test_unknown_preset_key_in_a_group_is_refused(hydra_compose):
+    cfg = hydra_compose(["+model.hidden_size=5"])
+    with pytest.raises(ConfigError, match=r"^model.hidden_size=5: .*allowed: known keys: "):
+        to_job_spec(cfg)
+
+
+@pytest.mark.parametrize("argv,key", [
+    (["model=nosuch"], "model"),
+    (["-m", "model=gpt2,nosuch", "seq=512"], "model"),
+    (["hardware=h100"], "hardware"),
+    (["model.hiden=3"], "model.hiden"),
+    (["sq=5"], "sq"),
+])
+def test_command_line_precheck(argv, key):
+    with pytest.raises(ConfigError) as info:
+        check_overrides(argv, CONF)
+    assert str(info.value).startswith(f"{key}=") and "\n" not in str(info.value)
+
+
+@pytest.mark.parametrize("argv", [
+    ["-m", "seq=512,2048,8192", "dtype=fp16,bf16"],
+    ["model=gpt2", "model.layers=2", "+resume=true", "hydra/launcher=basic"],
+    ["-m", "model=glob(llama*)"],
+])
+def test_command_line_precheck_passes_valid_overrides(argv):
+    check_overrides(argv, CONF)

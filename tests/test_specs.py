@@ -1,0 +1,59 @@
+"""Bad input fails at the spec boundary with one line naming the key, the value and what is allowed."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import job, model, workload
+
+from memsweep.errors import ConfigError
+from memsweep.specs import Hardware, Parallel
+
+BAD = [
+    ("seq", 0, lambda: job(seq=0)),
+    ("batch", -1, lambda: job(batch=-1)),
+    ("dtype", "fp12", lambda: job(dtype="fp12")),
+    ("model.heads", 7, lambda: model("llama2-7b", heads=7)),
+    ("model.kv_heads", 5, lambda: model("llama2-7b", kv_heads=5)),
+    ("dtype", "int4", lambda: job(dtype="int4")),
+    ("dtype", "int8", lambda: job(wl="lora", dtype="int8")),
+    ("precision", "half", lambda: job(precision="half")),
+    ("recompute", "some", lambda: job(recompute="some")),
+    ("attention", "flash3", lambda: job(attention="flash3")),
+    ("model.norm", "batchnorm", lambda: model("gpt2", norm="batchnorm")),
+    ("model.layers", "32", lambda: model("gpt2", layers="32")),
+    ("seq", 2048, lambda: job("gpt2", seq=2048)),
+    ("workload.gen_tokens", 100, lambda: job("gpt2", wl=workload("inference", gen_tokens=100), seq=1000)),
+    ("parallel.tp", 3, lambda: job(parallel=Parallel("p", tp=3))),
+    ("parallel.pp", 5, lambda: job(parallel=Parallel("p", pp=5))),
+    ("parallel.zero", 4, lambda: Parallel("p", zero=4)),
+    ("workload.lora_targets", "gate", lambda: job("gpt2", wl=workload("lora", lora_targets=("q", "gate")), seq=512)),
+    ("workload.lora_targets", "ffn", lambda: workload("lora", lora_targets=("ffn",))),
+    ("workload.lora_rank", 0, lambda: workload("lora", lora_rank=0)),
+    ("hardware.reserved_mib", 5000, lambda: Hardware("x", memory_mib=4096, reserved_mib=5000)),
+]
+
+
+@pytest.mark.parametrize("key,value,make", BAD, ids=[f"{k}={v}" for k, v, _ in BAD])
+def test_bad_value_names_key_value_and_allowed(key, value, make):
+    with pytest.raises(ConfigError) as info:
+        make()
+    msg = str(info.value)
+    assert "\n" not in msg
+    assert msg.startswith(f"{key}={value!r}: ")
+    assert "allowed: " in msg and msg.split("allowed: ", 1)[1].strip()
+
+
+def test_kv_heads_error_lists_the_divisors():
+    with pytest.raises(ConfigError, match=r"1, 2, 4, 8, 16, 32$"):
+        model("llama2-7b", kv_heads=5)
+
+
+def test_fp32_training_is_pure_and_inference_is_never_mixed():
+    assert job(dtype="fp32").effective_precision == "pure"
+    assert job(wl="inference").effective_precision == "pure"
+    assert job(dtype="bf16").effective_precision == "mixed"
+
+
+def test_encoders_have_no_decode_phase():
+    assert job("bert-base-uncased", wl="inference", seq=256).gen_tokens == 0
+    assert job("llama2-7b", wl="inference", seq=256).gen_tokens == 128
