@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import pytest
-from conftest import CONF, load_yaml, preset_names
+from conftest import CONF, load_preset, preset_names
 from hydra import compose, initialize_config_dir
 from hydra.core.global_hydra import GlobalHydra
 
@@ -42,7 +42,7 @@ def test_every_option_composes_and_converts(hydra_compose, group, name):
 @pytest.mark.parametrize("group", GROUPS)
 def test_name_equals_file_name(group):
     for name in preset_names(group):
-        assert load_yaml(group, name)["name"] == name
+        assert load_preset(group, name)["name"] == name
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])

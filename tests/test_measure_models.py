@@ -11,35 +11,23 @@ import pytest
 torch = pytest.importorskip("torch")
 
 import torch.nn.functional as F  # noqa: E402
-import yaml  # noqa: E402
 from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
 from memsweep.columns import Columns, base_params, lora_params  # noqa: E402
 from memsweep.measure.models import build_model  # noqa: E402
-from memsweep.specs import (  # noqa: E402
-    Hardware,
-    JobSpec,
-    ModelSpec,
-    OptimizerSpec,
-    Parallel,
-    Workload,
-)
+from memsweep.presets import job_spec, model_spec  # noqa: E402
+from memsweep.specs import ModelSpec, Workload  # noqa: E402
 
 MODEL_DIR = Path(__file__).parents[1] / "conf" / "model"
 PRESETS = sorted(p.stem for p in MODEL_DIR.glob("*.yaml"))
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
-def load_spec(name: str) -> ModelSpec:
-    return ModelSpec(**yaml.safe_load((MODEL_DIR / f"{name}.yaml").read_text()))
+load_spec = model_spec
 
 
 def columns(spec: ModelSpec, workload: Workload | None = None) -> Columns:
-    job = JobSpec(
-        model=spec, workload=workload or Workload("train", "train"),
-        optimizer=OptimizerSpec("adamw"), parallel=Parallel("single"),
-        hardware=Hardware("x", 10**6), seq=min(128, spec.max_positions), batch=1, dtype="bf16",
-    )
+    job = job_spec(spec, wl=workload or "train", seq=min(128, spec.max_positions))
     return Columns.from_specs([job])
 
 

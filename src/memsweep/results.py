@@ -19,9 +19,9 @@ from typing import Any
 
 import polars as pl
 
-from memsweep.units import GIB
+from memsweep.units import GIB, MIB
 
-SCHEMA_VERSION = 1
+SCHEMA_VERSION = 2
 PART_NAME = "rows.parquet"
 RESULTS_NAME = "results.parquet"
 
@@ -71,6 +71,21 @@ SCHEMA: dict[str, pl.DataType] = {
     "sequence_parallel": pl.Boolean(),
     "trainable_params": pl.Int64(),
     "schema_version": pl.Int64(),
+    # --- schema 2: measurement (issue 3) ---
+    "tokens_per_s": pl.Float64(),
+    "measured_weights_bytes": pl.Int64(),
+    "measured_gradients_bytes": pl.Int64(),
+    "measured_optimizer_bytes": pl.Int64(),
+    "measured_activations_bytes": pl.Int64(),
+    "measured_kv_cache_bytes": pl.Int64(),
+    "measured_forward_peak_bytes": pl.Int64(),
+    "measured_backward_peak_bytes": pl.Int64(),
+    "measured_optimizer_peak_bytes": pl.Int64(),
+    "measured_prefill_peak_bytes": pl.Int64(),
+    "measured_decode_peak_bytes": pl.Int64(),
+    "device": pl.String(),
+    "torch_version": pl.String(),
+    "measure_wall_s": pl.Float64(),
 }
 
 _PY_TYPES: dict[type, tuple[type, ...]] = {
@@ -183,14 +198,24 @@ def summary_model(table: pl.DataFrame, preferred: str = "llama2-7b") -> str | No
     return preferred if preferred in models else models[0]
 
 
-def pivot_gib(table: pl.DataFrame, model: str) -> pl.DataFrame:
-    """Total GiB per formula (one column each), rows seq x dtype plus any other swept key."""
+def pivot_memory(table: pl.DataFrame, model: str) -> tuple[pl.DataFrame, str]:
+    """Total memory per formula (one column each, plus the measured peak when there is one);
+    rows seq x dtype plus any other swept key. GiB, or MiB when everything is under 1 GiB."""
     ok = table.filter((pl.col("status") == "ok") & (pl.col("model") == model))
     swept = [k for k in PIVOT_KEYS if ok[k].n_unique() > 1]
     index = ["seq", "dtype", *swept]
+    largest = max(ok["total_bytes"].max() or 0, ok["measured_peak_bytes"].max() or 0)
+    unit, scale = ("GiB", GIB) if largest >= GIB else ("MiB", MIB)
     formulas = ok["formula"].unique(maintain_order=True).to_list()
-    wide = ok.pivot(on="formula", index=index, values="total_gib", aggregate_function="first")
-    return wide.select([*index, *formulas]).sort(index)
+    wide = ok.with_columns(value=pl.col("total_bytes") / scale).pivot(
+        on="formula", index=index, values="value", aggregate_function="first")
+    wide = wide.select([*index, *formulas])
+    if ok["measured_peak_bytes"].null_count() < ok.height:
+        backend = ok["measure_backend"].drop_nulls().first()
+        measured = ok.group_by(index, maintain_order=True).agg(
+            (pl.col("measured_peak_bytes").first() / scale).alias(f"measured ({backend})"))
+        wide = wide.join(measured, on=index, how="left", nulls_equal=True)
+    return wide.sort(index), unit
 
 
 def summarize(collected: Collected, out=sys.stdout) -> None:
@@ -210,8 +235,9 @@ def summarize(collected: Collected, out=sys.stdout) -> None:
     model = summary_model(t)
     if model is None:
         return
-    print(f"total GiB per GPU, model={model}:", file=out)
+    pivot, unit = pivot_memory(t, model)
+    print(f"total {unit} per GPU, model={model}:", file=out)
     with pl.Config(tbl_formatting="ASCII_MARKDOWN", tbl_hide_column_data_types=True,
                    tbl_hide_dataframe_shape=True, tbl_rows=60, tbl_cols=20, float_precision=2,
                    tbl_width_chars=200):
-        print(pivot_gib(t, model), file=out)
+        print(pivot, file=out)

@@ -208,6 +208,33 @@ class Hardware:
         return (self.memory_mib - self.reserved_mib) * MIB
 
 
+MEASURE_BACKENDS = ("none", "fake", "cpu", "cuda")
+
+
+@dataclass(frozen=True)
+class MeasureSpec:
+    """Whether and how a job measures its configuration for real (see memsweep.measure)."""
+
+    name: str = "none"
+    backend: Literal["none", "fake", "cpu", "cuda"] = "none"
+    warmup: int = 1
+    """Training steps before the measured ones: step 2 is the steady state (optimizer state exists)."""
+    repeats: int = 1
+    """Measured steps; step time is their median."""
+    max_gib: float | None = None
+    """cpu only: refuse (status=skipped) a job whose `detailed` estimate exceeds this, to protect the host."""
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        _check_choice("measure.backend", self.backend, MEASURE_BACKENDS)
+        _check_int("measure.warmup", self.warmup, minimum=1)
+        _check_int("measure.repeats", self.repeats)
+        _check_int("measure.seed", self.seed, minimum=0)
+        if self.max_gib is not None and (isinstance(self.max_gib, bool)
+                                         or not isinstance(self.max_gib, (int, float)) or self.max_gib <= 0):
+            raise ConfigError("measure.max_gib", self.max_gib, "null or a number of GiB > 0")
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """One point of the sweep grid, validated as a whole (cross-field checks live here)."""
@@ -224,6 +251,7 @@ class JobSpec:
     recompute: Recompute = "none"
     attention: Attention = "sdpa"
     formulas: tuple[str, ...] = field(default=())
+    measure: MeasureSpec = field(default_factory=MeasureSpec)
 
     def __post_init__(self) -> None:
         _check_int("seq", self.seq)

@@ -13,7 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from memsweep.errors import ConfigError
 from memsweep.formulas import FORMULAS, Formula, get_formula
-from memsweep.specs import Hardware, JobSpec, ModelSpec, OptimizerSpec, Parallel, Workload
+from memsweep.specs import (
+    Hardware, JobSpec, MeasureSpec, ModelSpec, OptimizerSpec, Parallel, Workload,
+)
 
 JOB_KEYS = ("seq", "batch", "dtype", "precision", "recompute", "attention")
 
@@ -49,6 +51,7 @@ def to_job_spec(cfg: DictConfig | dict) -> JobSpec:
         parallel=Parallel(**_group(Parallel, "parallel", c.get("parallel"))),
         hardware=Hardware(**_group(Hardware, "hardware", c.get("hardware"))),
         formulas=tuple(f.name for f in formulas_of(c)),
+        measure=MeasureSpec(**_group(MeasureSpec, "measure", c.get("measure", {"name": "none"}))),
         **{k: c[k] for k in JOB_KEYS},
     )
 

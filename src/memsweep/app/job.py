@@ -22,6 +22,8 @@ from memsweep.app.convert import formulas_of, to_job_spec
 from memsweep.errors import ConfigError
 from memsweep.estimate import estimate_rows
 from memsweep.results import write_part
+from memsweep.specs import JobSpec
+from memsweep.units import GIB
 
 log = logging.getLogger("memsweep")
 
@@ -52,6 +54,39 @@ def error_row(cfg: DictConfig, choices: dict[str, str], message: str) -> dict[st
     return {**row, "status": "error", "error": message}
 
 
+def describe(spec: JobSpec) -> str:
+    return (f"{spec.model.name} {spec.workload.name} seq={spec.seq} batch={spec.batch} "
+            f"{spec.dtype}/{spec.effective_precision} recompute={spec.recompute} "
+            f"attention={spec.attention} parallel={spec.parallel.name}")
+
+
+def with_measurement(spec: JobSpec, rows: list[dict[str, Any]], job_num: int) -> list[dict[str, Any]]:
+    """Measure the job once and put the measured columns on every formula's row.
+
+    torch is imported here, and only here: an analytic sweep never pays for it.
+    """
+    backend = spec.measure.backend
+    print(f"[job {job_num}] measure={backend}: {describe(spec)} ...", flush=True)
+    try:
+        from memsweep.measure.backends import measure
+    except ImportError as exc:
+        fields = {"measure_backend": backend, "status": "error",
+                  "error": f"measure={backend} needs torch ({exc}); install: pip install -e '.[measure]'"}
+        print(f"[job {job_num}] error: {fields['error']}", flush=True)
+        return [{**r, **fields} for r in rows]
+    m = measure(spec)
+    detailed = next((r["total_bytes"] for r in rows if r["formula"] == "detailed"), None)
+    if m.status == "ok":
+        vs = f" (detailed {detailed / GIB:.2f})" if detailed is not None else ""
+        print(f"[job {job_num}] ok: peak {m.peak_bytes / GIB:.2f} GiB{vs} in {m.wall_s:.1f} s", flush=True)
+    else:
+        print(f"[job {job_num}] {m.status}: {m.error} ({m.wall_s:.1f} s)", flush=True)
+    fields = m.row_fields()
+    if m.status != "ok":
+        fields.update(status=m.status, error=m.error)
+    return [{**r, **fields} for r in rows]
+
+
 def run_job(cfg: DictConfig) -> int:
     global last_exit_code
     hc = HydraConfig.get()
@@ -66,6 +101,8 @@ def run_job(cfg: DictConfig) -> int:
     try:
         spec = to_job_spec(cfg)
         rows = estimate_rows(spec, formulas_of({"formulas": list(spec.formulas)}))
+        if spec.measure.backend != "none":
+            rows = with_measurement(spec, rows, meta["job_num"])
     except ConfigError as exc:
         code, message = 2, str(exc)
         rows = [error_row(cfg, dict(hc.runtime.choices), message)]

@@ -1,0 +1,160 @@
+"""Measurement backends: `fake` (FakeTensorMode on the CPU), `cpu` (a real run), `cuda` (a GPU).
+
+`measure(spec)` never raises for an expected failure: out of memory becomes status=oom, a
+configuration the reference models cannot run becomes status=skipped, anything else status=error,
+each with a one-line message. GPU memory is released before it returns, so a sweep goes on.
+"""
+
+from __future__ import annotations
+
+import gc
+import statistics
+import time
+from dataclasses import dataclass, field
+from typing import Any
+
+import torch
+from torch._subclasses.fake_tensor import FakeTensorMode
+
+from memsweep.columns import Columns
+from memsweep.formulas import FORMULAS
+from memsweep.measure.tracker import StorageTracker
+from memsweep.measure.workloads import Prepared, Unmeasurable, prepare
+from memsweep.specs import JobSpec
+from memsweep.units import GIB
+
+PHASES = ("forward", "backward", "optimizer", "prefill", "decode")
+
+
+@dataclass
+class Measurement:
+    backend: str
+    status: str = "ok"
+    error: str | None = None
+    peak_bytes: int | None = None
+    reserved_bytes: int | None = None
+    step_time_s: float | None = None
+    tokens_per_s: float | None = None
+    breakdown: dict[str, int] = field(default_factory=dict)
+    phase_peaks: dict[str, int] = field(default_factory=dict)
+    device: str | None = None
+    wall_s: float = 0.0
+
+    def row_fields(self) -> dict[str, Any]:
+        """The measured columns of a result row."""
+        fields = {
+            "measure_backend": self.backend,
+            "measured_peak_bytes": self.peak_bytes,
+            "measured_reserved_bytes": self.reserved_bytes,
+            "step_time_s": self.step_time_s,
+            "tokens_per_s": self.tokens_per_s,
+            "device": self.device,
+            "torch_version": torch.__version__,
+            "measure_wall_s": self.wall_s,
+        }
+        for cat in ("weights", "gradients", "optimizer", "activations", "kv_cache"):
+            fields[f"measured_{cat}_bytes"] = self.breakdown.get(cat)
+        for phase in PHASES:
+            fields[f"measured_{phase}_peak_bytes"] = self.phase_peaks.get(phase)
+        return fields
+
+
+def _one_line(exc: BaseException) -> str:
+    text = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {text[0] if text else ''}"
+
+
+def measure(spec: JobSpec) -> Measurement:
+    backend = spec.measure.backend
+    started = time.perf_counter()
+    result = Measurement(backend=backend)
+    try:
+        torch.manual_seed(spec.measure.seed)
+        run = {"fake": _fake, "cpu": _cpu, "cuda": _cuda}[backend]
+        result = run(spec)
+    except Unmeasurable as exc:
+        result = Measurement(backend=backend, status="skipped", error=f"measure={backend}: {exc}")
+    except torch.OutOfMemoryError as exc:
+        result = Measurement(backend=backend, status="oom", error=_one_line(exc))
+    except Exception as exc:
+        result = Measurement(backend=backend, status="error", error=f"measure={backend}: {_one_line(exc)}")
+    finally:
+        gc.collect()  # drop the model, optimizer and any traceback-held tensors
+        if backend == "cuda" and torch.cuda.is_available():
+            torch.cuda.empty_cache()
+    result.wall_s = time.perf_counter() - started
+    return result
+
+
+def _tracked_steps(spec: JobSpec, device: str, timed: bool) -> tuple[StorageTracker, list[float], Prepared]:
+    """Build, run the warm-up steps, then the measured ones, all under a storage tracker.
+    Untimed (fake) runs decode only the last token: the same peak (see `prepare`)."""
+    with StorageTracker() as tracker:
+        prepared = prepare(spec, device, tracker, last_decode_only=not timed)
+        for _ in range(spec.measure.warmup):
+            prepared.step()
+        tracker.reset_peak()
+        times = []
+        for _ in range(spec.measure.repeats if timed else 1):
+            t0 = time.perf_counter()
+            prepared.step()
+            times.append(time.perf_counter() - t0)
+    return tracker, times, prepared
+
+
+def _from_tracker(backend: str, tracker: StorageTracker, device: str) -> Measurement:
+    return Measurement(backend=backend, peak_bytes=tracker.peak.total,
+                       breakdown=dict(tracker.peak.by_category),
+                       phase_peaks=dict(tracker.phase_peaks), device=device)
+
+
+def _fake(spec: JobSpec) -> Measurement:
+    # Fake tensors on the *cpu* device: fake cuda tensors and the meta device cannot run the
+    # backward pass on a CPU-only torch and fall back to math attention.
+    with FakeTensorMode():
+        tracker, _, _ = _tracked_steps(spec, "cpu", timed=False)
+    return _from_tracker("fake", tracker, "fake:cpu")
+
+
+def _cpu(spec: JobSpec) -> Measurement:
+    limit = spec.measure.max_gib
+    if limit is not None:
+        estimate = float(FORMULAS["detailed"](Columns.from_specs([spec])).total[0])
+        if estimate > limit * GIB:
+            raise Unmeasurable(f"detailed estimate {estimate / GIB:.2f} GiB > measure.max_gib={limit}")
+    tracker, times, prepared = _tracked_steps(spec, "cpu", timed=True)
+    m = _from_tracker("cpu", tracker, "cpu")
+    m.step_time_s = statistics.median(times)
+    m.tokens_per_s = prepared.tokens_per_step / m.step_time_s
+    return m
+
+
+def _cuda(spec: JobSpec) -> Measurement:
+    if not torch.cuda.is_available():
+        raise Unmeasurable("no CUDA device is available to this process")
+    torch.cuda.empty_cache()
+    prepared = prepare(spec, "cuda")
+    for _ in range(spec.measure.warmup):
+        prepared.step()
+    torch.cuda.synchronize()
+    torch.cuda.reset_peak_memory_stats()
+    times = []
+    for _ in range(spec.measure.repeats):
+        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        start.record()
+        prepared.step()
+        end.record()
+        torch.cuda.synchronize()
+        times.append(start.elapsed_time(end) / 1000.0)
+    peak, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
+    # One more step under the storage tracker gives the breakdown at the tensor level.
+    with StorageTracker() as tracker:
+        tracker.adopt(prepared.model, prepared.optimizer)
+        tracker.reset_peak()
+        prepared.tracker = tracker
+        prepared.step()
+    step_time = statistics.median(times)
+    return Measurement(
+        backend="cuda", peak_bytes=peak, reserved_bytes=reserved, step_time_s=step_time,
+        tokens_per_s=prepared.tokens_per_step / step_time, breakdown=dict(tracker.peak.by_category),
+        phase_peaks=dict(tracker.phase_peaks), device=torch.cuda.get_device_name())

@@ -1,0 +1,127 @@
+"""Live tensor-storage bytes, by category and by phase, seen from inside PyTorch's dispatcher.
+
+`StorageTracker` is a `TorchDispatchMode`: every op's output storages are counted when they
+first appear and uncounted when their storage dies (a weakref finalizer). Under `FakeTensorMode`
+the same code runs without allocating anything, so the peak of a 70B training step is exact at
+the tensor level and costs no memory; on real CPU tensors it counts the same storages, which is
+how the `cpu` backend proves `fake` right.
+
+Every storage carries a category (weights, gradients, optimizer, activations, kv_cache): the
+category current when it was allocated, changed later for gradients (a post-accumulate-grad hook
+re-tags them). At each new peak the per-category totals are copied, so the breakdown at the peak
+costs O(categories) per op, not O(live tensors).
+"""
+
+from __future__ import annotations
+
+import weakref
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._pytree import tree_flatten
+
+CATEGORIES = ("weights", "gradients", "optimizer", "activations", "kv_cache")
+
+
+@dataclass
+class Snapshot:
+    """Bytes by category at one moment."""
+
+    by_category: dict[str, int] = field(default_factory=lambda: dict.fromkeys(CATEGORIES, 0))
+
+    @property
+    def total(self) -> int:
+        return sum(self.by_category.values())
+
+
+class StorageTracker(TorchDispatchMode):
+    def __init__(self) -> None:
+        super().__init__()
+        self._live: dict[int, tuple[int, str]] = {}  # storage key -> (bytes, category)
+        self.current = Snapshot()
+        self.peak = Snapshot()
+        self.phase_peaks: dict[str, int] = {}
+        self.category = "activations"
+        self.phase = "setup"
+
+    # --- bookkeeping ---------------------------------------------------------------------
+
+    @staticmethod
+    def _key(storage: torch.UntypedStorage) -> int:
+        return storage._cdata  # the StorageImpl address: unique while the storage lives
+
+    def track(self, tensor: torch.Tensor, category: str | None = None) -> None:
+        """Count a tensor's storage (once); tensors made before the mode was entered need this."""
+        storage = tensor.untyped_storage()
+        key = self._key(storage)
+        if key in self._live:
+            return
+        nbytes = storage.nbytes()
+        cat = category or self.category
+        self._live[key] = (nbytes, cat)
+        self.current.by_category[cat] += nbytes
+        weakref.finalize(storage, self._free, key)
+        self._update_peaks()
+
+    def adopt(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        """Count what existed before tracking began: weights, buffers, gradients, optimizer state."""
+        for p in model.parameters():
+            self.track(p, "weights")
+            if p.grad is not None:
+                self.track(p.grad, "gradients")
+        for b in model.buffers():
+            self.track(b, "weights")
+        for state in (optimizer.state.values() if optimizer is not None else ()):
+            for v in state.values():
+                if isinstance(v, torch.Tensor):
+                    self.track(v, "optimizer")
+
+    def retag(self, tensor: torch.Tensor, category: str) -> None:
+        """Move a live storage to another category (a gradient made by an autograd op)."""
+        key = self._key(tensor.untyped_storage())
+        if key not in self._live:
+            self.track(tensor, category)
+            return
+        nbytes, old = self._live[key]
+        self._live[key] = (nbytes, category)
+        self.current.by_category[old] -= nbytes
+        self.current.by_category[category] += nbytes
+
+    def _free(self, key: int) -> None:
+        nbytes, cat = self._live.pop(key)
+        self.current.by_category[cat] -= nbytes
+
+    def _update_peaks(self) -> None:
+        total = self.current.total
+        if total > self.phase_peaks.get(self.phase, -1):
+            self.phase_peaks[self.phase] = total
+        if total > self.peak.total:
+            self.peak = Snapshot(dict(self.current.by_category))
+
+    def reset_peak(self) -> None:
+        """Start a new measurement window from what is alive now (e.g. before the 2nd step)."""
+        self.peak = Snapshot(dict(self.current.by_category))
+        self.phase_peaks = {}
+
+    @contextmanager
+    def section(self, phase: str, category: str) -> Iterator[None]:
+        """Attribute allocations in this block to `phase` and `category`."""
+        saved = self.phase, self.category
+        self.phase, self.category = phase, category
+        self._update_peaks()
+        try:
+            yield
+        finally:
+            self.phase, self.category = saved
+
+    # --- the dispatch hook ---------------------------------------------------------------
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        out = func(*args, **(kwargs or {}))
+        for t in tree_flatten(out)[0]:
+            if isinstance(t, torch.Tensor):
+                self.track(t)
+        return out

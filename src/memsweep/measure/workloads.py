@@ -1,0 +1,169 @@
+"""What a measured job runs: a training step or prefill + decode, as a user's plain PyTorch would.
+
+Training: forward (under autocast when mixed), cross-entropy on fp32 logits, backward,
+`optimizer.step()`, `zero_grad(set_to_none=True)`. The logits tensor is not kept past the loss
+(a careful training loop drops it; autograd keeps only what backward needs). fp16 mixed runs
+without a GradScaler: unscaling is in place and costs no memory, and its `found_inf.item()`
+cannot run under FakeTensorMode.
+
+Inference: no autograd; a KV cache for prompt + generated tokens, a prefill of `seq` tokens that
+keeps only the last position's logits, then greedy decoding one token at a time.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, nullcontext
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from memsweep.measure.models import ReferenceModel, build_model
+from memsweep.measure.tracker import StorageTracker
+from memsweep.specs import JobSpec
+
+TORCH_DTYPES = {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}
+MEASURABLE_DTYPES = tuple(TORCH_DTYPES)
+LEARNING_RATE = 1e-5  # any value: memory does not depend on it
+
+
+class Unmeasurable(Exception):
+    """A configuration this backend cannot run (becomes status=skipped, not an error)."""
+
+
+class _NoTracker:
+    """Stands in for a StorageTracker when a backend measures with the allocator instead."""
+
+    @contextmanager
+    def section(self, phase: str, category: str) -> Iterator[None]:
+        yield
+
+    def retag(self, tensor: torch.Tensor, category: str) -> None:
+        pass
+
+
+@dataclass
+class Prepared:
+    """A built model, its optimizer and inputs, ready to `step()` any number of times.
+
+    `tracker` may be swapped between steps (the cuda backend times untracked steps, then tracks
+    one); the gradient hooks and phase sections always use the current one.
+    """
+
+    model: ReferenceModel
+    optimizer: torch.optim.Optimizer | None
+    tokens_per_step: int
+    run: Callable[[Prepared], None]
+    tracker: StorageTracker | _NoTracker
+
+    def step(self) -> None:
+        self.run(self)
+
+
+def storage_dtypes(spec: JobSpec) -> tuple[torch.dtype, torch.dtype]:
+    """(base weights, trainable adapters): mixed keeps trained params in fp32; a frozen LoRA base
+    and everything in pure mode or inference use the dtype."""
+    if spec.dtype not in TORCH_DTYPES:
+        raise Unmeasurable(
+            f"dtype={spec.dtype}: the reference models have no quantized kernels; measurable: "
+            f"{', '.join(MEASURABLE_DTYPES)}")
+    dtype = TORCH_DTYPES[spec.dtype]
+    if not spec.mixed:
+        return dtype, dtype
+    return (dtype if spec.workload.kind == "lora" else torch.float32), torch.float32
+
+
+def make_optimizer(spec: JobSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+    impl = spec.optimizer.impl
+    kw = {"lr": LEARNING_RATE, "foreach": impl == "foreach", "fused": True if impl == "fused" else None}
+    name = spec.optimizer.name
+    if name == "adamw":
+        return torch.optim.AdamW(params, **kw)
+    if name == "adam":
+        return torch.optim.Adam(params, **kw)
+    return torch.optim.SGD(params, momentum=0.9 if name == "sgd_momentum" else 0.0, **kw)
+
+
+def prepare(spec: JobSpec, device: str, tracker: StorageTracker | None = None,
+            last_decode_only: bool = False) -> Prepared:
+    """Build the model (weights), optimizer and inputs on `device`; return the step to run.
+
+    `last_decode_only`: decode just the final token (the cache jumps to it). Decoding keeps no
+    state beyond the preallocated cache and the previous logits, and the last step attends to
+    the most positions, so its peak is the decode peak: exact, and O(1) instead of O(gen) steps.
+    """
+    t = tracker or _NoTracker()
+    base_dtype, adapter_dtype = storage_dtypes(spec)
+    p = spec.parallel
+    if p.gpus > 1:
+        raise Unmeasurable(f"parallel={p.name} spans {p.gpus} GPUs; the reference run is one "
+                           "process, so only a single-GPU layout (tp=pp=dp=1) is measured")
+    w = spec.workload
+    with t.section("setup", "weights"):
+        model = build_model(
+            spec.model, attention=spec.attention, recompute=spec.recompute,
+            lora_rank=w.lora_rank if w.kind == "lora" else 0,
+            lora_targets=w.lora_targets if w.kind == "lora" else (),
+            dtype=base_dtype, device=device)
+        for p in model.lora_parameters():
+            p.data = p.data.to(adapter_dtype)
+    with t.section("setup", "activations"):
+        ids = torch.randint(0, spec.model.vocab, (spec.batch, spec.seq), device=device)
+    if w.training:
+        return _prepare_train(spec, model, ids, t)
+    return _prepare_inference(spec, model, ids, t, last_decode_only)
+
+
+def _prepare_train(spec: JobSpec, model: ReferenceModel, ids: torch.Tensor, tracker) -> Prepared:
+    model.train()
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(spec, params)
+    device_type = ids.device.type
+    autocast = (torch.autocast(device_type, dtype=TORCH_DTYPES[spec.dtype]) if spec.mixed
+                else nullcontext())
+    targets = ids.roll(-1, dims=1)  # next-token targets (MLM on every position for bert)
+
+    def step(prepared: Prepared) -> None:
+        t = prepared.tracker
+        with t.section("forward", "activations"):
+            with autocast:
+                logits = model(ids)  # (B, T, V)
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            del logits
+        with t.section("backward", "activations"):
+            loss.backward()
+            del loss
+        with t.section("optimizer", "optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    prepared = Prepared(model, optimizer, spec.batch * spec.seq, step, tracker)
+    for p in params:  # gradients are made by autograd ops; tag them as such when they land
+        p.register_post_accumulate_grad_hook(lambda p: prepared.tracker.retag(p.grad, "gradients"))
+    return prepared
+
+
+def _prepare_inference(spec: JobSpec, model: ReferenceModel, ids: torch.Tensor, tracker,
+                       last_decode_only: bool) -> Prepared:
+    model.eval()
+    gen = spec.gen_tokens
+
+    @torch.no_grad()
+    def step(prepared: Prepared) -> None:
+        t = prepared.tracker
+        if not spec.model.decoder:
+            with t.section("prefill", "activations"):
+                model(ids)
+            return
+        with t.section("prefill", "kv_cache"):
+            cache = model.new_cache(spec.batch, spec.seq + gen)
+        with t.section("prefill", "activations"):
+            logits = model(ids, cache, last_only=True)  # (B, 1, V)
+        with t.section("decode", "activations"):
+            if last_decode_only and gen > 1:
+                cache.length = spec.seq + gen - 1
+            for _ in range(min(gen, 1) if last_decode_only else gen):
+                logits = model(logits.argmax(-1), cache, last_only=True)
+
+    return Prepared(model, None, spec.batch * (spec.seq + gen), step, tracker)

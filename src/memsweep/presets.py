@@ -1,0 +1,66 @@
+"""Specs from the shipped YAML presets by name, without Hydra (for scripts, tests and planning).
+
+The presets live in the repository's `conf/` (or `$MEMSWEEP_CONF`). The sweep itself composes
+them through Hydra; this is the same data read directly, for code that builds many specs.
+"""
+
+from __future__ import annotations
+
+import os
+from functools import cache
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from memsweep.errors import ConfigError
+from memsweep.specs import (
+    Hardware, JobSpec, MeasureSpec, ModelSpec, OptimizerSpec, Parallel, Workload,
+)
+
+CONF_DIR = Path(os.environ.get("MEMSWEEP_CONF", Path(__file__).resolve().parents[2] / "conf"))
+
+
+def preset_names(group: str) -> list[str]:
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+
+
+@cache
+def _load(group: str, name: str) -> dict[str, Any]:
+    path = CONF_DIR / group / f"{name}.yaml"
+    if not path.is_file():
+        raise ConfigError(group, name, preset_names(group))
+    return yaml.safe_load(path.read_text())
+
+
+def load_preset(group: str, name: str, **changes: Any) -> dict[str, Any]:
+    return {**_load(group, name), **changes}
+
+
+def model_spec(name: str, **changes: Any) -> ModelSpec:
+    return ModelSpec(**load_preset("model", name, **changes))
+
+
+def workload_spec(name: str = "train", **changes: Any) -> Workload:
+    d = load_preset("workload", name, **changes)
+    d["lora_targets"] = tuple(d.get("lora_targets") or ())
+    return Workload(**d)
+
+
+def job_spec(model: str | ModelSpec = "llama2-7b", *, wl: str | Workload = "train",
+             optimizer: str | OptimizerSpec = "adamw", parallel: str | Parallel = "single",
+             hardware: str | Hardware = "h100-80g", measure: str | MeasureSpec = "none",
+             **top: Any) -> JobSpec:
+    """A JobSpec from preset names (or specs), with the sweep's defaults for the top-level keys."""
+    kwargs: dict[str, Any] = dict(seq=2048, batch=1, dtype="bf16", precision="mixed",
+                                  recompute="none", attention="sdpa")
+    kwargs.update(top)
+    return JobSpec(
+        model=model_spec(model) if isinstance(model, str) else model,
+        workload=workload_spec(wl) if isinstance(wl, str) else wl,
+        optimizer=OptimizerSpec(**load_preset("optimizer", optimizer)) if isinstance(optimizer, str) else optimizer,
+        parallel=Parallel(**load_preset("parallel", parallel)) if isinstance(parallel, str) else parallel,
+        hardware=Hardware(**load_preset("hardware", hardware)) if isinstance(hardware, str) else hardware,
+        measure=MeasureSpec(**load_preset("measure", measure)) if isinstance(measure, str) else measure,
+        **kwargs,
+    )
