@@ -16,11 +16,13 @@ import numpy as np
 from memsweep.specs import JobSpec
 
 Array = np.ndarray
+FAMILY_CODES = {"gpt2": 0, "llama": 1, "bert": 2}
 
 
 @dataclass(frozen=True)
 class Columns:
     # architecture
+    family: Array  # 0 gpt2 (pre-LN decoder), 1 llama (pre-RMSNorm decoder), 2 bert (post-LN encoder)
     layers: Array
     hidden: Array
     heads: Array
@@ -103,6 +105,7 @@ def _spec_values(spec: JobSpec) -> dict[str, float]:
     m, w, o, p = spec.model, spec.workload, spec.optimizer, spec.parallel
     targets = set(w.lora_targets) if w.kind == "lora" else set()
     return {
+        "family": FAMILY_CODES[m.family],
         "layers": m.layers, "hidden": m.hidden, "heads": m.heads, "kv_heads": m.kv_heads,
         "head_dim": m.dim_per_head, "ffn": m.ffn, "vocab": m.vocab,
         "max_positions": m.max_positions,

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from memsweep.errors import ConfigError
 from memsweep.formulas.base import TERMS, Breakdown, Formula
-from memsweep.formulas.detailed import DetailedConstants, detailed
+from memsweep.formulas.detailed import DetailedConstants, peak_breakdown
 from memsweep.formulas.seeds import (
     KorthikantiConstants, MixedConstants, NaiveConstants, Rule4xConstants, korthikanti, mixed,
     naive, rule4x,
@@ -18,7 +18,7 @@ FORMULAS: dict[str, Formula] = {
         Formula("seed_korthikanti", korthikanti, KorthikantiConstants(),
                 "SPEC.md F3: Korthikanti et al. 2022 activations + ZeRO model states"),
         Formula("seed_rule4x", rule4x, Rule4xConstants(), "SPEC.md F4: 12Lh^2 parameters, 4x rule"),
-        Formula("detailed", detailed, DetailedConstants(), "memsweep: phase-by-phase PyTorch model"),
+        Formula("detailed", peak_breakdown, DetailedConstants(), "memsweep: phase-by-phase PyTorch model"),
     )
 }
 

@@ -1,20 +1,22 @@
-"""`detailed`: memsweep's own estimator, counting what the seed formulas miss.
+"""`detailed`: memsweep's own estimator, counting what the seed formulas miss, phase by phase.
 
-It models a plain PyTorch training step (forward, cross-entropy, backward, `optimizer.step()`,
-`zero_grad(set_to_none=True)`) or inference (prefill, then decode with a KV cache), per GPU, phase
-by phase, and reports the breakdown at the phase with the largest total:
+It models the plain PyTorch step the measurement backends run (forward, cross-entropy on fp32
+logits, backward, `optimizer.step()`, `zero_grad(set_to_none=True)`; or prefill + decode with a
+KV cache), per GPU, as the largest of a few *moments*, each a sum of named terms:
 
-- forward end / backward start: weights + optimizer state + saved activations + logits (and the
-  logits' gradient at the start of backward);
-- optimizer step: weights + optimizer state + gradients + the foreach implementation's temporaries;
-- inference: weights + KV cache (prompt + generated tokens) + one layer's prefill activations +
-  last-token logits.
+- forward end (inside the loss):  weights + optimizer state + saved activations + live logits
+- backward start:                 weights + optimizer state + saved activations + logits gradients
+- full recompute, in backward:    weights + optimizer state + checkpoints + one recomputed layer
+                                  + that layer's gradients
+- end of backward:                weights + optimizer state + gradients
+- optimizer step:                 weights + optimizer state + gradients + step temporaries
+- prefill / decode (inference):   weights + KV cache + the live tensors of one layer
 
-Precision follows PyTorch AMP: `mixed` keeps fp32 parameters, gradients and optimizer state, runs
-matmuls in 16-bit under autocast (whose 16-bit weight copies are saved for backward) and keeps the
-residual stream in fp32. `pure` keeps everything in the dtype. LoRA keeps the frozen base in the
-16-bit dtype and the adapters in fp32 (mixed). Each term below is one function; docs/detailed.md
-lists them with their derivations. Every per-term factor is a named constant for calibration.
+The breakdown reported is the one of the winning moment. Model-state terms are exact parameter
+arithmetic. The saved activations are bytes per structural term (L*t*h, L*t*f, t*V, ...) taken
+from `coefficients.py`, which `scripts/derive_coefficients.py` derives exactly from the reference
+implementation; docs/formulas.md explains each. Every per-term factor is a named constant so a
+calibration can refit it.
 """
 
 from __future__ import annotations
@@ -25,8 +27,11 @@ import numpy as np
 
 from memsweep.columns import Array, Columns, base_params, lora_params, trainable_params
 from memsweep.formulas.base import Breakdown
+from memsweep.formulas.coefficients import BASIS, COEFFICIENTS
 
 FP32 = 4.0
+FAMILIES = ("gpt2", "llama", "bert")
+PRECISIONS = ("mixed", "pure16", "fp32")
 
 
 @dataclass(frozen=True)
@@ -38,24 +43,24 @@ class DetailedConstants:
     logits_factor: float = 1.0
     kv_cache_factor: float = 1.0
     overhead_bytes: float = 0.0
-    """A fixed per-GPU allowance (allocator fragmentation, workspaces); 0 until calibrated."""
+    """A fixed per-GPU allowance (allocator rounding, workspaces); 0 until calibrated."""
 
 
-# --- bytes per element --------------------------------------------------------------------
+# --- bytes per element ------------------------------------------------------------------------
 
 def compute_bytes(c: Columns) -> Array:
     """Activations: 16-bit under autocast; the dtype in pure mode; int8/int4 weights compute in 16-bit."""
     return np.where(c.mixed == 1, 2.0, np.maximum(c.dtype_bytes, 2.0))
 
 
-def residual_bytes(c: Columns) -> Array:
-    """The residual stream: fp32 under autocast (fp32 embeddings + 16-bit outputs promote), else dtype."""
-    return np.where(c.mixed == 1, FP32, compute_bytes(c))
-
-
 def trainable_bytes(c: Columns) -> Array:
     """Trainable parameters, their gradients and optimizer states: fp32 when mixed, else the dtype."""
     return np.where(c.mixed == 1, FP32, c.dtype_bytes)
+
+
+def precision_class(c: Columns) -> Array:
+    """0 mixed (AMP), 1 pure 16-bit, 2 fp32: the three ways activations are stored."""
+    return np.where(c.mixed == 1, 0, np.where(compute_bytes(c) >= FP32, 2, 1))
 
 
 # --- sharding -------------------------------------------------------------------------------
@@ -72,8 +77,16 @@ def zero_shards(c: Columns, stage: int) -> Array:
 
 # --- model state terms ----------------------------------------------------------------------
 
+def updated_params(c: Columns) -> Array:
+    """Parameters that receive a gradient: the trainable ones, less bert's pooler, which the
+    masked-LM loss never reaches (so it gets neither a gradient nor optimizer state)."""
+    pooler = c.pooler * (c.hidden * c.hidden + c.hidden) * (c.lora == 0)
+    return c.training * (trainable_params(c) - pooler)
+
+
 def weights_bytes(c: Columns) -> Array:
-    """Trained params in `trainable_bytes`; a frozen LoRA base and inference weights in the dtype."""
+    """Full training: parameters in `trainable_bytes` (fp32 under AMP). LoRA: a frozen base in the
+    dtype + adapters in `trainable_bytes`. Inference: the dtype (int8 1, int4 0.5 bytes)."""
     p, p_lora = base_params(c), lora_params(c)
     full_train = (c.training == 1) & (c.lora == 0)
     stored = np.where(full_train, p * trainable_bytes(c), p * c.dtype_bytes + p_lora * trainable_bytes(c))
@@ -81,92 +94,127 @@ def weights_bytes(c: Columns) -> Array:
 
 
 def gradients_bytes(c: Columns) -> Array:
-    """One gradient per trainable parameter, in the parameter's dtype."""
-    return c.training * trainable_params(c) * trainable_bytes(c) / model_shards(c) / zero_shards(c, 2)
+    """One gradient per updated parameter, in the parameter's dtype."""
+    return updated_params(c) * trainable_bytes(c) / model_shards(c) / zero_shards(c, 2)
 
 
 def optimizer_bytes(c: Columns) -> Array:
-    """Adam: m and v; SGD with momentum: one buffer; plain SGD: none."""
-    states = c.optimizer_states * trainable_params(c) * trainable_bytes(c)
-    return c.training * states / model_shards(c) / zero_shards(c, 1)
+    """Adam: m and v; SGD with momentum: one buffer; plain SGD: none (per updated parameter)."""
+    return c.optimizer_states * updated_params(c) * trainable_bytes(c) / model_shards(c) / zero_shards(c, 1)
 
 
 def optimizer_step_temporary_bytes(c: Columns) -> Array:
-    """foreach step: about one extra parameter-sized buffer for the update (PyTorch _foreach ops)."""
-    temp = c.foreach * np.minimum(c.optimizer_states, 1.0) * trainable_params(c) * trainable_bytes(c)
-    return c.training * temp / model_shards(c) / zero_shards(c, 1)
+    """foreach Adam: `_foreach_sqrt(exp_avg_sq)` materialises one updated-parameter-sized list;
+    for-loop Adam: two temporaries of the largest parameter (the embedding, V x h); fused: none."""
+    adam = c.optimizer_states == 2
+    foreach = updated_params(c) * trainable_bytes(c) / model_shards(c) / zero_shards(c, 1)
+    largest = np.where(c.lora == 1, 0.0, 2.0 * c.vocab * c.hidden * trainable_bytes(c) / c.tp)
+    return c.training * np.where(adam, np.where(c.foreach == 1, foreach, largest), 0.0)
 
 
-# --- activation terms (bytes per token per layer, then totals) ------------------------------
+# --- activation terms -------------------------------------------------------------------------
 
-def norm_inputs_per_token(c: Columns) -> Array:
-    """Two norms per layer each save their input in the residual dtype (+ an fp32 statistic)."""
-    return 2 * (c.hidden * residual_bytes(c) + FP32 * (1 + c.norm_bias))
-
-
-def linear_inputs_per_token(c: Columns) -> Array:
-    """The normed inputs of the QKV and of the MLP projections (h each), and Q, K, V themselves."""
-    cb = compute_bytes(c)
-    kv = np.where(c.eager_attention == 1, c.heads, c.kv_heads)  # eager repeats K/V to all heads
-    return cb * (2 * c.hidden + c.heads * c.head_dim + 2 * kv * c.head_dim)
-
-
-def attention_core_per_token(c: Columns) -> Array:
-    """Eager: softmax probabilities a*s; sdpa/flash: log-sum-exp a (fp32). Plus the O input a*d."""
-    cb = compute_bytes(c)
-    core = np.where(c.eager_attention == 1, c.heads * c.seq * cb, c.heads * FP32)
-    return core * (1 - c.recompute_selective) + c.heads * c.head_dim * cb
-
-
-def mlp_per_token(c: Columns) -> Array:
-    """SwiGLU saves gate, up, act(gate) and their product (4f); GELU its input and output (2f)."""
-    return compute_bytes(c) * c.ffn * np.where(c.gated_mlp == 1, 4.0, 2.0)
+def _mode_table(quantity: str) -> np.ndarray:
+    """Coefficients indexed [family, precision, workload (train 0 / lora 1), recompute (none 0 /
+    full 1), basis]; modes with no exact fit fall back as documented in docs/formulas.md."""
+    table = np.zeros((3, 3, 2, 2, len(BASIS)))
+    for f, fam in enumerate(FAMILIES):
+        for p, prec in enumerate(PRECISIONS):
+            for w, wl in enumerate(("train", "lora")):
+                for r, rc in enumerate(("none", "full")):
+                    key = f"{fam}/{prec}/{wl}/{rc}/sdpa/{quantity}"
+                    coef = COEFFICIENTS.get(key)
+                    if coef is None and quantity == "saved" and prec == "mixed" and wl == "lora":
+                        # mixed LoRA ~ pure 16-bit LoRA + autocast's 16-bit copies of the adapters
+                        base = COEFFICIENTS[f"{fam}/pure16/lora/{rc}/sdpa/saved"]
+                        coef = tuple(v + (2.0 if n == "Llora" else 0.0) for n, v in zip(BASIS, base))
+                    if coef is not None:
+                        table[f, p, w, r] = coef
+    return table
 
 
-def layer_activations_per_token(c: Columns) -> Array:
-    """All of one layer's saved tensors per token; tensor parallel splits all but the norm inputs
-    (sequence parallel splits those too), after Korthikanti et al. 2022."""
-    sharded = (linear_inputs_per_token(c) + attention_core_per_token(c) + mlp_per_token(c)) / c.tp
-    replicated = norm_inputs_per_token(c) / np.where(c.sequence_parallel == 1, c.tp, 1.0)
-    return sharded + replicated
+SAVED = _mode_table("saved")
 
 
-def autocast_weight_copies_bytes(c: Columns) -> Array:
-    """Mixed full training: autocast's 16-bit copies of the weights are saved for backward."""
-    full_train = (c.training == 1) & (c.lora == 0)
-    return np.where(full_train & (c.mixed == 1), 2.0 * base_params(c), 0.0) / model_shards(c) / zero_shards(c, 3)
+def basis_values(c: Columns) -> np.ndarray:
+    """The structural terms of `coefficients.BASIS`, one row per configuration."""
+    L, t, s, h, a, f, V = c.layers, c.batch * c.seq, c.seq, c.hidden, c.heads, c.ffn, c.vocab
+    d = c.head_dim
+    kvd = np.where(c.kv_heads != c.heads, c.kv_heads * d, 0.0)
+    linear = h * (a * d + 2 * c.kv_heads * d) + a * d * h + np.where(c.gated_mlp == 1, 3.0, 2.0) * h * f
+    lora_layer = lora_params(c) / L
+    r = c.lora_rank
+    terms = {
+        "Lth": L * t * h, "Ltkvd": L * t * kvd, "Ltf": L * t * f, "Lta": L * t * a, "Lt": L * t,
+        "Ltr": L * t * r, "Llinear": L * linear, "Llora": L * lora_layer, "Lh": L * h, "Lf": L * f,
+        "Lr": L * r, "th": t * h, "tV": t * V, "t": t, "Vh": V * h, "sd": s * d, "s": s, "h": h,
+        "V": V, "one": np.ones_like(L),
+    }
+    return np.stack([terms[n] for n in BASIS], axis=-1)
+
+
+def _mode_index(c: Columns) -> tuple[Array, ...]:
+    return (c.family.astype(int), precision_class(c).astype(int), c.lora.astype(int),
+            c.recompute_full.astype(int))
+
+
+def eager_scores_bytes(c: Columns) -> Array:
+    """eager attention keeps the softmax probabilities, b*a*s^2 per layer (the s x s matrix that
+    sdpa/flash never stores); selective recompute drops them again."""
+    keep = (c.eager_attention == 1) & (c.recompute_selective == 0) & (c.recompute_full == 0)
+    return np.where(keep, c.layers * c.batch * c.heads * c.seq**2 * compute_bytes(c), 0.0)
 
 
 def saved_activations_bytes(c: Columns) -> Array:
-    """End of forward. none/selective: every layer's saved tensors. full: each layer's input only,
-    plus one layer recomputed during backward."""
-    tokens = c.batch * c.seq
-    per_layer = tokens * layer_activations_per_token(c)
-    checkpoints = tokens * c.hidden * residual_bytes(c)
-    # Pipelining does not shrink this: under 1F1B the first stage holds pp micro-batches of L/pp layers.
-    saved = np.where(c.recompute_full == 1, c.layers * checkpoints + per_layer, c.layers * per_layer)
-    return saved + autocast_weight_copies_bytes(c)
+    """What autograd holds when the forward and the loss end (incl. the fp32 log-softmax, t*V*4)."""
+    coef = SAVED[_mode_index(c)]
+    return (coef * basis_values(c)).sum(axis=-1) + eager_scores_bytes(c)
 
 
-def prefill_activations_bytes(c: Columns) -> Array:
-    """Inference: no autograd, so about one layer's tensors are alive at once (plus eager scores)."""
-    tokens = c.batch * c.seq
-    return tokens * layer_activations_per_token(c)
-
-
-def logits_bytes(c: Columns) -> Array:
-    """Training: b*s*V logits in the compute dtype plus their fp32 log-softmax for the loss.
-    Inference: a decoder keeps last-token fp32 logits; an encoder (bert) all b*s*V."""
+def live_logits_bytes(c: Columns) -> Array:
+    """Inside the loss: the LM head's output (t*V in the compute dtype) and, when that is 16-bit,
+    its fp32 copy (`logits.float()`), besides the log-softmax already counted as saved."""
+    t_v = c.batch * c.seq * c.vocab
     cb = compute_bytes(c)
-    train = c.batch * c.seq * c.vocab * (cb + FP32)
-    decoder = c.final_norm == 1
-    infer = np.where(decoder, c.batch * c.vocab * FP32, c.batch * c.seq * c.vocab * cb)
-    return np.where(c.training == 1, train, infer) / c.tp
+    return t_v * (cb + np.where(cb < FP32, FP32, 0.0))
 
 
 def logits_gradient_bytes(c: Columns) -> Array:
-    """Start of backward: the fp32 gradient of the log-softmax, b*s*V."""
-    return c.training * c.batch * c.seq * c.vocab * FP32 / c.tp
+    """Backward start: the NLL gradient and the log-softmax gradient, t*V fp32 each."""
+    return 2.0 * c.batch * c.seq * c.vocab * FP32
+
+
+PER_LAYER_TERMS = np.array([n.startswith("L") for n in BASIS])
+
+
+def layer_params(c: Columns) -> Array:
+    """Parameters of one block's matrices (Q, K, V, O and the MLP)."""
+    h, a, d, kv = c.hidden, c.heads, c.head_dim, c.kv_heads
+    return h * (a * d + 2 * kv * d) + a * d * h + np.where(c.gated_mlp == 1, 3.0, 2.0) * h * c.ffn
+
+
+RECOMPUTE_MLP_TENSORS = {True: 6.0, False: 4.0}
+"""t*f tensors alive in the recomputed block's MLP backward, saved ones and gradients together:
+SwiGLU 6 (gate, up, act, product and two gradients), GELU 4 (fc out, act and two gradients)."""
+HEAD_TERMS = np.array([n in ("th", "tV", "Vh") for n in BASIS])
+FFN_TERM = np.array([n == "Ltf" for n in BASIS])
+
+
+def full_recompute_layer_bytes(c: Columns) -> Array:
+    """Full recompute, in the backward of the last block (the one moment that is not an exact
+    fit: inside the block the peak can move between its MLP and attention backward): the
+    checkpoints, ids and RoPE tables (the final norm, logits and head cast are freed by then), the
+    block re-run with what it saves (a layer of the no-recompute table) except its MLP, which
+    holds `RECOMPUTE_MLP_TENSORS` t*f tensors, and the LM head's weight gradient."""
+    idx = _mode_index(c)
+    b = basis_values(c)
+    kept = (SAVED[idx] * b * ~HEAD_TERMS).sum(axis=-1)
+    none_idx = idx[:3] + (np.zeros_like(idx[3]),)
+    one_layer = (SAVED[none_idx] * b * (PER_LAYER_TERMS & ~FFN_TERM)).sum(axis=-1) / c.layers
+    n_ffn = np.where(c.gated_mlp == 1, RECOMPUTE_MLP_TENSORS[True], RECOMPUTE_MLP_TENSORS[False])
+    mlp = n_ffn * c.batch * c.seq * c.ffn * compute_bytes(c) / c.tp
+    head_grad = (1 - c.lora) * (1 - c.tied_embeddings) * c.vocab * c.hidden * trainable_bytes(c) / c.tp
+    return kept + one_layer + mlp + head_grad
 
 
 def kv_cache_bytes(c: Columns) -> Array:
@@ -177,19 +225,66 @@ def kv_cache_bytes(c: Columns) -> Array:
     return np.where(decoder_inference, kv, 0.0)
 
 
-# --- phases -----------------------------------------------------------------------------------
+def inference_ids_bytes(c: Columns) -> Array:
+    """int64 token ids (and learned-position ids)."""
+    return 8.0 * c.batch * c.seq + c.learned_positions * 8.0 * c.seq
 
-def detailed(c: Columns, k: DetailedConstants) -> Breakdown:
-    """Peak over phases; the breakdown reported is the one of the peak phase."""
+
+def prefill_activations_bytes(c: Columns) -> Array:
+    """Inference, inside one layer's MLP (no autograd): the residual stream, the normed input and
+    the MLP's intermediates (SwiGLU: gate, act, up, product; GELU: fc out, act), + RoPE tables."""
+    t = c.batch * c.seq
+    cb = compute_bytes(c)
+    mlp = np.where(c.gated_mlp == 1, 3.0, 2.0) * c.ffn
+    rope = np.where(c.learned_positions == 1, 0.0, 2.0 * c.seq * c.head_dim * cb)
+    return t * (3.0 * c.hidden + mlp) * cb / c.tp + rope + inference_ids_bytes(c)
+
+
+def decode_activations_bytes(c: Columns) -> Array:
+    """Decode, last step: GQA repeats the cached K and V to all heads (b*a*(s+g)*d each)."""
+    gqa = c.kv_heads != c.heads
+    tokens = c.batch * (c.seq + c.gen_tokens)
+    return np.where(gqa, 2.0 * tokens * c.heads * c.head_dim * compute_bytes(c) / c.tp, 0.0)
+
+
+def inference_logits_bytes(c: Columns) -> Array:
+    """Inference logits: a decoder keeps the last position only (b*V); an encoder (bert) all t*V."""
+    return np.where(c.final_norm == 1, c.batch * c.vocab, c.batch * c.seq * c.vocab) * compute_bytes(c)
+
+
+# --- moments ----------------------------------------------------------------------------------
+
+def peak_breakdown(c: Columns, k: DetailedConstants) -> Breakdown:
+    """The largest moment; the breakdown reported is that moment's."""
     w = k.weights_factor * weights_bytes(c)
     o = k.optimizer_factor * optimizer_bytes(c)
     g = k.gradients_factor * gradients_bytes(c)
     overhead = np.full_like(w, k.overhead_bytes)
-    train = c.training == 1
-    acts = k.activations_factor * np.where(train, saved_activations_bytes(c), prefill_activations_bytes(c))
-    logits = k.logits_factor * (logits_bytes(c) + logits_gradient_bytes(c))
-    forward_backward = Breakdown.of(w, weights=w, optimizer=o, activations=acts, logits=logits,
-                                    kv_cache=k.kv_cache_factor * kv_cache_bytes(c), overhead=overhead)
-    step = Breakdown.of(w, weights=w, optimizer=o + k.optimizer_factor * optimizer_step_temporary_bytes(c),
-                        gradients=g, overhead=overhead)
-    return forward_backward.select(forward_backward.total >= step.total, step)
+    inputs = 16.0 * c.batch * c.seq  # token ids and targets (int64)
+    act = k.activations_factor
+    lg = k.logits_factor
+    saved = act * saved_activations_bytes(c)
+    moments = [
+        Breakdown.of(w, weights=w, optimizer=o, activations=saved, logits=lg * live_logits_bytes(c),
+                     overhead=overhead),
+        Breakdown.of(w, weights=w, optimizer=o, activations=saved, logits=lg * logits_gradient_bytes(c),
+                     overhead=overhead),
+        Breakdown.of(w, weights=w, optimizer=o, activations=act * full_recompute_layer_bytes(c) * c.recompute_full,
+                     overhead=overhead),
+        Breakdown.of(w, weights=w, optimizer=o + k.optimizer_factor * optimizer_step_temporary_bytes(c),
+                     gradients=g, activations=np.full_like(w, 1.0) * inputs, overhead=overhead),
+    ]
+    train = moments[0]
+    for m in moments[1:]:
+        train = m.select(m.total > train.total, train)
+    kv = k.kv_cache_factor * kv_cache_bytes(c)
+    prefill = Breakdown.of(w, weights=w, kv_cache=kv, activations=act * prefill_activations_bytes(c),
+                           overhead=overhead)
+    head = Breakdown.of(w, weights=w, kv_cache=kv, logits=lg * inference_logits_bytes(c),
+                        activations=act * (c.batch * c.seq * c.hidden * compute_bytes(c) + inference_ids_bytes(c)),
+                        overhead=overhead)
+    prefill = head.select(head.total > prefill.total, prefill)
+    decode = Breakdown.of(w, weights=w, kv_cache=kv, activations=act * decode_activations_bytes(c),
+                          overhead=overhead)
+    infer = decode.select(decode.total > prefill.total, prefill)
+    return train.select(c.training == 1, infer)

@@ -37,6 +37,7 @@ class Measurement:
     tokens_per_s: float | None = None
     breakdown: dict[str, int] = field(default_factory=dict)
     phase_peaks: dict[str, int] = field(default_factory=dict)
+    phase_breakdowns: dict[str, dict[str, int]] = field(default_factory=dict)
     device: str | None = None
     wall_s: float = 0.0
 
@@ -105,7 +106,8 @@ def _tracked_steps(spec: JobSpec, device: str, timed: bool) -> tuple[StorageTrac
 def _from_tracker(backend: str, tracker: StorageTracker, device: str) -> Measurement:
     return Measurement(backend=backend, peak_bytes=tracker.peak.total,
                        breakdown=dict(tracker.peak.by_category),
-                       phase_peaks=dict(tracker.phase_peaks), device=device)
+                       phase_peaks=dict(tracker.phase_peaks),
+                       phase_breakdowns=dict(tracker.phase_breakdowns), device=device)
 
 
 def _fake(spec: JobSpec) -> Measurement:

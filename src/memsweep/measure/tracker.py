@@ -44,6 +44,8 @@ class StorageTracker(TorchDispatchMode):
         self.current = Snapshot()
         self.peak = Snapshot()
         self.phase_peaks: dict[str, int] = {}
+        self.phase_breakdowns: dict[str, dict[str, int]] = {}
+        self.marks: dict[str, dict[str, int]] = {}
         self.category = "activations"
         self.phase = "setup"
 
@@ -98,6 +100,7 @@ class StorageTracker(TorchDispatchMode):
         total = self.current.total
         if total > self.phase_peaks.get(self.phase, -1):
             self.phase_peaks[self.phase] = total
+            self.phase_breakdowns[self.phase] = dict(self.current.by_category)
         if total > self.peak.total:
             self.peak = Snapshot(dict(self.current.by_category))
 
@@ -105,6 +108,11 @@ class StorageTracker(TorchDispatchMode):
         """Start a new measurement window from what is alive now (e.g. before the 2nd step)."""
         self.peak = Snapshot(dict(self.current.by_category))
         self.phase_peaks = {}
+        self.phase_breakdowns = {}
+
+    def mark(self, name: str) -> None:
+        """Remember what is alive now, by category (e.g. the saved activations after forward)."""
+        self.marks[name] = dict(self.current.by_category)
 
     @contextmanager
     def section(self, phase: str, category: str) -> Iterator[None]:

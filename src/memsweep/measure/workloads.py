@@ -39,6 +39,9 @@ class _NoTracker:
     def section(self, phase: str, category: str) -> Iterator[None]:
         yield
 
+    def mark(self, name: str) -> None:
+        pass
+
     def retag(self, tensor: torch.Tensor, category: str) -> None:
         pass
 
@@ -131,9 +134,11 @@ def _prepare_train(spec: JobSpec, model: ReferenceModel, ids: torch.Tensor, trac
                 logits = model(ids)  # (B, T, V)
             loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
             del logits
+        t.mark("after_forward")  # what autograd saved for backward (+ the loss)
         with t.section("backward", "activations"):
             loss.backward()
             del loss
+        t.mark("after_backward")
         with t.section("optimizer", "optimizer"):
             optimizer.step()
             optimizer.zero_grad(set_to_none=True)

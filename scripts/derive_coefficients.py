@@ -1,0 +1,153 @@
+"""Derive `detailed`'s activation coefficients from the reference implementation, exactly.
+
+    python scripts/derive_coefficients.py          # rewrites src/memsweep/formulas/coefficients.py
+
+For every mode (family x precision x workload x recompute x attention) it runs the reference step
+under FakeTensorMode on a design of small models (varying layers, tokens, hidden, heads, KV heads,
+FFN and vocabulary) and solves for the integer bytes that multiply each structural term:
+
+    L*t*h, L*t*kv*d, L*t*f, L*t*a, L*t, L*t*r, L*linear, L*lora, L*h, L*f, L*r, t*h, t*V, t,
+    V*h, s*d, s, h, V, 1
+
+for two quantities of a training step (train or LoRA): the activations autograd has saved when
+the forward (and the loss) ends, and the backward peak under full recomputation. A fit is kept only when it reproduces every design point to the byte; the script
+fails otherwise. The coefficients are facts about the reference PyTorch code (which tensors
+autograd keeps, which autocast copies), so they change only when that code changes:
+tests/test_detailed_accuracy.py checks them against fresh fake measurements.
+"""
+
+from __future__ import annotations
+
+import itertools
+import sys
+from pathlib import Path
+
+import numpy as np
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+from memsweep.columns import Columns, lora_params  # noqa: E402
+from memsweep.measure.tracker import StorageTracker  # noqa: E402
+from memsweep.measure.workloads import prepare  # noqa: E402
+from memsweep.presets import job_spec, workload_spec  # noqa: E402
+from memsweep.specs import ModelSpec  # noqa: E402
+
+BASIS = ("Lth", "Ltkvd", "Ltf", "Lta", "Lt", "Ltr", "Llinear", "Llora", "Lh", "Lf", "Lr",
+         "th", "tV", "t", "Vh", "sd", "s", "h", "V", "one")
+FAMILIES = ("gpt2", "llama", "bert")
+PRECISIONS = {"mixed": ("bf16", "mixed"), "pure16": ("bf16", "pure"), "fp32": ("fp32", "pure")}
+WORKLOADS = ("train", "lora")  # inference peaks are a max of moments: written by hand
+# Exact fits for the memory-efficient attention every GPU user gets (sdpa) and for recompute
+# none/full; eager scores and selective recompute are adjustments on top (see detailed.py).
+RECOMPUTES = ("none", "full")
+ATTENTIONS = ("sdpa",)
+LORA_RANKS = (8, 4)  # alternated over the design so the rank term is identifiable
+
+# L, s, b, h, a, kv, f, V: ratios like real models (V >> h, f ~ 2.7-4 h), small enough to be fast
+DESIGN = [
+    (2, 64, 2, 256, 8, 2, 688, 4000), (3, 64, 2, 256, 8, 2, 688, 4000), (2, 128, 2, 256, 8, 2, 688, 4000),
+    (3, 128, 2, 256, 8, 2, 688, 4000), (2, 64, 2, 256, 8, 8, 688, 4000), (3, 64, 2, 256, 8, 8, 688, 4000),
+    (2, 64, 2, 256, 8, 2, 1024, 4000), (3, 64, 2, 256, 8, 2, 1024, 4000), (2, 64, 2, 256, 8, 2, 688, 6000),
+    (2, 64, 2, 384, 8, 2, 1024, 4000), (3, 64, 2, 384, 8, 2, 1024, 4000), (2, 64, 2, 256, 4, 2, 688, 4000),
+    (3, 64, 2, 256, 4, 2, 688, 4000), (2, 64, 4, 256, 8, 2, 688, 4000), (3, 128, 4, 384, 4, 4, 1024, 6000),
+    (2, 32, 3, 128, 4, 1, 352, 3000), (4, 96, 1, 192, 6, 3, 512, 5000), (3, 48, 2, 320, 5, 5, 1280, 4500),
+    (2, 80, 1, 448, 7, 7, 1536, 3500), (3, 40, 3, 160, 5, 1, 448, 5500), (4, 56, 2, 224, 7, 7, 640, 2500),
+    (2, 72, 2, 288, 9, 3, 832, 4200), (3, 24, 5, 352, 11, 11, 1152, 3300), (2, 112, 1, 416, 13, 13, 960, 4800),
+    (4, 64, 1, 96, 3, 1, 288, 2000), (3, 88, 2, 480, 15, 5, 1408, 3900),
+]
+
+
+def model(family: str, L: int, h: int, a: int, kv: int, f: int, V: int) -> ModelSpec:
+    llama = family == "llama"
+    return ModelSpec(
+        name=f"design-{family}", family=family, layers=L, hidden=h, heads=a, kv_heads=kv if llama else a,
+        ffn=f, vocab=V, max_positions=4096, norm="rmsnorm" if llama else "layernorm",
+        mlp="swiglu" if llama else "gelu", position="rope" if llama else "learned",
+        qkv_bias=not llama, out_bias=not llama, mlp_bias=not llama, tied_embeddings=not llama,
+        type_vocab=2 if family == "bert" else 0, pooler=family == "bert")
+
+
+def basis(c: Columns, L: int, s: int, b: int, h: int, a: int, kv: int, f: int, V: int) -> list[float]:
+    t, d, kv = b * s, h // a, int(c.kv_heads[0])  # the model's kv (gpt2/bert: kv = heads)
+    linear = h * (a * d + 2 * kv * d) + a * d * h + (3 if c.gated_mlp[0] else 2) * h * f
+    lora_layer = float(lora_params(c)[0]) / L
+    r = float(c.lora_rank[0])
+    kvd = kv * d if kv != a else 0  # without GQA, K/V are h-sized: the h column carries them
+    return [L * t * h, L * t * kvd, L * t * f, L * t * a, L * t, L * t * r,
+            L * linear, L * lora_layer, L * h, L * f, L * r, t * h, t * V, t, V * h, s * d, s, h, V, 1]
+
+
+def observe(family: str, precision: str, wl: str, recompute: str, attention: str, point,
+            rank: int) -> dict:
+    """The activation bytes of each quantity for one design point."""
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    L, s, b, h, a, kv, f, V = point
+    dtype, mode = PRECISIONS[precision]
+    w = workload_spec("lora", lora_rank=rank) if wl == "lora" else workload_spec(wl)
+    spec = job_spec(model(family, L, h, a, kv, f, V), wl=w, seq=s, batch=b, dtype=dtype,
+                    precision=mode, recompute=recompute, attention=attention)
+    with FakeTensorMode(), StorageTracker() as tracker:
+        prepared = prepare(spec, "cpu", tracker, last_decode_only=True)
+        prepared.step()
+        tracker.reset_peak()
+        prepared.step()
+    out = {"saved": tracker.marks["after_forward"]["activations"]}
+    if recompute == "full":
+        bd = tracker.phase_breakdowns["backward"]
+        out["full_backward"] = bd["activations"] + bd["gradients"]
+    return out, basis(Columns.from_specs([spec]), *point)
+
+
+def solve(rows: list[list[float]], ys: list[int]) -> list[int] | None:
+    A, y = np.array(rows, dtype=float), np.array(ys, dtype=float)
+    coef, *_ = np.linalg.lstsq(A, y, rcond=None)
+    exact = np.round(coef * 4) / 4  # bytes per term are multiples of 1/4 (int4 is not measured)
+    return [float(v) for v in exact] if np.abs(A @ exact - y).max() == 0 else None
+
+
+def modes():
+    yield from itertools.product(FAMILIES, PRECISIONS, WORKLOADS, RECOMPUTES, ATTENTIONS)
+
+
+def main() -> int:
+    table: dict[str, list[float]] = {}
+    failed = []
+    for mode in modes():
+        rows, obs = [], {}
+        for i, point in enumerate(DESIGN):  # (gpt2 and bert ignore kv: model() uses kv = heads)
+            o, row = observe(*mode, point, LORA_RANKS[i % 2])
+            rows.append(row)
+            for k, v in o.items():
+                obs.setdefault(k, []).append(v)
+        for quantity, ys in obs.items():
+            key = "/".join((*mode, quantity))
+            coef = solve(rows, ys)
+            if coef is None:
+                failed.append(key)
+                print(f"NOT EXACT {key}", flush=True)
+            else:
+                table[key] = coef
+                print(f"{key}: {dict((n, v) for n, v in zip(BASIS, coef) if v)}", flush=True)
+    lines = [
+        '"""Generated by scripts/derive_coefficients.py from the reference implementation: do not edit.',
+        "",
+        "Bytes per structural term (BASIS) of the activations the reference PyTorch step holds, per",
+        "mode family/precision/workload/recompute/attention/quantity. See docs/formulas.md.",
+        '"""',
+        "",
+        f"BASIS = {BASIS!r}",
+        "",
+        "COEFFICIENTS: dict[str, tuple[float, ...]] = {",
+        *[f"    {k!r}: {tuple(v)!r}," for k, v in table.items()],
+        "}",
+        "",
+    ]
+    (ROOT / "src" / "memsweep" / "formulas" / "coefficients.py").write_text("\n".join(lines))
+    print(f"{len(table)} exact fits written; not exact: {failed or 'none'}")
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
