@@ -1,0 +1,137 @@
+"""How close is each formula to measurement? Runs the standard grid with `measure=fake`.
+
+    python scripts/accuracy.py                      # the full grid (about 600 jobs), 2 processes
+    python scripts/accuracy.py --quick              # tiny, gpt2 and llama2-7b only
+    python scripts/accuracy.py --from outputs/accuracy/2026-11-25_02-10-00   # re-analyse
+
+The grid goes through normal Hydra multiruns of sweep.py (one per precision, since fp32 has no
+mixed mode, and inference separately, since recompute applies to training only):
+
+    models  gpt2, bert-large-uncased, llama2-7b, llama3-8b, mistral-7b, qwen2.5-7b, tiny
+    seq 512 / 2048 / 8192 x batch 1 / 4 x {fp32, bf16 mixed, bf16 pure}
+    x {train, lora} x recompute {none, full}  +  inference (recompute none)
+
+Configurations a model cannot run (learned positions past gpt2's 1024 or bert's 512) come back
+as error rows and are listed as skipped. It prints, for every formula, the median |error|, p90,
+worst case and where, then the same split by workload and precision, and the three worst
+configurations of `detailed`; tables land in the output directory as Parquet and Markdown.
+Goal for `detailed`: median |error| <= 1 %, worst <= 3 %. Exit status 1 when it is missed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib.util
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT / "src"))
+
+import polars as pl  # noqa: E402
+
+from memsweep.fit import error_summary, unmeasured, with_errors, worst  # noqa: E402
+from memsweep.results import RESULTS_NAME, collect, write_parquet_atomic  # noqa: E402
+
+MODELS = "gpt2,bert-large-uncased,llama2-7b,llama3-8b,mistral-7b,qwen2.5-7b,tiny"
+QUICK_MODELS = "tiny,gpt2,llama2-7b"
+PRECISIONS = {"fp32": ["dtype=fp32", "precision=pure"],
+              "bf16-mixed": ["dtype=bf16", "precision=mixed"],
+              "bf16-pure": ["dtype=bf16", "precision=pure"]}
+GOAL_MEDIAN_PCT, GOAL_WORST_PCT = 1.0, 3.0
+
+
+def sweeps(models: str) -> dict[str, list[str]]:
+    common = [f"model={models}", "seq=512,2048,8192", "batch=1,4", "measure=fake"]
+    out = {}
+    for name, precision in PRECISIONS.items():
+        out[f"{name}-training"] = [*common, *precision, "workload=train,lora", "recompute=none,full"]
+        out[f"{name}-inference"] = [*common, *precision, "workload=inference", "recompute=none"]
+    return out
+
+
+def run(out: Path, models: str, jobs: int) -> None:
+    launcher = []
+    if jobs > 1:
+        if importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None:
+            print("note: hydra-joblib-launcher is not installed; running jobs one at a time "
+                  "(pip install -e '.[launchers]')")
+        else:
+            launcher = ["hydra/launcher=joblib", f"hydra.launcher.n_jobs={jobs}"]
+    for name, overrides in sweeps(models).items():
+        t0 = time.perf_counter()
+        cmd = [sys.executable, str(ROOT / "sweep.py"), "-m", *overrides, *launcher,
+               f"hydra.sweep.dir={out / name}"]
+        proc = subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True)
+        if proc.returncode != 0:
+            raise SystemExit(f"error: sweep {name} failed:\n{proc.stderr[-2000:]}")
+        print(f"sweep {name}: {time.perf_counter() - t0:.0f} s", flush=True)
+
+
+def load(out: Path) -> pl.DataFrame:
+    tables = []
+    for d in sorted(p for p in out.iterdir() if p.is_dir()):
+        tables.append(collect(d).table if not (d / RESULTS_NAME).exists() else pl.read_parquet(d / RESULTS_NAME))
+    return pl.concat(tables, how="vertical")
+
+
+def markdown(df: pl.DataFrame) -> str:
+    with pl.Config(tbl_formatting="ASCII_MARKDOWN", tbl_hide_column_data_types=True,
+                   tbl_hide_dataframe_shape=True, tbl_rows=200, tbl_cols=20, float_precision=3,
+                   tbl_width_chars=400, fmt_str_lengths=90):
+        return str(df)
+
+
+def report(table: pl.DataFrame, out: Path) -> bool:
+    errors = with_errors(table)
+    skipped = unmeasured(table)
+    lines = [f"# Accuracy against measure=fake ({errors['job_id'].n_unique()} measured configurations)", ""]
+    if skipped.height:
+        reasons = skipped.group_by("error").agg(pl.len().alias("jobs"), pl.col("model").unique().sort())
+        lines += [f"Skipped ({skipped.height} configurations the models cannot run):", ""]
+        lines += [f"- {r['jobs']} x {', '.join(r['model'])}: {r['error']}" for r in reasons.iter_rows(named=True)]
+        lines.append("")
+    overall = error_summary(errors, ["formula"])
+    split = error_summary(errors, ["formula", "workload", "precision"])
+    lines += ["## Every formula", "", markdown(overall.drop("worst_signed_pct")), "",
+              "## By workload and precision", "",
+              markdown(split.drop("worst_config", "worst_signed_pct")), "",
+              "## The three worst configurations of `detailed`", "", markdown(worst(errors, "detailed")), ""]
+    d = overall.filter(pl.col("formula") == "detailed")
+    ok = d.height == 1 and d["median_abs_pct"][0] <= GOAL_MEDIAN_PCT and d["worst_abs_pct"][0] <= GOAL_WORST_PCT
+    if d.height:
+        lines.append(f"Goal for detailed (median <= {GOAL_MEDIAN_PCT} %, worst <= {GOAL_WORST_PCT} %): "
+                     f"median {d['median_abs_pct'][0]:.4f} %, worst {d['worst_abs_pct'][0]:.3f} % -> "
+                     f"{'met' if ok else 'MISSED'}")
+    text = "\n".join(lines)
+    print(text)
+    (out / "accuracy.md").write_text(text + "\n")
+    write_parquet_atomic(errors, out / "accuracy.parquet")
+    write_parquet_atomic(overall, out / "accuracy_summary.parquet")
+    return ok
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--out", type=Path, help="output directory (default outputs/accuracy/<time>)")
+    parser.add_argument("--from", dest="source", type=Path, help="analyse an earlier run's directory")
+    parser.add_argument("--jobs", type=int, default=2, help="parallel jobs (joblib launcher)")
+    parser.add_argument("--quick", action="store_true", help=f"models {QUICK_MODELS} only")
+    args = parser.parse_args()
+    if args.source:
+        out = args.source
+        if not out.is_dir():
+            print(f"error: --from={str(out)!r}: not a directory; allowed: an accuracy output directory",
+                  file=sys.stderr)
+            return 2
+    else:
+        out = args.out or ROOT / "outputs" / "accuracy" / time.strftime("%Y-%m-%d_%H-%M-%S")
+        out.mkdir(parents=True, exist_ok=True)
+        run(out, QUICK_MODELS if args.quick else MODELS, args.jobs)
+    return 0 if report(load(out), out) else 1
+
+
+if __name__ == "__main__":
+    sys.exit(main())

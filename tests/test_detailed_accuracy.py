@@ -1,0 +1,96 @@
+"""`detailed` against the fake backend: small grid points run in CI, golden breakdowns, and the
+coefficient table re-derived from the reference implementation."""
+
+from __future__ import annotations
+
+import sys
+
+import pytest
+from conftest import REPO, job, workload
+
+torch = pytest.importorskip("torch")
+
+from memsweep.columns import Columns  # noqa: E402
+from memsweep.formulas import FORMULAS, TERMS  # noqa: E402
+from memsweep.formulas.coefficients import BASIS, COEFFICIENTS  # noqa: E402
+from memsweep.measure.backends import measure  # noqa: E402
+from memsweep.specs import ModelSpec  # noqa: E402
+
+DETAILED = FORMULAS["detailed"]
+
+
+def small(family: str, **changes) -> ModelSpec:
+    llama = family == "llama"
+    base = dict(name=f"small-{family}", family=family, layers=3, hidden=192, heads=6,
+                kv_heads=2 if llama else 6, ffn=512, vocab=3000, max_positions=1024,
+                norm="rmsnorm" if llama else "layernorm", mlp="swiglu" if llama else "gelu",
+                position="rope" if llama else "learned", qkv_bias=not llama, out_bias=not llama,
+                mlp_bias=not llama, tied_embeddings=not llama, type_vocab=2 if family == "bert" else 0,
+                pooler=family == "bert")
+    return ModelSpec(**{**base, **changes})
+
+
+POINTS = {
+    "tiny-train-mixed": ("tiny", dict(seq=512, batch=4)),
+    "tiny-train-fp32-full": ("tiny", dict(seq=512, batch=1, dtype="fp32", recompute="full")),
+    "tiny-lora-pure": ("tiny", dict(seq=512, batch=4, wl="lora", precision="pure")),
+    "tiny-inference": ("tiny", dict(seq=2048, batch=1, wl="inference")),
+    "llama-gqa-qkv-bias-train": (small("llama", qkv_bias=True), dict(seq=256, batch=2)),
+    "llama-tied-lora-full": (small("llama", tied_embeddings=True), dict(seq=256, batch=2, wl="lora", recompute="full")),
+    "llama-inference-fp32": (small("llama"), dict(seq=256, batch=2, wl="inference", dtype="fp32")),
+    "gpt2-train-pure": (small("gpt2"), dict(seq=256, batch=2, precision="pure")),
+    "gpt2-lora-mixed": (small("gpt2"), dict(seq=256, batch=2, wl="lora")),
+    "gpt2-inference": (small("gpt2"), dict(seq=256, batch=2, wl=workload("inference", gen_tokens=16))),
+    "bert-train-mixed-full": (small("bert"), dict(seq=256, batch=2, recompute="full")),
+    "bert-inference": (small("bert"), dict(seq=256, batch=2, wl="inference")),
+}
+
+
+@pytest.mark.parametrize("point", POINTS, ids=list(POINTS))
+def test_detailed_is_within_3_percent_of_fake(point):
+    model, top = POINTS[point]
+    spec = job(model, measure="fake", **top)
+    m = measure(spec)
+    assert m.status == "ok", m.error
+    estimate = DETAILED(Columns.from_specs([spec])).total[0]
+    assert abs(estimate - m.peak_bytes) / m.peak_bytes <= 0.03
+
+
+# Golden breakdowns: the fake backend's measurement (torch 2.13.0, the reference models in
+# src/memsweep/measure), as printed by scripts/accuracy.py; detailed must reproduce them.
+GOLDEN = {
+    # llama2-7b, full training, bf16 mixed, AdamW foreach, seq 2048, batch 1: the optimizer step
+    # (fp32 weights and gradients 4P each; Adam m, v 8P + the foreach sqrt buffer 4P).
+    "llama2-7b-train": (("llama2-7b", dict(seq=2048, batch=1)), 134_768_346_252,
+                        dict(weights=26_953_662_464, gradients=26_953_662_464, optimizer=80_860_988_556)),
+    # llama3-8b, inference, bf16, prompt 8192 + 128 generated, batch 4: prefill inside an MLP.
+    "llama3-8b-inference": (("llama3-8b", dict(wl="inference", seq=8192, batch=4)), 24_050_933_760,
+                            dict(weights=16_060_522_496, activations=3_628_335_104, kv_cache=4_362_076_160)),
+}
+
+
+@pytest.mark.parametrize("name", GOLDEN)
+def test_golden_breakdowns(name):
+    (model, top), peak, terms = GOLDEN[name]
+    b = DETAILED(Columns.from_specs([job(model, **top)]))
+    assert b.total[0] == pytest.approx(peak, rel=1e-7)
+    for term, value in terms.items():
+        assert getattr(b, term)[0] == pytest.approx(value, rel=1e-7), term
+    assert sum(getattr(b, t)[0] for t in TERMS if t not in terms) == pytest.approx(
+        peak - sum(terms.values()), abs=1e5)
+
+
+@pytest.mark.parametrize("mode", ["llama/pure16/train/none/sdpa", "gpt2/mixed/train/none/sdpa"])
+def test_coefficient_table_matches_the_reference_implementation(mode):
+    """Re-derive one mode's coefficients from fresh fake runs: the table must be current."""
+    sys.path.insert(0, str(REPO / "scripts"))
+    import derive_coefficients as derive
+
+    rows, ys = [], []
+    for i, point in enumerate(derive.DESIGN[:20]):
+        out, row = derive.observe(*mode.split("/"), point, derive.LORA_RANKS[i % 2])
+        rows.append(row)
+        ys.append(out["saved"])
+    fitted = derive.solve(rows, ys)
+    assert fitted is not None, "no exact fit: the reference implementation changed shape"
+    assert dict(zip(BASIS, fitted)) == dict(zip(BASIS, COEFFICIENTS[f"{mode}/saved"]))
