@@ -17,7 +17,7 @@ from omegaconf import OmegaConf
 
 from memsweep.errors import ConfigError
 
-GROUPS = ("model", "workload", "optimizer", "hardware", "parallel", "measure")
+GROUPS = ("model", "workload", "optimizer", "hardware", "parallel", "measure", "formula")
 
 
 def presets(conf_dir: Path, group: str) -> list[str]:

@@ -12,7 +12,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 
 from memsweep.errors import ConfigError
-from memsweep.formulas import FORMULAS, Formula, get_formula
+from memsweep.formulas import FORMULAS, Formula, calibrated_names, formula_from_dict, get_formula
 from memsweep.specs import (
     Hardware, JobSpec, MeasureSpec, ModelSpec, OptimizerSpec, Parallel, Workload,
 )
@@ -57,11 +57,19 @@ def to_job_spec(cfg: DictConfig | dict) -> JobSpec:
 
 
 def formulas_of(c: dict) -> list[Formula]:
+    """`formulas`: `all` (the built-ins and every calibrated variant in conf/formula/) or a list
+    of names; the `formula` group (`formula=X`) adds option X, with its constants, to that list."""
     names = c.get("formulas")
     if names in (None, "all"):
-        return list(FORMULAS.values())
-    if isinstance(names, str):
-        names = [names]
-    if not isinstance(names, (list, tuple)) or not names:
-        raise ConfigError("formulas", names, f"a list of {', '.join(FORMULAS)} (or all)")
-    return [get_formula(n) for n in names]
+        chosen = [*FORMULAS.values(), *(get_formula(n) for n in calibrated_names())]
+    else:
+        if isinstance(names, str):
+            names = [names]
+        if not isinstance(names, (list, tuple)) or not names:
+            raise ConfigError("formulas", names, f"a list of {', '.join(FORMULAS)} (or all)")
+        chosen = [get_formula(n) for n in names]
+    option = c.get("formula")
+    if isinstance(option, dict):
+        extra = formula_from_dict(option)
+        chosen = [f for f in chosen if f.name != extra.name] + [extra]
+    return chosen

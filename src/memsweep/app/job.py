@@ -18,7 +18,8 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from memsweep.app.convert import formulas_of, to_job_spec
+from memsweep.app.convert import to_job_spec
+from memsweep.formulas import get_formula
 from memsweep.errors import ConfigError
 from memsweep.estimate import estimate_rows
 from memsweep.results import write_part
@@ -100,7 +101,7 @@ def run_job(cfg: DictConfig) -> int:
     code, message = 0, ""
     try:
         spec = to_job_spec(cfg)
-        rows = estimate_rows(spec, formulas_of({"formulas": list(spec.formulas)}))
+        rows = estimate_rows(spec, [get_formula(n) for n in spec.formulas])
         if spec.measure.backend != "none":
             rows = with_measurement(spec, rows, meta["job_num"])
     except ConfigError as exc:

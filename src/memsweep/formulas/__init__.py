@@ -2,6 +2,10 @@
 
 from __future__ import annotations
 
+from pathlib import Path
+
+import yaml
+
 from memsweep.errors import ConfigError
 from memsweep.formulas.base import TERMS, Breakdown, Formula
 from memsweep.formulas.detailed import DetailedConstants, peak_breakdown
@@ -23,11 +27,46 @@ FORMULAS: dict[str, Formula] = {
 }
 
 
-def get_formula(name: str, key: str = "formulas") -> Formula:
-    try:
+def calibrated_names(conf_dir: Path | None = None) -> list[str]:
+    """Variants in conf/formula/ beyond the built-ins (written by `scripts/fit.py --calibrate`)."""
+    d = (conf_dir or default_conf_dir()) / "formula"
+    return sorted(p.stem for p in d.glob("*.yaml") if p.stem not in FORMULAS) if d.is_dir() else []
+
+
+def default_conf_dir() -> Path:
+    from memsweep.presets import CONF_DIR
+
+    return CONF_DIR
+
+
+def formula_from_dict(data: dict, key: str = "formula") -> Formula:
+    """A formula option: `{name, base, constants: {...}, provenance: {...}}` (conf/formula/*.yaml)."""
+    base = data.get("base")
+    if base not in FORMULAS:
+        raise ConfigError(f"{key}.base", base, sorted(FORMULAS))
+    known = FORMULAS[base].constant_names()
+    constants = data.get("constants") or {}
+    for name, value in constants.items():
+        if name not in known:
+            raise ConfigError(f"{key}.constants.{name}", value, known)
+        if isinstance(value, bool) or not isinstance(value, (int, float)):
+            raise ConfigError(f"{key}.constants.{name}", value, "a number")
+    return FORMULAS[base].with_constants(data.get("name", base), **{k: float(v) for k, v in constants.items()})
+
+
+def load_calibrated(path: Path) -> Formula:
+    return formula_from_dict(yaml.safe_load(Path(path).read_text()), key=f"formula/{Path(path).stem}")
+
+
+def get_formula(name: str, key: str = "formulas", conf_dir: Path | None = None) -> Formula:
+    """A built-in formula, or a calibrated variant from conf/formula/<name>.yaml."""
+    if name in FORMULAS:
         return FORMULAS[name]
-    except KeyError:
-        raise ConfigError(key, name, sorted(FORMULAS)) from None
+    path = (conf_dir or default_conf_dir()) / "formula" / f"{name}.yaml"
+    if path.is_file():
+        return load_calibrated(path)
+    raise ConfigError(key, name, [*FORMULAS, *calibrated_names(conf_dir)])
 
 
-__all__ = ["FORMULAS", "TERMS", "Breakdown", "Formula", "get_formula"]
+__all__ = ["FORMULAS", "TERMS", "Breakdown", "Formula", "calibrated_names", "formula_from_dict",
+           "get_formula", "load_calibrated"]
