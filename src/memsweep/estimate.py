@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
 from typing import Any
 
@@ -24,6 +25,7 @@ def job_fields(spec: JobSpec) -> dict[str, Any]:
         "tp": p.tp, "pp": p.pp, "dp": p.dp, "zero": p.zero, "sequence_parallel": p.sequence_parallel,
         "hardware": hw.name, "hardware_bytes": hw.usable_bytes,
         "gen_tokens": spec.gen_tokens, "lora_rank": w.lora_rank if w.kind == "lora" else 0,
+        "spec_json": json.dumps(spec.to_dict(), sort_keys=True),
     }
 
 

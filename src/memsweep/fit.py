@@ -6,9 +6,16 @@ peak (`measured_peak_bytes`) get `error_pct` = 100 * (estimate - measured) / mea
 
 from __future__ import annotations
 
+import json
 from collections.abc import Sequence
+from pathlib import Path
 
+import numpy as np
 import polars as pl
+
+from memsweep.columns import Columns
+from memsweep.errors import ConfigError
+from memsweep.specs import Hardware, JobSpec, OptimizerSpec, Parallel
 
 ERROR = "error_pct"
 
@@ -62,3 +69,67 @@ def worst(errors: pl.DataFrame, formula: str, n: int = 3) -> pl.DataFrame:
             .select("config", "total_bytes", "measured_peak_bytes", ERROR,
                     "measured_forward_peak_bytes", "measured_backward_peak_bytes",
                     "measured_optimizer_peak_bytes", "measured_prefill_peak_bytes"))
+
+
+# --- loading measured sweeps ------------------------------------------------------------------
+
+SEQ_BUCKETS = ((512, "<=512"), (2048, "513-2048"), (8192, "2049-8192"))
+GROUPINGS = ("model", "precision", "workload", "recompute", "seq_bucket")
+
+
+def load_tables(paths: Sequence[Path | str]) -> pl.DataFrame:
+    """Sweep directories (their results.parquet, or their parts) or Parquet files, concatenated."""
+    from memsweep.results import RESULTS_NAME, align, collect
+
+    tables = []
+    for p in map(Path, paths):
+        if p.is_dir():
+            t = pl.read_parquet(p / RESULTS_NAME) if (p / RESULTS_NAME).is_file() else collect(p, write=False).table
+            tables.append(align(t))
+        elif p.is_file():
+            tables.append(align(pl.read_parquet(p)))
+        else:
+            raise ConfigError("PATH", str(p), "a sweep directory or a results Parquet file")
+    return pl.concat(tables, how="vertical") if tables else pl.DataFrame()
+
+
+def with_seq_bucket(df: pl.DataFrame) -> pl.DataFrame:
+    expr = pl.lit(f">{SEQ_BUCKETS[-1][0]}")
+    for limit, label in reversed(SEQ_BUCKETS):
+        expr = pl.when(pl.col("seq") <= limit).then(pl.lit(label)).otherwise(expr)
+    return df.with_columns(expr.alias("seq_bucket"))
+
+
+def spec_of_row(row: dict) -> JobSpec:
+    """The job's spec: exact from `spec_json`; for rows written before it existed, rebuilt from
+    the preset names and the recorded columns."""
+    if row.get("spec_json"):
+        return JobSpec.from_dict(json.loads(row["spec_json"]))
+    from memsweep.presets import job_spec, load_preset, workload_spec
+
+    wl = workload_spec(row["workload"], gen_tokens=row["gen_tokens"] or 0,
+                       **({"lora_rank": row["lora_rank"]} if row["lora_rank"] else {}))
+    return job_spec(
+        row["model"], wl=wl, optimizer=OptimizerSpec(row["optimizer"], row["optimizer_impl"] or "foreach"),
+        parallel=Parallel("recorded", tp=row["tp"], pp=row["pp"], dp=row["dp"], zero=row["zero"],
+                          sequence_parallel=bool(row["sequence_parallel"])),
+        hardware=Hardware(**load_preset("hardware", row["hardware"])), seq=row["seq"],
+        batch=row["batch"], dtype=row["dtype"], precision=row["precision"],
+        recompute=row["recompute"], attention=row["attention"])
+
+
+def measured_jobs(table: pl.DataFrame) -> tuple[pl.DataFrame, Columns, np.ndarray]:
+    """One row per measured job (ok status, a peak), its Columns and its measured peak bytes."""
+    jobs = (table.filter(pl.col("status") == "ok", pl.col("measured_peak_bytes") > 0)
+            .unique("job_id", keep="first", maintain_order=True))
+    specs = [spec_of_row(r) for r in jobs.iter_rows(named=True)]
+    return jobs, Columns.from_specs(specs), jobs["measured_peak_bytes"].to_numpy().astype(float)
+
+
+def error_tables(errors: pl.DataFrame) -> dict[str, pl.DataFrame]:
+    """The overall table and one per grouping key, every formula in each."""
+    e = with_seq_bucket(errors)
+    out = {"overall": error_summary(e, ["formula"])}
+    for key in GROUPINGS:
+        out[key] = error_summary(e, ["formula", key])
+    return out

@@ -21,7 +21,7 @@ import polars as pl
 
 from memsweep.units import GIB, MIB
 
-SCHEMA_VERSION = 2
+SCHEMA_VERSION = 3
 PART_NAME = "rows.parquet"
 RESULTS_NAME = "results.parquet"
 
@@ -86,6 +86,8 @@ SCHEMA: dict[str, pl.DataType] = {
     "device": pl.String(),
     "torch_version": pl.String(),
     "measure_wall_s": pl.Float64(),
+    # --- schema 3: the whole resolved job (JobSpec.to_dict as JSON), for refitting (issue 5) ---
+    "spec_json": pl.String(),
 }
 
 _PY_TYPES: dict[type, tuple[type, ...]] = {

@@ -7,7 +7,7 @@ config node travels; formulas see only these specs (or the numeric columns built
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from typing import Literal
 
 from memsweep.errors import ConfigError
@@ -287,6 +287,19 @@ class JobSpec:
                 "q", "k", "v", "o", "up", "down")
             for target in w.lora_targets:
                 _check_choice("workload.lora_targets", target, allowed)
+
+    def to_dict(self) -> dict:
+        """Plain data (the `spec_json` column): `JobSpec.from_dict` rebuilds this spec exactly."""
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, d: dict) -> JobSpec:
+        parts = {"model": ModelSpec, "optimizer": OptimizerSpec, "parallel": Parallel,
+                 "hardware": Hardware, "measure": MeasureSpec}
+        w = dict(d["workload"], lora_targets=tuple(d["workload"].get("lora_targets", ())))
+        rest = {k: v for k, v in d.items() if k not in (*parts, "workload")}
+        rest["formulas"] = tuple(rest.get("formulas", ()))
+        return cls(workload=Workload(**w), **{k: t(**d[k]) for k, t in parts.items()}, **rest)
 
     @property
     def gen_tokens(self) -> int:
