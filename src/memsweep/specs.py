@@ -224,9 +224,20 @@ class MeasureSpec:
     max_gib: float | None = None
     """cpu only: refuse (status=skipped) a job whose `detailed` estimate exceeds this, to protect the host."""
     seed: int = 0
+    isolate: bool = False
+    """Run the measurement in a child process: a crash, hang or runaway memory becomes a row."""
+    timeout_s: float | None = None
+    """isolate only: give up (status=timeout) after this many seconds."""
+    max_rss_gib: float | None = None
+    """isolate only: kill the child (status=error) when its resident memory exceeds this."""
 
     def __post_init__(self) -> None:
         _check_choice("measure.backend", self.backend, MEASURE_BACKENDS)
+        _check_bool("measure.isolate", self.isolate)
+        for key in ("timeout_s", "max_rss_gib"):
+            v = getattr(self, key)
+            if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
+                raise ConfigError(f"measure.{key}", v, "null or a number > 0")
         _check_int("measure.warmup", self.warmup, minimum=1)
         _check_int("measure.repeats", self.repeats)
         _check_int("measure.seed", self.seed, minimum=0)

@@ -14,6 +14,7 @@ import traceback
 from pathlib import Path
 from typing import Any
 
+import polars as pl
 from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
@@ -22,7 +23,7 @@ from memsweep.app.convert import to_job_spec
 from memsweep.formulas import get_formula
 from memsweep.errors import ConfigError
 from memsweep.estimate import estimate_rows
-from memsweep.results import write_part
+from memsweep.results import PART_NAME, write_part
 from memsweep.specs import JobSpec
 from memsweep.units import GIB
 
@@ -33,9 +34,12 @@ last_exit_code = 0
 
 
 def job_id(cfg: DictConfig) -> str:
-    """A stable id: a hash of the resolved job configuration (same config, same id)."""
+    """A stable id: a hash of the resolved job configuration (same config, same id); the
+    `resume` switch itself is left out, so a resumed job keeps its id."""
     try:
         payload: Any = OmegaConf.to_container(cfg, resolve=True)
+        if isinstance(payload, dict):
+            payload.pop("resume", None)
     except Exception:  # an unresolvable config still gets a stable id from its raw text
         payload = OmegaConf.to_yaml(cfg)
     text = json.dumps(payload, sort_keys=True, default=str)
@@ -69,13 +73,13 @@ def with_measurement(spec: JobSpec, rows: list[dict[str, Any]], job_num: int) ->
     backend = spec.measure.backend
     print(f"[job {job_num}] measure={backend}: {describe(spec)} ...", flush=True)
     try:
-        from memsweep.measure.backends import measure
+        from memsweep.measure.backends import measure, measure_isolated
     except ImportError as exc:
         fields = {"measure_backend": backend, "status": "error",
                   "error": f"measure={backend} needs torch ({exc}); install: pip install -e '.[measure]'"}
         print(f"[job {job_num}] error: {fields['error']}", flush=True)
         return [{**r, **fields} for r in rows]
-    m = measure(spec)
+    m = measure_isolated(spec) if spec.measure.isolate else measure(spec)
     detailed = next((r["total_bytes"] for r in rows if r["formula"] == "detailed"), None)
     if m.status == "ok":
         vs = f" (detailed {detailed / GIB:.2f})" if detailed is not None else ""
@@ -88,6 +92,18 @@ def with_measurement(spec: JobSpec, rows: list[dict[str, Any]], job_num: int) ->
     return [{**r, **fields} for r in rows]
 
 
+def finished(out_dir: Path, jid: str) -> bool:
+    """This job's rows are already here, all ok (a resumed sweep skips it)."""
+    part = out_dir / PART_NAME
+    if not part.is_file():
+        return False
+    try:
+        done = pl.read_parquet(part, columns=["job_id", "status"])
+    except Exception:  # a corrupt part: run the job again
+        return False
+    return done.height > 0 and set(done["job_id"]) == {jid} and set(done["status"]) == {"ok"}
+
+
 def run_job(cfg: DictConfig) -> int:
     global last_exit_code
     hc = HydraConfig.get()
@@ -98,6 +114,9 @@ def run_job(cfg: DictConfig) -> int:
         "job_num": int(hc.job.num) if multirun else 0,
         "job_id": job_id(cfg),
     }
+    if OmegaConf.select(cfg, "resume", default=False) is True and finished(out_dir, meta["job_id"]):
+        print(f"[job {meta['job_num']}] resume: rows exist, skipped", flush=True)
+        return 0
     code, message = 0, ""
     try:
         spec = to_job_spec(cfg)

@@ -160,3 +160,89 @@ def _cuda(spec: JobSpec) -> Measurement:
         backend="cuda", peak_bytes=peak, reserved_bytes=reserved, step_time_s=step_time,
         tokens_per_s=prepared.tokens_per_step / step_time, breakdown=dict(tracker.peak.by_category),
         phase_peaks=dict(tracker.phase_peaks), device=torch.cuda.get_device_name())
+
+
+# --- isolation: one child process per measurement ------------------------------------------
+
+FAULT_ENV = "MEMSWEEP_INJECT_FAULT"
+"""Test hook: `segfault`, `hang` or `memory` makes the child misbehave that way."""
+
+
+def _child(spec: JobSpec, conn) -> None:
+    import os
+    import signal
+
+    fault = os.environ.get(FAULT_ENV)
+    if fault == "segfault":
+        os.kill(os.getpid(), signal.SIGSEGV)
+    elif fault == "hang":
+        time.sleep(3600)
+    elif fault == "memory":
+        hog = []
+        while True:
+            hog.append(bytearray(64 * 2**20))
+            time.sleep(0.01)
+    conn.send(measure(spec))
+    conn.close()
+
+
+def _rss_bytes(pid: int) -> int:
+    try:
+        with open(f"/proc/{pid}/status") as fh:
+            for line in fh:
+                if line.startswith("VmRSS:"):
+                    return int(line.split()[1]) * 1024
+    except OSError:
+        pass
+    return 0
+
+
+def measure_isolated(spec: JobSpec, poll_s: float = 0.05) -> Measurement:
+    """`measure` in a spawned child process, watched for a time and a memory limit. Whatever the
+    child does (segfault, CUDA error, hang, runaway memory) the parent returns a Measurement."""
+    import multiprocessing as mp
+    import signal
+
+    backend, m = spec.measure.backend, spec.measure
+    started = time.perf_counter()
+    ctx = mp.get_context("spawn")  # never fork a process that may hold a CUDA context
+    parent_conn, child_conn = ctx.Pipe(duplex=False)
+    proc = ctx.Process(target=_child, args=(spec, child_conn), daemon=True)
+    proc.start()
+    child_conn.close()
+    limit = None if m.max_rss_gib is None else m.max_rss_gib * GIB
+    result: Measurement | None = None
+    why = ""
+    while True:
+        if parent_conn.poll(poll_s):
+            try:
+                result = parent_conn.recv()
+            except EOFError:
+                why = ""
+            break
+        if not proc.is_alive():
+            break
+        elapsed = time.perf_counter() - started
+        if m.timeout_s is not None and elapsed > m.timeout_s:
+            why = "timeout"
+            break
+        if limit is not None and _rss_bytes(proc.pid) > limit:
+            why = "memory"
+            break
+    if proc.is_alive():
+        proc.kill()
+    proc.join(10)
+    wall = time.perf_counter() - started
+    if result is not None:
+        result.wall_s = wall
+        return result
+    if why == "timeout":
+        return Measurement(backend=backend, status="timeout", wall_s=wall,
+                           error=f"measure={backend}: no result within measure.timeout_s={m.timeout_s}")
+    if why == "memory":
+        return Measurement(backend=backend, status="error", wall_s=wall,
+                           error=f"measure={backend}: child exceeded measure.max_rss_gib={m.max_rss_gib}")
+    code = proc.exitcode
+    how = f"signal {signal.Signals(-code).name}" if code is not None and code < 0 else f"exit code {code}"
+    return Measurement(backend=backend, status="error", wall_s=wall,
+                       error=f"measure={backend}: the measuring process died ({how})")
