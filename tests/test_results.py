@@ -89,3 +89,31 @@ def test_collect_reads_parts_with_fewer_columns_as_nulls(tmp_path):
 def test_collect_of_an_empty_directory_gives_an_empty_table(tmp_path):
     got = collect(tmp_path)
     assert got.table.height == 0 and list(got.table.columns) == list(SCHEMA)
+
+
+def test_collect_refuses_a_part_whose_types_conflict(tmp_path):
+    write_part(rows_for(0), tmp_path / "0")
+    bad = frame(rows_for(1)).with_columns(pl.col("seq").cast(pl.String) + "tok")
+    (tmp_path / "1").mkdir()
+    bad.write_parquet(tmp_path / "1" / PART_NAME)
+    got = collect(tmp_path)
+    assert got.table.height == len(FORMULAS)
+    [(part, why)] = got.skipped
+    assert part.parent.name == "1" and why == "type conflict: column 'seq' is String, the schema says Int64"
+
+
+def test_collect_accepts_narrower_numeric_types(tmp_path):
+    old = frame(rows_for(0)).with_columns(pl.col("seq").cast(pl.Int32), pl.col("total_gib").cast(pl.Float32))
+    (tmp_path / "0").mkdir()
+    old.write_parquet(tmp_path / "0" / PART_NAME)
+    got = collect(tmp_path)
+    assert not got.skipped and got.table.schema["seq"] == pl.Int64()
+
+
+def test_truncated_part_is_reported_with_its_path(tmp_path):
+    write_part(rows_for(0), tmp_path / "0")
+    data = (tmp_path / "0" / PART_NAME).read_bytes()
+    (tmp_path / "1").mkdir()
+    (tmp_path / "1" / PART_NAME).write_bytes(data[: len(data) // 2])
+    got = collect(tmp_path)
+    assert [p.parent.name for p, _ in got.skipped] == ["1"] and got.skipped[0][1].startswith("unreadable: ")

@@ -141,8 +141,23 @@ def write_part(rows: Iterable[Mapping[str, Any]], job_dir: Path) -> Path:
     return write_parquet_atomic(frame(rows), Path(job_dir) / PART_NAME)
 
 
+class SchemaConflict(ValueError):
+    """A part whose column types contradict the schema (not merely older: wrong)."""
+
+
+def _compatible(found: pl.DataType, wanted: pl.DataType) -> bool:
+    if found == wanted or found == pl.Null:
+        return True
+    numeric = (found.is_integer() or found.is_float()) and (wanted.is_integer() or wanted.is_float())
+    return numeric and not (found.is_float() and wanted.is_integer())
+
+
 def align(df: pl.DataFrame) -> pl.DataFrame:
-    """Bring a part to the current schema: missing columns as nulls, columns in schema order."""
+    """Bring a part to the current schema: columns an older schema lacked become nulls, columns
+    come in schema order; a column whose type conflicts raises `SchemaConflict`."""
+    for name, wanted in SCHEMA.items():
+        if name in df.columns and not _compatible(df.schema[name], wanted):
+            raise SchemaConflict(f"column {name!r} is {df.schema[name]}, the schema says {wanted}")
     missing = [pl.lit(None, dtype=t).alias(n) for n, t in SCHEMA.items() if n not in df.columns]
     df = df.with_columns(missing) if missing else df
     return df.select([pl.col(n).cast(t, strict=True) for n, t in SCHEMA.items()])
@@ -167,17 +182,31 @@ def job_dirs(root: Path) -> list[Path]:
     return sorted(p.parent for p in Path(root).rglob(".hydra") if p.is_dir())
 
 
-def collect(root: Path, write: bool = True) -> Collected:
-    """Merge every part under `root` into one table and (atomically) `root/results.parquet`."""
-    root = Path(root)
+def _read_parts(parts: list[Path]) -> tuple[list[pl.DataFrame], list[tuple[Path, str]], set[Path]]:
+    """Every part at once when they agree (one multi-file read, the common case); otherwise part
+    by part, so one corrupt or conflicting part is reported and the rest still land."""
+    if parts:
+        try:
+            return [align(pl.read_parquet(parts))], [], {p.parent for p in parts}
+        except Exception:  # a bad part, or parts of different schema versions: go one by one
+            pass
     frames, skipped, with_rows = [], [], set()
-    parts = find_parts(root)
     for part in parts:
         try:
             frames.append(align(pl.read_parquet(part)))
             with_rows.add(part.parent)
-        except Exception as exc:  # a corrupt part is reported, never fatal
-            skipped.append((part, f"{type(exc).__name__}: {exc}".splitlines()[0]))
+        except SchemaConflict as exc:  # refused, with the reason
+            skipped.append((part, f"type conflict: {exc}"))
+        except Exception as exc:  # a corrupt or truncated part is reported, never fatal
+            skipped.append((part, f"unreadable: {type(exc).__name__}: {exc}".splitlines()[0]))
+    return frames, skipped, with_rows
+
+
+def collect(root: Path, write: bool = True) -> Collected:
+    """Merge every part under `root` into one table and (atomically) `root/results.parquet`."""
+    root = Path(root)
+    parts = find_parts(root)
+    frames, skipped, with_rows = _read_parts(parts)
     table = pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=SCHEMA)
     # Within a job, rows keep the order the job wrote them in (the formula registry's order).
     table = table.sort(["job_num", "job_id"], nulls_last=True, maintain_order=True)
@@ -228,7 +257,7 @@ def summarize(collected: Collected, out=sys.stdout) -> None:
     jobs = t["job_id"].n_unique()
     print(f"rows: {t.height} ({jobs} jobs x formulas; {status or 'no rows'})", file=out)
     for part, why in collected.skipped:
-        print(f"skipped corrupt part: {part}: {why}", file=out)
+        print(f"skipped part: {part}: {why}", file=out)
     if collected.jobs_without_rows:
         print(f"jobs without rows (interrupted?): {len(collected.jobs_without_rows)}", file=out)
     errors = t.filter(pl.col("status") != "ok").unique("job_id", maintain_order=True)
