@@ -32,8 +32,8 @@ sys.path.insert(0, str(ROOT / "src"))
 
 import polars as pl  # noqa: E402
 
-from memsweep.fit import error_summary, unmeasured, with_errors, worst  # noqa: E402
-from memsweep.results import RESULTS_NAME, collect, write_parquet_atomic  # noqa: E402
+from memsweep.fit import error_summary, load_tables, unmeasured, with_errors, worst  # noqa: E402
+from memsweep.results import write_parquet_atomic  # noqa: E402
 
 MODELS = "gpt2,bert-large-uncased,llama2-7b,llama3-8b,mistral-7b,qwen2.5-7b,tiny"
 QUICK_MODELS = "tiny,gpt2,llama2-7b"
@@ -48,7 +48,8 @@ def sweeps(models: str) -> dict[str, list[str]]:
     out = {}
     for name, precision in PRECISIONS.items():
         out[f"{name}-training"] = [*common, *precision, "workload=train,lora", "recompute=none,full"]
-        out[f"{name}-inference"] = [*common, *precision, "workload=inference", "recompute=none"]
+        if name != "bf16-pure":  # inference has no mixed mode: bf16 inference is one configuration
+            out[f"{name}-inference"] = [*common, *precision, "workload=inference", "recompute=none"]
     return out
 
 
@@ -71,10 +72,8 @@ def run(out: Path, models: str, jobs: int) -> None:
 
 
 def load(out: Path) -> pl.DataFrame:
-    tables = []
-    for d in sorted(p for p in out.iterdir() if p.is_dir()):
-        tables.append(collect(d).table if not (d / RESULTS_NAME).exists() else pl.read_parquet(d / RESULTS_NAME))
-    return pl.concat(tables, how="vertical")
+    """Every sweep under `out`, aligned to the current schema."""
+    return load_tables(sorted(p for p in out.iterdir() if p.is_dir()))
 
 
 def markdown(df: pl.DataFrame) -> str:
@@ -84,8 +83,12 @@ def markdown(df: pl.DataFrame) -> str:
         return str(df)
 
 
+CONFIG = ["model", "workload", "seq", "batch", "dtype", "precision", "recompute", "attention",
+          "optimizer", "tp", "pp", "dp", "zero", "gen_tokens", "lora_rank", "formula"]
+
+
 def report(table: pl.DataFrame, out: Path) -> bool:
-    errors = with_errors(table)
+    errors = with_errors(table).unique(CONFIG, keep="first", maintain_order=True)  # one per config
     skipped = unmeasured(table)
     lines = [f"# Accuracy against measure=fake ({errors['job_id'].n_unique()} measured configurations)", ""]
     if skipped.height:
@@ -94,9 +97,9 @@ def report(table: pl.DataFrame, out: Path) -> bool:
         lines += [f"- {r['jobs']} x {', '.join(r['model'])}: {r['error']}" for r in reasons.iter_rows(named=True)]
         lines.append("")
     overall = error_summary(errors, ["formula"])
-    split = error_summary(errors, ["formula", "workload", "precision"])
+    split = error_summary(errors, ["formula", "workload", "dtype", "precision"])
     lines += ["## Every formula", "", markdown(overall.drop("worst_signed_pct")), "",
-              "## By workload and precision", "",
+              "## By workload and precision (dtype + mode)", "",
               markdown(split.drop("worst_config", "worst_signed_pct")), "",
               "## The three worst configurations of `detailed`", "", markdown(worst(errors, "detailed")), ""]
     d = overall.filter(pl.col("formula") == "detailed")
