@@ -87,7 +87,11 @@ def load_tables(paths: Sequence[Path | str]) -> pl.DataFrame:
             t = pl.read_parquet(p / RESULTS_NAME) if (p / RESULTS_NAME).is_file() else collect(p, write=False).table
             tables.append(align(t))
         elif p.is_file():
-            tables.append(align(pl.read_parquet(p)))
+            try:
+                tables.append(align(pl.read_parquet(p)))
+            except Exception as exc:
+                raise ConfigError("PATH", str(p), f"a sweep directory or a results Parquet file "
+                                  f"({type(exc).__name__})") from None
         else:
             raise ConfigError("PATH", str(p), "a sweep directory or a results Parquet file")
     return pl.concat(tables, how="vertical") if tables else pl.DataFrame()
