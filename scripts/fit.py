@@ -20,9 +20,7 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -39,7 +37,7 @@ from memsweep.fit import (  # noqa: E402
 )
 from memsweep.formulas import FORMULAS, get_formula  # noqa: E402
 from memsweep.presets import CONF_DIR  # noqa: E402
-from memsweep.results import write_parquet_atomic  # noqa: E402
+from memsweep.results import write_parquet_atomic, write_text_atomic  # noqa: E402
 
 
 def markdown(df: pl.DataFrame) -> str:
@@ -47,13 +45,6 @@ def markdown(df: pl.DataFrame) -> str:
                    tbl_hide_dataframe_shape=True, tbl_rows=400, tbl_cols=20, float_precision=3,
                    tbl_width_chars=400, fmt_str_lengths=80):
         return str(df)
-
-
-def write_text_atomic(path: Path, text: str) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as fh:
-        fh.write(text)
-    os.replace(tmp, path)
 
 
 def errors_report(table: pl.DataFrame, report: Path, heatmap: str) -> list[str]:
@@ -109,7 +100,7 @@ def calibrate_all(table: pl.DataFrame, names: list[str], out_dir: Path, sources:
         header = (f"# Calibrated by scripts/fit.py from {len(measured)} measured jobs; select with "
                   f"`python sweep.py formula={result.formula.name}`.\n")
         path = out_dir / f"{result.formula.name}.yaml"
-        write_text_atomic(path, header + yaml.safe_dump(doc, sort_keys=False))
+        write_text_atomic(header + yaml.safe_dump(doc, sort_keys=False), path)
         rows.append({"formula": name, "rows": len(measured), "mape_before_pct": before,
                      "mape_after_pct": after, **held, "yaml": str(path)})
     return ["## Calibration (MAPE %, in sample and held out)", "", markdown(pl.DataFrame(rows)), ""]
@@ -140,7 +131,7 @@ def main(argv: list[str] | None = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     text = "\n".join(lines)
-    write_text_atomic(report / "fit_summary.md", text + "\n")
+    write_text_atomic(text + "\n", report / "fit_summary.md")
     print(text)
     print(f"\nwritten: {report}/fit_errors.parquet, fit_summary.md, *.png")
     return 0

@@ -7,6 +7,7 @@ from pathlib import Path
 import polars as pl
 
 from memsweep.fit import ERROR
+from memsweep.results import write_atomic
 from memsweep.units import GIB
 
 
@@ -20,12 +21,10 @@ def _plt():
 
 
 def _save(fig, path: Path) -> Path:
-    """Atomically: render to a temp file beside the target, then rename."""
-    tmp = path.with_name(f".{path.name}.tmp.png")
-    fig.savefig(tmp, dpi=110, bbox_inches="tight")
-    tmp.replace(path)
-    _plt().close(fig)
-    return path
+    try:
+        return write_atomic(path, lambda fh: fig.savefig(fh, format="png", dpi=110, bbox_inches="tight"))
+    finally:
+        _plt().close(fig)
 
 
 def predicted_vs_measured(errors: pl.DataFrame, path: Path) -> Path:

@@ -12,10 +12,10 @@ from __future__ import annotations
 import os
 import sys
 import tempfile
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, BinaryIO
 
 import polars as pl
 
@@ -120,14 +120,26 @@ def frame(rows: Iterable[Mapping[str, Any]]) -> pl.DataFrame:
     return pl.DataFrame([coerce_row(r) for r in rows], schema=SCHEMA, orient="row")
 
 
-def write_parquet_atomic(df: pl.DataFrame, path: Path) -> Path:
-    """Write to a temp file in the same directory, fsync, then rename over the target."""
+def _umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+_UMASK = _umask()
+
+
+def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
+    """Write through `write(fh)` to a temp file in the same directory, fsync, give it the mode a
+    plain open() would (mkstemp makes 0600), then rename it over `path`: readers see the old
+    file or the new one, never half of one."""
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
     try:
+        os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
-            df.write_parquet(fh)
+            write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
@@ -135,6 +147,14 @@ def write_parquet_atomic(df: pl.DataFrame, path: Path) -> Path:
         Path(tmp).unlink(missing_ok=True)
         raise
     return path
+
+
+def write_parquet_atomic(df: pl.DataFrame, path: Path) -> Path:
+    return write_atomic(path, df.write_parquet)
+
+
+def write_text_atomic(text: str, path: Path) -> Path:
+    return write_atomic(path, lambda fh: fh.write(text.encode("utf-8")))
 
 
 def write_part(rows: Iterable[Mapping[str, Any]], job_dir: Path) -> Path:

@@ -36,17 +36,17 @@ LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd_momentum": 1}
 
 
-def _check_int(key: str, value: object, minimum: int = 1) -> None:
+def check_int(key: str, value: object, minimum: int = 1) -> None:
     if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
         raise ConfigError(key, value, f"an integer >= {minimum}")
 
 
-def _check_choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
+def check_choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(key, value, allowed)
 
 
-def _check_bool(key: str, value: object) -> None:
+def check_bool(key: str, value: object) -> None:
     if not isinstance(value, bool):
         raise ConfigError(key, value, "true, false")
 
@@ -79,15 +79,15 @@ class ModelSpec:
     """BERT pooler (a dense h x h layer with bias), counted as HF's BertModel counts it."""
 
     def __post_init__(self) -> None:
-        _check_choice("model.family", self.family, FAMILIES)
+        check_choice("model.family", self.family, FAMILIES)
         for key in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "max_positions"):
-            _check_int(f"model.{key}", getattr(self, key))
-        _check_int("model.type_vocab", self.type_vocab, minimum=0)
-        _check_choice("model.norm", self.norm, NORMS)
-        _check_choice("model.mlp", self.mlp, MLPS)
-        _check_choice("model.position", self.position, POSITIONS)
+            check_int(f"model.{key}", getattr(self, key))
+        check_int("model.type_vocab", self.type_vocab, minimum=0)
+        check_choice("model.norm", self.norm, NORMS)
+        check_choice("model.mlp", self.mlp, MLPS)
+        check_choice("model.position", self.position, POSITIONS)
         for key in ("qkv_bias", "out_bias", "mlp_bias", "tied_embeddings", "pooler"):
-            _check_bool(f"model.{key}", getattr(self, key))
+            check_bool(f"model.{key}", getattr(self, key))
         if self.hidden % self.heads:
             divisors = [d for d in (1, 2, 4, 8, 12, 16, 24, 32, 40, 64, 128) if self.hidden % d == 0]
             raise ConfigError(
@@ -127,14 +127,14 @@ class Workload:
     lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
-        _check_choice("workload.kind", self.kind, WORKLOADS)
-        _check_int("workload.gen_tokens", self.gen_tokens, minimum=0)
+        check_choice("workload.kind", self.kind, WORKLOADS)
+        check_int("workload.gen_tokens", self.gen_tokens, minimum=0)
         if self.kind == "lora":
-            _check_int("workload.lora_rank", self.lora_rank)
+            check_int("workload.lora_rank", self.lora_rank)
             if not self.lora_targets:
                 raise ConfigError("workload.lora_targets", list(self.lora_targets), LORA_TARGETS)
             for target in self.lora_targets:
-                _check_choice("workload.lora_targets", target, LORA_TARGETS)
+                check_choice("workload.lora_targets", target, LORA_TARGETS)
             if len(set(self.lora_targets)) != len(self.lora_targets):
                 raise ConfigError("workload.lora_targets", list(self.lora_targets), "distinct names")
 
@@ -151,8 +151,8 @@ class OptimizerSpec:
     impl: Literal["foreach", "forloop", "fused"] = "foreach"
 
     def __post_init__(self) -> None:
-        _check_choice("optimizer.name", self.name, OPTIMIZERS)
-        _check_choice("optimizer.impl", self.impl, OPTIMIZER_IMPLS)
+        check_choice("optimizer.name", self.name, OPTIMIZERS)
+        check_choice("optimizer.impl", self.impl, OPTIMIZER_IMPLS)
 
     @property
     def states_per_param(self) -> int:
@@ -172,10 +172,10 @@ class Parallel:
 
     def __post_init__(self) -> None:
         for key in ("tp", "pp", "dp"):
-            _check_int(f"parallel.{key}", getattr(self, key))
+            check_int(f"parallel.{key}", getattr(self, key))
         if self.zero not in (0, 1, 2, 3) or isinstance(self.zero, bool):
             raise ConfigError("parallel.zero", self.zero, "0, 1, 2, 3")
-        _check_bool("parallel.sequence_parallel", self.sequence_parallel)
+        check_bool("parallel.sequence_parallel", self.sequence_parallel)
 
     @property
     def gpus(self) -> int:
@@ -192,8 +192,8 @@ class Hardware:
     reserved_mib: int = 512
 
     def __post_init__(self) -> None:
-        _check_int("hardware.memory_mib", self.memory_mib)
-        _check_int("hardware.reserved_mib", self.reserved_mib, minimum=0)
+        check_int("hardware.memory_mib", self.memory_mib)
+        check_int("hardware.reserved_mib", self.reserved_mib, minimum=0)
         if self.reserved_mib >= self.memory_mib:
             raise ConfigError("hardware.reserved_mib", self.reserved_mib,
                               f"less than hardware.memory_mib={self.memory_mib}")
@@ -232,15 +232,15 @@ class MeasureSpec:
     """isolate only: kill the child (status=error) when its resident memory exceeds this."""
 
     def __post_init__(self) -> None:
-        _check_choice("measure.backend", self.backend, MEASURE_BACKENDS)
-        _check_bool("measure.isolate", self.isolate)
+        check_choice("measure.backend", self.backend, MEASURE_BACKENDS)
+        check_bool("measure.isolate", self.isolate)
         for key in ("timeout_s", "max_rss_gib"):
             v = getattr(self, key)
             if v is not None and (isinstance(v, bool) or not isinstance(v, (int, float)) or v <= 0):
                 raise ConfigError(f"measure.{key}", v, "null or a number > 0")
-        _check_int("measure.warmup", self.warmup, minimum=1)
-        _check_int("measure.repeats", self.repeats)
-        _check_int("measure.seed", self.seed, minimum=0)
+        check_int("measure.warmup", self.warmup, minimum=1)
+        check_int("measure.repeats", self.repeats)
+        check_int("measure.seed", self.seed, minimum=0)
         if self.max_gib is not None and (isinstance(self.max_gib, bool)
                                          or not isinstance(self.max_gib, (int, float)) or self.max_gib <= 0):
             raise ConfigError("measure.max_gib", self.max_gib, "null or a number of GiB > 0")
@@ -265,12 +265,12 @@ class JobSpec:
     measure: MeasureSpec = field(default_factory=MeasureSpec)
 
     def __post_init__(self) -> None:
-        _check_int("seq", self.seq)
-        _check_int("batch", self.batch)
-        _check_choice("dtype", self.dtype, SWEEP_DTYPES)
-        _check_choice("precision", self.precision, PRECISIONS)
-        _check_choice("recompute", self.recompute, RECOMPUTES)
-        _check_choice("attention", self.attention, ATTENTIONS)
+        check_int("seq", self.seq)
+        check_int("batch", self.batch)
+        check_choice("dtype", self.dtype, SWEEP_DTYPES)
+        check_choice("precision", self.precision, PRECISIONS)
+        check_choice("recompute", self.recompute, RECOMPUTES)
+        check_choice("attention", self.attention, ATTENTIONS)
         m, w, p = self.model, self.workload, self.parallel
         if w.training and self.dtype not in TRAIN_DTYPES:
             raise ConfigError(
@@ -297,7 +297,7 @@ class JobSpec:
             allowed = ("q", "k", "v", "o", "gate", "up", "down") if m.mlp == "swiglu" else (
                 "q", "k", "v", "o", "up", "down")
             for target in w.lora_targets:
-                _check_choice("workload.lora_targets", target, allowed)
+                check_choice("workload.lora_targets", target, allowed)
 
     def to_dict(self) -> dict:
         """Plain data (the `spec_json` column): `JobSpec.from_dict` rebuilds this spec exactly."""

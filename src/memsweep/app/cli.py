@@ -38,21 +38,26 @@ def top_keys(conf_dir: Path) -> tuple[str, ...]:
     return tuple(k for k in root.keys() if k not in ("defaults", "hydra"))
 
 
-def _value(o: Override) -> str:
+def override_value(o: Override) -> str:
+    """The value of an override as the user typed it (sweeps included)."""
     try:
         return o.get_value_element_as_str()
     except Exception:
         return o.input_line.split("=", 1)[-1]
 
 
-def check_overrides(argv: list[str], conf_dir: Path) -> None:
-    """Raise `ConfigError` for an unknown preset or key in the command-line overrides."""
+def parse_overrides(argv: list[str]) -> list[Override]:
+    """Hydra's own parse of the command line; [] if it cannot parse (Hydra will say why)."""
     args = [a for a in argv if not a.startswith("-")]
     try:
-        overrides = OverridesParser.create().parse_overrides(args)
+        return OverridesParser.create().parse_overrides(args)
     except Exception:  # not ours to report: Hydra will, with its own message
-        return
-    for o in overrides:
+        return []
+
+
+def check_overrides(argv: list[str], conf_dir: Path) -> None:
+    """Raise `ConfigError` for an unknown preset or key in the command-line overrides."""
+    for o in parse_overrides(argv):
         key = o.key_or_group
         # `+key=`/`++key=`/`~key` say "I know this key is new or going"; hydra/* is Hydra's own.
         if o.is_add() or o.is_force_add() or o.is_delete() or o.package is not None:
@@ -63,13 +68,13 @@ def check_overrides(argv: list[str], conf_dir: Path) -> None:
         if group not in GROUPS:
             if key not in top_keys(conf_dir):
                 allowed = [*top_keys(conf_dir), *GROUPS]
-                raise ConfigError(key, _value(o), f"top-level keys: {', '.join(allowed)}")
+                raise ConfigError(key, override_value(o), f"top-level keys: {', '.join(allowed)}")
         elif rest:
             if rest.split(".")[0] not in group_keys(conf_dir, group):
-                raise ConfigError(key, _value(o), f"keys of {group}: {', '.join(group_keys(conf_dir, group))}")
+                raise ConfigError(key, override_value(o), f"keys of {group}: {', '.join(group_keys(conf_dir, group))}")
         else:
             try:
-                values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [_value(o)]
+                values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [override_value(o)]
             except Exception:  # glob() and other sweeps resolved by Hydra itself
                 continue
             allowed_presets = presets(conf_dir, group)
