@@ -6,11 +6,14 @@ For every mode (family x precision x workload x recompute x attention) it runs t
 under FakeTensorMode on a design of small models (varying layers, tokens, hidden, heads, KV heads,
 FFN and vocabulary) and solves for the integer bytes that multiply each structural term:
 
-    L*t*h, L*t*kv*d, L*t*f, L*t*a, L*t, L*t*r, L*linear, L*lora, L*h, L*f, L*r, t*h, t*V, t,
-    V*h, s*d, s, h, V, 1
+    L*t*h, L*t*kv*d, L*t*f, L*t*a, L*t, L*t*r, L*linear, L*lora, L*h, L*f, L*r,
+    t*h, t*kv*d, t*f, t*a, t*r, t*V, t, V*h, s*d, s, h, V, 1
+(terms without L: what the first or last layer keeps differently, e.g. with MLP-only adapters
+nothing below layer 1 needs a gradient, so its attention keeps nothing)
 
-for two quantities of a training step (train or LoRA): the activations autograd has saved when
-the forward (and the loss) ends, and the backward peak under full recomputation. A fit is kept only when it reproduces every design point to the byte; the script
+for the activations autograd has saved when the forward (and the loss) ends, in a training step
+(train or LoRA). Moments that are a maximum of several (backward under full recompute, prefill)
+are not linear in these terms and are modelled in detailed.py instead. A fit is kept only when it reproduces every design point to the byte; the script
 fails otherwise. The coefficients are facts about the reference PyTorch code (which tensors
 autograd keeps, which autocast copies), so they change only when that code changes:
 tests/test_detailed_accuracy.py checks them against fresh fake measurements.
@@ -34,10 +37,19 @@ from memsweep.presets import job_spec, workload_spec  # noqa: E402
 from memsweep.specs import ModelSpec  # noqa: E402
 
 BASIS = ("Lth", "Ltkvd", "Ltf", "Lta", "Lt", "Ltr", "Llinear", "Llora", "Lh", "Lf", "Lr",
-         "th", "tV", "t", "Vh", "sd", "s", "h", "V", "one")
+         "th", "tkvd", "tf", "ta", "tr", "tV", "t", "Vh", "sd", "s", "h", "V", "one")
 FAMILIES = ("gpt2", "llama", "bert")
 PRECISIONS = {"mixed": ("bf16", "mixed"), "pure16": ("bf16", "pure"), "fp32": ("fp32", "pure")}
-WORKLOADS = ("train", "lora")  # inference peaks are a max of moments: written by hand
+# inference peaks are a max of moments: written by hand in detailed.py. LoRA saves different
+# tensors depending on which matrices carry adapters, so each common target set has its own fit.
+WORKLOADS = ("train", "lora-qv", "lora-qkvo", "lora-mlp", "lora-all")
+LORA_SETS = {"qv": ("q", "v"), "qkvo": ("q", "k", "v", "o"),
+             "mlp": ("gate", "up", "down"), "all": ("q", "k", "v", "o", "gate", "up", "down")}
+
+
+def lora_targets(family: str, label: str) -> tuple[str, ...]:
+    """GELU MLPs (gpt2, bert) have no gate matrix."""
+    return tuple(t for t in LORA_SETS[label] if not (t == "gate" and family != "llama"))
 # Exact fits for the memory-efficient attention every GPU user gets (sdpa) and for recompute
 # none/full; eager scores and selective recompute are adjustments on top (see detailed.py).
 RECOMPUTES = ("none", "full")
@@ -75,7 +87,8 @@ def basis(c: Columns, L: int, s: int, b: int, h: int, a: int, kv: int, f: int, V
     r = float(c.lora_rank[0])
     kvd = kv * d if kv != a else 0  # without GQA, K/V are h-sized: the h column carries them
     return [L * t * h, L * t * kvd, L * t * f, L * t * a, L * t, L * t * r,
-            L * linear, L * lora_layer, L * h, L * f, L * r, t * h, t * V, t, V * h, s * d, s, h, V, 1]
+            L * linear, L * lora_layer, L * h, L * f, L * r,
+            t * h, t * kvd, t * f, t * a, t * r, t * V, t, V * h, s * d, s, h, V, 1]
 
 
 def observe(family: str, precision: str, wl: str, recompute: str, attention: str, point,
@@ -85,7 +98,8 @@ def observe(family: str, precision: str, wl: str, recompute: str, attention: str
 
     L, s, b, h, a, kv, f, V = point
     dtype, mode = PRECISIONS[precision]
-    w = workload_spec("lora", lora_rank=rank) if wl == "lora" else workload_spec(wl)
+    w = (workload_spec("lora", lora_rank=rank, lora_targets=lora_targets(family, wl.split("-")[1]))
+         if wl.startswith("lora") else workload_spec(wl))
     spec = job_spec(model(family, L, h, a, kv, f, V), wl=w, seq=s, batch=b, dtype=dtype,
                     precision=mode, recompute=recompute, attention=attention)
     with FakeTensorMode(), StorageTracker() as tracker:
@@ -93,11 +107,7 @@ def observe(family: str, precision: str, wl: str, recompute: str, attention: str
         prepared.step()
         tracker.reset_peak()
         prepared.step()
-    out = {"saved": tracker.marks["after_forward"]["activations"]}
-    if recompute == "full":
-        bd = tracker.phase_breakdowns["backward"]
-        out["full_backward"] = bd["activations"] + bd["gradients"]
-    return out, basis(Columns.from_specs([spec]), *point)
+    return {"saved": tracker.marks["after_forward"]["activations"]}, basis(Columns.from_specs([spec]), *point)
 
 
 def solve(rows: list[list[float]], ys: list[int]) -> list[int] | None:

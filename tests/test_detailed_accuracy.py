@@ -38,6 +38,12 @@ POINTS = {
     "llama-gqa-qkv-bias-train": (small("llama", qkv_bias=True), dict(seq=256, batch=2)),
     "llama-tied-lora-full": (small("llama", tied_embeddings=True), dict(seq=256, batch=2, wl="lora", recompute="full")),
     "llama-inference-fp32": (small("llama"), dict(seq=256, batch=2, wl="inference", dtype="fp32")),
+    "llama-lora-all-linear": (small("llama"), dict(seq=256, batch=2, wl=workload(
+        "lora", lora_targets=("q", "k", "v", "o", "gate", "up", "down")))),
+    "llama-lora-mlp-fp32": (small("llama"), dict(seq=256, batch=2, dtype="fp32", wl=workload(
+        "lora", lora_targets=("gate", "up", "down")))),
+    "llama-lora-q-only-pure": (small("llama"), dict(seq=256, batch=2, precision="pure", wl=workload(
+        "lora", lora_targets=("q",)))),
     "gpt2-train-pure": (small("gpt2"), dict(seq=256, batch=2, precision="pure")),
     "gpt2-lora-mixed": (small("gpt2"), dict(seq=256, batch=2, wl="lora")),
     "gpt2-inference": (small("gpt2"), dict(seq=256, batch=2, wl=workload("inference", gen_tokens=16))),

@@ -12,10 +12,9 @@ from memsweep.specs import JobSpec
 from memsweep.units import GIB
 
 
-def job_fields(spec: JobSpec) -> dict[str, Any]:
+def job_fields(spec: JobSpec, cols: Columns) -> dict[str, Any]:
     """The columns that describe the configuration (the same for every formula of a job)."""
     m, w, o, p, hw = spec.model, spec.workload, spec.optimizer, spec.parallel, spec.hardware
-    cols = Columns.from_specs([spec])
     return {
         "model": m.name, "family": m.family, "params": int(base_params(cols)[0]),
         "trainable_params": int(trainable_params(cols)[0]),
@@ -31,8 +30,8 @@ def job_fields(spec: JobSpec) -> dict[str, Any]:
 
 def estimate_rows(spec: JobSpec, formulas: Sequence[Formula]) -> list[dict[str, Any]]:
     """Evaluate every formula on one job. A formula that raises becomes an error row of its own."""
-    base = job_fields(spec)
     cols = Columns.from_specs([spec])
+    base = job_fields(spec, cols)
     rows = []
     for formula in formulas:
         row = {**base, "formula": formula.name}

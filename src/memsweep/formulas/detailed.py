@@ -114,19 +114,21 @@ def optimizer_step_temporary_bytes(c: Columns) -> Array:
 
 # --- activation terms -------------------------------------------------------------------------
 
+WORKLOAD_TABLES = ("train", "lora-qv", "lora-qkvo", "lora-mlp", "lora-all")
+"""Full training, and LoRA with adapters on q+v, q+k+v+o, the MLP (gate+up+down), or every matrix."""
+
+
 def _mode_table(quantity: str) -> np.ndarray:
-    """Coefficients indexed [family, precision, workload (train 0 / lora 1), recompute (none 0 /
-    full 1), basis]; modes with no exact fit fall back as documented in docs/formulas.md."""
-    table = np.zeros((3, 3, 2, 2, len(BASIS)))
+    """Coefficients indexed [family, precision, workload table, recompute (none 0 / full 1), basis].
+    Mixed LoRA has no exact linear fit: pure 16-bit LoRA + autocast's 16-bit adapter copies."""
+    table = np.zeros((len(FAMILIES), len(PRECISIONS), len(WORKLOAD_TABLES), 2, len(BASIS)))
     for f, fam in enumerate(FAMILIES):
         for p, prec in enumerate(PRECISIONS):
-            for w, wl in enumerate(("train", "lora")):
+            for w, wl in enumerate(WORKLOAD_TABLES):
                 for r, rc in enumerate(("none", "full")):
-                    key = f"{fam}/{prec}/{wl}/{rc}/sdpa/{quantity}"
-                    coef = COEFFICIENTS.get(key)
-                    if coef is None and quantity == "saved" and prec == "mixed" and wl == "lora":
-                        # mixed LoRA ~ pure 16-bit LoRA + autocast's 16-bit copies of the adapters
-                        base = COEFFICIENTS[f"{fam}/pure16/lora/{rc}/sdpa/saved"]
+                    coef = COEFFICIENTS.get(f"{fam}/{prec}/{wl}/{rc}/sdpa/{quantity}")
+                    if coef is None and prec == "mixed" and wl.startswith("lora"):
+                        base = COEFFICIENTS[f"{fam}/pure16/{wl}/{rc}/sdpa/{quantity}"]
                         coef = tuple(v + (2.0 if n == "Llora" else 0.0) for n, v in zip(BASIS, base))
                     if coef is not None:
                         table[f, p, w, r] = coef
@@ -134,6 +136,16 @@ def _mode_table(quantity: str) -> np.ndarray:
 
 
 SAVED = _mode_table("saved")
+
+
+def workload_table(c: Columns) -> Array:
+    """Which table a job uses: 0 full training; for LoRA the smallest fitted target set that holds
+    its adapters (exact for those sets; another set is read from its smallest superset)."""
+    attn = (c.lora_q + c.lora_k + c.lora_v + c.lora_o) > 0
+    mlp = (c.lora_gate + c.lora_up + c.lora_down) > 0
+    within_qv = (c.lora_k + c.lora_o == 0) & ~mlp
+    lora = np.where(within_qv, 1, np.where(~mlp, 2, np.where(~attn, 3, 4)))
+    return np.where(c.lora == 1, lora, 0)
 
 
 def basis_values(c: Columns) -> np.ndarray:
@@ -147,14 +159,14 @@ def basis_values(c: Columns) -> np.ndarray:
     terms = {
         "Lth": L * t * h, "Ltkvd": L * t * kvd, "Ltf": L * t * f, "Lta": L * t * a, "Lt": L * t,
         "Ltr": L * t * r, "Llinear": L * linear, "Llora": L * lora_layer, "Lh": L * h, "Lf": L * f,
-        "Lr": L * r, "th": t * h, "tV": t * V, "t": t, "Vh": V * h, "sd": s * d, "s": s, "h": h,
-        "V": V, "one": np.ones_like(L),
+        "Lr": L * r, "th": t * h, "tkvd": t * kvd, "tf": t * f, "ta": t * a, "tr": t * r,
+        "tV": t * V, "t": t, "Vh": V * h, "sd": s * d, "s": s, "h": h, "V": V, "one": np.ones_like(L),
     }
     return np.stack([terms[n] for n in BASIS], axis=-1)
 
 
 def _mode_index(c: Columns) -> tuple[Array, ...]:
-    return (c.family.astype(int), precision_class(c).astype(int), c.lora.astype(int),
+    return (c.family.astype(int), precision_class(c).astype(int), workload_table(c).astype(int),
             c.recompute_full.astype(int))
 
 
