@@ -7,7 +7,7 @@ under FakeTensorMode on a design of small models (varying layers, tokens, hidden
 FFN and vocabulary) and solves for the integer bytes that multiply each structural term:
 
     L*t*h, L*t*kv*d, L*t*f, L*t*a, L*t, L*t*r, L*linear, L*lora, L*h, L*f, L*r,
-    t*h, t*kv*d, t*f, t*a, t*r, t*V, t, V*h, s*d, s, h, V, 1
+    t*h, t*kv*d, t*f, t*a, t*r, t*V, t, V*h, s*d, s, h, V, L*b*a*s^2, L*s^2, 1
 (terms without L: what the first or last layer keeps differently, e.g. with MLP-only adapters
 nothing below layer 1 needs a gradient, so its attention keeps nothing)
 
@@ -37,7 +37,7 @@ from memsweep.presets import job_spec, workload_spec  # noqa: E402
 from memsweep.specs import ModelSpec  # noqa: E402
 
 BASIS = ("Lth", "Ltkvd", "Ltf", "Lta", "Lt", "Ltr", "Llinear", "Llora", "Lh", "Lf", "Lr",
-         "th", "tkvd", "tf", "ta", "tr", "tV", "t", "Vh", "sd", "s", "h", "V", "one")
+         "th", "tkvd", "tf", "ta", "tr", "tV", "t", "Vh", "sd", "s", "h", "V", "Lbas2", "Ls2", "one")
 FAMILIES = ("gpt2", "llama", "bert")
 PRECISIONS = {"mixed": ("bf16", "mixed"), "pure16": ("bf16", "pure"), "fp32": ("fp32", "pure")}
 # inference peaks are a max of moments: written by hand in detailed.py. LoRA saves different
@@ -50,10 +50,10 @@ LORA_SETS = {"qv": ("q", "v"), "qkvo": ("q", "k", "v", "o"),
 def lora_targets(family: str, label: str) -> tuple[str, ...]:
     """GELU MLPs (gpt2, bert) have no gate matrix."""
     return tuple(t for t in LORA_SETS[label] if not (t == "gate" and family != "llama"))
-# Exact fits for the memory-efficient attention every GPU user gets (sdpa) and for recompute
-# none/full; eager scores and selective recompute are adjustments on top (see detailed.py).
+# Exact fits for recompute none/full, sdpa (memory-efficient) and eager (materialised scores);
+# selective recompute is not linear in these terms and is approximated in detailed.py.
 RECOMPUTES = ("none", "full")
-ATTENTIONS = ("sdpa",)
+ATTENTIONS = ("sdpa", "eager")
 LORA_RANKS = (8, 4)  # alternated over the design so the rank term is identifiable
 
 # L, s, b, h, a, kv, f, V: ratios like real models (V >> h, f ~ 2.7-4 h), small enough to be fast
@@ -88,7 +88,8 @@ def basis(c: Columns, L: int, s: int, b: int, h: int, a: int, kv: int, f: int, V
     kvd = kv * d if kv != a else 0  # without GQA, K/V are h-sized: the h column carries them
     return [L * t * h, L * t * kvd, L * t * f, L * t * a, L * t, L * t * r,
             L * linear, L * lora_layer, L * h, L * f, L * r,
-            t * h, t * kvd, t * f, t * a, t * r, t * V, t, V * h, s * d, s, h, V, 1]
+            t * h, t * kvd, t * f, t * a, t * r, t * V, t, V * h, s * d, s, h, V,
+            L * b * a * s * s, L * s * s, 1]
 
 
 def observe(family: str, precision: str, wl: str, recompute: str, attention: str, point,

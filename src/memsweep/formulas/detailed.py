@@ -118,20 +118,37 @@ WORKLOAD_TABLES = ("train", "lora-qv", "lora-qkvo", "lora-mlp", "lora-all")
 """Full training, and LoRA with adapters on q+v, q+k+v+o, the MLP (gate+up+down), or every matrix."""
 
 
+ATTENTION_TABLES = ("sdpa", "eager")
+
+
+def _coefficients(fam: str, prec: str, wl: str, rc: str, att: str, quantity: str) -> tuple[float, ...]:
+    """The exact fit where there is one. Two documented approximations where there is none:
+    mixed LoRA = pure 16-bit LoRA + autocast's 16-bit adapter copies; an eager table missing
+    (MLP-only LoRA, whose first layer keeps no attention at all) = the sdpa table without the
+    log-sum-exp, plus the probabilities and the causal mask of every layer."""
+    coef = COEFFICIENTS.get(f"{fam}/{prec}/{wl}/{rc}/{att}/{quantity}")
+    if coef is not None:
+        return coef
+    terms = dict(zip(BASIS, _coefficients(
+        fam, "pure16", wl, rc, att, quantity) if prec == "mixed" and wl.startswith("lora") else _coefficients(
+        fam, prec, wl, rc, "sdpa", quantity)))
+    if prec == "mixed" and wl.startswith("lora"):
+        terms["Llora"] += 2.0
+    else:  # eager from sdpa
+        terms.update(Lta=0.0, Lbas2=FP32 if prec == "fp32" else 2.0, Ls2=1.0)
+    return tuple(terms[n] for n in BASIS)
+
+
 def _mode_table(quantity: str) -> np.ndarray:
-    """Coefficients indexed [family, precision, workload table, recompute (none 0 / full 1), basis].
-    Mixed LoRA has no exact linear fit: pure 16-bit LoRA + autocast's 16-bit adapter copies."""
-    table = np.zeros((len(FAMILIES), len(PRECISIONS), len(WORKLOAD_TABLES), 2, len(BASIS)))
+    """Coefficients indexed [family, precision, workload table, recompute (none 0 / full 1),
+    attention (sdpa 0 / eager 1), basis]."""
+    table = np.zeros((len(FAMILIES), len(PRECISIONS), len(WORKLOAD_TABLES), 2, 2, len(BASIS)))
     for f, fam in enumerate(FAMILIES):
         for p, prec in enumerate(PRECISIONS):
             for w, wl in enumerate(WORKLOAD_TABLES):
                 for r, rc in enumerate(("none", "full")):
-                    coef = COEFFICIENTS.get(f"{fam}/{prec}/{wl}/{rc}/sdpa/{quantity}")
-                    if coef is None and prec == "mixed" and wl.startswith("lora"):
-                        base = COEFFICIENTS[f"{fam}/pure16/{wl}/{rc}/sdpa/{quantity}"]
-                        coef = tuple(v + (2.0 if n == "Llora" else 0.0) for n, v in zip(BASIS, base))
-                    if coef is not None:
-                        table[f, p, w, r] = coef
+                    for a, att in enumerate(ATTENTION_TABLES):
+                        table[f, p, w, r, a] = _coefficients(fam, prec, wl, rc, att, quantity)
     return table
 
 
@@ -160,27 +177,25 @@ def basis_values(c: Columns) -> np.ndarray:
         "Lth": L * t * h, "Ltkvd": L * t * kvd, "Ltf": L * t * f, "Lta": L * t * a, "Lt": L * t,
         "Ltr": L * t * r, "Llinear": L * linear, "Llora": L * lora_layer, "Lh": L * h, "Lf": L * f,
         "Lr": L * r, "th": t * h, "tkvd": t * kvd, "tf": t * f, "ta": t * a, "tr": t * r,
-        "tV": t * V, "t": t, "Vh": V * h, "sd": s * d, "s": s, "h": h, "V": V, "one": np.ones_like(L),
+        "tV": t * V, "t": t, "Vh": V * h, "sd": s * d, "s": s, "h": h, "V": V,
+        "Lbas2": L * c.batch * a * s * s, "Ls2": L * s * s, "one": np.ones_like(L),
     }
     return np.stack([terms[n] for n in BASIS], axis=-1)
 
 
 def _mode_index(c: Columns) -> tuple[Array, ...]:
+    """Selective recompute re-runs the attention core in backward, so nothing of it is kept:
+    it reads the sdpa table (an approximation: selective is not linear in the basis)."""
+    eager = (c.eager_attention == 1) & (c.recompute_selective == 0)
     return (c.family.astype(int), precision_class(c).astype(int), workload_table(c).astype(int),
-            c.recompute_full.astype(int))
-
-
-def eager_scores_bytes(c: Columns) -> Array:
-    """eager attention keeps the softmax probabilities, b*a*s^2 per layer (the s x s matrix that
-    sdpa/flash never stores); selective recompute drops them again."""
-    keep = (c.eager_attention == 1) & (c.recompute_selective == 0) & (c.recompute_full == 0)
-    return np.where(keep, c.layers * c.batch * c.heads * c.seq**2 * compute_bytes(c), 0.0)
+            c.recompute_full.astype(int), eager.astype(int))
 
 
 def saved_activations_bytes(c: Columns) -> Array:
-    """What autograd holds when the forward and the loss end (incl. the fp32 log-softmax, t*V*4)."""
+    """What autograd holds when the forward and the loss end (incl. the fp32 log-softmax, t*V*4;
+    with eager attention the b*a*s^2 probabilities and the s^2 causal mask of every layer)."""
     coef = SAVED[_mode_index(c)]
-    return (coef * basis_values(c)).sum(axis=-1) + eager_scores_bytes(c)
+    return (coef * basis_values(c)).sum(axis=-1)
 
 
 def live_logits_bytes(c: Columns) -> Array:
@@ -221,12 +236,26 @@ def full_recompute_layer_bytes(c: Columns) -> Array:
     idx = _mode_index(c)
     b = basis_values(c)
     kept = (SAVED[idx] * b * ~HEAD_TERMS).sum(axis=-1)
-    none_idx = idx[:3] + (np.zeros_like(idx[3]),)
+    none_idx = idx[:3] + (np.zeros_like(idx[3]), idx[4])
     one_layer = (SAVED[none_idx] * b * (PER_LAYER_TERMS & ~FFN_TERM)).sum(axis=-1) / c.layers
     n_ffn = np.where(c.gated_mlp == 1, RECOMPUTE_MLP_TENSORS[True], RECOMPUTE_MLP_TENSORS[False])
     mlp = n_ffn * c.batch * c.seq * c.ffn * compute_bytes(c) / c.tp
     head_grad = (1 - c.lora) * (1 - c.tied_embeddings) * c.vocab * c.hidden * trainable_bytes(c) / c.tp
     return kept + one_layer + mlp + head_grad
+
+
+EAGER_BACKWARD_SCORE_TENSORS = 2.0
+"""b*a*s^2 gradients alive at the last layer's softmax backward beyond what is saved (those of
+the probabilities and of the scores). Measured: 2 errs high on tiny models (+2.7 % to +9.6 %),
+1 errs low (-8 % to -20 %); 2 is the safe side for capacity planning."""
+
+
+def eager_backward_bytes(c: Columns) -> Array:
+    """Eager training, softmax backward of the last layer: everything saved (but the freed
+    log-softmax) plus `EAGER_BACKWARD_SCORE_TENSORS` b*a*s^2 gradients. A model, not a fit."""
+    eager = (c.eager_attention == 1) & (c.recompute_selective == 0) & (c.recompute_full == 0)
+    grads = EAGER_BACKWARD_SCORE_TENSORS * c.batch * c.heads * c.seq**2 * compute_bytes(c) / c.tp
+    return np.where(eager, saved_activations_bytes(c) - c.batch * c.seq * c.vocab * FP32 + grads, 0.0)
 
 
 def kv_cache_bytes(c: Columns) -> Array:
@@ -250,6 +279,17 @@ def prefill_activations_bytes(c: Columns) -> Array:
     mlp = np.where(c.gated_mlp == 1, 3.0, 2.0) * c.ffn
     rope = np.where(c.learned_positions == 1, 0.0, 2.0 * c.seq * c.head_dim * cb)
     return t * (3.0 * c.hidden + mlp) * cb / c.tp + rope + inference_ids_bytes(c)
+
+
+def prefill_attention_bytes(c: Columns) -> Array:
+    """Eager inference, inside one layer's softmax: the masked scores and the probabilities
+    (2*b*a*s^2), the s^2 causal mask, and six t*h tensors (residual, normed input, q, K and V
+    repeated to all heads, the QK operand). sdpa never holds s^2: its MLP moment is larger."""
+    t = c.batch * c.seq
+    cb = compute_bytes(c)
+    eager = (t * 6.0 * c.hidden + 2.0 * c.batch * c.heads * c.seq**2) * cb / c.tp + c.seq**2
+    rope = np.where(c.learned_positions == 1, 0.0, 2.0 * c.seq * c.head_dim * cb)
+    return np.where(c.eager_attention == 1, eager + rope + inference_ids_bytes(c), 0.0)
 
 
 def decode_activations_bytes(c: Columns) -> Array:
@@ -283,6 +323,7 @@ def peak_breakdown(c: Columns, k: DetailedConstants) -> Breakdown:
                      overhead=overhead),
         Breakdown.of(w, weights=w, optimizer=o, activations=act * full_recompute_layer_bytes(c) * c.recompute_full,
                      overhead=overhead),
+        Breakdown.of(w, weights=w, optimizer=o, activations=act * eager_backward_bytes(c), overhead=overhead),
         Breakdown.of(w, weights=w, optimizer=o + k.optimizer_factor * optimizer_step_temporary_bytes(c),
                      gradients=g, activations=np.full_like(w, 1.0) * inputs, overhead=overhead),
     ]
@@ -296,6 +337,9 @@ def peak_breakdown(c: Columns, k: DetailedConstants) -> Breakdown:
                         activations=act * (c.batch * c.seq * c.hidden * compute_bytes(c) + inference_ids_bytes(c)),
                         overhead=overhead)
     prefill = head.select(head.total > prefill.total, prefill)
+    scores = Breakdown.of(w, weights=w, kv_cache=kv, activations=act * prefill_attention_bytes(c),
+                          overhead=overhead)
+    prefill = scores.select(scores.total > prefill.total, prefill)
     decode = Breakdown.of(w, weights=w, kv_cache=kv, activations=act * decode_activations_bytes(c),
                           overhead=overhead)
     infer = decode.select(decode.total > prefill.total, prefill)
