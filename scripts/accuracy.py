@@ -33,7 +33,7 @@ sys.path.insert(0, str(ROOT / "src"))
 import polars as pl  # noqa: E402
 
 from memsweep.fit import error_summary, load_tables, unmeasured, with_errors, worst  # noqa: E402
-from memsweep.results import write_parquet_atomic  # noqa: E402
+from memsweep.results import markdown_table, write_parquet_atomic  # noqa: E402
 
 MODELS = "gpt2,bert-large-uncased,llama2-7b,llama3-8b,mistral-7b,qwen2.5-7b,tiny"
 QUICK_MODELS = "tiny,gpt2,llama2-7b"
@@ -76,13 +76,6 @@ def load(out: Path) -> pl.DataFrame:
     return load_tables(sorted(p for p in out.iterdir() if p.is_dir()))
 
 
-def markdown(df: pl.DataFrame) -> str:
-    with pl.Config(tbl_formatting="ASCII_MARKDOWN", tbl_hide_column_data_types=True,
-                   tbl_hide_dataframe_shape=True, tbl_rows=200, tbl_cols=20, float_precision=3,
-                   tbl_width_chars=400, fmt_str_lengths=90):
-        return str(df)
-
-
 CONFIG = ["model", "workload", "seq", "batch", "dtype", "precision", "recompute", "attention",
           "optimizer", "tp", "pp", "dp", "zero", "gen_tokens", "lora_rank", "formula"]
 
@@ -98,10 +91,10 @@ def report(table: pl.DataFrame, out: Path) -> bool:
         lines.append("")
     overall = error_summary(errors, ["formula"])
     split = error_summary(errors, ["formula", "workload", "dtype", "precision"])
-    lines += ["## Every formula", "", markdown(overall.drop("worst_signed_pct")), "",
+    lines += ["## Every formula", "", markdown_table(overall.drop("worst_signed_pct")), "",
               "## By workload and precision (dtype + mode)", "",
-              markdown(split.drop("worst_config", "worst_signed_pct")), "",
-              "## The three worst configurations of `detailed`", "", markdown(worst(errors, "detailed")), ""]
+              markdown_table(split.drop("worst_config", "worst_signed_pct")), "",
+              "## The three worst configurations of `detailed`", "", markdown_table(worst(errors, "detailed")), ""]
     d = overall.filter(pl.col("formula") == "detailed")
     ok = d.height == 1 and d["median_abs_pct"][0] <= GOAL_MEDIAN_PCT and d["worst_abs_pct"][0] <= GOAL_WORST_PCT
     if d.height:

@@ -30,14 +30,13 @@ import numpy as np
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 
-from memsweep.columns import Columns, lora_params  # noqa: E402
+from memsweep.columns import Columns  # noqa: E402
+from memsweep.formulas.basis import BASIS, basis_values  # noqa: E402
 from memsweep.measure.tracker import StorageTracker  # noqa: E402
 from memsweep.measure.workloads import prepare  # noqa: E402
 from memsweep.presets import job_spec, workload_spec  # noqa: E402
 from memsweep.specs import ModelSpec  # noqa: E402
 
-BASIS = ("Lth", "Ltkvd", "Ltf", "Lta", "Lt", "Ltr", "Llinear", "Llora", "Lh", "Lf", "Lr",
-         "th", "tkvd", "tf", "ta", "tr", "tV", "t", "Vh", "sd", "s", "h", "V", "Lbas2", "Ls2", "one")
 FAMILIES = ("gpt2", "llama", "bert")
 PRECISIONS = {"mixed": ("bf16", "mixed"), "pure16": ("bf16", "pure"), "fp32": ("fp32", "pure")}
 # inference peaks are a max of moments: written by hand in detailed.py. LoRA saves different
@@ -80,18 +79,6 @@ def model(family: str, L: int, h: int, a: int, kv: int, f: int, V: int) -> Model
         type_vocab=2 if family == "bert" else 0, pooler=family == "bert")
 
 
-def basis(c: Columns, L: int, s: int, b: int, h: int, a: int, kv: int, f: int, V: int) -> list[float]:
-    t, d, kv = b * s, h // a, int(c.kv_heads[0])  # the model's kv (gpt2/bert: kv = heads)
-    linear = h * (a * d + 2 * kv * d) + a * d * h + (3 if c.gated_mlp[0] else 2) * h * f
-    lora_layer = float(lora_params(c)[0]) / L
-    r = float(c.lora_rank[0])
-    kvd = kv * d if kv != a else 0  # without GQA, K/V are h-sized: the h column carries them
-    return [L * t * h, L * t * kvd, L * t * f, L * t * a, L * t, L * t * r,
-            L * linear, L * lora_layer, L * h, L * f, L * r,
-            t * h, t * kvd, t * f, t * a, t * r, t * V, t, V * h, s * d, s, h, V,
-            L * b * a * s * s, L * s * s, 1]
-
-
 def observe(family: str, precision: str, wl: str, recompute: str, attention: str, point,
             rank: int) -> dict:
     """The activation bytes of each quantity for one design point."""
@@ -108,7 +95,7 @@ def observe(family: str, precision: str, wl: str, recompute: str, attention: str
         prepared.step()
         tracker.reset_peak()
         prepared.step()
-    return {"saved": tracker.marks["after_forward"]["activations"]}, basis(Columns.from_specs([spec]), *point)
+    return {"saved": tracker.marks["after_forward"]["activations"]}, list(basis_values(Columns.from_specs([spec]))[0])
 
 
 def solve(rows: list[list[float]], ys: list[int]) -> list[int] | None:

@@ -37,14 +37,7 @@ from memsweep.fit import (  # noqa: E402
 )
 from memsweep.formulas import FORMULAS, get_formula  # noqa: E402
 from memsweep.presets import CONF_DIR  # noqa: E402
-from memsweep.results import write_parquet_atomic, write_text_atomic  # noqa: E402
-
-
-def markdown(df: pl.DataFrame) -> str:
-    with pl.Config(tbl_formatting="ASCII_MARKDOWN", tbl_hide_column_data_types=True,
-                   tbl_hide_dataframe_shape=True, tbl_rows=400, tbl_cols=20, float_precision=3,
-                   tbl_width_chars=400, fmt_str_lengths=80):
-        return str(df)
+from memsweep.results import markdown_table, write_parquet_atomic, write_text_atomic  # noqa: E402
 
 
 def errors_report(table: pl.DataFrame, report: Path, heatmap: str) -> list[str]:
@@ -52,13 +45,13 @@ def errors_report(table: pl.DataFrame, report: Path, heatmap: str) -> list[str]:
     failed = unmeasured(table)
     lines = [f"# Fit errors ({errors['job_id'].n_unique()} measured jobs)", ""]
     if failed.height:
-        lines += [f"Not measured ({failed.height} jobs):", "", markdown(failed.select(
+        lines += [f"Not measured ({failed.height} jobs):", "", markdown_table(failed.select(
             "model", "workload", "seq", "batch", "dtype", "status", "error")), ""]
     tables = error_tables(errors)
     parts = []
     for grouping, t in tables.items():
         lines += [f"## {'Overall' if grouping == 'overall' else 'By ' + grouping}", "",
-                  markdown(t.drop("worst_signed_pct", *(["worst_config"] if grouping != "overall" else []))), ""]
+                  markdown_table(t.drop("worst_signed_pct", *(["worst_config"] if grouping != "overall" else []))), ""]
         group = pl.lit("all") if grouping == "overall" else pl.col(grouping).cast(pl.String)
         parts.append(t.with_columns(pl.lit(grouping).alias("grouping"), group.alias("group"))
                      .select("grouping", "group", *[c for c in t.columns if c not in (grouping,)]))
@@ -103,7 +96,7 @@ def calibrate_all(table: pl.DataFrame, names: list[str], out_dir: Path, sources:
         write_text_atomic(header + yaml.safe_dump(doc, sort_keys=False), path)
         rows.append({"formula": name, "rows": len(measured), "mape_before_pct": before,
                      "mape_after_pct": after, **held, "yaml": str(path)})
-    return ["## Calibration (MAPE %, in sample and held out)", "", markdown(pl.DataFrame(rows)), ""]
+    return ["## Calibration (MAPE %, in sample and held out)", "", markdown_table(pl.DataFrame(rows)), ""]
 
 
 def main(argv: list[str] | None = None) -> int:

@@ -36,7 +36,7 @@ from memsweep.errors import ConfigError
 from memsweep.formulas import TERMS, Breakdown, Formula, get_formula
 from memsweep.presets import job_spec, load_preset, model_spec, preset_names, workload_spec
 from memsweep.results import write_atomic, write_parquet_atomic, write_text_atomic
-from memsweep.specs import ATTENTIONS, RECOMPUTES, Hardware, JobSpec, check_int
+from memsweep.specs import ATTENTIONS, RECOMPUTES, Hardware, JobSpec, check_choice, check_int
 from memsweep.units import GIB, SWEEP_DTYPES
 
 CHUNK_ROWS = 16_384
@@ -190,8 +190,7 @@ def _check_names(key: str, values: object, allowed: list[str]) -> None:
     if not isinstance(values, tuple) or not values:
         raise ConfigError(key, _show(values), f"a non-empty list of: {', '.join(allowed)}")
     for v in values:
-        if v not in allowed:
-            raise ConfigError(key, v, allowed)
+        check_choice(key, v, tuple(allowed))
 
 
 def parse_precision(label: object) -> tuple[str, str]:

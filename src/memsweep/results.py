@@ -288,7 +288,12 @@ def summarize(collected: Collected, out=sys.stdout) -> None:
         return
     pivot, unit = pivot_memory(t, model)
     print(f"total {unit} per GPU, model={model}:", file=out)
+    print(markdown_table(pivot, float_precision=2), file=out)
+
+
+def markdown_table(df: pl.DataFrame, float_precision: int = 3) -> str:
+    """A DataFrame as a Markdown table (no dtypes, no shape, nothing elided)."""
     with pl.Config(tbl_formatting="ASCII_MARKDOWN", tbl_hide_column_data_types=True,
-                   tbl_hide_dataframe_shape=True, tbl_rows=60, tbl_cols=20, float_precision=2,
-                   tbl_width_chars=200):
-        print(pivot, file=out)
+                   tbl_hide_dataframe_shape=True, tbl_rows=-1, tbl_cols=-1,
+                   float_precision=float_precision, tbl_width_chars=1000, fmt_str_lengths=100):
+        return str(df)

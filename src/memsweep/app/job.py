@@ -19,7 +19,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
-from memsweep.app.convert import to_job_spec
+from memsweep.app.convert import JOB_KEYS, to_job_spec
 from memsweep.formulas import get_formula
 from memsweep.errors import ConfigError
 from memsweep.estimate import estimate_rows
@@ -54,7 +54,7 @@ def sweep_id(sweep_dir: Path) -> str:
 def error_row(cfg: DictConfig, choices: dict[str, str], message: str) -> dict[str, Any]:
     """What is known of a job that could not run: its group choices and raw top-level values."""
     row: dict[str, Any] = {k: choices.get(k) for k in ("model", "workload", "optimizer", "hardware")}
-    for key in ("seq", "batch", "dtype", "precision", "recompute", "attention"):
+    for key in JOB_KEYS:
         row[key] = OmegaConf.select(cfg, key, throw_on_resolution_failure=False)
     return {**row, "status": "error", "error": message}
 

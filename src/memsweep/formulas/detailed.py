@@ -27,9 +27,13 @@ import numpy as np
 
 from memsweep.columns import Array, Columns, base_params, lora_params, trainable_params
 from memsweep.formulas.base import Breakdown
-from memsweep.formulas.coefficients import BASIS, COEFFICIENTS
+from memsweep.formulas.basis import BASIS, basis_values, layer_params
+from memsweep.formulas.coefficients import BASIS as FITTED_BASIS
+from memsweep.formulas.coefficients import COEFFICIENTS
 
 FP32 = 4.0
+if FITTED_BASIS != BASIS:
+    raise RuntimeError("formulas/coefficients.py was fitted on another basis: run scripts/derive_coefficients.py")
 FAMILIES = ("gpt2", "llama", "bert")
 PRECISIONS = ("mixed", "pure16", "fp32")
 
@@ -165,24 +169,6 @@ def workload_table(c: Columns) -> Array:
     return np.where(c.lora == 1, lora, 0)
 
 
-def basis_values(c: Columns) -> np.ndarray:
-    """The structural terms of `coefficients.BASIS`, one row per configuration."""
-    L, t, s, h, a, f, V = c.layers, c.batch * c.seq, c.seq, c.hidden, c.heads, c.ffn, c.vocab
-    d = c.head_dim
-    kvd = np.where(c.kv_heads != c.heads, c.kv_heads * d, 0.0)
-    linear = h * (a * d + 2 * c.kv_heads * d) + a * d * h + np.where(c.gated_mlp == 1, 3.0, 2.0) * h * f
-    lora_layer = lora_params(c) / L
-    r = c.lora_rank
-    terms = {
-        "Lth": L * t * h, "Ltkvd": L * t * kvd, "Ltf": L * t * f, "Lta": L * t * a, "Lt": L * t,
-        "Ltr": L * t * r, "Llinear": L * linear, "Llora": L * lora_layer, "Lh": L * h, "Lf": L * f,
-        "Lr": L * r, "th": t * h, "tkvd": t * kvd, "tf": t * f, "ta": t * a, "tr": t * r,
-        "tV": t * V, "t": t, "Vh": V * h, "sd": s * d, "s": s, "h": h, "V": V,
-        "Lbas2": L * c.batch * a * s * s, "Ls2": L * s * s, "one": np.ones_like(L),
-    }
-    return np.stack([terms[n] for n in BASIS], axis=-1)
-
-
 def _mode_index(c: Columns) -> tuple[Array, ...]:
     """Selective recompute re-runs the attention core in backward, so nothing of it is kept:
     it reads the sdpa table (an approximation: selective is not linear in the basis)."""
@@ -212,12 +198,6 @@ def logits_gradient_bytes(c: Columns) -> Array:
 
 
 PER_LAYER_TERMS = np.array([n.startswith("L") for n in BASIS])
-
-
-def layer_params(c: Columns) -> Array:
-    """Parameters of one block's matrices (Q, K, V, O and the MLP)."""
-    h, a, d, kv = c.hidden, c.heads, c.head_dim, c.kv_heads
-    return h * (a * d + 2 * kv * d) + a * d * h + np.where(c.gated_mlp == 1, 3.0, 2.0) * h * c.ffn
 
 
 RECOMPUTE_MLP_TENSORS = {True: 6.0, False: 4.0}

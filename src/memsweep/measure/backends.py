@@ -68,7 +68,6 @@ def _one_line(exc: BaseException) -> str:
 def measure(spec: JobSpec) -> Measurement:
     backend = spec.measure.backend
     started = time.perf_counter()
-    result = Measurement(backend=backend)
     try:
         torch.manual_seed(spec.measure.seed)
         run = {"fake": _fake, "cpu": _cpu, "cuda": _cuda}[backend]
