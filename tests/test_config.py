@@ -79,3 +79,18 @@ def test_command_line_precheck(argv, key):
 ])
 def test_command_line_precheck_passes_valid_overrides(argv):
     check_overrides(argv, CONF)
+
+
+def test_model_hf_composes_from_a_config_file(hydra_compose):
+    path = CONF.parent / "tests" / "data" / "hf_configs" / "qwen3-8b.json"
+    spec = to_job_spec(hydra_compose(["model=hf", f"model.config={path}", "seq=256"]))
+    assert spec.model.name == "qwen3-8b" and spec.model.qk_norm == "head"
+    named = to_job_spec(hydra_compose(["model=hf", f"model.config={path}", "model.name=mine"]))
+    assert named.model.name == "mine"
+
+
+def test_model_hf_without_a_readable_config_is_one_line(hydra_compose, tmp_path):
+    with pytest.raises(ConfigError, match=r"^model.config="):
+        to_job_spec(hydra_compose(["model=hf", f"model.config={tmp_path / 'none.json'}"]))
+    with pytest.raises(ConfigError, match=r"^model.layers="):
+        to_job_spec(hydra_compose(["model=hf", f"model.config={tmp_path}", "+model.layers=2"]))

@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from memsweep.specs import JobSpec
+from memsweep.specs import GATED_MLPS, QK_NORMS, JobSpec, ModelSpec
 
 Array = np.ndarray
 FAMILY_CODES = {"gpt2": 0, "llama": 1, "bert": 2}
@@ -27,7 +27,7 @@ class Columns:
     hidden: Array
     heads: Array
     kv_heads: Array
-    head_dim: Array
+    head_dim: Array  # query / key head size
     ffn: Array
     vocab: Array
     max_positions: Array
@@ -35,13 +35,32 @@ class Columns:
     type_vocab: Array  # bert token-type table rows
     embedding_norm: Array  # 1: a norm after the embeddings (bert)
     final_norm: Array  # 1: a norm before the LM head (gpt2, llama)
-    norm_bias: Array  # 1: LayerNorm (weight + bias); 0: RMSNorm (weight only)
-    gated_mlp: Array  # 1: SwiGLU (gate, up, down); 0: GELU (up, down)
+    norm_bias: Array  # 1: LayerNorm (weight + bias); 0: RMSNorm or a bias-free LayerNorm (weight only)
+    gated_mlp: Array  # 1: SwiGLU / GeGLU (gate, up, down); 0: GELU (up, down)
     qkv_bias: Array
     out_bias: Array
     mlp_bias: Array
     tied_embeddings: Array
     pooler: Array
+    v_head_dim: Array  # value head size (head_dim but in MLA)
+    parallel_block: Array  # 1: attention and MLP read the same input (GPT-NeoX, Falcon, Cohere)
+    block_norms: Array  # norms per block: 1, 2 or 4
+    qk_norm: Array  # 0 none, 1 per head (head_dim weights each), 2 over all heads
+    attention_sinks: Array  # 1: a learned sink logit per head and layer (gpt-oss)
+    local_layers: Array  # layers with sliding-window attention
+    window: Array  # their window, tokens
+    mla: Array  # 1: multi-head latent attention (DeepSeek-V2/V3)
+    q_lora_rank: Array
+    kv_lora_rank: Array
+    rope_head_dim: Array  # MLA: rotary part of each query / key head
+    mla_latent_cache: Array  # MLA inference: 1 caches the latent, 0 the expanded K and V
+    experts: Array  # routed experts per MoE layer (0: dense)
+    experts_per_token: Array
+    expert_ffn: Array  # one routed expert's hidden size
+    shared_ffn: Array  # all shared experts' hidden size together (0: none)
+    shared_expert_gate: Array
+    moe_layers: Array
+    router_bias: Array
     # workload
     batch: Array
     seq: Array
@@ -72,6 +91,7 @@ class Columns:
     dp: Array
     zero: Array
     sequence_parallel: Array
+    ep: Array
 
     def __post_init__(self) -> None:
         n = {np.shape(getattr(self, f.name)) for f in fields(self)}
@@ -84,12 +104,14 @@ class Columns:
     @classmethod
     def from_arrays(cls, **arrays: object) -> Columns:
         """Build from scalars and arrays broadcast to one length. Omitted columns are 0, except
-        tp, pp and dp (1): callers that evaluate real configurations pass every column."""
+        tp, pp, dp, ep (1), block_norms (2) and v_head_dim (head_dim): callers that evaluate real
+        configurations pass every column."""
         unknown = set(arrays) - {f.name for f in fields(cls)}
         if unknown:
             raise TypeError(f"unknown columns: {sorted(unknown)}")
-        values = {f.name: arrays.get(f.name, 1.0 if f.name in ("tp", "pp", "dp") else 0.0)
-                  for f in fields(cls)}
+        defaults = {"tp": 1.0, "pp": 1.0, "dp": 1.0, "ep": 1.0, "block_norms": 2.0,
+                    "v_head_dim": arrays.get("head_dim", 0.0)}
+        values = {f.name: arrays.get(f.name, defaults.get(f.name, 0.0)) for f in fields(cls)}
         shaped = np.broadcast_arrays(*[np.atleast_1d(np.asarray(v, dtype=np.float64))
                                        for v in values.values()])
         return cls(**{k: np.ascontiguousarray(a) for k, a in zip(values, shaped)})
@@ -101,9 +123,8 @@ class Columns:
                       for f in fields(cls)})
 
 
-def _spec_values(spec: JobSpec) -> dict[str, float]:
-    m, w, o, p = spec.model, spec.workload, spec.optimizer, spec.parallel
-    targets = set(w.lora_targets) if w.kind == "lora" else set()
+def model_values(m: ModelSpec) -> dict[str, float]:
+    """The architecture columns of one model."""
     return {
         "family": FAMILY_CODES[m.family],
         "layers": m.layers, "hidden": m.hidden, "heads": m.heads, "kv_heads": m.kv_heads,
@@ -111,9 +132,27 @@ def _spec_values(spec: JobSpec) -> dict[str, float]:
         "max_positions": m.max_positions,
         "learned_positions": m.position == "learned", "type_vocab": m.type_vocab,
         "embedding_norm": m.family == "bert", "final_norm": m.family != "bert",
-        "norm_bias": m.norm == "layernorm", "gated_mlp": m.mlp == "swiglu",
+        "norm_bias": m.norm == "layernorm", "gated_mlp": m.mlp in GATED_MLPS,
         "qkv_bias": m.qkv_bias, "out_bias": m.out_bias, "mlp_bias": m.mlp_bias,
         "tied_embeddings": m.tied_embeddings, "pooler": m.pooler,
+        "v_head_dim": m.value_dim, "parallel_block": m.block == "parallel",
+        "block_norms": m.block_norms, "qk_norm": QK_NORMS.index(m.qk_norm),
+        "attention_sinks": m.attention_sinks, "local_layers": m.local_layers,
+        "window": m.sliding_window, "mla": m.mla, "q_lora_rank": m.q_lora_rank,
+        "kv_lora_rank": m.kv_lora_rank, "rope_head_dim": m.rope_head_dim,
+        "mla_latent_cache": m.mla and m.mla_cache == "latent",
+        "experts": m.experts, "experts_per_token": m.experts_per_token,
+        "expert_ffn": m.routed_ffn if m.experts else 0, "shared_ffn": m.shared_ffn_total,
+        "shared_expert_gate": m.shared_expert_gate, "moe_layers": m.moe_layers,
+        "router_bias": m.router_bias,
+    }
+
+
+def _spec_values(spec: JobSpec) -> dict[str, float]:
+    m, w, o, p = spec.model, spec.workload, spec.optimizer, spec.parallel
+    targets = set(w.lora_targets) if w.kind == "lora" else set()
+    return {
+        **model_values(m),
         "batch": spec.batch, "seq": spec.seq, "gen_tokens": spec.gen_tokens,
         "training": w.training, "lora": w.kind == "lora",
         "lora_rank": w.lora_rank if w.kind == "lora" else 0,
@@ -124,37 +163,83 @@ def _spec_values(spec: JobSpec) -> dict[str, float]:
         "recompute_full": spec.recompute == "full",
         "eager_attention": spec.attention == "eager",
         "tp": p.tp, "pp": p.pp, "dp": p.dp, "zero": p.zero,
-        "sequence_parallel": p.sequence_parallel,
+        "sequence_parallel": p.sequence_parallel, "ep": p.ep,
     }
 
 
 # --- exact parameter counts (HF module structure), vectorized over Columns -------------------
 
+def norm_params(c: Columns, width: Array | float) -> Array:
+    """One norm over `width` features: a weight, and a bias for LayerNorm."""
+    return width * (1 + c.norm_bias)
+
+
 def embedding_params(c: Columns) -> Array:
     """Token table V*h, learned position table, bert token types and embedding norm."""
-    norm = c.hidden * (1 + c.norm_bias)
     return (c.vocab * c.hidden + c.learned_positions * c.max_positions * c.hidden
-            + c.type_vocab * c.hidden + c.embedding_norm * norm)
+            + c.type_vocab * c.hidden + c.embedding_norm * norm_params(c, c.hidden))
+
+
+def q_width(c: Columns) -> Array:
+    """Queries (and keys per KV head) are heads * head_dim wide; hidden only when head_dim = h / a."""
+    return c.heads * c.head_dim
+
+
+def mla_params(c: Columns) -> Array:
+    """DeepSeek-V2/V3 attention (DeepSeek-AI 2024, sec. 2.1): q = q_b(norm(q_a(x))) (or one q_proj
+    without q compression), a latent [c_kv, k_rope] = kv_a(x), k_nope and v = kv_b(norm(c_kv))."""
+    h, q, klr, qlr = c.hidden, q_width(c), c.kv_lora_rank, c.q_lora_rank
+    query = np.where(qlr > 0, h * qlr + norm_params(c, qlr) + qlr * q, h * q)
+    nope = c.head_dim - c.rope_head_dim
+    kv = h * (klr + c.rope_head_dim) + norm_params(c, klr) + klr * c.heads * (nope + c.v_head_dim)
+    return query + kv
 
 
 def attention_params(c: Columns) -> Array:
-    """Per layer: Q (h x a*d), K and V (h x kv*d each), O (a*d x h), optional biases."""
-    q = c.heads * c.head_dim
+    """Per layer: Q (h x a*d), K and V (h x kv*d each) or MLA's projections, O (a*d_v x h),
+    optional biases, q/k norms and attention sinks."""
+    q = q_width(c)
     kv = c.kv_heads * c.head_dim
-    return (c.hidden * (q + 2 * kv) + q * c.hidden
-            + c.qkv_bias * (q + 2 * kv) + c.out_bias * c.hidden)
+    qkv = c.hidden * (q + 2 * kv) + c.qkv_bias * (q + 2 * kv)
+    out = c.heads * c.v_head_dim * c.hidden + c.out_bias * c.hidden
+    qk_norm = np.where(c.qk_norm == 1, 2 * c.head_dim, np.where(c.qk_norm == 2, q + kv, 0.0))
+    return (np.where(c.mla == 1, mla_params(c), qkv) + out + norm_params(c, qk_norm)
+            + c.attention_sinks * c.heads)
 
 
-def mlp_params(c: Columns) -> Array:
-    """Per layer: SwiGLU gate+up+down (3*h*f) or GELU up+down (2*h*f), optional biases."""
-    matrices = np.where(c.gated_mlp == 1, 3.0, 2.0) * c.hidden * c.ffn
-    biases = np.where(c.gated_mlp == 1, 2 * c.ffn, c.ffn) + c.hidden
+def dense_mlp_params(c: Columns, ffn: Array) -> Array:
+    """One MLP of hidden size `ffn`: gated (gate, up, down: 3*h*f) or GELU (up, down: 2*h*f)."""
+    matrices = np.where(c.gated_mlp == 1, 3.0, 2.0) * c.hidden * ffn
+    biases = np.where(c.gated_mlp == 1, 2 * ffn, ffn) + c.hidden
     return matrices + c.mlp_bias * biases
 
 
+def expert_params(c: Columns) -> Array:
+    """One routed expert (an MLP of `expert_ffn`)."""
+    return dense_mlp_params(c, c.expert_ffn)
+
+
+def moe_mlp_params(c: Columns) -> Array:
+    """One MoE layer: the router (h x E, + bias), every routed expert, the shared experts (one MLP
+    of their joint size, as DeepSeek and Qwen2-MoE build them) and Qwen2-MoE's shared gate."""
+    router = c.experts * (c.hidden + c.router_bias)
+    shared = np.where(c.shared_ffn > 0, dense_mlp_params(c, c.shared_ffn), 0.0)
+    return router + c.experts * expert_params(c) + shared + c.shared_expert_gate * c.hidden
+
+
+def mlp_params_total(c: Columns) -> Array:
+    """Every layer's MLP: dense layers of `ffn`, MoE layers of experts."""
+    return (c.layers - c.moe_layers) * dense_mlp_params(c, c.ffn) + c.moe_layers * moe_mlp_params(c)
+
+
+def mlp_params(c: Columns) -> Array:
+    """Per layer (the average over the layers for a model with dense and MoE layers)."""
+    return mlp_params_total(c) / c.layers
+
+
 def layer_norm_params(c: Columns) -> Array:
-    """Per layer: two norms, h weights each (+ h biases for LayerNorm)."""
-    return 2 * c.hidden * (1 + c.norm_bias)
+    """Per layer: `block_norms` norms of h (2; 1 in a shared-norm parallel block; 4 in Gemma-2/3)."""
+    return c.block_norms * norm_params(c, c.hidden)
 
 
 def layer_params(c: Columns) -> Array:
@@ -164,18 +249,33 @@ def layer_params(c: Columns) -> Array:
 def base_params(c: Columns) -> Array:
     """Exact parameter count of the model (equals the HF model's `num_parameters()`)."""
     head = (1 - c.tied_embeddings) * c.vocab * c.hidden
-    final = c.final_norm * c.hidden * (1 + c.norm_bias)
+    final = c.final_norm * norm_params(c, c.hidden)
     pooler = c.pooler * (c.hidden * c.hidden + c.hidden)
-    return embedding_params(c) + c.layers * layer_params(c) + final + head + pooler
+    body = c.layers * (attention_params(c) + layer_norm_params(c)) + mlp_params_total(c)
+    return embedding_params(c) + body + final + head + pooler
+
+
+def routed_expert_params(c: Columns) -> Array:
+    """Every routed expert of every MoE layer (what expert parallelism splits)."""
+    return c.moe_layers * c.experts * expert_params(c)
+
+
+def active_params(c: Columns) -> Array:
+    """Parameters one token runs through: the routed experts count top-k times, not E times."""
+    return base_params(c) - c.moe_layers * (c.experts - c.experts_per_token) * expert_params(c)
 
 
 def lora_params(c: Columns) -> Array:
-    """LoRA adapters: r*(d_in + d_out) per adapted matrix (Hu et al. 2021), per layer."""
-    h, q, kv = c.hidden, c.heads * c.head_dim, c.kv_heads * c.head_dim
-    per_layer = (c.lora_q * (h + q) + c.lora_k * (h + kv) + c.lora_v * (h + kv)
-                 + c.lora_o * (q + h) + c.lora_gate * (h + c.ffn) + c.lora_up * (h + c.ffn)
-                 + c.lora_down * (c.ffn + h))
-    return c.lora * c.lora_rank * c.layers * per_layer
+    """LoRA adapters: r*(d_in + d_out) per adapted matrix (Hu et al. 2021). In MoE layers
+    gate/up/down adapt every routed expert and the shared experts."""
+    h, q, kv = c.hidden, q_width(c), c.kv_heads * c.head_dim
+    attn = (c.lora_q * (h + q) + c.lora_k * (h + kv) + c.lora_v * (h + kv)
+            + c.lora_o * (c.heads * c.v_head_dim + h))
+    n_mlp = c.lora_gate + c.lora_up + c.lora_down
+    dense = (c.layers - c.moe_layers) * n_mlp * (h + c.ffn)
+    moe = c.moe_layers * n_mlp * (c.experts * (h + c.expert_ffn)
+                                  + np.where(c.shared_ffn > 0, h + c.shared_ffn, 0.0))
+    return c.lora * c.lora_rank * (c.layers * attn + dense + moe)
 
 
 def trainable_params(c: Columns) -> Array:

@@ -6,9 +6,9 @@ import json
 from collections.abc import Sequence
 from typing import Any
 
-from memsweep.columns import Columns, base_params, trainable_params
+from memsweep.columns import Columns, active_params, base_params, model_values, trainable_params
 from memsweep.formulas import TERMS, Formula
-from memsweep.specs import JobSpec
+from memsweep.specs import JobSpec, ModelSpec
 from memsweep.units import GIB
 
 
@@ -17,6 +17,7 @@ def job_fields(spec: JobSpec, cols: Columns) -> dict[str, Any]:
     m, w, o, p, hw = spec.model, spec.workload, spec.optimizer, spec.parallel, spec.hardware
     return {
         "model": m.name, "family": m.family, "params": int(base_params(cols)[0]),
+        "active_params": int(active_params(cols)[0]), "ep": p.ep,
         "trainable_params": int(trainable_params(cols)[0]),
         "seq": spec.seq, "batch": spec.batch, "dtype": spec.dtype,
         "precision": spec.effective_precision, "workload": w.name, "optimizer": o.name,
@@ -26,6 +27,12 @@ def job_fields(spec: JobSpec, cols: Columns) -> dict[str, Any]:
         "gen_tokens": spec.gen_tokens, "lora_rank": w.lora_rank if w.kind == "lora" else 0,
         "spec_json": json.dumps(spec.to_dict(), sort_keys=True),
     }
+
+
+def model_summary(m: ModelSpec) -> dict[str, int]:
+    """Total and active parameter counts of one model (no job needed)."""
+    cols = Columns.from_arrays(**model_values(m))
+    return {"params": int(base_params(cols)[0]), "active_params": int(active_params(cols)[0])}
 
 
 def estimate_rows(spec: JobSpec, formulas: Sequence[Formula]) -> list[dict[str, Any]]:

@@ -15,20 +15,25 @@ import yaml
 
 from memsweep.errors import ConfigError
 from memsweep.specs import (
-    Hardware, JobSpec, MeasureSpec, ModelSpec, OptimizerSpec, Parallel, Workload,
+    Hardware, JobSpec, MeasureSpec, ModelSpec, OptimizerSpec, Parallel, Workload, model_fields,
 )
 
 CONF_DIR = Path(os.environ.get("MEMSWEEP_CONF", Path(__file__).resolve().parents[2] / "conf"))
 
 
+RUNTIME_OPTIONS = {"model": ("hf",)}
+"""Options that are not presets: `model=hf` reads a config.json given at sweep time."""
+
+
 def preset_names(group: str) -> list[str]:
-    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml"))
+    skip = RUNTIME_OPTIONS.get(group, ())
+    return sorted(p.stem for p in (CONF_DIR / group).glob("*.yaml") if p.stem not in skip)
 
 
 @cache
 def _load(group: str, name: str) -> dict[str, Any]:
     path = CONF_DIR / group / f"{name}.yaml"
-    if not path.is_file():
+    if not path.is_file() or name in RUNTIME_OPTIONS.get(group, ()):
         raise ConfigError(group, name, preset_names(group))
     return yaml.safe_load(path.read_text())
 
@@ -38,7 +43,7 @@ def load_preset(group: str, name: str, **changes: Any) -> dict[str, Any]:
 
 
 def model_spec(name: str, **changes: Any) -> ModelSpec:
-    return ModelSpec(**load_preset("model", name, **changes))
+    return ModelSpec(**model_fields(load_preset("model", name, **changes)))
 
 
 def workload_spec(name: str = "train", **changes: Any) -> Workload:

@@ -21,7 +21,7 @@ import polars as pl
 
 from memsweep.units import GIB, MIB
 
-SCHEMA_VERSION = 3
+SCHEMA_VERSION = 4
 PART_NAME = "rows.parquet"
 RESULTS_NAME = "results.parquet"
 
@@ -88,6 +88,9 @@ SCHEMA: dict[str, pl.DataType] = {
     "measure_wall_s": pl.Float64(),
     # --- schema 3: the whole resolved job (JobSpec.to_dict as JSON), for refitting (issue 5) ---
     "spec_json": pl.String(),
+    # --- schema 4: any architecture (issue 10) ---
+    "active_params": pl.Int64(),   # parameters one token runs through (MoE: top-k experts, not all)
+    "ep": pl.Int64(),              # expert parallelism
 }
 
 _PY_TYPES: dict[type, tuple[type, ...]] = {

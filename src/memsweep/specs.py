@@ -21,8 +21,13 @@ Attention = Literal["eager", "sdpa"]
 PrecisionMode = Literal["mixed", "pure"]
 
 FAMILIES = ("gpt2", "llama", "bert")
-NORMS = ("layernorm", "rmsnorm")
-MLPS = ("gelu", "swiglu")
+NORMS = ("layernorm", "rmsnorm", "layernorm_nobias")
+MLPS = ("gelu", "swiglu", "geglu")
+BLOCKS = ("sequential", "parallel")
+QK_NORMS = ("none", "head", "full")
+MLA_CACHES = ("latent", "expanded")
+LAYER_KINDS = ("global", "local")
+GATED_MLPS = ("swiglu", "geglu")
 POSITIONS = ("learned", "rope")
 WORKLOADS = ("train", "inference", "lora")
 OPTIMIZERS = ("adamw", "adam", "sgd", "sgd_momentum")
@@ -53,7 +58,12 @@ def check_bool(key: str, value: object) -> None:
 
 @dataclass(frozen=True)
 class ModelSpec:
-    """Architecture numbers of a decoder (gpt2, llama) or encoder (bert) transformer."""
+    """Architecture numbers of a decoder (gpt2, llama) or encoder (bert) transformer.
+
+    `family` picks the code path (gpt2: pre-norm decoder with learned positions; llama: pre-norm
+    decoder, the path of every modern decoder; bert: post-norm encoder). Everything else that
+    changes parameters or memory is a field of its own, so one path covers Mixtral, Gemma-2,
+    Qwen3, gpt-oss, DeepSeek-V3, Falcon and GPT-NeoX (see docs/models.md)."""
 
     name: str
     family: Family
@@ -64,55 +74,211 @@ class ModelSpec:
     ffn: int
     vocab: int
     max_positions: int
-    norm: Literal["layernorm", "rmsnorm"]
-    mlp: Literal["gelu", "swiglu"]
+    norm: Literal["layernorm", "rmsnorm", "layernorm_nobias"]
+    mlp: Literal["gelu", "swiglu", "geglu"]
     position: Literal["learned", "rope"]
     qkv_bias: bool
     out_bias: bool
     mlp_bias: bool
     tied_embeddings: bool
     head_dim: int | None = None
-    """Per-head size; None means hidden / heads (every supported family has hidden = heads * head_dim)."""
+    """Per-head size of queries and keys; None means hidden / heads. Gemma, Qwen3, Mistral-NeMo
+    and gpt-oss set it explicitly (heads x head_dim != hidden)."""
     type_vocab: int = 0
     """BERT token-type embeddings (2 for bert-*-uncased); 0 elsewhere."""
     pooler: bool = False
     """BERT pooler (a dense h x h layer with bias), counted as HF's BertModel counts it."""
+    rotary_fraction: float = 1.0
+    """Fraction of each head's dimensions that rotary embeddings rotate (GPT-NeoX: 0.25)."""
+    # --- block layout -------------------------------------------------------------------------
+    block: Literal["sequential", "parallel"] = "sequential"
+    """parallel: x + attn(norm(x)) + mlp(norm(x)) (GPT-NeoX, Falcon, Cohere), one residual add."""
+    block_norms: int = 2
+    """Norms per block: 2 (pre-attention, pre-MLP), 1 (one shared norm of a parallel block: Falcon-7B,
+    Cohere), 4 (Gemma-2/3: also a norm after attention and after the MLP)."""
+    qk_norm: Literal["none", "head", "full"] = "none"
+    """Norms on queries and keys: per head over head_dim (Qwen3, Gemma-3) or over all heads (OLMoE)."""
+    # --- mixture of experts -------------------------------------------------------------------
+    experts: int = 0
+    """Routed experts per MoE layer; 0 is a dense model."""
+    experts_per_token: int = 0
+    """Top-k: routed experts each token is sent to."""
+    expert_ffn: int = 0
+    """Hidden size of one routed expert's MLP (moe_intermediate_size); 0 means `ffn`."""
+    shared_experts: int = 0
+    """Experts every token goes through (DeepSeek, Qwen2-MoE), each of `shared_ffn`."""
+    shared_ffn: int = 0
+    """Hidden size of one shared expert; 0 means `expert_ffn`."""
+    shared_expert_gate: bool = False
+    """Qwen2-MoE: a sigmoid gate (an h x 1 linear) scales the shared expert's output."""
+    dense_layers: int = 0
+    """Layers with a dense MLP of size `ffn` instead of experts (DeepSeek's first k layers)."""
+    router_bias: bool = False
+    """The router has a bias (gpt-oss) or a per-expert correction bias (DeepSeek-V3)."""
+    # --- attention layout ---------------------------------------------------------------------
+    sliding_window: int = 0
+    """Window of the local layers in tokens; 0: no local layers."""
+    layer_pattern: tuple[str, ...] = ("global",)
+    """global / local per layer, repeated over the layers: Mistral-7B-v0.1 (local), Gemma-2 and
+    gpt-oss (local, global), Gemma-3 (5 x local, global)."""
+    attention_sinks: bool = False
+    """gpt-oss: one learned sink logit per head, in every layer's softmax."""
+    q_lora_rank: int = 0
+    """Multi-head latent attention (DeepSeek-V2/V3): rank of the query compression; 0: a plain q."""
+    kv_lora_rank: int = 0
+    """MLA: rank of the joint key-value compression; 0: not MLA."""
+    rope_head_dim: int = 0
+    """MLA: the rotary part of each query/key head (qk_rope_head_dim); head_dim is nope + rope."""
+    v_head_dim: int = 0
+    """MLA: per-head size of values; 0 means head_dim."""
+    mla_cache: Literal["latent", "expanded"] = "latent"
+    """MLA inference: the KV cache keeps the compressed latent (kv_lora_rank + rope_head_dim per
+    token, as vLLM and SGLang do) or the expanded keys and values (as a plain implementation does)."""
 
     def __post_init__(self) -> None:
         check_choice("model.family", self.family, FAMILIES)
         for key in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "max_positions"):
             check_int(f"model.{key}", getattr(self, key))
-        check_int("model.type_vocab", self.type_vocab, minimum=0)
+        for key in ("type_vocab", "experts", "experts_per_token", "expert_ffn", "shared_experts",
+                    "shared_ffn", "dense_layers", "sliding_window", "q_lora_rank", "kv_lora_rank",
+                    "rope_head_dim", "v_head_dim"):
+            check_int(f"model.{key}", getattr(self, key), minimum=0)
         check_choice("model.norm", self.norm, NORMS)
         check_choice("model.mlp", self.mlp, MLPS)
         check_choice("model.position", self.position, POSITIONS)
-        for key in ("qkv_bias", "out_bias", "mlp_bias", "tied_embeddings", "pooler"):
+        check_choice("model.block", self.block, BLOCKS)
+        check_choice("model.qk_norm", self.qk_norm, QK_NORMS)
+        check_choice("model.mla_cache", self.mla_cache, MLA_CACHES)
+        for key in ("qkv_bias", "out_bias", "mlp_bias", "tied_embeddings", "pooler",
+                    "shared_expert_gate", "router_bias", "attention_sinks"):
             check_bool(f"model.{key}", getattr(self, key))
-        if self.hidden % self.heads:
-            divisors = [d for d in (1, 2, 4, 8, 12, 16, 24, 32, 40, 64, 128) if self.hidden % d == 0]
-            raise ConfigError(
-                "model.heads", self.heads,
-                f"a divisor of model.hidden={self.hidden} (e.g. {', '.join(map(str, divisors))})",
-            )
-        if self.head_dim is not None and self.head_dim != self.hidden // self.heads:
-            raise ConfigError(
-                "model.head_dim", self.head_dim,
-                f"null or model.hidden / model.heads = {self.hidden // self.heads}",
-            )
+        allowed_norms = (1, 2) if self.block == "parallel" else (2, 4)
+        if self.block_norms not in allowed_norms or isinstance(self.block_norms, bool):
+            raise ConfigError("model.block_norms", self.block_norms,
+                              f"{' or '.join(map(str, allowed_norms))} for model.block={self.block}")
+        if self.head_dim is None:
+            if self.hidden % self.heads:
+                divisors = [d for d in (1, 2, 4, 8, 12, 16, 24, 32, 40, 64, 128) if self.hidden % d == 0]
+                raise ConfigError(
+                    "model.heads", self.heads,
+                    f"a divisor of model.hidden={self.hidden} (e.g. {', '.join(map(str, divisors))}), "
+                    "or set model.head_dim")
+        else:
+            check_int("model.head_dim", self.head_dim)
         if self.kv_heads > self.heads or self.heads % self.kv_heads:
             divisors = [d for d in range(1, self.heads + 1) if self.heads % d == 0]
             raise ConfigError(
                 "model.kv_heads", self.kv_heads,
                 f"a divisor of model.heads={self.heads}: {', '.join(map(str, divisors))}",
             )
+        if (isinstance(self.rotary_fraction, bool) or not isinstance(self.rotary_fraction, (int, float))
+                or not 0 < self.rotary_fraction <= 1):
+            raise ConfigError("model.rotary_fraction", self.rotary_fraction, "a number in (0, 1]")
+        if self.position == "rope" and self.rope_dim % 2:
+            raise ConfigError("model.head_dim", self.dim_per_head,
+                              "an even number (rotary embeddings rotate pairs of dimensions)")
+        self._check_moe()
+        self._check_attention_layout()
+        if self.family == "bert" and (self.experts or self.kv_lora_rank or self.block != "sequential"
+                                      or self.local_layers or self.attention_sinks):
+            raise ConfigError("model.family", self.family,
+                              "gpt2 or llama for MoE, MLA, parallel blocks, local layers or sinks "
+                              "(the bert path is the classic post-norm encoder)")
+
+    def _check_moe(self) -> None:
+        if not self.experts:
+            for key in ("experts_per_token", "expert_ffn", "shared_experts", "shared_ffn", "dense_layers"):
+                if getattr(self, key):
+                    raise ConfigError(f"model.{key}", getattr(self, key), "0 when model.experts=0 (a dense model)")
+            for key in ("shared_expert_gate", "router_bias"):
+                if getattr(self, key):
+                    raise ConfigError(f"model.{key}", True, "false when model.experts=0 (a dense model)")
+            return
+        if not 1 <= self.experts_per_token <= self.experts:
+            raise ConfigError("model.experts_per_token", self.experts_per_token,
+                              f"an integer in 1..model.experts={self.experts}")
+        if self.dense_layers >= self.layers:
+            raise ConfigError("model.dense_layers", self.dense_layers,
+                              f"fewer than model.layers={self.layers} (at least one MoE layer)")
+        if self.shared_expert_gate and not self.shared_experts:
+            raise ConfigError("model.shared_expert_gate", True, "false without model.shared_experts")
+        if self.shared_ffn and not self.shared_experts:
+            raise ConfigError("model.shared_ffn", self.shared_ffn, "0 without model.shared_experts")
+
+    def _check_attention_layout(self) -> None:
+        pattern = self.layer_pattern
+        if isinstance(pattern, str) or not isinstance(pattern, (tuple, list)) or not pattern:
+            raise ConfigError("model.layer_pattern", pattern, "a non-empty list of global, local")
+        for kind in pattern:
+            check_choice("model.layer_pattern", kind, LAYER_KINDS)
+        if len(pattern) > self.layers:
+            raise ConfigError("model.layer_pattern", list(pattern),
+                              f"at most model.layers={self.layers} entries (repeated over the layers)")
+        if "local" in pattern and not self.sliding_window:
+            raise ConfigError("model.sliding_window", self.sliding_window,
+                              "an integer >= 1 when model.layer_pattern has local layers")
+        if self.sliding_window and "local" not in pattern:
+            raise ConfigError("model.layer_pattern", list(pattern),
+                              "a pattern with local layers when model.sliding_window > 0")
+        if self.kv_lora_rank:
+            if not 0 < self.rope_head_dim < self.dim_per_head:
+                raise ConfigError("model.rope_head_dim", self.rope_head_dim,
+                                  f"an integer in 1..model.head_dim-1={self.dim_per_head - 1} for MLA")
+            if self.kv_heads != self.heads:
+                raise ConfigError("model.kv_heads", self.kv_heads,
+                                  f"model.heads={self.heads} for MLA (every head has its own keys)")
+            if self.qkv_bias or self.qk_norm != "none" or self.attention_sinks:
+                raise ConfigError("model.kv_lora_rank", self.kv_lora_rank,
+                                  "0 with qkv_bias, qk_norm or attention_sinks (MLA has none of them)")
+        else:
+            for key in ("q_lora_rank", "rope_head_dim", "v_head_dim"):
+                if getattr(self, key):
+                    raise ConfigError(f"model.{key}", getattr(self, key), "0 without MLA (model.kv_lora_rank=0)")
 
     @property
     def dim_per_head(self) -> int:
-        return self.hidden // self.heads
+        """Query / key head size."""
+        return self.head_dim if self.head_dim is not None else self.hidden // self.heads
+
+    @property
+    def value_dim(self) -> int:
+        """Value head size (differs from dim_per_head only in MLA)."""
+        return self.v_head_dim or self.dim_per_head
+
+    @property
+    def rope_dim(self) -> int:
+        """Dimensions of each head that rotary embeddings rotate."""
+        return self.rope_head_dim if self.kv_lora_rank else int(self.dim_per_head * self.rotary_fraction)
 
     @property
     def decoder(self) -> bool:
         return self.family != "bert"
+
+    @property
+    def mla(self) -> bool:
+        return self.kv_lora_rank > 0
+
+    @property
+    def moe_layers(self) -> int:
+        return self.layers - self.dense_layers if self.experts else 0
+
+    @property
+    def routed_ffn(self) -> int:
+        return self.expert_ffn or self.ffn
+
+    @property
+    def shared_ffn_total(self) -> int:
+        """Hidden size of all shared experts together (they run as one MLP)."""
+        return self.shared_experts * (self.shared_ffn or self.routed_ffn)
+
+    def layer_kinds(self) -> tuple[str, ...]:
+        """global / local for every layer (the pattern repeated)."""
+        p = self.layer_pattern
+        return tuple(p[i % len(p)] for i in range(self.layers))
+
+    @property
+    def local_layers(self) -> int:
+        return sum(k == "local" for k in self.layer_kinds()) if self.sliding_window else 0
 
 
 @dataclass(frozen=True)
@@ -169,10 +335,15 @@ class Parallel:
     dp: int = 1
     zero: int = 0
     sequence_parallel: bool = False
+    ep: int = 1
+    """Expert parallelism: the routed experts are split over `ep` of the `dp` ranks (as in
+    Megatron-Core and DeepSpeed-MoE), so ep divides dp and adds no GPUs."""
 
     def __post_init__(self) -> None:
-        for key in ("tp", "pp", "dp"):
+        for key in ("tp", "pp", "dp", "ep"):
             check_int(f"parallel.{key}", getattr(self, key))
+        if self.dp % self.ep:
+            raise ConfigError("parallel.ep", self.ep, f"a divisor of parallel.dp={self.dp} (experts are split over data-parallel ranks)")
         if self.zero not in (0, 1, 2, 3) or isinstance(self.zero, bool):
             raise ConfigError("parallel.zero", self.zero, "0, 1, 2, 3")
         check_bool("parallel.sequence_parallel", self.sequence_parallel)
@@ -246,6 +417,21 @@ class MeasureSpec:
             raise ConfigError("measure.max_gib", self.max_gib, "null or a number of GiB > 0")
 
 
+def model_fields(values: dict) -> dict:
+    """ModelSpec keyword arguments from plain data (YAML, JSON): lists become tuples."""
+    pattern = values.get("layer_pattern")
+    if isinstance(pattern, list):
+        return {**values, "layer_pattern": tuple(pattern)}
+    return dict(values)
+
+
+def lora_targets_of(m: ModelSpec) -> tuple[str, ...]:
+    """Matrices LoRA can adapt: gate only in gated MLPs; MLA's compressed projections are not
+    q/k/v, so an MLA model adapts o and the MLPs (every routed and shared expert's matrices)."""
+    mlp = ("gate", "up", "down") if m.mlp in GATED_MLPS else ("up", "down")
+    return ("o", *mlp) if m.mla else ("q", "k", "v", "o", *mlp)
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """One point of the sweep grid, validated as a whole (cross-field checks live here)."""
@@ -293,9 +479,12 @@ class JobSpec:
             )
         if m.layers % p.pp:
             raise ConfigError("parallel.pp", p.pp, f"a divisor of model.layers={m.layers}")
+        if m.experts and m.experts % p.ep:
+            raise ConfigError("parallel.ep", p.ep, f"a divisor of model.experts={m.experts}")
+        if p.ep > 1 and not m.experts:
+            raise ConfigError("parallel.ep", p.ep, f"1 for a dense model ({m.name} has no experts)")
         if w.kind == "lora":
-            allowed = ("q", "k", "v", "o", "gate", "up", "down") if m.mlp == "swiglu" else (
-                "q", "k", "v", "o", "up", "down")
+            allowed = lora_targets_of(m)
             for target in w.lora_targets:
                 check_choice("workload.lora_targets", target, allowed)
 
@@ -308,6 +497,7 @@ class JobSpec:
         parts = {"model": ModelSpec, "optimizer": OptimizerSpec, "parallel": Parallel,
                  "hardware": Hardware, "measure": MeasureSpec}
         w = dict(d["workload"], lora_targets=tuple(d["workload"].get("lora_targets", ())))
+        d = dict(d, model=model_fields(d["model"]))
         rest = {k: v for k, v in d.items() if k not in (*parts, "workload")}
         rest["formulas"] = tuple(rest.get("formulas", ()))
         return cls(workload=Workload(**w), **{k: t(**d[k]) for k, t in parts.items()}, **rest)

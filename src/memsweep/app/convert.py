@@ -13,8 +13,9 @@ from omegaconf import DictConfig, OmegaConf
 
 from memsweep.errors import ConfigError
 from memsweep.formulas import FORMULAS, Formula, calibrated_names, formula_from_dict, get_formula
+from memsweep.hf_config import spec_from_file
 from memsweep.specs import (
-    Hardware, JobSpec, MeasureSpec, ModelSpec, OptimizerSpec, Parallel, Workload,
+    Hardware, JobSpec, MeasureSpec, ModelSpec, OptimizerSpec, Parallel, Workload, model_fields,
 )
 
 JOB_KEYS = ("seq", "batch", "dtype", "precision", "recompute", "attention")
@@ -35,7 +36,7 @@ def _group(cls: type, group: str, values: Any) -> dict:
 
 def to_job_spec(cfg: DictConfig | dict) -> JobSpec:
     c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
-    model = ModelSpec(**_group(ModelSpec, "model", c.get("model")))
+    model = model_of(c.get("model"))
     w = dict(_group(Workload, "workload", c.get("workload")))
     targets = w.get("lora_targets", ())
     if isinstance(targets, str) or not isinstance(targets, (list, tuple)):
@@ -54,6 +55,20 @@ def to_job_spec(cfg: DictConfig | dict) -> JobSpec:
         measure=MeasureSpec(**_group(MeasureSpec, "measure", c.get("measure", {"name": "none"}))),
         **{k: c[k] for k in JOB_KEYS},
     )
+
+
+def model_of(values: Any) -> ModelSpec:
+    """A preset's fields, or (`model=hf model.config=PATH`) a local config.json read at run time."""
+    if isinstance(values, dict) and "config" in values:
+        extra = sorted(set(values) - {"name", "config"})
+        if extra:
+            raise ConfigError(f"model.{extra[0]}", values[extra[0]],
+                              "only model.name and model.config with model=hf (import a preset to edit it)")
+        if values["config"] in (None, "???", ""):
+            raise ConfigError("model.config", "missing", "a local config.json: model=hf model.config=PATH")
+        name = values.get("name")
+        return spec_from_file(values["config"], None if name in (None, "hf") else str(name))
+    return ModelSpec(**model_fields(_group(ModelSpec, "model", values)))
 
 
 def formulas_of(c: dict) -> list[Formula]:
