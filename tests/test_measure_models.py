@@ -15,11 +15,11 @@ from torch._subclasses.fake_tensor import FakeTensorMode  # noqa: E402
 
 from memsweep.columns import Columns, base_params, lora_params  # noqa: E402
 from memsweep.measure.models import build_model  # noqa: E402
-from memsweep.presets import job_spec, model_spec  # noqa: E402
+from memsweep.presets import job_spec, model_spec, preset_names  # noqa: E402
 from memsweep.specs import ModelSpec, Workload  # noqa: E402
 
 MODEL_DIR = Path(__file__).parents[1] / "conf" / "model"
-PRESETS = sorted(p.stem for p in MODEL_DIR.glob("*.yaml"))
+PRESETS = preset_names("model")
 ALL_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
 
@@ -52,7 +52,8 @@ def test_parameter_count_matches_analytic(name: str) -> None:
     model = build_model(spec, device="meta")
     assert numel(model.parameters()) == int(base_params(columns(spec))[0])
     # The preset's header cites the HF model's num_parameters(); check that golden number too.
-    header = (MODEL_DIR / f"{name}.yaml").read_text().splitlines()[0]
+    header = "".join(line for line in (MODEL_DIR / f"{name}.yaml").read_text().splitlines()
+                     if line.startswith("#"))
     if (m := re.search(r"([\d,]+) parameters", header)):
         assert numel(model.parameters()) == int(m.group(1).replace(",", ""))
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
-from memsweep.specs import ModelSpec
+from memsweep.specs import ModelSpec, lora_targets_of
 
 ATTENTIONS = ("sdpa", "eager")
 RECOMPUTES = ("none", "selective", "full")
@@ -83,11 +83,14 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
-def _norm(spec: ModelSpec, opts: _Options) -> nn.Module:
+def _norm(spec: ModelSpec, opts: _Options, width: int | None = None) -> nn.Module:
+    """The spec's norm over `width` features (hidden by default)."""
+    width = width or spec.hidden
     if spec.norm == "rmsnorm":
-        return RMSNorm(spec.hidden, 1e-5, opts.dtype, opts.device)
+        return RMSNorm(width, 1e-5, opts.dtype, opts.device)
     eps = 1e-12 if spec.family == "bert" else 1e-5  # the HF configs' layer_norm_eps
-    return nn.LayerNorm(spec.hidden, eps=eps, dtype=opts.dtype, device=opts.device)
+    return nn.LayerNorm(width, eps=eps, bias=spec.norm == "layernorm", dtype=opts.dtype,
+                        device=opts.device)
 
 
 def rope_cos_sin(start: int, length: int, head_dim: int, dtype: torch.dtype,
@@ -103,46 +106,144 @@ def rope_cos_sin(start: int, length: int, head_dim: int, dtype: torch.dtype,
 
 
 def apply_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
-    """Rotate pairs (x_i, x_{i + hs/2}) of x (B, nh, T, hs) by the position's angles."""
+    """Rotate pairs (x_i, x_{i + r/2}) of the first r = cos.size(-1) dims of x (B, nh, T, hs) by the
+    position's angles; the rest pass through (partial rotary, GPT-NeoX)."""
+    rot = cos.size(-1)
+    if rot < x.size(-1):
+        return torch.cat((apply_rope(x[..., :rot], cos, sin), x[..., rot:]), dim=-1)
     x1, x2 = x.chunk(2, dim=-1)
     return x * cos + torch.cat((-x2, x1), dim=-1) * sin
 
 
+def window_mask(T: int, S: int, start: int, window: int, device) -> Tensor:
+    """(T, S) bool: query start+i sees keys j with start+i - window < j <= start+i (HF's sliding
+    window: `window` keys, itself included)."""
+    causal = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=start)
+    too_old = torch.ones(T, S, dtype=torch.bool, device=device).tril(diagonal=start - window)
+    return causal & ~too_old
+
+
 class Attention(nn.Module):
-    def __init__(self, spec: ModelSpec, opts: _Options) -> None:
+    """Multi-head attention with GQA / MQA, explicit head_dim, q/k norms, sliding windows,
+    attention sinks, or DeepSeek's multi-head latent attention (MLA)."""
+
+    def __init__(self, spec: ModelSpec, opts: _Options, local: bool = False) -> None:
         super().__init__()
         self.n_head, self.n_kv_head, self.head_dim = spec.heads, spec.kv_heads, spec.dim_per_head
+        self.v_dim, self.rope_dim, self.mla = spec.value_dim, spec.rope_dim, spec.mla
         q_dim, kv_dim = spec.heads * self.head_dim, spec.kv_heads * self.head_dim
-        self.q = opts.linear("q", spec.hidden, q_dim, spec.qkv_bias)
-        self.k = opts.linear("k", spec.hidden, kv_dim, spec.qkv_bias)
-        self.v = opts.linear("v", spec.hidden, kv_dim, spec.qkv_bias)
-        self.o = opts.linear("o", q_dim, spec.hidden, spec.out_bias)
+        if self.mla:
+            # DeepSeek-V2 sec. 2.1: q from a low-rank latent (or one q_proj), a joint KV latent
+            # c_kv plus one shared rotary key, expanded to per-head keys and values by kv_b.
+            self.q_lora_rank, self.kv_lora_rank = spec.q_lora_rank, spec.kv_lora_rank
+            if spec.q_lora_rank:
+                self.q_a = opts.linear("q_a", spec.hidden, spec.q_lora_rank, False)
+                self.q_a_norm = RMSNorm(spec.q_lora_rank, 1e-6, opts.dtype, opts.device)
+                self.q_b = opts.linear("q_b", spec.q_lora_rank, q_dim, False)
+            else:
+                self.q = opts.linear("q", spec.hidden, q_dim, False)
+            self.kv_a = opts.linear("kv_a", spec.hidden, spec.kv_lora_rank + self.rope_dim, False)
+            self.kv_a_norm = RMSNorm(spec.kv_lora_rank, 1e-6, opts.dtype, opts.device)
+            nope = self.head_dim - self.rope_dim
+            self.kv_b = opts.linear("kv_b", spec.kv_lora_rank, spec.heads * (nope + self.v_dim), False)
+            self.latent_cache = spec.mla_cache == "latent"
+        else:
+            self.q = opts.linear("q", spec.hidden, q_dim, spec.qkv_bias)
+            self.k = opts.linear("k", spec.hidden, kv_dim, spec.qkv_bias)
+            self.v = opts.linear("v", spec.hidden, kv_dim, spec.qkv_bias)
+        self.o = opts.linear("o", spec.heads * self.v_dim, spec.hidden, spec.out_bias)
+        self.qk_norm = spec.qk_norm
+        if spec.qk_norm == "head":  # Qwen3, Gemma-3: over each head's head_dim
+            self.q_norm, self.k_norm = _norm(spec, opts, self.head_dim), _norm(spec, opts, self.head_dim)
+        elif spec.qk_norm == "full":  # OLMoE, Cohere: over all heads at once
+            self.q_norm, self.k_norm = _norm(spec, opts, q_dim), _norm(spec, opts, kv_dim)
+        # gpt-oss: a learned logit per head joins every softmax (eager; sdpa has no such input).
+        self.sinks = (nn.Parameter(torch.zeros(spec.heads, dtype=opts.dtype, device=opts.device))
+                      if spec.attention_sinks else None)
+        self.window = spec.sliding_window if local else 0
         self.causal = spec.decoder
         self.eager = opts.attention == "eager"
         self.selective = opts.recompute == "selective"
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
-                kv_cache: tuple[Tensor, Tensor] | None, start: int) -> Tensor:
+                kv_cache: tuple[Tensor, Tensor] | None, start: int,
+                mask: Tensor | None = None) -> Tensor:
+        """`mask`: a (T, S) sliding-window mask shared by the local layers of one forward."""
         B, T, _ = x.shape
-        q = self.q(x).view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
-        k = self.k(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        v = self.v(x).view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
-        if rope is not None:
-            q, k = apply_rope(q, *rope), apply_rope(k, *rope)
-        if kv_cache is not None:
-            k_cache, v_cache = kv_cache  # (B, nkv, max_tokens, hs), written in place
-            k_cache[:, :, start:start + T] = k
-            v_cache[:, :, start:start + T] = v
-            k, v = k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # (B, nkv, S, hs)
+        if self.mla:
+            q, k, v = self._mla_qkv(x, rope, kv_cache, start)
+        else:
+            q, k, v = self.q(x), self.k(x), self.v(x)  # (B, T, nh*hs), (B, T, nkv*hs) x 2
+            if self.qk_norm == "full":
+                q, k = self.q_norm(q), self.k_norm(k)
+            q = q.view(B, T, self.n_head, self.head_dim)
+            k = k.view(B, T, self.n_kv_head, self.head_dim)
+            if self.qk_norm == "head":
+                q, k = self.q_norm(q), self.k_norm(k)
+            q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)
+            v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
+            if rope is not None:
+                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if kv_cache is not None:
+                k, v = self._cache(kv_cache, k, v, start)
+        if not self.window:
+            mask = None
         if self.selective and self.training and torch.is_grad_enabled():
             # Keep only q, k, v; the scores, softmax and AV are recomputed in the backward.
-            y = checkpoint(self._attend, q, k, v, start, use_reentrant=False,
+            y = checkpoint(self._attend, q, k, v, start, mask, use_reentrant=False,
                            preserve_rng_state=False)  # no dropout, so no RNG state to replay
         else:
-            y = self._attend(q, k, v, start)  # (B, nh, T, hs)
-        return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.head_dim))
+            y = self._attend(q, k, v, start, mask)  # (B, nh, T, hs_v)
+        return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.v_dim))
 
-    def _attend(self, q: Tensor, k: Tensor, v: Tensor, start: int) -> Tensor:
+    def _cache(self, kv_cache: tuple[Tensor, Tensor], k: Tensor, v: Tensor,
+               start: int) -> tuple[Tensor, Tensor]:
+        """Write the new K/V (B, nkv, T, hs) into the layer's cache; return what attention reads.
+        A local layer's cache is a ring of `window` slots (token p in slot p % window): a prefill
+        longer than the window attends over its own K/V and keeps the last `window` of them."""
+        k_cache, v_cache = kv_cache  # (B, nkv, slots, hs), written in place
+        T, slots = k.size(2), k_cache.size(2)
+        if self.window and start + T > slots:
+            if T > 1 and start > 0:
+                raise ValueError("a local layer's ring cache takes a prefill from 0, then one token at a time")
+            idx = torch.arange(start + T - slots if T > slots else start, start + T, device=k.device)
+            k_cache.index_copy_(2, idx % slots, k[:, :, -idx.numel():])
+            v_cache.index_copy_(2, idx % slots, v[:, :, -idx.numel():])
+            return (k, v) if T > 1 else (k_cache, v_cache)
+        k_cache[:, :, start:start + T] = k
+        v_cache[:, :, start:start + T] = v
+        return k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # (B, nkv, S, hs)
+
+    def _mla_qkv(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
+                 kv_cache: tuple[Tensor, Tensor] | None, start: int) -> tuple[Tensor, Tensor, Tensor]:
+        B, T, _ = x.shape
+        nope = self.head_dim - self.rope_dim
+        q = self.q_b(self.q_a_norm(self.q_a(x))) if self.q_lora_rank else self.q(x)  # (B, T, nh*hs)
+        q = q.view(B, T, self.n_head, self.head_dim).transpose(1, 2)  # (B, nh, T, hs)
+        q_nope, q_rope = q.split([nope, self.rope_dim], dim=-1)
+        latent = self.kv_a(x)  # (B, T, r_kv + rope)
+        c_kv, k_rope = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
+        c_kv = self.kv_a_norm(c_kv)  # (B, T, r_kv)
+        k_rope = k_rope.unsqueeze(1)  # (B, 1, T, rope): one rotary key shared by all heads
+        if rope is not None:
+            q_rope, k_rope = apply_rope(q_rope, *rope), apply_rope(k_rope, *rope)
+        q = torch.cat((q_nope, q_rope), dim=-1)  # (B, nh, T, hs)
+        if kv_cache is not None and self.latent_cache:
+            # Serving engines cache the latent (r_kv + rope per token) and expand it per step.
+            cache = kv_cache[0]  # (B, slots, r_kv + rope)
+            cache[:, start:start + T] = torch.cat((c_kv, k_rope.squeeze(1)), dim=-1)
+            c_kv, k_rope = cache[:, :start + T].split([self.kv_lora_rank, self.rope_dim], dim=-1)
+            k_rope = k_rope.unsqueeze(1)
+        S = c_kv.size(1)
+        kv = self.kv_b(c_kv).view(B, S, self.n_head, nope + self.v_dim).transpose(1, 2)
+        k_nope, v = kv.split([nope, self.v_dim], dim=-1)  # (B, nh, S, nope), (B, nh, S, hs_v)
+        k = torch.cat((k_nope, k_rope.expand(B, self.n_head, S, self.rope_dim)), dim=-1)
+        if kv_cache is not None and not self.latent_cache:
+            k, v = self._cache(kv_cache, k, v, start)
+        return q, k, v
+
+    def _attend(self, q: Tensor, k: Tensor, v: Tensor, start: int,
+                window: Tensor | None = None) -> Tensor:
         """softmax(q k^T / sqrt(hs)) v for q (B, nh, T, hs) over keys (B, nkv, S, hs)."""
         T, S = q.size(2), k.size(2)
         if self.n_kv_head != self.n_head:  # GQA: each K/V head serves n_head / n_kv_head heads
@@ -152,8 +253,8 @@ class Attention(nn.Module):
         # One new token sees every cached key, so only T > 1 needs a mask. After cached tokens
         # (start > 0) the causal diagonal is shifted, which sdpa's is_causal (top-left) is not.
         causal = self.causal and T > 1
-        mask = None
-        if causal and (start > 0 or self.eager):
+        mask = window
+        if mask is None and causal and (start > 0 or self.eager):
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device)  # (T, S)
             mask = mask.tril(diagonal=start)  # query i sees keys 0..start+i
         if not self.eager:
@@ -162,58 +263,167 @@ class Attention(nn.Module):
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, S)
         if mask is not None:
             scores = scores.masked_fill(~mask, float("-inf"))
-        return F.softmax(scores, dim=-1) @ v  # (B, nh, T, hs)
+        if self.sinks is None:
+            return F.softmax(scores, dim=-1) @ v  # (B, nh, T, hs)
+        sink = self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(q.size(0), -1, T, 1)
+        probs = F.softmax(torch.cat((scores, sink), dim=-1), dim=-1)  # (B, nh, T, S + 1)
+        return probs[..., :-1] @ v  # the sink takes probability mass, and adds no value
 
 
 class MLP(nn.Module):
-    """GELU h -> ffn -> h (gpt2, bert) or SwiGLU down(silu(gate(x)) * up(x)) (Shazeer 2020)."""
+    """GELU h -> ffn -> h (gpt2, bert), or gated down(act(gate(x)) * up(x)) with SiLU (SwiGLU) or
+    tanh-GELU (GeGLU, Gemma) (Shazeer 2020)."""
 
-    def __init__(self, spec: ModelSpec, opts: _Options) -> None:
+    def __init__(self, spec: ModelSpec, opts: _Options, ffn: int | None = None) -> None:
         super().__init__()
-        self.gated = spec.mlp == "swiglu"
+        ffn = ffn or spec.ffn
+        self.gated = spec.mlp in ("swiglu", "geglu")
+        self.silu = spec.mlp == "swiglu"
         if self.gated:
-            self.gate = opts.linear("gate", spec.hidden, spec.ffn, spec.mlp_bias)
-        self.up = opts.linear("up", spec.hidden, spec.ffn, spec.mlp_bias)
-        self.down = opts.linear("down", spec.ffn, spec.hidden, spec.mlp_bias)
-        # GPT-2 uses the tanh approximation ("gelu_new"); BERT the exact erf form.
-        self.approximate = "tanh" if spec.family == "gpt2" else "none"
+            self.gate = opts.linear("gate", spec.hidden, ffn, spec.mlp_bias)
+        self.up = opts.linear("up", spec.hidden, ffn, spec.mlp_bias)
+        self.down = opts.linear("down", ffn, spec.hidden, spec.mlp_bias)
+        # GPT-2 uses the tanh approximation ("gelu_new"), as does GeGLU; BERT the exact erf form.
+        self.approximate = "tanh" if spec.family == "gpt2" or spec.mlp == "geglu" else "none"
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gated:
-            return self.down(F.silu(self.gate(x)) * self.up(x))  # (B, T, h)
+            act = F.silu if self.silu else (lambda t: F.gelu(t, approximate="tanh"))
+            return self.down(act(self.gate(x)) * self.up(x))  # (B, T, h)
         return self.down(F.gelu(self.up(x), approximate=self.approximate))  # (B, T, h)
 
 
-class Block(nn.Module):
+class Experts(nn.Module):
+    """E expert MLPs as stacked weights (E, d_in, d_out), run as batched matmuls over the tokens
+    grouped by expert; LoRA adapters per expert when gate / up / down are targets."""
+
     def __init__(self, spec: ModelSpec, opts: _Options) -> None:
         super().__init__()
+        E, h, f = spec.experts, spec.hidden, spec.routed_ffn
+        self.gated, self.silu = spec.mlp in ("swiglu", "geglu"), spec.mlp == "swiglu"
+        factory = {"dtype": opts.dtype, "device": opts.device}
+        shapes = {"up": (h, f), "down": (f, h)}
+        if self.gated:
+            shapes = {"gate": (h, f), **shapes}
+        for name, (d_in, d_out) in shapes.items():
+            self.register_parameter(f"w_{name}", nn.Parameter(torch.empty(E, d_in, d_out, **factory)))
+            nn.init.normal_(getattr(self, f"w_{name}"), std=INIT_STD)
+            bias = nn.Parameter(torch.zeros(E, 1, d_out, **factory)) if spec.mlp_bias else None
+            self.register_parameter(f"b_{name}", bias)
+            if opts.lora_rank > 0 and name in opts.lora_targets:
+                a = nn.Parameter(torch.empty(E, d_in, opts.lora_rank, **factory))  # (E, d_in, r)
+                nn.init.normal_(a, std=1.0 / opts.lora_rank)
+                self.register_parameter(f"lora_a_{name}", a)
+                self.register_parameter(f"lora_b_{name}", nn.Parameter(torch.zeros(E, opts.lora_rank, d_out, **factory)))
+        self.lora_scale = LORA_ALPHA_PER_RANK
+
+    def _linear(self, name: str, x: Tensor) -> Tensor:
+        """x (E, C, d_in) -> (E, C, d_out)."""
+        y = torch.bmm(x, getattr(self, f"w_{name}"))
+        if getattr(self, f"b_{name}") is not None:
+            y = y + getattr(self, f"b_{name}")
+        a = getattr(self, f"lora_a_{name}", None)
+        if a is not None:
+            y = y + torch.bmm(torch.bmm(x, a), getattr(self, f"lora_b_{name}")) * self.lora_scale
+        return y
+
+    def forward(self, x: Tensor) -> Tensor:
+        if self.gated:
+            gate = self._linear("gate", x)
+            act = F.silu(gate) if self.silu else F.gelu(gate, approximate="tanh")
+            return self._linear("down", act * self._linear("up", x))  # (E, C, h)
+        return self._linear("down", F.gelu(self._linear("up", x), approximate="tanh"))
+
+
+class MoE(nn.Module):
+    """A mixture-of-experts MLP: a router picks top-k experts per token (softmax in fp32), the
+    token copies are grouped by expert and run dropless; shared experts see every token.
+
+    Grouping assumes balanced routing (t*k/E copies per expert, padded up): with static shapes the
+    step runs under FakeTensorMode and the bytes equal a dropless grouped-GEMM step, whose total
+    (t*k copies) does not depend on the balance; see docs/models.md for the unbalanced worst case."""
+
+    def __init__(self, spec: ModelSpec, opts: _Options) -> None:
+        super().__init__()
+        self.n_experts, self.top_k = spec.experts, spec.experts_per_token
+        factory = {"dtype": opts.dtype, "device": opts.device}
+        self.router = nn.Linear(spec.hidden, spec.experts, bias=spec.router_bias, **factory)
+        self.experts = Experts(spec, opts)
+        self.shared = MLP(spec, opts, ffn=spec.shared_ffn_total) if spec.shared_experts else None
+        self.shared_gate = (nn.Linear(spec.hidden, 1, bias=False, **factory)
+                            if spec.shared_expert_gate else None)
+
+    def forward(self, x: Tensor) -> Tensor:
+        B, T, h = x.shape
+        E, k = self.n_experts, self.top_k
+        flat = x.reshape(B * T, h)  # (t, h)
+        probs = F.softmax(self.router(flat), dim=-1, dtype=torch.float32)  # (t, E)
+        weights, chosen = probs.topk(k, dim=-1)  # (t, k)
+        weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
+        order = chosen.flatten().argsort(stable=True)  # token copies sorted by expert, (t*k,)
+        token = order // k  # the token of each copy
+        n, per_expert = B * T * k, -(-B * T * k // E)  # copies, and copies per expert (balanced)
+        grouped = flat[token]  # (t*k, h)
+        if per_expert * E > n:
+            grouped = torch.cat((grouped, grouped.new_zeros(per_expert * E - n, h)))
+        out = self.experts(grouped.view(E, per_expert, h)).reshape(E * per_expert, h)[:n]
+        out = out * weights.flatten()[order].unsqueeze(-1)  # (t*k, h)
+        y = out.new_zeros(B * T, h).index_add(0, token, out)  # (t, h): sum over each token's k
+        if self.shared is not None:
+            shared = self.shared(flat)
+            if self.shared_gate is not None:
+                shared = torch.sigmoid(self.shared_gate(flat)) * shared
+            y = y + shared
+        return y.view(B, T, h)
+
+
+class Block(nn.Module):
+    def __init__(self, spec: ModelSpec, opts: _Options, index: int = 0) -> None:
+        super().__init__()
         self.ln_1 = _norm(spec, opts)
-        self.attn = Attention(spec, opts)
-        self.ln_2 = _norm(spec, opts)
-        self.mlp = MLP(spec, opts)
+        self.attn = Attention(spec, opts, local=spec.local_layers > 0 and spec.layer_kinds()[index] == "local")
+        self.local = self.attn.window > 0
+        self.parallel = spec.block == "parallel"
+        # a parallel block may share one norm (Falcon-7B, Cohere); Gemma-2/3 add post-norms
+        self.ln_2 = _norm(spec, opts) if spec.block_norms >= 2 else None
+        self.sandwich = spec.block_norms == 4
+        if self.sandwich:
+            self.ln_post_attn, self.ln_post_mlp = _norm(spec, opts), _norm(spec, opts)
+        moe = spec.experts > 0 and index >= spec.dense_layers
+        self.mlp = MoE(spec, opts) if moe else MLP(spec, opts)
         self.post_norm = spec.family == "bert"  # BERT normalises after each residual add
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
-                kv_cache: tuple[Tensor, Tensor] | None, start: int) -> Tensor:
+                kv_cache: tuple[Tensor, Tensor] | None, start: int,
+                mask: Tensor | None = None) -> Tensor:
         if self.post_norm:
             x = self.ln_1(x + self.attn(x, rope, kv_cache, start))
             return self.ln_2(x + self.mlp(x))
-        x = x + self.attn(self.ln_1(x), rope, kv_cache, start)
-        return x + self.mlp(self.ln_2(x))
+        if self.parallel:  # x + attn(norm(x)) + mlp(norm'(x)) (GPT-J / GPT-NeoX)
+            a_in = self.ln_1(x)
+            m_in = a_in if self.ln_2 is None else self.ln_2(x)
+            return x + self.attn(a_in, rope, kv_cache, start, mask) + self.mlp(m_in)
+        a = self.attn(self.ln_1(x), rope, kv_cache, start, mask)
+        if self.sandwich:
+            a = self.ln_post_attn(a)
+        x = x + a
+        m = self.mlp(self.ln_2(x))
+        if self.sandwich:
+            m = self.ln_post_mlp(m)
+        return x + m
 
 
 @dataclass
 class KVCache:
-    """Preallocated keys and values, one (B, kv_heads, max_tokens, head_dim) tensor per layer."""
+    """Preallocated keys and values, one (B, kv_heads, slots, head_dim) tensor each per layer
+    (slots: every token, or `window` for a local layer). MLA with a latent cache keeps one
+    (B, slots, kv_lora_rank + rope_head_dim) tensor per layer in `k` and an empty one in `v`."""
 
     k: list[Tensor]
     v: list[Tensor]
+    max_tokens: int
     length: int = 0
     """Tokens written so far; the next forward's positions start here."""
-
-    @property
-    def max_tokens(self) -> int:
-        return self.k[0].size(2)
 
 
 class ReferenceModel(nn.Module):
@@ -227,7 +437,7 @@ class ReferenceModel(nn.Module):
                         if spec.position == "learned" else None)
         self.type_emb = nn.Embedding(spec.type_vocab, h, **factory) if spec.type_vocab else None
         self.emb_norm = _norm(spec, opts) if spec.family == "bert" else None
-        self.blocks = nn.ModuleList(Block(spec, opts) for _ in range(spec.layers))
+        self.blocks = nn.ModuleList(Block(spec, opts, i) for i in range(spec.layers))
         self.norm_f = _norm(spec, opts) if spec.decoder else None
         # Tied: the head reuses tok_emb.weight, so it adds no parameter.
         self.lm_head = (None if spec.tied_embeddings
@@ -274,17 +484,23 @@ class ReferenceModel(nn.Module):
             x = self.emb_norm(x)
         rope = None
         if self.spec.position == "rope":
-            rope = rope_cos_sin(start, T, self.spec.dim_per_head, x.dtype, x.device)  # (T, hs) each
+            rope = rope_cos_sin(start, T, self.spec.rope_dim, x.dtype, x.device)  # (T, rd) each
+        window = self.spec.sliding_window
+        mask = None  # one sliding-window mask for every local layer, as HF builds it per forward
+        if self.spec.local_layers and T > 1 and start + T > window:
+            if start > 0:
+                raise ValueError("local layers take a prefill from position 0, then one token at a time")
+            mask = window_mask(T, T, 0, window, x.device)  # (T, T)
 
         full = self.recompute == "full" and self.training and torch.is_grad_enabled()
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             if full:
                 # Keep only each block's input; everything inside is recomputed in the backward.
-                x = checkpoint(block, x, rope, kv, start, use_reentrant=False,
-                               preserve_rng_state=False)  # no dropout, no RNG state to replay
+                x = checkpoint(block, x, rope, kv, start, mask if block.local else None,
+                               use_reentrant=False, preserve_rng_state=False)  # no dropout, no RNG state
             else:
-                x = block(x, rope, kv, start)
+                x = block(x, rope, kv, start, mask if block.local else None)
         if cache is not None:
             cache.length = start + T
 
@@ -299,16 +515,23 @@ class ReferenceModel(nn.Module):
         """An empty cache for `batch` sequences of up to `max_tokens` tokens (decoders only)."""
         if not self.spec.decoder:
             raise ValueError(f"{self.spec.name} is an encoder: it has no KV cache")
-        w = self.tok_emb.weight
-        shape = (batch, self.spec.kv_heads, max_tokens, self.spec.dim_per_head)
-        k = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(self.spec.layers)]
-        v = [torch.zeros(shape, dtype=w.dtype, device=w.device) for _ in range(self.spec.layers)]
-        return KVCache(k, v)
+        s, w = self.spec, self.tok_emb.weight
+        factory = {"dtype": w.dtype, "device": w.device}
+        k, v = [], []
+        for block in self.blocks:
+            slots = min(block.attn.window, max_tokens) if block.local else max_tokens
+            if s.mla and s.mla_cache == "latent":
+                k.append(torch.zeros(batch, slots, s.kv_lora_rank + s.rope_head_dim, **factory))
+                v.append(torch.zeros(0, **factory))
+                continue
+            heads = s.heads if s.mla else s.kv_heads
+            k.append(torch.zeros(batch, heads, slots, s.dim_per_head, **factory))
+            v.append(torch.zeros(batch, heads, slots, s.value_dim, **factory))
+        return KVCache(k, v, max_tokens)
 
     def lora_parameters(self) -> list[nn.Parameter]:
-        """Adapter weights (A and B of every adapted linear); empty without LoRA."""
-        return [p for m in self.modules() if isinstance(m, LoRALinear)
-                for p in (m.lora_a, m.lora_b)]
+        """Adapter weights (A and B of every adapted linear and expert); empty without LoRA."""
+        return [p for n, p in self.named_parameters() if n.rsplit(".", 1)[-1].startswith("lora_")]
 
     def base_parameters(self) -> list[nn.Parameter]:
         """The pretrained weights: every parameter but the adapters (tied weights once)."""
@@ -333,8 +556,7 @@ def build_model(spec: ModelSpec, *, attention: str = "sdpa", recompute: str = "n
     if lora_rank < 0:
         raise ValueError(f"lora_rank={lora_rank}: expected an integer >= 0")
     if lora_rank > 0:
-        allowed = ("q", "k", "v", "o", "gate", "up", "down") if spec.mlp == "swiglu" else (
-            "q", "k", "v", "o", "up", "down")
+        allowed = lora_targets_of(spec)
         bad = [t for t in lora_targets if t not in allowed]
         if bad or not lora_targets:
             raise ValueError(f"lora_targets={list(lora_targets)}: expected a non-empty subset "
