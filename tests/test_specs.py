@@ -53,7 +53,7 @@ BAD = [
     ("parallel.ep", 3, lambda: job("mixtral-8x7b", parallel=Parallel("p", dp=3, ep=3))),
     ("parallel.ep", 2, lambda: job("llama2-7b", parallel=Parallel("p", dp=2, ep=2))),
     ("parallel.ep", 4, lambda: Parallel("p", dp=2, ep=4)),
-    ("workload.lora_targets", "q", lambda: job("deepseek-v3", wl=workload("lora", lora_targets=("q", "v")))),
+    ("workload.lora_targets", "gate", lambda: job("falcon-7b", wl=workload("lora", lora_targets=("q", "gate")))),
 ]
 
 

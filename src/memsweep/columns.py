@@ -271,6 +271,13 @@ def lora_params(c: Columns) -> Array:
     h, q, kv = c.hidden, q_width(c), c.kv_heads * c.head_dim
     attn = (c.lora_q * (h + q) + c.lora_k * (h + kv) + c.lora_v * (h + kv)
             + c.lora_o * (c.heads * c.v_head_dim + h))
+    # MLA: q adapts q_a + q_b (or q_proj), k the joint kv_a, v the expansion kv_b
+    qlr, klr = c.q_lora_rank, c.kv_lora_rank
+    mla_q = np.where(qlr > 0, (h + qlr) + (qlr + q), h + q)
+    mla_k = h + klr + c.rope_head_dim
+    mla_v = klr + c.heads * (c.head_dim - c.rope_head_dim + c.v_head_dim)
+    attn = np.where(c.mla == 1, c.lora_q * mla_q + c.lora_k * mla_k + c.lora_v * mla_v
+                    + c.lora_o * (c.heads * c.v_head_dim + h), attn)
     n_mlp = c.lora_gate + c.lora_up + c.lora_down
     dense = (c.layers - c.moe_layers) * n_mlp * (h + c.ffn)
     moe = c.moe_layers * n_mlp * (c.experts * (h + c.expert_ffn)

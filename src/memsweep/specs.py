@@ -426,10 +426,11 @@ def model_fields(values: dict) -> dict:
 
 
 def lora_targets_of(m: ModelSpec) -> tuple[str, ...]:
-    """Matrices LoRA can adapt: gate only in gated MLPs; MLA's compressed projections are not
-    q/k/v, so an MLA model adapts o and the MLPs (every routed and shared expert's matrices)."""
+    """Matrices LoRA can adapt: gate only in gated MLPs; in MoE layers gate / up / down adapt every
+    routed and shared expert. In MLA, q adapts q_a and q_b (or q_proj), k the joint projection
+    kv_a_proj_with_mqa, v the expansion kv_b_proj (the modules PEFT users target in DeepSeek)."""
     mlp = ("gate", "up", "down") if m.mlp in GATED_MLPS else ("up", "down")
-    return ("o", *mlp) if m.mla else ("q", "k", "v", "o", *mlp)
+    return ("q", "k", "v", "o", *mlp)
 
 
 @dataclass(frozen=True)

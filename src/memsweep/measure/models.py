@@ -136,16 +136,17 @@ class Attention(nn.Module):
             # DeepSeek-V2 sec. 2.1: q from a low-rank latent (or one q_proj), a joint KV latent
             # c_kv plus one shared rotary key, expanded to per-head keys and values by kv_b.
             self.q_lora_rank, self.kv_lora_rank = spec.q_lora_rank, spec.kv_lora_rank
+            # LoRA targets: q adapts q_a and q_b (or q_proj), k the joint projection kv_a, v kv_b.
             if spec.q_lora_rank:
-                self.q_a = opts.linear("q_a", spec.hidden, spec.q_lora_rank, False)
+                self.q_a = opts.linear("q", spec.hidden, spec.q_lora_rank, False)
                 self.q_a_norm = RMSNorm(spec.q_lora_rank, 1e-6, opts.dtype, opts.device)
-                self.q_b = opts.linear("q_b", spec.q_lora_rank, q_dim, False)
+                self.q_b = opts.linear("q", spec.q_lora_rank, q_dim, False)
             else:
                 self.q = opts.linear("q", spec.hidden, q_dim, False)
-            self.kv_a = opts.linear("kv_a", spec.hidden, spec.kv_lora_rank + self.rope_dim, False)
+            self.kv_a = opts.linear("k", spec.hidden, spec.kv_lora_rank + self.rope_dim, False)
             self.kv_a_norm = RMSNorm(spec.kv_lora_rank, 1e-6, opts.dtype, opts.device)
             nope = self.head_dim - self.rope_dim
-            self.kv_b = opts.linear("kv_b", spec.kv_lora_rank, spec.heads * (nope + self.v_dim), False)
+            self.kv_b = opts.linear("v", spec.kv_lora_rank, spec.heads * (nope + self.v_dim), False)
             self.latent_cache = spec.mla_cache == "latent"
         else:
             self.q = opts.linear("q", spec.hidden, q_dim, spec.qkv_bias)
@@ -319,9 +320,9 @@ class Experts(nn.Module):
 
     def _linear(self, name: str, x: Tensor) -> Tensor:
         """x (E, C, d_in) -> (E, C, d_out)."""
-        y = torch.bmm(x, getattr(self, f"w_{name}"))
-        if getattr(self, f"b_{name}") is not None:
-            y = y + getattr(self, f"b_{name}")
+        w, b = getattr(self, f"w_{name}"), getattr(self, f"b_{name}")
+        # baddbmm, so autocast casts the bias too and the output stays 16-bit
+        y = torch.bmm(x, w) if b is None else torch.baddbmm(b, x, w)
         a = getattr(self, f"lora_a_{name}", None)
         if a is not None:
             y = y + torch.bmm(torch.bmm(x, a), getattr(self, f"lora_b_{name}")) * self.lora_scale
