@@ -61,6 +61,9 @@ class Columns:
     shared_expert_gate: Array
     moe_layers: Array
     router_bias: Array
+    rope_dim: Array  # dimensions of each query / key head that RoPE rotates (0: learned positions)
+    layer_norm: Array  # 1: LayerNorm (with or without bias) rather than RMSNorm
+    geglu: Array  # 1: the gated MLP's activation is tanh-GELU (Gemma) rather than SiLU
     # workload
     batch: Array
     seq: Array
@@ -110,7 +113,10 @@ class Columns:
         if unknown:
             raise TypeError(f"unknown columns: {sorted(unknown)}")
         defaults = {"tp": 1.0, "pp": 1.0, "dp": 1.0, "ep": 1.0, "block_norms": 2.0,
-                    "v_head_dim": arrays.get("head_dim", 0.0)}
+                    "v_head_dim": arrays.get("head_dim", 0.0),
+                    "rope_dim": np.where(np.asarray(arrays.get("learned_positions", 0.0)) == 1, 0.0,
+                                         arrays.get("head_dim", 0.0)),
+                    "layer_norm": arrays.get("norm_bias", 0.0)}
         values = {f.name: arrays.get(f.name, defaults.get(f.name, 0.0)) for f in fields(cls)}
         shaped = np.broadcast_arrays(*[np.atleast_1d(np.asarray(v, dtype=np.float64))
                                        for v in values.values()])
@@ -145,6 +151,8 @@ def model_values(m: ModelSpec) -> dict[str, float]:
         "expert_ffn": m.routed_ffn if m.experts else 0, "shared_ffn": m.shared_ffn_total,
         "shared_expert_gate": m.shared_expert_gate, "moe_layers": m.moe_layers,
         "router_bias": m.router_bias,
+        "rope_dim": m.rope_dim if m.position == "rope" else 0, "layer_norm": m.norm != "rmsnorm",
+        "geglu": m.mlp == "geglu",
     }
 
 

@@ -35,3 +35,103 @@ def basis_values(c: Columns) -> np.ndarray:
         "Lbas2": L * c.batch * a * s * s, "Ls2": L * s * s, "one": np.ones_like(L),
     }
     return np.stack([terms[n] for n in BASIS], axis=-1)
+
+
+# --- issue 10: the terms of the newer architectures ------------------------------------------
+# Each is zero for a model with none of the features (classic llama / gpt2 / bert), so the exact
+# tables above stay valid; `coefficients_ext.py` holds bytes per term, fitted on the residual of
+# those tables over a design of small models that switch the features on at random.
+EXT_BASIS = (
+    "Ltq", "tq",                                                   # q width a*d beyond h (explicit head_dim)
+    "Llinx",                                                       # weight elements beyond the classic block's
+    "Mtf", "Mf", "Mth", "Mt", "MtE", "Mtk", "Mtkh", "Mtkf", "MPh", "MPf", "Mtkr", "MPr",  # MoE layers
+    "Mtfs", "Mtsg", "Mthsg", "Mthsh", "th_moe1", "tE_moe1", "tkh_moe1", "tkf_moe1",  # shared experts; MoE first layer
+    "Ltql", "Ltkl_m", "Ltr_m", "Ltar_m", "Ltav_m", "Ltq_m", "Lt_m", "Lt_mq",            # MLA
+    "tkl_m", "tar_m", "tav_m", "tq_m", "t_m", "Lth_m", "th_m", "tql", "Lbas2_m", "Lba_m",
+    "Ltq_qk", "Ltkv_qk", "Lta_qkh", "Ltkv_qkh", "Lt_qkf",           # q/k norms
+    "Lth_nx", "Lt_nx",                                             # norms per block beyond 2 (Gemma) or short of it
+    "Lth_par", "Lt_par", "th_par",                                 # parallel blocks
+    "Lth_ln", "Lt_ln", "th_ln", "t_ln",                            # LayerNorm in a modern decoder
+    "Dtf_gelu", "tf_gelu", "Mtkf_gelu", "Dtf_geglu", "Dth_gelu", "th_gelu",  # GELU / GeGLU MLPs
+    "Lta_part", "Ltkv_part", "s_rd",                               # partial rotary
+    "s2_win", "Ls2_loc",                                           # sliding-window masks
+    "Lbas_sink", "Lbas2_sink",                                     # attention sinks (eager)
+)
+
+
+def classic_attention_matrices(c: Columns) -> Array:
+    h, a, d, kv = c.hidden, c.heads, c.head_dim, c.kv_heads
+    return h * (a * d + 2 * kv * d) + a * d * h
+
+
+def linear_elements(c: Columns) -> Array:
+    """Weight elements of every layer's matrices (attention or MLA, dense MLPs, router, experts,
+    shared experts and their gate): what autocast copies to 16-bit."""
+    h = c.hidden
+    mats = lambda f: np.where(c.gated_mlp == 1, 3.0, 2.0) * h * f  # noqa: E731
+    q = c.heads * c.head_dim
+    nope = c.head_dim - c.rope_head_dim
+    qlr, klr = c.q_lora_rank, c.kv_lora_rank
+    mla = (np.where(qlr > 0, h * qlr + qlr * q, h * q) + h * (klr + c.rope_head_dim)
+           + klr * c.heads * (nope + c.v_head_dim))
+    attention = np.where(c.mla == 1, mla, h * (q + 2 * c.kv_heads * c.head_dim)) + c.heads * c.v_head_dim * h
+    moe = (c.experts * (mats(c.expert_ffn) + h) + np.where(c.shared_ffn > 0, mats(c.shared_ffn), 0.0)
+           + c.shared_expert_gate * h)
+    return c.layers * attention + (c.layers - c.moe_layers) * mats(c.ffn) + c.moe_layers * moe
+
+
+def moe_padding(c: Columns) -> Array:
+    """Token copies added so every expert gets ceil(t*k / E) (the reference's balanced grouping)."""
+    copies = c.batch * c.seq * c.experts_per_token
+    e = np.maximum(c.experts, 1.0)
+    return np.where(c.experts > 0, e * np.ceil(copies / e) - copies, 0.0)
+
+
+def local_masked(c: Columns) -> Array:
+    """1 where local layers need a window mask in training / prefill (the sequence is longer)."""
+    return ((c.local_layers > 0) & (c.seq > c.window)).astype(float)
+
+
+def ext_basis_values(c: Columns) -> np.ndarray:
+    L, M, t, s, h = c.layers, c.moe_layers, c.batch * c.seq, c.seq, c.hidden
+    a, d, kv, f, b = c.heads, c.head_dim, c.kv_heads, c.ffn, c.batch
+    D = L - M
+    E, k, fe, r = c.experts, c.experts_per_token, c.expert_ffn, c.lora_rank
+    P = moe_padding(c)
+    mla, qkn = c.mla, (c.qk_norm > 0).astype(float)
+    qkh, qkf = (c.qk_norm == 1).astype(float), (c.qk_norm == 2).astype(float)
+    nx = c.block_norms - 2
+    par = c.parallel_block
+    ln, gelu = c.layer_norm, 1 - c.gated_mlp
+    moe1 = ((c.experts > 0) & (c.moe_layers == L)).astype(float)  # the first layer is an MoE layer
+    rd = np.where(c.mla == 1, c.rope_head_dim, c.rope_dim)
+    part = np.where((c.mla == 0) & (c.rope_dim > 0), d - c.rope_dim, 0.0)
+    qx = a * d - h
+    loc = local_masked(c)
+    terms = {
+        "Ltq": L * t * qx, "tq": t * qx,
+        "Llinx": linear_elements(c) - L * layer_params(c),
+        "Mtf": M * t * f, "Mf": M * f, "Mth": M * t * h, "Mt": M * t, "MtE": M * t * E, "Mtk": M * t * k,
+        "Mtkh": M * t * k * h, "Mtkf": M * t * k * fe, "MPh": M * P * h, "MPf": M * P * fe,
+        "Mtkr": M * t * k * r, "MPr": M * P * r, "Mtfs": M * t * c.shared_ffn, "Mtsg": M * t * c.shared_expert_gate,
+        "Mthsg": M * t * h * c.shared_expert_gate, "Mthsh": M * t * h * (c.shared_ffn > 0),
+        "th_moe1": moe1 * t * h, "tE_moe1": moe1 * t * E, "tkh_moe1": moe1 * t * k * h, "tkf_moe1": moe1 * t * k * fe,
+        "Ltql": L * t * c.q_lora_rank, "Ltkl_m": L * t * c.kv_lora_rank, "Ltr_m": L * t * mla * rd,
+        "Ltar_m": L * t * a * mla * rd, "Ltav_m": L * t * a * mla * c.v_head_dim, "Ltq_m": L * t * a * d * mla,
+        "Lt_m": L * t * mla, "Lt_mq": L * t * (c.q_lora_rank > 0),
+        "tkl_m": t * c.kv_lora_rank, "tar_m": t * a * mla * rd, "tav_m": t * a * mla * c.v_head_dim,
+        "tq_m": t * a * d * mla, "t_m": t * mla, "Lth_m": L * t * h * mla, "th_m": t * h * mla,
+        "tql": t * c.q_lora_rank, "Lbas2_m": L * b * a * s * s * mla, "Lba_m": L * b * a * s * mla,
+        "Ltq_qk": L * t * a * d * qkn, "Ltkv_qk": L * t * kv * d * qkn, "Lta_qkh": L * t * a * qkh,
+        "Ltkv_qkh": L * t * kv * qkh, "Lt_qkf": L * t * qkf,
+        "Lth_nx": L * t * h * nx, "Lt_nx": L * t * nx,
+        "Lth_par": L * t * h * par, "Lt_par": L * t * par, "th_par": t * h * par,
+        "Lth_ln": L * t * h * ln * c.block_norms, "Lt_ln": L * t * ln * c.block_norms, "th_ln": t * h * ln,
+        "t_ln": t * ln,
+        "Dtf_gelu": D * t * f * gelu, "tf_gelu": t * f * gelu, "Mtkf_gelu": M * t * k * fe * gelu,
+        "Dtf_geglu": D * t * f * c.geglu, "Dth_gelu": D * t * h * gelu, "th_gelu": t * h * gelu,
+        "Lta_part": L * t * a * part, "Ltkv_part": L * t * kv * part, "s_rd": s * (rd - d) * (c.learned_positions == 0),
+        "s2_win": s * s * loc, "Ls2_loc": c.local_layers * loc * s * s,
+        "Lbas_sink": L * b * a * s * c.attention_sinks, "Lbas2_sink": L * b * a * s * s * c.attention_sinks,
+    }
+    return np.stack([terms[n] for n in EXT_BASIS], axis=-1)

@@ -25,15 +25,26 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memsweep.columns import Array, Columns, base_params, lora_params, trainable_params
+from memsweep.columns import (
+    Array, Columns, base_params, lora_params, routed_expert_params, trainable_params,
+)
 from memsweep.formulas.base import Breakdown
-from memsweep.formulas.basis import BASIS, basis_values, layer_params
+from memsweep.formulas.basis import (
+    BASIS, EXT_BASIS, basis_values, ext_basis_values, layer_params, moe_padding,
+)
 from memsweep.formulas.coefficients import BASIS as FITTED_BASIS
 from memsweep.formulas.coefficients import COEFFICIENTS
 
 FP32 = 4.0
 if FITTED_BASIS != BASIS:
     raise RuntimeError("formulas/coefficients.py was fitted on another basis: run scripts/derive_coefficients.py")
+try:
+    from memsweep.formulas.coefficients_ext import EXT_BASIS as FITTED_EXT_BASIS
+    from memsweep.formulas.coefficients_ext import EXT_COEFFICIENTS
+except ImportError:  # not derived yet: the newer architectures' terms count nothing
+    FITTED_EXT_BASIS, EXT_COEFFICIENTS = EXT_BASIS, {}
+if FITTED_EXT_BASIS != EXT_BASIS:
+    raise RuntimeError("formulas/coefficients_ext.py was fitted on another basis: run scripts/derive_architectures.py")
 FAMILIES = ("gpt2", "llama", "bert")
 PRECISIONS = ("mixed", "pure16", "fp32")
 
@@ -88,30 +99,45 @@ def updated_params(c: Columns) -> Array:
     return c.training * (trainable_params(c) - pooler)
 
 
+def expert_fraction(c: Columns) -> Array:
+    """Share of the parameters that are routed experts (what expert parallelism splits)."""
+    return routed_expert_params(c) / base_params(c)
+
+
+def per_gpu(c: Columns, n: Array, stage: int) -> Array:
+    """`n` (parameters, or bytes spread like them) per GPU: split over tensor and pipeline ranks;
+    the routed experts' share also over `ep` ranks; ZeRO at `stage` splits the rest over the dp
+    ranks and the experts over the dp / ep ranks that hold the same experts (DeepSpeed-MoE)."""
+    f = expert_fraction(c)
+    dense = (1 - f) * n / zero_shards(c, stage)
+    experts = f * n / c.ep / np.where(c.zero >= stage, c.dp / c.ep, 1.0)
+    return (dense + experts) / model_shards(c)
+
+
 def weights_bytes(c: Columns) -> Array:
     """Full training: parameters in `trainable_bytes` (fp32 under AMP). LoRA: a frozen base in the
     dtype + adapters in `trainable_bytes`. Inference: the dtype (int8 1, int4 0.5 bytes)."""
     p, p_lora = base_params(c), lora_params(c)
     full_train = (c.training == 1) & (c.lora == 0)
     stored = np.where(full_train, p * trainable_bytes(c), p * c.dtype_bytes + p_lora * trainable_bytes(c))
-    return stored / model_shards(c) / zero_shards(c, 3)
+    return per_gpu(c, stored, 3)
 
 
 def gradients_bytes(c: Columns) -> Array:
     """One gradient per updated parameter, in the parameter's dtype."""
-    return updated_params(c) * trainable_bytes(c) / model_shards(c) / zero_shards(c, 2)
+    return per_gpu(c, updated_params(c) * trainable_bytes(c), 2)
 
 
 def optimizer_bytes(c: Columns) -> Array:
     """Adam: m and v; SGD with momentum: one buffer; plain SGD: none (per updated parameter)."""
-    return c.optimizer_states * updated_params(c) * trainable_bytes(c) / model_shards(c) / zero_shards(c, 1)
+    return per_gpu(c, c.optimizer_states * updated_params(c) * trainable_bytes(c), 1)
 
 
 def optimizer_step_temporary_bytes(c: Columns) -> Array:
     """foreach Adam: `_foreach_sqrt(exp_avg_sq)` materialises one updated-parameter-sized list;
     for-loop Adam: two temporaries of the largest parameter (the embedding, V x h); fused: none."""
     adam = c.optimizer_states == 2
-    foreach = updated_params(c) * trainable_bytes(c) / model_shards(c) / zero_shards(c, 1)
+    foreach = per_gpu(c, updated_params(c) * trainable_bytes(c), 1)
     largest = np.where(c.lora == 1, 0.0, 2.0 * c.vocab * c.hidden * trainable_bytes(c) / c.tp)
     return c.training * np.where(adam, np.where(c.foreach == 1, foreach, largest), 0.0)
 
@@ -177,11 +203,39 @@ def _mode_index(c: Columns) -> tuple[Array, ...]:
             c.recompute_full.astype(int), eager.astype(int))
 
 
+def _ext_table() -> np.ndarray:
+    """The newer architectures' coefficients (llama family), [precision, workload, recompute,
+    attention, EXT_BASIS]. A mode without its own fit reads the sdpa fit of its precision,
+    workload and recompute (eager adds only the classic s^2 terms), else the closest LoRA set."""
+    table = np.zeros((len(PRECISIONS), len(WORKLOAD_TABLES), 2, 2, len(EXT_BASIS)))
+    fallback_wl = {"lora-mlp": "lora-all", "lora-qv": "lora-qkvo", "lora-qkvo": "lora-qv", "lora-all": "lora-qkvo"}
+    for p, prec in enumerate(PRECISIONS):
+        for w, wl in enumerate(WORKLOAD_TABLES):
+            for r, rc in enumerate(("none", "full")):
+                for a, att in enumerate(ATTENTION_TABLES):
+                    for key_wl, key_att in ((wl, att), (wl, "sdpa"), (fallback_wl.get(wl, wl), "sdpa")):
+                        coef = EXT_COEFFICIENTS.get(f"llama/{prec}/{key_wl}/{rc}/{key_att}/saved")
+                        if coef is not None:
+                            table[p, w, r, a] = coef
+                            break
+    return table
+
+
+EXT_SAVED = _ext_table()
+
+
+def ext_saved_bytes(c: Columns, index: tuple[Array, ...] | None = None, mask: np.ndarray | None = None) -> Array:
+    """The newer features' share of the saved activations (0 for gpt2 / bert and classic models)."""
+    idx = _mode_index(c) if index is None else index
+    coef = EXT_SAVED[idx[1:]] * (1.0 if mask is None else mask)
+    return np.where(c.family == 1, (coef * ext_basis_values(c)).sum(axis=-1), 0.0)
+
+
 def saved_activations_bytes(c: Columns) -> Array:
     """What autograd holds when the forward and the loss end (incl. the fp32 log-softmax, t*V*4;
     with eager attention the b*a*s^2 probabilities and the s^2 causal mask of every layer)."""
     coef = SAVED[_mode_index(c)]
-    return (coef * basis_values(c)).sum(axis=-1)
+    return (coef * basis_values(c)).sum(axis=-1) + ext_saved_bytes(c)
 
 
 def live_logits_bytes(c: Columns) -> Array:
@@ -205,6 +259,9 @@ RECOMPUTE_MLP_TENSORS = {True: 6.0, False: 4.0}
 SwiGLU 6 (gate, up, act, product and two gradients), GELU 4 (fc out, act and two gradients)."""
 HEAD_TERMS = np.array([n in ("th", "tV", "Vh") for n in BASIS])
 FFN_TERM = np.array([n == "Ltf" for n in BASIS])
+EXT_HEAD_TERMS = np.array([n in ("th_ln", "t_ln") for n in EXT_BASIS])
+EXT_LAYER_TERMS = np.array([n[0] in "LMD" and n not in ("Mtf", "Mtkf", "MPf", "Mtfs", "Dtf_gelu", "Dtf_geglu")
+                            for n in EXT_BASIS])
 
 
 def full_recompute_layer_bytes(c: Columns) -> Array:
@@ -215,11 +272,14 @@ def full_recompute_layer_bytes(c: Columns) -> Array:
     holds `RECOMPUTE_MLP_TENSORS` t*f tensors, and the LM head's weight gradient."""
     idx = _mode_index(c)
     b = basis_values(c)
-    kept = (SAVED[idx] * b * ~HEAD_TERMS).sum(axis=-1)
+    kept = (SAVED[idx] * b * ~HEAD_TERMS).sum(axis=-1) + ext_saved_bytes(c, idx, ~EXT_HEAD_TERMS)
     none_idx = idx[:3] + (np.zeros_like(idx[3]), idx[4])
-    one_layer = (SAVED[none_idx] * b * (PER_LAYER_TERMS & ~FFN_TERM)).sum(axis=-1) / c.layers
+    one_layer = ((SAVED[none_idx] * b * (PER_LAYER_TERMS & ~FFN_TERM)).sum(axis=-1)
+                 + ext_saved_bytes(c, none_idx, EXT_LAYER_TERMS)) / c.layers
     n_ffn = np.where(c.gated_mlp == 1, RECOMPUTE_MLP_TENSORS[True], RECOMPUTE_MLP_TENSORS[False])
-    mlp = n_ffn * c.batch * c.seq * c.ffn * compute_bytes(c) / c.tp
+    # the last block is an MoE block in an MoE model: its MLP runs t*k token copies (+ shared)
+    width = np.where(c.moe_layers > 0, c.experts_per_token * c.expert_ffn + c.shared_ffn, c.ffn)
+    mlp = n_ffn * c.batch * c.seq * width * compute_bytes(c) / c.tp
     head_grad = (1 - c.lora) * (1 - c.tied_embeddings) * c.vocab * c.hidden * trainable_bytes(c) / c.tp
     return kept + one_layer + mlp + head_grad
 
@@ -239,10 +299,17 @@ def eager_backward_bytes(c: Columns) -> Array:
 
 
 def kv_cache_bytes(c: Columns) -> Array:
-    """Decoder inference: K and V for every layer, kv_heads*d per token, prompt + generated tokens."""
+    """Decoder inference: K and V per layer and token (kv_heads x (head_dim + v_head_dim); MLA:
+    the latent kv_lora_rank + rope_head_dim, which every tensor rank keeps whole, or the expanded
+    per-head K and V), for prompt + generated tokens; a local layer keeps its window only."""
     decoder_inference = (c.training == 0) & (c.final_norm == 1)
-    tokens = c.batch * (c.seq + c.gen_tokens)
-    kv = 2 * c.layers * c.kv_heads * c.head_dim * tokens * compute_bytes(c) / c.tp / c.pp
+    tokens = c.seq + c.gen_tokens
+    held = (c.layers - c.local_layers) * tokens + c.local_layers * np.minimum(tokens, np.maximum(c.window, 1))
+    per_token = np.where(c.mla == 1,
+                         np.where(c.mla_latent_cache == 1, (c.kv_lora_rank + c.rope_head_dim) * c.tp,
+                                  c.heads * (c.head_dim + c.v_head_dim)),
+                         c.kv_heads * (c.head_dim + c.v_head_dim))
+    kv = c.batch * held * per_token * compute_bytes(c) / c.tp / c.pp
     return np.where(decoder_inference, kv, 0.0)
 
 
@@ -257,8 +324,24 @@ def prefill_activations_bytes(c: Columns) -> Array:
     t = c.batch * c.seq
     cb = compute_bytes(c)
     mlp = np.where(c.gated_mlp == 1, 3.0, 2.0) * c.ffn
-    rope = np.where(c.learned_positions == 1, 0.0, 2.0 * c.seq * c.head_dim * cb)
-    return t * (3.0 * c.hidden + mlp) * cb / c.tp + rope + inference_ids_bytes(c)
+    rope = np.where(c.learned_positions == 1, 0.0, 2.0 * c.seq * c.rope_dim * cb)
+    dense = t * (3.0 * c.hidden + mlp) * cb / c.tp
+    return np.where(c.moe_layers > 0, moe_prefill_bytes(c), dense) + rope + inference_ids_bytes(c)
+
+
+def moe_prefill_bytes(c: Columns) -> Array:
+    """Inference inside an MoE layer (the last layer of an MoE model): the residual and its normed
+    copy, the router's logits and fp32 probabilities (t*E), top-k weights and int64 indices with
+    the sort order and token map (t*k), and the grouped token copies (t*k + padding rows) with
+    four expert activations each (gate, act, up, product) and the shared experts' MLP."""
+    t = c.batch * c.seq
+    cb = compute_bytes(c)
+    copies = t * c.experts_per_token + moe_padding(c)
+    n_act = np.where(c.gated_mlp == 1, 4.0, 2.0)
+    router = t * c.experts * (cb + FP32) + t * c.experts_per_token * (cb + 3 * 8.0)
+    experts = copies * (c.hidden + n_act * c.expert_ffn) * cb / c.ep
+    shared = t * np.where(c.gated_mlp == 1, 3.0, 2.0) * c.shared_ffn * cb
+    return (t * 3.0 * c.hidden * cb + router + experts + shared) / c.tp
 
 
 def prefill_attention_bytes(c: Columns) -> Array:
@@ -268,7 +351,7 @@ def prefill_attention_bytes(c: Columns) -> Array:
     t = c.batch * c.seq
     cb = compute_bytes(c)
     eager = (t * 6.0 * c.hidden + 2.0 * c.batch * c.heads * c.seq**2) * cb / c.tp + c.seq**2
-    rope = np.where(c.learned_positions == 1, 0.0, 2.0 * c.seq * c.head_dim * cb)
+    rope = np.where(c.learned_positions == 1, 0.0, 2.0 * c.seq * c.rope_dim * cb)
     return np.where(c.eager_attention == 1, eager + rope + inference_ids_bytes(c), 0.0)
 
 

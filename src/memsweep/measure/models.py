@@ -238,6 +238,7 @@ class Attention(nn.Module):
         S = c_kv.size(1)
         kv = self.kv_b(c_kv).view(B, S, self.n_head, nope + self.v_dim).transpose(1, 2)
         k_nope, v = kv.split([nope, self.v_dim], dim=-1)  # (B, nh, S, nope), (B, nh, S, hs_v)
+        v = v.contiguous()  # its own storage, not a view that keeps all of kv alive
         k = torch.cat((k_nope, k_rope.expand(B, self.n_head, S, self.rope_dim)), dim=-1)
         if kv_cache is not None and not self.latent_cache:
             k, v = self._cache(kv_cache, k, v, start)
@@ -259,6 +260,18 @@ class Attention(nn.Module):
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device)  # (T, S)
             mask = mask.tril(diagonal=start)  # query i sees keys 0..start+i
         if not self.eager:
+            dq, dv = q.size(-1), v.size(-1)
+            if dv != dq:
+                # MLA's values and keys differ in head size; fused kernels want one, so pad the
+                # narrower to the wider and slice the output (as HF's DeepSeek does for
+                # FlashAttention), keeping the 1/sqrt(head_dim) scale of the real keys.
+                if dv < dq:
+                    v = F.pad(v, (0, dq - dv))
+                else:
+                    q, k = F.pad(q, (0, dv - dq)), F.pad(k, (0, dv - dq))
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                                     scale=1.0 / math.sqrt(dq))
+                return out[..., :dv]
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
                                                   is_causal=causal and mask is None)
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, S)
@@ -401,17 +414,16 @@ class Block(nn.Module):
             x = self.ln_1(x + self.attn(x, rope, kv_cache, start))
             return self.ln_2(x + self.mlp(x))
         if self.parallel:  # x + attn(norm(x)) + mlp(norm'(x)) (GPT-J / GPT-NeoX)
-            a_in = self.ln_1(x)
-            m_in = a_in if self.ln_2 is None else self.ln_2(x)
-            return x + self.attn(a_in, rope, kv_cache, start, mask) + self.mlp(m_in)
-        a = self.attn(self.ln_1(x), rope, kv_cache, start, mask)
+            if self.ln_2 is None:
+                h = self.ln_1(x)
+                return x + self.attn(h, rope, kv_cache, start, mask) + self.mlp(h)
+            return x + self.attn(self.ln_1(x), rope, kv_cache, start, mask) + self.mlp(self.ln_2(x))
+        # no named temporaries: the attention output must die at the add, as in a plain block
         if self.sandwich:
-            a = self.ln_post_attn(a)
-        x = x + a
-        m = self.mlp(self.ln_2(x))
-        if self.sandwich:
-            m = self.ln_post_mlp(m)
-        return x + m
+            x = x + self.ln_post_attn(self.attn(self.ln_1(x), rope, kv_cache, start, mask))
+            return x + self.ln_post_mlp(self.mlp(self.ln_2(x)))
+        x = x + self.attn(self.ln_1(x), rope, kv_cache, start, mask)
+        return x + self.mlp(self.ln_2(x))
 
 
 @dataclass
