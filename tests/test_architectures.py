@@ -175,3 +175,23 @@ def test_fake_and_cpu_agree_byte_for_byte(case):
     assert fake.status == real.status == "ok", (fake.error, real.error)
     assert fake.peak_bytes == real.peak_bytes > 0
     assert fake.breakdown == real.breakdown and fake.phase_peaks == real.phase_peaks
+
+
+# detailed against fake on the shipped presets cut to a few layers (every per-layer structure kept:
+# Gemma-3's 5:1 pattern needs 6, DeepSeek's 3 dense layers + MoE needs 4). docs/accuracy.md has the
+# full-size grid; these keep the fitted coefficients honest in CI.
+CUT = {"mixtral-8x7b": 2, "deepseek-v3": 4, "falcon-7b": 2, "gemma-3-12b": 6}
+WORKLOADS = [("train", "none"), ("lora", "none"), ("lora", "full"), ("inference", "none")]
+
+
+@pytest.mark.parametrize("name", CUT)
+def test_detailed_is_within_3_percent_of_fake_on_cut_presets(name):
+    from memsweep.formulas import FORMULAS
+
+    spec = replace(model(name), layers=CUT[name])
+    for wl, rc in WORKLOADS:
+        j = job(spec, seq=1024, batch=1, wl=wl, recompute=rc, measure=FAKE)
+        m = measure(j)
+        assert m.status == "ok", m.error
+        estimate = FORMULAS["detailed"](Columns.from_specs([j])).total[0]
+        assert abs(estimate - m.peak_bytes) / m.peak_bytes <= 0.03, (wl, rc, estimate, m.peak_bytes)

@@ -168,3 +168,26 @@ def test_sweep_model_hf_reads_config_files_at_run_time(tmp_path):
     assert t["active_params"].to_list() == [3_353_032_704, 2_614_341_888]
     spec = json.loads(t["spec_json"][0])["model"]
     assert spec["experts"] == 128 and spec["name"] == "ckpt-a"
+
+
+@pytest.mark.parametrize("name", PRESETS)
+def test_specs_of_new_presets_round_trip_through_spec_json(name):
+    from conftest import job
+
+    from memsweep.specs import JobSpec
+    spec = job(name, seq=512, wl="lora")
+    assert JobSpec.from_dict(json.loads(json.dumps(spec.to_dict()))) == spec
+
+
+def test_the_planner_accepts_the_new_presets():
+    from memsweep.plan import PlanSpec, make_plan
+
+    plan = make_plan(PlanSpec(models=("mixtral-8x7b", "deepseek-v3", "gemma-2-2b"), hardware=("h100-80g",),
+                              seqs=(2048,), workloads=("lora", "inference")))
+    t = plan.table
+    assert set(t["model"]) == {"mixtral-8x7b", "deepseek-v3", "gemma-2-2b"}
+    gemma = t.filter((pl.col("model") == "gemma-2-2b") & (pl.col("question") == "max_batch"))
+    assert gemma.height == 2 and (gemma["status"] == "ok").all() and (gemma["batch"] >= 1).all()
+    # DeepSeek-V3 (1.25 TB of bf16 weights) needs many GPUs: the fewest-GPUs answer is > 8 GPUs
+    ds = t.filter((pl.col("model") == "deepseek-v3") & (pl.col("question") == "max_batch"))
+    assert (ds["status"] == "none_fits").all()

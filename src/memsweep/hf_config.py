@@ -238,8 +238,6 @@ def _llama_like(r: _Reader) -> dict[str, Any]:
         tied_embeddings=bool(r.get("tie_word_embeddings")),
         head_dim=head_dim if head_dim and head_dim * heads != h else None,
     )
-    if head_dim and head_dim * heads == h:
-        d["head_dim"] = None
     if mt in ("llama", "granite"):
         d["mlp_bias"] = bool(r.get("mlp_bias"))
     if mt in ("qwen2", "qwen2_moe"):
@@ -262,9 +260,7 @@ def _llama_like(r: _Reader) -> dict[str, Any]:
     if mt in ("qwen3", "qwen3_moe", "gemma3_text"):
         d["qk_norm"] = "head"
     if mt == "olmoe":
-        d["qk_norm"] = "full"
-        if r.get("clip_qkv") is not None:
-            pass  # clipping changes values, not shapes
+        d["qk_norm"] = "full"  # (clip_qkv clips values, not shapes)
     if mt == "cohere":
         d.update(norm="layernorm_nobias", block="parallel", block_norms=1,
                  qk_norm="full" if r.get("use_qk_norm") else "none")
@@ -326,20 +322,23 @@ def _gpt2(r: _Reader) -> dict[str, Any]:
                 tied_embeddings=bool(r.get("tie_word_embeddings")))
 
 
-def _gpt_neox(r: _Reader) -> dict[str, Any]:
-    h = r.get("hidden_size", required=True)
-    bias = bool(r.get("attention_bias"))
-    parallel = bool(r.get("use_parallel_residual"))
-    act = r.get("hidden_act")
-    if act not in PLAIN_GELU:
+def _encoder_or_neox(r: _Reader, family: str) -> dict[str, Any]:
+    """The multi-head attention models with a plain GELU MLP and LayerNorms (BERT, GPT-NeoX)."""
+    if r.get("hidden_act") not in PLAIN_GELU:
         raise r.fail("hidden_act", ", ".join(PLAIN_GELU))
-    return dict(family="llama", layers=r.get("num_hidden_layers", required=True), hidden=h,
-                heads=r.get("num_attention_heads", required=True), kv_heads=r.get("num_attention_heads"),
+    heads = r.get("num_attention_heads", required=True)
+    return dict(family=family, layers=r.get("num_hidden_layers", required=True),
+                hidden=r.get("hidden_size", required=True), heads=heads, kv_heads=heads,
                 ffn=r.get("intermediate_size", required=True), vocab=r.get("vocab_size"),
                 max_positions=r.get("max_position_embeddings"), norm="layernorm", mlp="gelu",
-                position="rope", qkv_bias=bias, out_bias=bias, mlp_bias=True,
-                tied_embeddings=bool(r.get("tie_word_embeddings")), rotary_fraction=float(r.get("rotary_pct")),
-                block="parallel" if parallel else "sequential", block_norms=2)
+                qkv_bias=True, out_bias=True, mlp_bias=True, tied_embeddings=bool(r.get("tie_word_embeddings")))
+
+
+def _gpt_neox(r: _Reader) -> dict[str, Any]:
+    bias = bool(r.get("attention_bias"))
+    return dict(_encoder_or_neox(r, "llama"), position="rope", qkv_bias=bias, out_bias=bias,
+                rotary_fraction=float(r.get("rotary_pct")),
+                block="parallel" if r.get("use_parallel_residual") else "sequential")
 
 
 def _falcon(r: _Reader) -> dict[str, Any]:
@@ -347,14 +346,10 @@ def _falcon(r: _Reader) -> dict[str, Any]:
         raise r.fail("alibi", "false (memsweep models rotary positions)")
     h, heads = r.get("hidden_size", required=True), r.get("num_attention_heads", required=True)
     new_arch, parallel = bool(r.get("new_decoder_architecture")), bool(r.get("parallel_attn"))
-    if new_arch:
-        kv = r.get("num_kv_heads") or heads
-        norms = r.get("num_ln_in_parallel_attn") or 2
-    else:
-        kv = 1 if r.get("multi_query") else heads
-        norms = 1 if parallel else 2
-    if not (new_arch or parallel):
-        norms = 2
+    if new_arch:  # Falcon-40B/180B: grouped KV heads, a norm for attention and one for the MLP
+        kv, norms = r.get("num_kv_heads") or heads, r.get("num_ln_in_parallel_attn") or 2
+    else:  # Falcon-7B: multi-query, one norm shared by the parallel attention and MLP
+        kv, norms = (1 if r.get("multi_query") else heads), (1 if parallel else 2)
     bias = bool(r.get("bias"))
     return dict(family="llama", layers=r.get("num_hidden_layers", required=True), hidden=h, heads=heads,
                 kv_heads=kv, ffn=r.get("ffn_hidden_size") or 4 * h, vocab=r.get("vocab_size"),
@@ -365,16 +360,7 @@ def _falcon(r: _Reader) -> dict[str, Any]:
 
 
 def _bert(r: _Reader) -> dict[str, Any]:
-    h = r.get("hidden_size", required=True)
-    if r.get("hidden_act") not in PLAIN_GELU:
-        raise r.fail("hidden_act", ", ".join(PLAIN_GELU))
-    return dict(family="bert", layers=r.get("num_hidden_layers", required=True), hidden=h,
-                heads=r.get("num_attention_heads", required=True), kv_heads=r.get("num_attention_heads"),
-                ffn=r.get("intermediate_size", required=True), vocab=r.get("vocab_size"),
-                max_positions=r.get("max_position_embeddings"), norm="layernorm", mlp="gelu",
-                position="learned", qkv_bias=True, out_bias=True, mlp_bias=True,
-                tied_embeddings=bool(r.get("tie_word_embeddings")), type_vocab=r.get("type_vocab_size"),
-                pooler=True)
+    return dict(_encoder_or_neox(r, "bert"), position="learned", type_vocab=r.get("type_vocab_size"), pooler=True)
 
 
 MAPPERS: dict[str, Callable[[_Reader], dict[str, Any]]] = {
