@@ -32,14 +32,16 @@ sys.path.insert(0, str(ROOT / "scripts"))
 from derive_coefficients import LORA_SETS, PRECISIONS  # noqa: E402
 
 from memsweep.columns import Columns  # noqa: E402
-from memsweep.formulas.basis import EXT_BASIS, basis_values, ext_basis_values  # noqa: E402
+from memsweep.formulas.basis import (  # noqa: E402
+    EAGER_ONLY, EXT_BASIS, EXT_CLASSES, basis_values, ext_basis_values, ext_class,
+)
 from memsweep.formulas.detailed import _coefficients  # noqa: E402
 from memsweep.specs import ModelSpec  # noqa: E402
 
 WORKLOADS = ("train", "lora-qv", "lora-qkvo", "lora-mlp", "lora-all")
 RECOMPUTES = ("none", "full")
 ATTENTIONS = ("sdpa", "eager")
-POINTS = 120
+POINTS = 240
 SEED = 10
 
 
@@ -118,8 +120,8 @@ def lora_targets(m: ModelSpec, label: str) -> tuple[str, ...]:
     return tuple(t for t in LORA_SETS[label] if not (t == "gate" and m.mlp == "gelu"))
 
 
-def observe(args) -> tuple[float, list[float], list[float]]:
-    """(residual bytes after the classic table, classic basis row, extended basis row)."""
+def observe(args) -> tuple[float, list[float], int]:
+    """(residual bytes after the classic table, extended basis row, architecture class)."""
     import torch
     from torch._subclasses.fake_tensor import FakeTensorMode
 
@@ -139,13 +141,16 @@ def observe(args) -> tuple[float, list[float], list[float]]:
     c = Columns.from_specs([spec])
     classic = np.array(_coefficients("llama", precision, wl, rc, att, "saved"))
     predicted = float(classic @ basis_values(c)[0])
-    return tracker.marks["after_forward"]["activations"] - predicted, list(ext_basis_values(c)[0])
+    return (tracker.marks["after_forward"]["activations"] - predicted, list(ext_basis_values(c)[0]),
+            int(ext_class(c)[0]))
 
 
-def fit(rows: np.ndarray, ys: np.ndarray) -> tuple[list[float], bool, float]:
+def fit(rows: np.ndarray, ys: np.ndarray, eager: bool = True) -> tuple[list[float], bool, float]:
     """Exact quarter-byte coefficients when they exist, else least squares; and the worst
-    residual relative to the point's classic prediction magnitude."""
+    residual in bytes. Without eager attention the EAGER_ONLY terms stay 0."""
     live = np.abs(rows).max(axis=0) > 0
+    if not eager:
+        live &= np.array([n not in EAGER_ONLY for n in EXT_BASIS])
     coef = np.zeros(rows.shape[1])
     sol, *_ = np.linalg.lstsq(rows[:, live], ys, rcond=None)
     exact = np.round(sol * 4) / 4
@@ -165,7 +170,9 @@ def load_table(out: Path) -> tuple[dict, dict]:
     spec = importlib.util.spec_from_file_location("coefficients_ext_old", out)
     old = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(old)
-    return (dict(old.EXT_COEFFICIENTS), dict(old.QUALITY)) if old.EXT_BASIS == EXT_BASIS else ({}, {})
+    # by term name: a term added since reads 0 until its mode is refitted
+    table = {k: [dict(zip(old.EXT_BASIS, v)).get(n, 0.0) for n in EXT_BASIS] for k, v in old.EXT_COEFFICIENTS.items()}
+    return table, dict(old.QUALITY)
 
 
 def write_table(out: Path, table: dict, quality: dict) -> None:
@@ -207,11 +214,16 @@ def main(argv: list[str] | None = None) -> int:
             obs = pool.map(observe, [(mode, p) for p in points])
             ys = np.array([o[0] for o in obs])
             rows = np.array([o[1] for o in obs])
-            coef, exact, worst = fit(rows, ys)
-            key = "/".join(("llama", *mode, "saved"))
-            table[key], quality[key] = coef, (exact, worst)
-            terms = {n: round(v, 3) for n, v in zip(EXT_BASIS, coef) if v}
-            print(f"{key}: {'exact' if exact else f'least squares, worst residual {worst:.0f} B'} {terms}", flush=True)
+            classes = np.array([o[2] for o in obs])
+            for k, cls in enumerate(EXT_CLASSES):
+                # a class is fitted on its own points; MoE and MLA (many terms) also on the base
+                # recipes (single features), which pin the terms they share
+                sel = (classes == k) | ((classes == 0) & (cls in ("moe", "mla")))
+                coef, exact, worst = fit(rows[sel], ys[sel], eager=mode[3] == "eager")
+                key = "/".join(("llama", cls, *mode, "saved"))
+                table[key], quality[key] = coef, (exact, worst)
+                print(f"{key} ({sel.sum()} points): {'exact' if exact else f'least squares, worst residual {worst:.0f} B'}",
+                      flush=True)
             write_table(out, table, quality)  # after every mode: an interrupted run keeps its fits
     print(f"{len(table)} fits in {out} ({sum(q[0] for q in quality.values())} exact)")
     return 0

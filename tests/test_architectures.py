@@ -195,3 +195,19 @@ def test_detailed_is_within_3_percent_of_fake_on_cut_presets(name):
         assert m.status == "ok", m.error
         estimate = FORMULAS["detailed"](Columns.from_specs([j])).total[0]
         assert abs(estimate - m.peak_bytes) / m.peak_bytes <= 0.03, (wl, rc, estimate, m.peak_bytes)
+
+
+def test_the_shipped_extension_table_is_fitted_on_the_current_basis():
+    from memsweep.formulas.basis import EXT_BASIS
+    from memsweep.formulas.coefficients_ext import EXT_BASIS as FITTED, QUALITY
+
+    assert FITTED == EXT_BASIS, "run scripts/derive_architectures.py"
+    # every class has the modes the default sweeps use (bf16 mixed train / LoRA q,k,v,o), and
+    # checkpoints alone (full recompute) fit exactly
+    from memsweep.formulas.basis import EXT_CLASSES
+
+    for cls in EXT_CLASSES:
+        for mode in ("mixed/train/none/sdpa", "mixed/lora-qkvo/none/sdpa", "mixed/train/full/sdpa",
+                     "mixed/lora-qkvo/full/sdpa"):
+            assert f"llama/{cls}/{mode}/saved" in QUALITY, (cls, mode)
+        assert QUALITY[f"llama/{cls}/mixed/train/full/sdpa/saved"][0], cls

@@ -47,16 +47,19 @@ EXT_BASIS = (
     "Mtf", "Mf", "Mth", "Mt", "MtE", "Mtk", "Mtkh", "Mtkf", "MPh", "MPf", "Mtkr", "MPr",  # MoE layers
     "Mtfs", "Mtsg", "Mthsg", "Mthsh", "th_moe1", "tE_moe1", "tkh_moe1", "tkf_moe1",  # shared experts; MoE first layer
     "Ltql", "Ltkl_m", "Ltr_m", "Ltar_m", "Ltav_m", "Ltq_m", "Lt_m", "Lt_mq",            # MLA
-    "tkl_m", "tar_m", "tav_m", "tq_m", "t_m", "Lth_m", "th_m", "tql", "Lbas2_m", "Lba_m",
+    "tkl_m", "tar_m", "tav_m", "tq_m", "t_m", "Lth_m", "th_m", "tql",
     "Ltq_qk", "Ltkv_qk", "Lta_qkh", "Ltkv_qkh", "Lt_qkf",           # q/k norms
     "Lth_nx", "Lt_nx",                                             # norms per block beyond 2 (Gemma) or short of it
-    "Lth_par", "Lt_par", "th_par",                                 # parallel blocks
+    "Lth_par", "Lt_par", "th_par", "Lth_pg",                       # parallel blocks (Lth_pg: with a GELU MLP)
     "Lth_ln", "Lt_ln", "th_ln", "t_ln",                            # LayerNorm in a modern decoder
     "Dtf_gelu", "tf_gelu", "Mtkf_gelu", "Dtf_geglu", "Dth_gelu", "th_gelu",  # GELU / GeGLU MLPs
     "Lta_part", "Ltkv_part", "s_rd",                               # partial rotary
     "s2_win", "Ls2_loc",                                           # sliding-window masks
     "Lbas_sink", "Lbas2_sink",                                     # attention sinks (eager)
 )
+EAGER_ONLY = frozenset({"Ls2_loc", "Lbas_sink", "Lbas2_sink"})
+"""Terms only eager attention can have (per-layer masks, sink columns of the b*a*s^2 scores): an
+sdpa fit leaves them out, so least squares cannot give them spurious bytes that grow with s^2."""
 
 
 def classic_attention_matrices(c: Columns) -> Array:
@@ -121,11 +124,12 @@ def ext_basis_values(c: Columns) -> np.ndarray:
         "Lt_m": L * t * mla, "Lt_mq": L * t * (c.q_lora_rank > 0),
         "tkl_m": t * c.kv_lora_rank, "tar_m": t * a * mla * rd, "tav_m": t * a * mla * c.v_head_dim,
         "tq_m": t * a * d * mla, "t_m": t * mla, "Lth_m": L * t * h * mla, "th_m": t * h * mla,
-        "tql": t * c.q_lora_rank, "Lbas2_m": L * b * a * s * s * mla, "Lba_m": L * b * a * s * mla,
+        "tql": t * c.q_lora_rank,
         "Ltq_qk": L * t * a * d * qkn, "Ltkv_qk": L * t * kv * d * qkn, "Lta_qkh": L * t * a * qkh,
         "Ltkv_qkh": L * t * kv * qkh, "Lt_qkf": L * t * qkf,
         "Lth_nx": L * t * h * nx, "Lt_nx": L * t * nx,
         "Lth_par": L * t * h * par, "Lt_par": L * t * par, "th_par": t * h * par,
+        "Lth_pg": L * t * h * par * gelu,
         "Lth_ln": L * t * h * ln * c.block_norms, "Lt_ln": L * t * ln * c.block_norms, "th_ln": t * h * ln,
         "t_ln": t * ln,
         "Dtf_gelu": D * t * f * gelu, "tf_gelu": t * f * gelu, "Mtkf_gelu": M * t * k * fe * gelu,
@@ -135,3 +139,17 @@ def ext_basis_values(c: Columns) -> np.ndarray:
         "Lbas_sink": L * b * a * s * c.attention_sinks, "Lbas2_sink": L * b * a * s * s * c.attention_sinks,
     }
     return np.stack([terms[n] for n in EXT_BASIS], axis=-1)
+
+
+EXT_CLASSES = ("base", "layernorm", "gemma", "parallel", "moe", "mla")
+"""Families of the newer architectures, each with its own fit of EXT_BASIS (features interact
+within a family, e.g. a parallel block's shared norm with a GELU MLP): MLA (DeepSeek), other MoE,
+parallel blocks (Falcon, GPT-NeoX, Cohere), Gemma (post-norms or GeGLU), LayerNorm decoders
+(Starcoder2), and the rest (explicit head_dim, q/k norms, windows, sinks, partial rotary)."""
+
+
+def ext_class(c: Columns) -> Array:
+    """Index into EXT_CLASSES per row."""
+    return np.select(
+        [c.mla == 1, c.moe_layers > 0, c.parallel_block == 1, (c.block_norms == 4) | (c.geglu == 1), c.layer_norm == 1],
+        [5, 4, 3, 2, 1], default=0)

@@ -30,7 +30,7 @@ from memsweep.columns import (
 )
 from memsweep.formulas.base import Breakdown
 from memsweep.formulas.basis import (
-    BASIS, EXT_BASIS, basis_values, ext_basis_values, layer_params, moe_padding,
+    BASIS, EXT_BASIS, EXT_CLASSES, basis_values, ext_basis_values, ext_class, layer_params, moe_padding,
 )
 from memsweep.formulas.coefficients import BASIS as FITTED_BASIS
 from memsweep.formulas.coefficients import COEFFICIENTS
@@ -41,11 +41,13 @@ if FITTED_BASIS != BASIS:
     raise RuntimeError("formulas/coefficients.py was fitted on another basis: run scripts/derive_coefficients.py")
 try:
     from memsweep.formulas.coefficients_ext import EXT_BASIS as FITTED_EXT_BASIS
-    from memsweep.formulas.coefficients_ext import EXT_COEFFICIENTS
+    from memsweep.formulas.coefficients_ext import EXT_COEFFICIENTS as _FITTED_EXT
 except ImportError:  # not derived yet: the newer architectures' terms count nothing
-    FITTED_EXT_BASIS, EXT_COEFFICIENTS = EXT_BASIS, {}
-if FITTED_EXT_BASIS != EXT_BASIS:
-    raise RuntimeError("formulas/coefficients_ext.py was fitted on another basis: run scripts/derive_architectures.py")
+    FITTED_EXT_BASIS, _FITTED_EXT = EXT_BASIS, {}
+# By term name, so a table fitted before a term was added reads 0 for it (scripts/derive_architectures.py
+# refits; tests/test_architectures.py checks the shipped table is fitted on the current basis).
+EXT_COEFFICIENTS = {key: tuple(dict(zip(FITTED_EXT_BASIS, coef)).get(n, 0.0) for n in EXT_BASIS)
+                    for key, coef in _FITTED_EXT.items()}
 FAMILIES = ("gpt2", "llama", "bert")
 PRECISIONS = ("mixed", "pure16", "fp32")
 
@@ -205,20 +207,23 @@ def _mode_index(c: Columns) -> tuple[Array, ...]:
 
 
 def _ext_table() -> np.ndarray:
-    """The newer architectures' coefficients (llama family), [precision, workload, recompute,
+    """The newer architectures' coefficients (llama family), [class, precision, workload, recompute,
     attention, EXT_BASIS]. A mode without its own fit reads the sdpa fit of its precision,
-    workload and recompute (eager adds only the classic s^2 terms), else the closest LoRA set."""
-    table = np.zeros((len(PRECISIONS), len(WORKLOAD_TABLES), 2, 2, len(EXT_BASIS)))
+    workload and recompute, else the closest LoRA set; a class without one reads the base class."""
+    table = np.zeros((len(EXT_CLASSES), len(PRECISIONS), len(WORKLOAD_TABLES), 2, 2, len(EXT_BASIS)))
     fallback_wl = {"lora-mlp": "lora-all", "lora-qv": "lora-qkvo", "lora-qkvo": "lora-qv", "lora-all": "lora-qkvo"}
-    for p, prec in enumerate(PRECISIONS):
-        for w, wl in enumerate(WORKLOAD_TABLES):
-            for r, rc in enumerate(("none", "full")):
-                for a, att in enumerate(ATTENTION_TABLES):
-                    for key_wl, key_att in ((wl, att), (wl, "sdpa"), (fallback_wl.get(wl, wl), "sdpa")):
-                        coef = EXT_COEFFICIENTS.get(f"llama/{prec}/{key_wl}/{rc}/{key_att}/saved")
-                        if coef is not None:
-                            table[p, w, r, a] = coef
-                            break
+    for k, cls in enumerate(EXT_CLASSES):
+        for p, prec in enumerate(PRECISIONS):
+            for w, wl in enumerate(WORKLOAD_TABLES):
+                for r, rc in enumerate(("none", "full")):
+                    for a, att in enumerate(ATTENTION_TABLES):
+                        for key_cls, key_wl, key_att in ((cls, wl, att), (cls, wl, "sdpa"),
+                                                         (cls, fallback_wl.get(wl, wl), "sdpa"),
+                                                         ("base", wl, att), ("base", wl, "sdpa")):
+                            coef = EXT_COEFFICIENTS.get(f"llama/{key_cls}/{prec}/{key_wl}/{rc}/{key_att}/saved")
+                            if coef is not None:
+                                table[k, p, w, r, a] = coef
+                                break
     return table
 
 
@@ -242,7 +247,7 @@ def ext_saved_bytes(c: Columns, index: tuple[Array, ...] | None = None, mask: np
         return out
     idx = _mode_index(c) if index is None else index
     sub = c if rows.all() else Columns(**{f: getattr(c, f)[rows] for f in COLUMN_NAMES})
-    coef = EXT_SAVED[tuple(i[rows] for i in idx[1:])] * (1.0 if mask is None else mask)
+    coef = EXT_SAVED[(ext_class(sub).astype(int), *(i[rows] for i in idx[1:]))] * (1.0 if mask is None else mask)
     out[rows] = (coef * ext_basis_values(sub)).sum(axis=-1)
     return out
 
