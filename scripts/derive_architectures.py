@@ -4,14 +4,17 @@ implementation, on top of the classic llama tables.
     python scripts/derive_architectures.py            # rewrites src/memsweep/formulas/coefficients_ext.py
     python scripts/derive_architectures.py --jobs 2   # two processes
 
+    python scripts/derive_architectures.py --jobs 2 --modes mixed/train/none/sdpa   # refit some modes
+
 For every llama-family mode (precision x workload x recompute x attention) it runs the reference
-training step under FakeTensorMode on a design of small models that switch the newer features on
-at random (explicit head_dim, MQA, GeGLU / GELU MLPs, LayerNorm, parallel and sandwich blocks, q/k
-norms, partial rotary, sliding windows, sinks, MoE with shared experts and dense first layers,
-MLA), subtracts what the classic table (coefficients.py) predicts, and solves for the bytes per
-term of `EXT_BASIS` (formulas/basis.py), each zero for a classic model. A mode whose fit
-reproduces every design point to the byte is marked exact; otherwise the least-squares fit is
-kept with its worst residual, which the script prints and docs/accuracy.md reports.
+training step under FakeTensorMode on a design of 240 small models built from RECIPES (each newer
+feature alone, and the combinations real models use: Gemma, Qwen-MoE, OLMoE, gpt-oss, DeepSeek,
+Falcon, GPT-NeoX, Starcoder2, Cohere, Phi-3) with random sizes, subtracts what the classic table
+(coefficients.py) predicts, and solves, per architecture class (basis.EXT_CLASSES), for the bytes
+per term of `EXT_BASIS` (formulas/basis.py), each zero for a classic model. A fit that reproduces
+every design point to the byte is marked exact; otherwise the least-squares fit is kept with its
+worst residual (coefficients_ext.QUALITY); docs/accuracy-architectures.md reports the error on
+the full-size presets. The table is rewritten after every mode, so an interrupted run keeps its fits.
 """
 
 from __future__ import annotations
@@ -19,7 +22,6 @@ from __future__ import annotations
 import argparse
 import itertools
 import sys
-from dataclasses import replace
 from multiprocessing import Pool
 from pathlib import Path
 
