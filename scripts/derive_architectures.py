@@ -43,7 +43,7 @@ from memsweep.specs import ModelSpec  # noqa: E402
 WORKLOADS = ("train", "lora-qv", "lora-qkvo", "lora-mlp", "lora-all")
 RECOMPUTES = ("none", "full")
 ATTENTIONS = ("sdpa", "eager")
-POINTS = 240
+POINTS = 480
 SEED = 10
 
 
