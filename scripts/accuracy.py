@@ -102,8 +102,7 @@ def reestimate(table: pl.DataFrame) -> pl.DataFrame:
     updated = []
     for name in ok["formula"].unique():
         mask = (ok["formula"] == name).to_numpy()
-        sub = Columns(**{f: getattr(cols, f)[mask] for f in cols.__dataclass_fields__})
-        b = get_formula(name)(sub)
+        b = get_formula(name)(cols.take(mask))
         part = ok.filter(pl.col("formula") == name).with_columns(
             **{f"{t}_bytes": pl.Series(getattr(b, t).round().astype("int64")) for t in TERMS},
             total_bytes=pl.Series(b.total.round().astype("int64")))

@@ -104,6 +104,10 @@ class Columns:
     def __len__(self) -> int:
         return int(np.size(self.layers))
 
+    def take(self, rows: np.ndarray) -> Columns:
+        """The rows selected by a boolean mask or an index array."""
+        return Columns(**{f.name: getattr(self, f.name)[rows] for f in fields(self)})
+
     @classmethod
     def from_arrays(cls, **arrays: object) -> Columns:
         """Build from scalars and arrays broadcast to one length. Omitted columns are 0, except
@@ -193,33 +197,40 @@ def q_width(c: Columns) -> Array:
     return c.heads * c.head_dim
 
 
-def mla_params(c: Columns) -> Array:
-    """DeepSeek-V2/V3 attention (DeepSeek-AI 2024, sec. 2.1): q = q_b(norm(q_a(x))) (or one q_proj
-    without q compression), a latent [c_kv, k_rope] = kv_a(x), k_nope and v = kv_b(norm(c_kv))."""
-    h, q, klr, qlr = c.hidden, q_width(c), c.kv_lora_rank, c.q_lora_rank
-    query = np.where(qlr > 0, h * qlr + norm_params(c, qlr) + qlr * q, h * q)
-    nope = c.head_dim - c.rope_head_dim
-    kv = h * (klr + c.rope_head_dim) + norm_params(c, klr) + klr * c.heads * (nope + c.v_head_dim)
-    return query + kv
+def mlp_matrices(c: Columns, ffn: Array) -> Array:
+    """One MLP's weight matrices: gated (gate, up, down: 3*h*f) or GELU (up, down: 2*h*f)."""
+    return np.where(c.gated_mlp == 1, 3.0, 2.0) * c.hidden * ffn
+
+
+def mlp_biases(c: Columns, ffn: Array) -> Array:
+    return np.where(c.gated_mlp == 1, 2 * ffn, ffn) + c.hidden
+
+
+def attention_matrices(c: Columns) -> Array:
+    """Per layer: Q (h x a*d), K and V (h x kv*d each), O (a*d_v x h); MLA (DeepSeek-AI 2024,
+    sec. 2.1): q = q_b(norm(q_a(x))) (or one q_proj without q compression), a latent
+    [c_kv, k_rope] = kv_a(x), and per-head k_nope and v = kv_b(norm(c_kv))."""
+    h, q, kv = c.hidden, q_width(c), c.kv_heads * c.head_dim
+    qlr, klr, nope = c.q_lora_rank, c.kv_lora_rank, c.head_dim - c.rope_head_dim
+    mla = (np.where(qlr > 0, h * qlr + qlr * q, h * q) + h * (klr + c.rope_head_dim)
+           + klr * c.heads * (nope + c.v_head_dim))
+    return np.where(c.mla == 1, mla, h * (q + 2 * kv)) + c.heads * c.v_head_dim * h
 
 
 def attention_params(c: Columns) -> Array:
-    """Per layer: Q (h x a*d), K and V (h x kv*d each) or MLA's projections, O (a*d_v x h),
-    optional biases, q/k norms and attention sinks."""
-    q = q_width(c)
-    kv = c.kv_heads * c.head_dim
-    qkv = c.hidden * (q + 2 * kv) + c.qkv_bias * (q + 2 * kv)
-    out = c.heads * c.v_head_dim * c.hidden + c.out_bias * c.hidden
+    """Per layer: the matrices, optional biases (q, k, v; o), MLA's two latent norms, q/k norms
+    and attention sinks."""
+    q, kv = q_width(c), c.kv_heads * c.head_dim
+    biases = c.qkv_bias * (q + 2 * kv) + c.out_bias * c.hidden
+    mla_norms = np.where(c.mla == 1, norm_params(c, c.kv_lora_rank) + norm_params(c, c.q_lora_rank), 0.0)
     qk_norm = np.where(c.qk_norm == 1, 2 * c.head_dim, np.where(c.qk_norm == 2, q + kv, 0.0))
-    return (np.where(c.mla == 1, mla_params(c), qkv) + out + norm_params(c, qk_norm)
+    return (attention_matrices(c) + biases + mla_norms + norm_params(c, qk_norm)
             + c.attention_sinks * c.heads)
 
 
 def dense_mlp_params(c: Columns, ffn: Array) -> Array:
-    """One MLP of hidden size `ffn`: gated (gate, up, down: 3*h*f) or GELU (up, down: 2*h*f)."""
-    matrices = np.where(c.gated_mlp == 1, 3.0, 2.0) * c.hidden * ffn
-    biases = np.where(c.gated_mlp == 1, 2 * ffn, ffn) + c.hidden
-    return matrices + c.mlp_bias * biases
+    """One MLP of hidden size `ffn` with its optional biases."""
+    return mlp_matrices(c, ffn) + c.mlp_bias * mlp_biases(c, ffn)
 
 
 def expert_params(c: Columns) -> Array:
@@ -227,12 +238,24 @@ def expert_params(c: Columns) -> Array:
     return dense_mlp_params(c, c.expert_ffn)
 
 
+def moe_matrices(c: Columns) -> Array:
+    """One MoE layer's matrices: the router (h x E), every routed expert, the shared experts (one
+    MLP of their joint size, as DeepSeek and Qwen2-MoE build them) and Qwen2-MoE's shared gate."""
+    shared = np.where(c.shared_ffn > 0, mlp_matrices(c, c.shared_ffn), 0.0)
+    return c.experts * (c.hidden + mlp_matrices(c, c.expert_ffn)) + shared + c.shared_expert_gate * c.hidden
+
+
 def moe_mlp_params(c: Columns) -> Array:
-    """One MoE layer: the router (h x E, + bias), every routed expert, the shared experts (one MLP
-    of their joint size, as DeepSeek and Qwen2-MoE build them) and Qwen2-MoE's shared gate."""
-    router = c.experts * (c.hidden + c.router_bias)
-    shared = np.where(c.shared_ffn > 0, dense_mlp_params(c, c.shared_ffn), 0.0)
-    return router + c.experts * expert_params(c) + shared + c.shared_expert_gate * c.hidden
+    """One MoE layer: its matrices, the router bias and the experts' biases."""
+    shared = np.where(c.shared_ffn > 0, mlp_biases(c, c.shared_ffn), 0.0)
+    return (moe_matrices(c) + c.router_bias * c.experts
+            + c.mlp_bias * (c.experts * mlp_biases(c, c.expert_ffn) + shared))
+
+
+def linear_elements(c: Columns) -> Array:
+    """Weight elements of every layer's matrices (what autocast copies to 16-bit)."""
+    return (c.layers * attention_matrices(c) + (c.layers - c.moe_layers) * mlp_matrices(c, c.ffn)
+            + c.moe_layers * moe_matrices(c))
 
 
 def mlp_params_total(c: Columns) -> Array:

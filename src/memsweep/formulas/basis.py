@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from memsweep.columns import Array, Columns, lora_params
+from memsweep.columns import Array, Columns, linear_elements, lora_params
 
 BASIS = ("Lth", "Ltkvd", "Ltf", "Lta", "Lt", "Ltr", "Llinear", "Llora", "Lh", "Lf", "Lr",
          "th", "tkvd", "tf", "ta", "tr", "tV", "t", "Vh", "sd", "s", "h", "V", "Lbas2", "Ls2", "one")
@@ -62,25 +62,13 @@ EAGER_ONLY = frozenset({"Ls2_loc", "Lbas_sink", "Lbas2_sink"})
 sdpa fit leaves them out, so least squares cannot give them spurious bytes that grow with s^2."""
 
 
-def classic_attention_matrices(c: Columns) -> Array:
-    h, a, d, kv = c.hidden, c.heads, c.head_dim, c.kv_heads
-    return h * (a * d + 2 * kv * d) + a * d * h
-
-
-def linear_elements(c: Columns) -> Array:
-    """Weight elements of every layer's matrices (attention or MLA, dense MLPs, router, experts,
-    shared experts and their gate): what autocast copies to 16-bit."""
-    h = c.hidden
-    mats = lambda f: np.where(c.gated_mlp == 1, 3.0, 2.0) * h * f  # noqa: E731
-    q = c.heads * c.head_dim
-    nope = c.head_dim - c.rope_head_dim
-    qlr, klr = c.q_lora_rank, c.kv_lora_rank
-    mla = (np.where(qlr > 0, h * qlr + qlr * q, h * q) + h * (klr + c.rope_head_dim)
-           + klr * c.heads * (nope + c.v_head_dim))
-    attention = np.where(c.mla == 1, mla, h * (q + 2 * c.kv_heads * c.head_dim)) + c.heads * c.v_head_dim * h
-    moe = (c.experts * (mats(c.expert_ffn) + h) + np.where(c.shared_ffn > 0, mats(c.shared_ffn), 0.0)
-           + c.shared_expert_gate * h)
-    return c.layers * attention + (c.layers - c.moe_layers) * mats(c.ffn) + c.moe_layers * moe
+def newer_architecture(c: Columns) -> Array:
+    """Rows whose EXT_BASIS terms can be non-zero: llama-family models with any newer feature
+    (keep in step with the terms above)."""
+    return (c.family == 1) & ((c.heads * c.head_dim != c.hidden) | (c.moe_layers > 0) | (c.mla == 1)
+                              | (c.qk_norm > 0) | (c.block_norms != 2) | (c.parallel_block == 1)
+                              | (c.layer_norm == 1) | (c.gated_mlp == 0) | (c.geglu == 1)
+                              | (c.rope_dim != c.head_dim) | (c.local_layers > 0) | (c.attention_sinks == 1))
 
 
 def moe_padding(c: Columns) -> Array:

@@ -21,7 +21,7 @@ calibration can refit it.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, fields
+from dataclasses import dataclass
 
 import numpy as np
 
@@ -30,13 +30,13 @@ from memsweep.columns import (
 )
 from memsweep.formulas.base import Breakdown
 from memsweep.formulas.basis import (
-    BASIS, EXT_BASIS, EXT_CLASSES, basis_values, ext_basis_values, ext_class, layer_params, moe_padding,
+    BASIS, EXT_BASIS, EXT_CLASSES, basis_values, ext_basis_values, ext_class, moe_padding,
+    newer_architecture,
 )
 from memsweep.formulas.coefficients import BASIS as FITTED_BASIS
 from memsweep.formulas.coefficients import COEFFICIENTS
 
 FP32 = 4.0
-COLUMN_NAMES = tuple(f.name for f in fields(Columns))
 if FITTED_BASIS != BASIS:
     raise RuntimeError("formulas/coefficients.py was fitted on another basis: run scripts/derive_coefficients.py")
 try:
@@ -230,14 +230,6 @@ def _ext_table() -> np.ndarray:
 EXT_SAVED = _ext_table()
 
 
-def newer_architecture(c: Columns) -> Array:
-    """Rows whose EXT_BASIS terms can be non-zero: llama-family models with any newer feature."""
-    return (c.family == 1) & ((c.heads * c.head_dim != c.hidden) | (c.moe_layers > 0) | (c.mla == 1)
-                              | (c.qk_norm > 0) | (c.block_norms != 2) | (c.parallel_block == 1)
-                              | (c.layer_norm == 1) | (c.gated_mlp == 0) | (c.geglu == 1)
-                              | (c.rope_dim != c.head_dim) | (c.local_layers > 0) | (c.attention_sinks == 1))
-
-
 def ext_saved_bytes(c: Columns, index: tuple[Array, ...] | None = None, mask: np.ndarray | None = None) -> Array:
     """The newer features' share of the saved activations (0 for gpt2 / bert and classic models;
     evaluated on the rows that have a newer feature only, so classic grids pay nothing)."""
@@ -246,7 +238,7 @@ def ext_saved_bytes(c: Columns, index: tuple[Array, ...] | None = None, mask: np
     if not rows.any():
         return out
     idx = _mode_index(c) if index is None else index
-    sub = c if rows.all() else Columns(**{f: getattr(c, f)[rows] for f in COLUMN_NAMES})
+    sub = c if rows.all() else c.take(rows)
     coef = EXT_SAVED[(ext_class(sub).astype(int), *(i[rows] for i in idx[1:]))] * (1.0 if mask is None else mask)
     out[rows] = (coef * ext_basis_values(sub)).sum(axis=-1)
     return out
