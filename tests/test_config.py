@@ -65,6 +65,8 @@ def test_unknown_preset_key_in_a_group_is_refused(hydra_compose):
     (["hardware=h100"], "hardware"),
     (["model.hiden=3"], "model.hiden"),
     (["sq=5"], "sq"),
+    # a key every selected preset must have: model=hf carries only name and config
+    (["-m", "model=llama2-7b,hf", "model.layers=3"], "model.layers"),
 ])
 def test_command_line_precheck(argv, key):
     with pytest.raises(ConfigError) as info:
@@ -76,6 +78,7 @@ def test_command_line_precheck(argv, key):
     ["-m", "seq=512,2048,8192", "dtype=fp16,bf16"],
     ["model=gpt2", "model.layers=2", "+resume=true", "hydra/launcher=basic"],
     ["-m", "model=glob(llama*)"],
+    ["-m", "model=mixtral-8x7b,gemma-2-9b", "model.experts=4", "parallel=zero1", "parallel.ep=2"],
 ])
 def test_command_line_precheck_passes_valid_overrides(argv):
     check_overrides(argv, CONF)
@@ -94,3 +97,14 @@ def test_model_hf_without_a_readable_config_is_one_line(hydra_compose, tmp_path)
         to_job_spec(hydra_compose(["model=hf", f"model.config={tmp_path / 'none.json'}"]))
     with pytest.raises(ConfigError, match=r"^model.layers="):
         to_job_spec(hydra_compose(["model=hf", f"model.config={tmp_path}", "+model.layers=2"]))
+
+
+def test_every_model_preset_spells_out_every_field():
+    """Hydra can only override a key a preset has: with every ModelSpec field in every preset,
+    `model.experts=16` or `model.sliding_window=4096` works on any model."""
+    from dataclasses import fields
+
+    from memsweep.specs import ModelSpec
+    names = {f.name for f in fields(ModelSpec)}
+    for name in preset_names("model"):
+        assert set(load_preset("model", name)) == names, name

@@ -422,25 +422,15 @@ def spec_from_file(path: str | Path, name: str | None = None) -> ModelSpec:
     return spec_from_config(read_config(path), name or default_name(path))
 
 
-# Fields every preset spells out (the classic ones); newer fields appear only when they differ
-# from their default, so a dense llama preset reads as it always did.
-CORE_FIELDS = ("name", "family", "layers", "hidden", "heads", "kv_heads", "head_dim", "ffn", "vocab",
-               "max_positions", "norm", "mlp", "position", "qkv_bias", "out_bias", "mlp_bias",
-               "tied_embeddings", "type_vocab", "pooler")
-
-
 def preset_yaml(spec: ModelSpec, header: list[str]) -> str:
-    """A conf/model/ preset for `spec`, `header` lines as comments on top."""
+    """A conf/model/ preset for `spec`, `header` lines as comments on top. Every field is written,
+    defaults too, so any of them can be overridden on the command line (`model.experts=16`)."""
     import dataclasses
 
     import yaml
 
-    values = dataclasses.asdict(spec)
-    defaults = {f.name: f.default for f in dataclasses.fields(ModelSpec)}
     lines = [f"# {h}" for h in header]
-    for key, value in values.items():
-        if key not in CORE_FIELDS and value == defaults.get(key):
-            continue
+    for key, value in dataclasses.asdict(spec).items():
         if isinstance(value, tuple):
             value = list(value)
         text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()

@@ -25,11 +25,19 @@ def presets(conf_dir: Path, group: str) -> list[str]:
 
 
 @cache
-def group_keys(conf_dir: Path, group: str) -> tuple[str, ...]:
-    keys: set[str] = set()
-    for path in (conf_dir / group).glob("*.yaml"):
-        keys.update(OmegaConf.load(path).keys())
-    return tuple(sorted(keys))
+def preset_keys(conf_dir: Path, group: str, name: str) -> tuple[str, ...]:
+    path = conf_dir / group / f"{name}.yaml"
+    return tuple(OmegaConf.load(path).keys()) if path.is_file() else ()
+
+
+@cache
+def default_choices(conf_dir: Path) -> dict[str, str]:
+    """The group options config.yaml's defaults list selects."""
+    choices = {}
+    for item in OmegaConf.to_container(OmegaConf.load(conf_dir / "config.yaml")).get("defaults", []):
+        if isinstance(item, dict):
+            choices.update({k: v for k, v in item.items() if isinstance(v, str)})
+    return choices
 
 
 @cache
@@ -55,29 +63,41 @@ def parse_overrides(argv: list[str]) -> list[Override]:
         return []
 
 
+def _values(o: Override) -> list[str] | None:
+    """The values of an override, sweeps expanded; None for sweeps Hydra resolves itself."""
+    try:
+        return list(o.sweep_string_iterator()) if o.is_sweep_override() else [override_value(o)]
+    except Exception:  # glob() and the like
+        return None
+
+
 def check_overrides(argv: list[str], conf_dir: Path) -> None:
-    """Raise `ConfigError` for an unknown preset or key in the command-line overrides."""
-    for o in parse_overrides(argv):
+    """Raise `ConfigError` for an unknown preset or key in the command-line overrides. A group key
+    (`model.experts=16`) must exist in every preset the command selects for that group, since
+    Hydra refuses to set a key a preset lacks, and in a multirun would stop before any job."""
+    overrides = [o for o in parse_overrides(argv)
+                 # `+key=`/`++key=`/`~key` say "I know this key is new or going"; hydra/* is Hydra's own.
+                 if not (o.is_add() or o.is_force_add() or o.is_delete() or o.package is not None)
+                 and not o.key_or_group.startswith("hydra") and "/" not in o.key_or_group]
+    chosen: dict[str, list[str] | None] = {g: [c] for g, c in default_choices(conf_dir).items()}
+    for o in overrides:
         key = o.key_or_group
-        # `+key=`/`++key=`/`~key` say "I know this key is new or going"; hydra/* is Hydra's own.
-        if o.is_add() or o.is_force_add() or o.is_delete() or o.package is not None:
-            continue
-        if key.startswith("hydra") or "/" in key:
-            continue
+        if key in GROUPS:
+            values = _values(o)
+            allowed_presets = presets(conf_dir, key)
+            for value in values or ():
+                if value not in allowed_presets:
+                    raise ConfigError(key, value, allowed_presets)
+            chosen[key] = values
+    for o in overrides:
+        key = o.key_or_group
         group, _, rest = key.partition(".")
         if group not in GROUPS:
             if key not in top_keys(conf_dir):
                 allowed = [*top_keys(conf_dir), *GROUPS]
                 raise ConfigError(key, override_value(o), f"top-level keys: {', '.join(allowed)}")
         elif rest:
-            if rest.split(".")[0] not in group_keys(conf_dir, group):
-                raise ConfigError(key, override_value(o), f"keys of {group}: {', '.join(group_keys(conf_dir, group))}")
-        else:
-            try:
-                values = list(o.sweep_string_iterator()) if o.is_sweep_override() else [override_value(o)]
-            except Exception:  # glob() and other sweeps resolved by Hydra itself
-                continue
-            allowed_presets = presets(conf_dir, group)
-            for value in values:
-                if value not in allowed_presets:
-                    raise ConfigError(group, value, allowed_presets)
+            for name in chosen.get(group) or ():
+                keys = preset_keys(conf_dir, group, name)
+                if rest.split(".")[0] not in keys:
+                    raise ConfigError(key, override_value(o), f"keys of {group}={name}: {', '.join(sorted(keys))}")
