@@ -47,7 +47,7 @@ def test_a_crashing_job_in_a_sweep_is_a_row_and_the_rest_land(tmp_path):
         [sys.executable, str(REPO / "sweep.py"), "-m", "model=tiny", "seq=64,128", "measure=fake",
          "measure.isolate=true", f"hydra.sweep.dir={tmp_path}"],
         capture_output=True, text=True, timeout=300, env=env)
-    assert proc.returncode == 0, proc.stderr
+    assert proc.returncode == 1 and "2 job(s) failed" in proc.stderr, proc.stderr  # table first, then status 1
     t = pl.read_parquet(tmp_path / RESULTS_NAME)
     assert set(t["status"]) == {"error"} and t["total_bytes"].null_count() == 0
     assert t["error"].str.contains("SIGSEGV").all()

@@ -60,7 +60,9 @@ def test_rows_equal_the_in_process_estimate(used_by):
 
 def test_a_bad_job_becomes_an_error_row_and_the_rest_land(tmp_path):
     proc = sweep("-m", "model=tiny", "seq=64,0", "batch=1,2", f"hydra.sweep.dir={tmp_path}")
-    assert proc.returncode == 0, proc.stderr
+    # the table is written, then the exit status says jobs failed (issue 11, case 10)
+    assert proc.returncode == 1, proc.stderr
+    assert proc.stderr.splitlines()[-1] == "error: 2 job(s) failed (status=error); their rows are in the table"
     t = pl.read_parquet(tmp_path / RESULTS_NAME)
     bad = t.filter(pl.col("status") == "error")
     assert bad.height == 2 and set(bad["seq"]) == {0} and bad["formula"].null_count() == 2

@@ -9,9 +9,12 @@ same function on any sweep directory, finished or interrupted.
 
 from __future__ import annotations
 
+import io
 import os
+import socket
 import sys
 import tempfile
+import time
 from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -111,7 +114,9 @@ def coerce_row(values: Mapping[str, Any]) -> dict[str, Any]:
     for name, dtype in SCHEMA.items():
         v = values.get(name)
         ok = _PY_TYPES[type(dtype)]
-        if v is not None and isinstance(v, ok) and not (isinstance(v, bool) and bool not in ok):
+        if isinstance(v, int) and not isinstance(v, bool) and not -2**63 <= v < 2**63:
+            row[name] = None  # what int64 cannot hold (the row's error says why)
+        elif v is not None and isinstance(v, ok) and not (isinstance(v, bool) and bool not in ok):
             row[name] = v
         else:
             row[name] = None
@@ -132,28 +137,83 @@ def _umask() -> int:
 _UMASK = _umask()
 
 
+class OutputError(OSError):
+    """A file memsweep must write could not be (read-only directory, disk full, ...): the message
+    names the path and the cause on one line."""
+
+
+_HOST = socket.gethostname().replace("~", "-")
+
+
+def _temp_prefix(path: Path) -> str:
+    """`.NAME~HOST~PID~`: whose temp file it is, so a later collect can tell a killed writer's
+    leftovers (its process is gone) from a write in flight."""
+    return f".{path.name}~{_HOST}~{os.getpid()}~"
+
+
 def write_atomic(path: Path, write: Callable[[BinaryIO], None]) -> Path:
     """Write through `write(fh)` to a temp file in the same directory, fsync, give it the mode a
     plain open() would (mkstemp makes 0600), then rename it over `path`: readers see the old
-    file or the new one, never half of one."""
+    file or the new one, never half of one. An OS failure is an `OutputError` naming `path`."""
     path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    tmp = None
     try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        fd, tmp = tempfile.mkstemp(prefix=_temp_prefix(path), suffix=".tmp", dir=path.parent)
         os.fchmod(fd, 0o666 & ~_UMASK)
         with os.fdopen(fd, "wb") as fh:
             write(fh)
             fh.flush()
             os.fsync(fh.fileno())
         os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+    except BaseException as exc:
+        if tmp is not None:
+            Path(tmp).unlink(missing_ok=True)
+        if isinstance(exc, OSError) and not isinstance(exc, OutputError):
+            raise OutputError(exc.errno, f"cannot write {path}: {exc.strerror or exc}") from exc
         raise
     return path
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # someone else's process: alive
+        return True
+    return True
+
+
+STALE_AFTER_S = 3600.0
+"""A temp file of another host is left alone for this long (its writer may still be running)."""
+
+
+def clean_stale_temps(root: Path) -> list[Path]:
+    """Delete temp files of killed writes under `root`: this host's whose process is gone, any
+    other host's older than STALE_AFTER_S, and unnamed ones (older memsweep) as old as that."""
+    removed = []
+    for tmp in Path(root).rglob(".*.tmp"):
+        parts = tmp.name.split("~")
+        try:
+            if len(parts) == 4 and parts[1] == _HOST:
+                stale = not _alive(int(parts[2]))
+            else:
+                stale = time.time() - tmp.stat().st_mtime > STALE_AFTER_S
+            if stale:
+                tmp.unlink()
+                removed.append(tmp)
+        except (OSError, ValueError):  # gone meanwhile, or not ours to read: leave it
+            continue
+    return removed
+
+
 def write_parquet_atomic(df: pl.DataFrame, path: Path) -> Path:
-    return write_atomic(path, df.write_parquet)
+    """Encoded in memory first: a failing disk is then a plain OSError of the file write (polars
+    writing straight to a full disk raises an opaque ComputeError)."""
+    buf = io.BytesIO()
+    df.write_parquet(buf)
+    return write_atomic(path, lambda fh: fh.write(buf.getbuffer()))
 
 
 def write_text_atomic(text: str, path: Path) -> Path:
@@ -193,6 +253,10 @@ class Collected:
     parts: int
     skipped: list[tuple[Path, str]] = field(default_factory=list)
     jobs_without_rows: list[Path] = field(default_factory=list)
+    kept: str | None = None
+    """Why an existing results.parquet was kept rather than replaced by a table with less in it."""
+    cleaned: int = 0
+    """Temp files of killed writes removed."""
 
 
 def find_parts(root: Path) -> list[Path]:
@@ -225,18 +289,51 @@ def _read_parts(parts: list[Path]) -> tuple[list[pl.DataFrame], list[tuple[Path,
     return frames, skipped, with_rows
 
 
+def _ok_keys(table: pl.DataFrame) -> set[tuple]:
+    ok = table.filter(pl.col("status") == "ok")
+    return set(zip(ok["job_id"].to_list(), ok["formula"].to_list()))
+
+
+def would_lose(old_path: Path, table: pl.DataFrame) -> str | None:
+    """Why writing `table` over `old_path` would lose rows (a job, or a job's ok row, the old
+    table has and the new one lacks), or None. An unreadable old file holds nothing to keep."""
+    if not old_path.is_file():
+        return None
+    try:
+        old = pl.read_parquet(old_path, columns=["job_id", "formula", "status"])
+    except Exception:
+        return None
+    lost_jobs = set(old["job_id"].drop_nulls()) - set(table["job_id"].drop_nulls())
+    lost_rows = _ok_keys(old) - _ok_keys(table)
+    if not lost_jobs and not lost_rows:
+        return None
+    what = f"{len(lost_jobs)} of its jobs" if lost_jobs else f"{len(lost_rows)} of its ok rows"
+    return (f"kept {old_path} ({old.height} rows): the parts hold {table.height} rows and lack {what}; "
+            f"nothing written (move it away to rebuild it from the parts)")
+
+
 def collect(root: Path, write: bool = True) -> Collected:
-    """Merge every part under `root` into one table and (atomically) `root/results.parquet`."""
+    """Merge every part under `root` into one table and (atomically) `root/results.parquet`.
+    An existing results.parquet is never replaced by a table that lacks any of its jobs or ok
+    rows: it is kept, and `kept` says why. Temp files of killed writes are removed first."""
     root = Path(root)
+    cleaned = len(clean_stale_temps(root)) if write else 0
     parts = find_parts(root)
     frames, skipped, with_rows = _read_parts(parts)
     table = pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=SCHEMA)
     # Within a job, rows keep the order the job wrote them in (the formula registry's order).
     table = table.sort(["job_num", "job_id"], nulls_last=True, maintain_order=True)
     missing = [d for d in job_dirs(root) if d not in with_rows and d != root]
-    path = write_parquet_atomic(table, root / RESULTS_NAME) if write else None
+    path, kept = None, None
+    if write:
+        target = root / RESULTS_NAME
+        kept = would_lose(target, table)
+        if kept:
+            path, table = target, align(pl.read_parquet(target))
+        else:
+            path = write_parquet_atomic(table, target)
     return Collected(table=table, path=path, parts=len(parts), skipped=skipped,
-                     jobs_without_rows=missing)
+                     jobs_without_rows=missing, kept=kept, cleaned=cleaned)
 
 
 # --- the printed summary ------------------------------------------------------------------
@@ -275,6 +372,10 @@ def pivot_memory(table: pl.DataFrame, model: str) -> tuple[pl.DataFrame, str]:
 def summarize(collected: Collected, out=sys.stdout) -> None:
     t = collected.table
     print(f"results: {collected.path}", file=out)
+    if collected.kept:
+        print(f"warning: {collected.kept}", file=out)
+    if collected.cleaned:
+        print(f"removed {collected.cleaned} temp file(s) of killed writes", file=out)
     counts = t.group_by("status").len().sort("status")
     status = ", ".join(f"{s}={n}" for s, n in counts.iter_rows())
     jobs = t["job_id"].n_unique()

@@ -56,6 +56,13 @@ def check_bool(key: str, value: object) -> None:
         raise ConfigError(key, value, "true, false")
 
 
+def check_label(key: str, value: object) -> None:
+    """A name that ends up in result rows and tables: a non-empty string on one line (a YAML
+    number such as `model.name=1.5`, or an empty string, is refused rather than coerced)."""
+    if not isinstance(value, str) or not value.strip() or "\n" in value:
+        raise ConfigError(key, value, "a non-empty name on one line (quote numbers: model.name='\"1.5\"')")
+
+
 @dataclass(frozen=True)
 class ModelSpec:
     """Architecture numbers of a decoder (gpt2, llama) or encoder (bert) transformer.
@@ -136,6 +143,7 @@ class ModelSpec:
     token, as vLLM and SGLang do) or the expanded keys and values (as a plain implementation does)."""
 
     def __post_init__(self) -> None:
+        check_label("model.name", self.name)
         check_choice("model.family", self.family, FAMILIES)
         for key in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "max_positions"):
             check_int(f"model.{key}", getattr(self, key))
@@ -293,8 +301,19 @@ class Workload:
     lora_targets: tuple[str, ...] = ()
 
     def __post_init__(self) -> None:
+        check_label("workload.name", self.name)
         check_choice("workload.kind", self.kind, WORKLOADS)
         check_int("workload.gen_tokens", self.gen_tokens, minimum=0)
+        # a value the workload would ignore is refused: the row would not be what the user asked
+        if self.kind != "inference" and self.gen_tokens:
+            raise ConfigError("workload.gen_tokens", self.gen_tokens, f"0 for workload kind {self.kind} (inference only)")
+        if self.kind != "lora":
+            if self.lora_rank != 0:
+                raise ConfigError("workload.lora_rank", self.lora_rank,
+                                  f"0 for workload kind {self.kind} (adapters belong to a lora workload: workload=lora)")
+            if self.lora_targets:
+                raise ConfigError("workload.lora_targets", list(self.lora_targets),
+                                  f"[] for workload kind {self.kind} (adapters belong to a lora workload: workload=lora)")
         if self.kind == "lora":
             check_int("workload.lora_rank", self.lora_rank)
             if not self.lora_targets:
@@ -340,6 +359,7 @@ class Parallel:
     Megatron-Core and DeepSpeed-MoE), so ep divides dp and adds no GPUs."""
 
     def __post_init__(self) -> None:
+        check_label("parallel.name", self.name)
         for key in ("tp", "pp", "dp", "ep"):
             check_int(f"parallel.{key}", getattr(self, key))
         if self.dp % self.ep:
@@ -363,6 +383,7 @@ class Hardware:
     reserved_mib: int = 512
 
     def __post_init__(self) -> None:
+        check_label("hardware.name", self.name)
         check_int("hardware.memory_mib", self.memory_mib)
         check_int("hardware.reserved_mib", self.reserved_mib, minimum=0)
         if self.reserved_mib >= self.memory_mib:
@@ -403,6 +424,7 @@ class MeasureSpec:
     """isolate only: kill the child (status=error) when its resident memory exceeds this."""
 
     def __post_init__(self) -> None:
+        check_label("measure.name", self.name)
         check_choice("measure.backend", self.backend, MEASURE_BACKENDS)
         check_bool("measure.isolate", self.isolate)
         for key in ("timeout_s", "max_rss_gib"):
@@ -433,6 +455,23 @@ def lora_targets_of(m: ModelSpec) -> tuple[str, ...]:
     return ("q", "k", "v", "o", *mlp)
 
 
+def lora_matrix_shapes(m: ModelSpec, target: str) -> list[tuple[int, int]]:
+    """(d_in, d_out) of every matrix one LoRA target adapts (see `lora_targets_of`)."""
+    h, a, d, kv = m.hidden, m.heads, m.dim_per_head, m.kv_heads
+    if m.mla:
+        nope = d - m.rope_head_dim
+        attn = {"q": [(h, m.q_lora_rank), (m.q_lora_rank, a * d)] if m.q_lora_rank else [(h, a * d)],
+                "k": [(h, m.kv_lora_rank + m.rope_head_dim)], "v": [(m.kv_lora_rank, a * (nope + m.value_dim))]}
+    else:
+        attn = {"q": [(h, a * d)], "k": [(h, kv * d)], "v": [(h, kv * d)]}
+    attn["o"] = [(a * m.value_dim, h)]
+    if target in attn:
+        return attn[target]
+    ffns = ([m.ffn] if m.layers > m.moe_layers else []) + ([m.routed_ffn] if m.moe_layers else [])
+    ffns += [m.shared_ffn_total] if m.moe_layers and m.shared_ffn_total else []
+    return [(f, h) if target == "down" else (h, f) for f in ffns]
+
+
 @dataclass(frozen=True)
 class JobSpec:
     """One point of the sweep grid, validated as a whole (cross-field checks live here)."""
@@ -450,6 +489,12 @@ class JobSpec:
     attention: Attention = "sdpa"
     formulas: tuple[str, ...] = field(default=())
     measure: MeasureSpec = field(default_factory=MeasureSpec)
+    formula_constants: tuple[tuple[str, float], ...] = ()
+    """The constants of the `formula` group option (`formula=X formula.constants.k=v`), applied to
+    the formula of that name in `formulas` (it is in the row's spec_json)."""
+    formula_option: str | None = None
+    """Which formula (by name) `formula_constants` belong to, and `formula_base` its estimator."""
+    formula_base: str | None = None
 
     def __post_init__(self) -> None:
         check_int("seq", self.seq)
@@ -488,6 +533,12 @@ class JobSpec:
             allowed = lora_targets_of(m)
             for target in w.lora_targets:
                 check_choice("workload.lora_targets", target, allowed)
+            # B A has rank <= min(d_in, d_out): a larger rank adds parameters and no capacity
+            limit, target, shape = min((min(s), t, s) for t in w.lora_targets for s in lora_matrix_shapes(m, t))
+            if w.lora_rank > limit:
+                raise ConfigError("workload.lora_rank", w.lora_rank,
+                                  f"at most {limit} for {m.name} ({target}: {shape[0]} x {shape[1]}; "
+                                  f"a rank beyond a matrix's smaller side adds nothing)")
 
     def to_dict(self) -> dict:
         """Plain data (the `spec_json` column): `JobSpec.from_dict` rebuilds this spec exactly."""
@@ -501,6 +552,7 @@ class JobSpec:
         d = dict(d, model=model_fields(d["model"]))
         rest = {k: v for k, v in d.items() if k not in (*parts, "workload")}
         rest["formulas"] = tuple(rest.get("formulas", ()))
+        rest["formula_constants"] = tuple((k, float(v)) for k, v in rest.get("formula_constants", ()))
         return cls(workload=Workload(**w), **{k: t(**d[k]) for k, t in parts.items()}, **rest)
 
     @property

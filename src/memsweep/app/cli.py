@@ -8,6 +8,9 @@ before any job runs. Values themselves are checked per job (a bad value becomes 
 
 from __future__ import annotations
 
+import hashlib
+import os
+import tempfile
 from functools import cache
 from pathlib import Path
 
@@ -18,6 +21,10 @@ from omegaconf import OmegaConf
 from memsweep.errors import ConfigError
 
 GROUPS = ("model", "workload", "optimizer", "hardware", "parallel", "measure", "formula")
+SWITCHES = ("resume", "add")
+"""Top-level true/false keys that say how to run a grid (checked before any job)."""
+OPTIONAL_GROUPS = ("formula",)
+"""Groups whose default is no option: `formula=null` spells the default out."""
 
 
 def presets(conf_dir: Path, group: str) -> list[str]:
@@ -86,8 +93,10 @@ def check_overrides(argv: list[str], conf_dir: Path) -> None:
             values = _values(o)
             allowed_presets = presets(conf_dir, key)
             for value in values or ():
+                if value == "null" and key in OPTIONAL_GROUPS:
+                    continue
                 if value not in allowed_presets:
-                    raise ConfigError(key, value, allowed_presets)
+                    raise ConfigError(key, value, [*allowed_presets, *(["null"] if key in OPTIONAL_GROUPS else [])])
             chosen[key] = values
     for o in overrides:
         key = o.key_or_group
@@ -96,8 +105,91 @@ def check_overrides(argv: list[str], conf_dir: Path) -> None:
             if key not in top_keys(conf_dir):
                 allowed = [*top_keys(conf_dir), *GROUPS]
                 raise ConfigError(key, override_value(o), f"top-level keys: {', '.join(allowed)}")
+            if key in SWITCHES:
+                for value in _values(o) or [override_value(o)]:
+                    if str(value).lower() not in ("true", "false"):
+                        raise ConfigError(key, value, "true, false")
         elif rest:
             for name in chosen.get(group) or ():
                 keys = preset_keys(conf_dir, group, name)
                 if rest.split(".")[0] not in keys:
                     raise ConfigError(key, override_value(o), f"keys of {group}={name}: {', '.join(sorted(keys))}")
+
+
+def _override(argv: list[str], key: str) -> str | None:
+    for o in parse_overrides(argv):
+        if o.key_or_group == key and not o.is_delete():
+            return override_value(o)
+    return None
+
+
+def output_dir(argv: list[str]) -> tuple[str, Path]:
+    """The key and directory a command writes to: hydra.sweep.dir for a multirun, hydra.run.dir
+    otherwise; by default their parent under outputs/ (the leaf is a timestamp)."""
+    multirun = "-m" in argv or "--multirun" in argv
+    key = "hydra.sweep.dir" if multirun else "hydra.run.dir"
+    value = _override(argv, key)
+    if value is not None and "${" not in value:
+        return key, Path(value)
+    return key, Path("outputs") / ("multirun" if multirun else "runs")
+
+
+def check_writable(key: str, path: Path, probe_bytes: int = 64 * 1024) -> None:
+    """Raise ConfigError when `path` (or the nearest directory above it that exists) cannot take
+    a small file: read-only, not a directory, or no space left. Hydra would fail later with a
+    traceback from its own config save."""
+    base = path
+    while not base.exists() and base != base.parent:
+        base = base.parent
+    if base.exists() and not base.is_dir():
+        raise ConfigError(key, str(path), f"a directory ({base} is a file)")
+    try:
+        fd, probe = tempfile.mkstemp(prefix=".memsweep-probe~", dir=base)
+        try:
+            os.write(fd, b"\0" * probe_bytes)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+            os.unlink(probe)
+    except OSError as exc:
+        raise ConfigError(key, str(path), f"a writable directory with free space ({base}: {exc.strerror or exc})") from None
+
+
+GRID_NAME = "grids.json"
+"""A sweep directory's record of the grids run into it (see callbacks.check_grid)."""
+
+
+def grid_of(overrides: list[str]) -> list[str]:
+    """A grid's identity: its overrides as typed, sorted, without Hydra's own and the switches."""
+    keys = [(o, o.split("=", 1)[0].lstrip("+~")) for o in overrides]
+    return sorted(o for o, k in keys if k not in SWITCHES and not k.startswith("hydra"))
+
+
+def grid_tag(grid: list[str]) -> str:
+    """The subdirectory of a grid added with add=true: grid-<hash of its overrides>."""
+    return "grid-" + hashlib.sha1("\n".join(grid).encode()).hexdigest()[:8]
+
+
+def recorded_grids(sweep_dir: Path) -> list[dict]:
+    """[{overrides, subdir}, ...] from the sweep directory's record; [] when there is none."""
+    import json
+
+    try:
+        return list(json.loads((sweep_dir / GRID_NAME).read_text())["grids"])
+    except (OSError, ValueError, KeyError, TypeError):
+        return []
+
+
+def grid_subdir(argv: list[str]) -> list[str]:
+    """Where this grid's jobs go inside the sweep directory: a grid already recorded there goes
+    where it went before (resume); a new grid added with add=true to its own subdirectories
+    (grid-<hash>/<job num>), so it never overwrites another grid's parts. [] = Hydra's default."""
+    if _override(argv, "hydra.sweep.subdir") is not None:
+        return []
+    overrides = parse_overrides(argv)
+    grid = grid_of([o.input_line for o in overrides])
+    key, sweep_dir = output_dir(argv)
+    recorded = {tuple(g.get("overrides", ())): g.get("subdir", "") for g in recorded_grids(sweep_dir)}
+    adding = any(o.key_or_group == "add" and str(override_value(o)).lower() == "true" for o in overrides)
+    sub = recorded.get(tuple(grid), grid_tag(grid) if adding else "")
+    return [f"hydra.sweep.subdir={sub}/${{hydra.job.num}}"] if sub else []

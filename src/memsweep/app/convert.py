@@ -10,6 +10,7 @@ from dataclasses import MISSING, fields
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
+from omegaconf.errors import OmegaConfBaseException
 
 from memsweep.errors import ConfigError
 from memsweep.formulas import FORMULAS, Formula, calibrated_names, formula_from_dict, get_formula
@@ -34,8 +35,22 @@ def _group(cls: type, group: str, values: Any) -> dict:
     return values
 
 
+def resolved(cfg: DictConfig) -> dict:
+    """The config as plain data; an interpolation that cannot resolve (`seq=${nosuch}`) is a
+    ConfigError naming the key that holds it."""
+    try:
+        return OmegaConf.to_container(cfg, resolve=True)
+    except OmegaConfBaseException as exc:
+        key = getattr(exc, "full_key", None) or "config"
+        raw = OmegaConf.select(cfg, key, throw_on_resolution_failure=False) if key != "config" else None
+        if raw is None and key != "config":
+            raw = cfg._get_node(key)._value() if cfg._get_node(key) is not None else None
+        why = str(exc).strip().splitlines()[0]
+        raise ConfigError(key, raw, f"a value, or an interpolation that resolves ({why})") from None
+
+
 def to_job_spec(cfg: DictConfig | dict) -> JobSpec:
-    c = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else dict(cfg)
+    c = resolved(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
     model = model_of(c.get("model"))
     w = dict(_group(Workload, "workload", c.get("workload")))
     targets = w.get("lora_targets", ())
@@ -45,14 +60,25 @@ def to_job_spec(cfg: DictConfig | dict) -> JobSpec:
     missing = [k for k in JOB_KEYS if k not in c]
     if missing:
         raise ConfigError(missing[0], "missing", "a value at the top level of the config")
+    option = c.get("formula")
+    if option is not None and not isinstance(option, dict):
+        raise ConfigError("formula", option, f"an option of conf/formula/ ({', '.join(FORMULAS)} or a calibrated one)")
+    formulas = formulas_of(c)
+    constants = {}
+    if isinstance(option, dict):
+        extra = formulas[-1]  # formulas_of puts the option last
+        constants = {f.name: float(getattr(extra.constants, f.name)) for f in fields(extra.constants)}
     return JobSpec(
         model=model,
         workload=Workload(**w),
         optimizer=OptimizerSpec(**_group(OptimizerSpec, "optimizer", c.get("optimizer"))),
         parallel=Parallel(**_group(Parallel, "parallel", c.get("parallel"))),
         hardware=Hardware(**_group(Hardware, "hardware", c.get("hardware"))),
-        formulas=tuple(f.name for f in formulas_of(c)),
+        formulas=tuple(f.name for f in formulas),
         measure=MeasureSpec(**_group(MeasureSpec, "measure", c.get("measure", {"name": "none"}))),
+        formula_constants=tuple(sorted(constants.items())),
+        formula_option=formulas[-1].name if isinstance(option, dict) else None,
+        formula_base=option.get("base") if isinstance(option, dict) else None,
         **{k: c[k] for k in JOB_KEYS},
     )
 

@@ -9,7 +9,10 @@ from __future__ import annotations
 import hashlib
 import json
 import logging
+import os
 import sys
+import threading
+import time
 import traceback
 from pathlib import Path
 from typing import Any
@@ -20,10 +23,10 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from memsweep.app.convert import JOB_KEYS, to_job_spec
-from memsweep.formulas import get_formula
+from memsweep.formulas import job_formulas
 from memsweep.errors import ConfigError
 from memsweep.estimate import estimate_rows
-from memsweep.results import PART_NAME, write_part
+from memsweep.results import PART_NAME, OutputError, clean_stale_temps, write_part
 from memsweep.specs import JobSpec
 from memsweep.units import GIB
 
@@ -40,6 +43,7 @@ def job_id(cfg: DictConfig) -> str:
         payload: Any = OmegaConf.to_container(cfg, resolve=True)
         if isinstance(payload, dict):
             payload.pop("resume", None)
+            payload.pop("add", None)
     except Exception:  # an unresolvable config still gets a stable id from its raw text
         payload = OmegaConf.to_yaml(cfg)
     text = json.dumps(payload, sort_keys=True, default=str)
@@ -104,36 +108,93 @@ def finished(out_dir: Path, jid: str) -> bool:
     return done.height > 0 and set(done["job_id"]) == {jid} and set(done["status"]) == {"ok"}
 
 
+SWEEP_PID_ENV = "MEMSWEEP_SWEEP_PID"
+"""Set by sweep.py to its own pid: a job in another process (a launcher's worker) watches it."""
+
+_watchdog: threading.Thread | None = None
+
+
+def watch_sweep_process(poll_s: float = 0.5) -> None:
+    """In a launcher's worker process (joblib / loky, submitit local), exit as soon as the sweep
+    process that started it is gone: killing a sweep stops its workers instead of leaving them
+    writing parts for minutes. Parts are written atomically, so an exit mid-write leaves only a
+    temp file, which the next collect or resume removes."""
+    global _watchdog
+    sweep_pid = os.environ.get(SWEEP_PID_ENV)
+    if _watchdog is not None or not sweep_pid or int(sweep_pid) == os.getpid():
+        return
+    parent = os.getppid()
+
+    def watch() -> None:
+        while True:
+            time.sleep(poll_s)
+            if os.getppid() != parent:  # re-parented: whoever started this worker is gone
+                os._exit(143)
+
+    _watchdog = threading.Thread(target=watch, name="memsweep-sweep-watch", daemon=True)
+    _watchdog.start()
+
+
+def check_switch(cfg: DictConfig, key: str) -> bool:
+    value = OmegaConf.select(cfg, key, default=False, throw_on_resolution_failure=False)
+    if not isinstance(value, bool):
+        raise ConfigError(key, value, "true, false")
+    return value
+
+
 def run_job(cfg: DictConfig) -> int:
+    """Never raises: whatever fails becomes an error row (Hydra would otherwise skip collection)."""
     global last_exit_code
     hc = HydraConfig.get()
     multirun = hc.mode == RunMode.MULTIRUN
     out_dir = Path(hc.runtime.output_dir)
+    if multirun:
+        watch_sweep_process()
     meta = {
         "sweep_id": sweep_id(Path(hc.sweep.dir) if multirun else out_dir),
         "job_num": int(hc.job.num) if multirun else 0,
         "job_id": job_id(cfg),
     }
-    if OmegaConf.select(cfg, "resume", default=False) is True and finished(out_dir, meta["job_id"]):
-        print(f"[job {meta['job_num']}] resume: rows exist, skipped", flush=True)
-        return 0
+    choices = dict(hc.runtime.choices)
     code, message = 0, ""
     try:
+        if check_switch(cfg, "resume"):
+            clean_stale_temps(out_dir)
+            if finished(out_dir, meta["job_id"]):
+                print(f"[job {meta['job_num']}] resume: rows exist, skipped", flush=True)
+                return 0
         spec = to_job_spec(cfg)
-        rows = estimate_rows(spec, [get_formula(n) for n in spec.formulas])
+        rows = estimate_rows(spec, job_formulas(spec))
         if spec.measure.backend != "none":
             rows = with_measurement(spec, rows, meta["job_num"])
     except ConfigError as exc:
         code, message = 2, str(exc)
-        rows = [error_row(cfg, dict(hc.runtime.choices), message)]
+        rows = [error_row(cfg, choices, message)]
     except Exception as exc:  # unexpected: keep the traceback in the job's log, the row says what
         code, message = 1, f"{type(exc).__name__}: {exc}".splitlines()[0]
         log.debug("job failed:\n%s", traceback.format_exc())
-        rows = [error_row(cfg, dict(hc.runtime.choices), message)]
-    write_part([{**r, **meta} for r in rows], out_dir)
+        rows = [error_row(cfg, choices, message)]
+    code, message = _write_rows(rows, meta, out_dir, cfg, choices, code, message)
     if code:
         label = f"job {meta['job_num']}: " if multirun else ""
         print(f"error: {label}{message}", file=sys.stderr)
     if not multirun:
         last_exit_code = code
     return code
+
+
+def _write_rows(rows: list[dict[str, Any]], meta: dict[str, Any], out_dir: Path, cfg: DictConfig,
+                choices: dict[str, str], code: int, message: str) -> tuple[int, str]:
+    """Write the job's part; rows that cannot be written become one error row saying why; a
+    directory that cannot be written to is the job's error (its message names the path)."""
+    try:
+        try:
+            write_part([{**r, **meta} for r in rows], out_dir)
+        except OutputError:
+            raise
+        except Exception as exc:  # a value no column can hold: the job still leaves a row
+            code, message = 1, f"rows not writable: {type(exc).__name__}: {exc}".splitlines()[0]
+            write_part([{**error_row(cfg, choices, message), **meta}], out_dir)
+    except OutputError as exc:
+        return 1, str(exc.strerror)
+    return code, message

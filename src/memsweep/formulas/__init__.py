@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from pathlib import Path
 
 import yaml
@@ -41,17 +42,24 @@ def default_conf_dir() -> Path:
 
 def formula_from_dict(data: dict, key: str = "formula") -> Formula:
     """A formula option: `{name, base, constants: {...}, provenance: {...}}` (conf/formula/*.yaml)."""
+    if not isinstance(data, dict):
+        raise ConfigError(key, data, "a formula option: name, base and constants")
     base = data.get("base")
-    if base not in FORMULAS:
+    if not isinstance(base, str) or base not in FORMULAS:
         raise ConfigError(f"{key}.base", base, sorted(FORMULAS))
+    name = data.get("name", base)
+    if not isinstance(name, str) or not name.strip() or "/" in name or name.startswith("."):
+        raise ConfigError(f"{key}.name", name, "a non-empty formula name (no path)")
     known = FORMULAS[base].constant_names()
     constants = data.get("constants") or {}
-    for name, value in constants.items():
-        if name not in known:
-            raise ConfigError(f"{key}.constants.{name}", value, known)
-        if isinstance(value, bool) or not isinstance(value, (int, float)):
-            raise ConfigError(f"{key}.constants.{name}", value, "a number")
-    return FORMULAS[base].with_constants(data.get("name", base), **{k: float(v) for k, v in constants.items()})
+    if not isinstance(constants, dict):
+        raise ConfigError(f"{key}.constants", constants, f"a mapping of {', '.join(known)}")
+    for const, value in constants.items():
+        if const not in known:
+            raise ConfigError(f"{key}.constants.{const}", value, known)
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+            raise ConfigError(f"{key}.constants.{const}", value, "a finite number")
+    return FORMULAS[base].with_constants(name, **{k: float(v) for k, v in constants.items()})
 
 
 def load_calibrated(path: Path) -> Formula:
@@ -60,13 +68,25 @@ def load_calibrated(path: Path) -> Formula:
 
 def get_formula(name: str, key: str = "formulas", conf_dir: Path | None = None) -> Formula:
     """A built-in formula, or a calibrated variant from conf/formula/<name>.yaml."""
-    if name in FORMULAS:
+    if isinstance(name, str) and name in FORMULAS:
         return FORMULAS[name]
-    path = (conf_dir or default_conf_dir()) / "formula" / f"{name}.yaml"
-    if path.is_file():
-        return load_calibrated(path)
-    raise ConfigError(key, name, [*FORMULAS, *calibrated_names(conf_dir)])
+    calibrated = calibrated_names(conf_dir)
+    if isinstance(name, str) and name in calibrated:  # a name, never a path into another group
+        return load_calibrated((conf_dir or default_conf_dir()) / "formula" / f"{name}.yaml")
+    raise ConfigError(key, name, [*FORMULAS, *calibrated])
+
+
+def job_formulas(spec) -> list[Formula]:
+    """The formulas a job evaluates: its names, with the `formula` option's constants applied
+    to the formula of that name (`formula=detailed formula.constants.overhead_bytes=1e9`)."""
+    out = []
+    for name in spec.formulas:
+        if name == spec.formula_option:
+            out.append(FORMULAS[spec.formula_base].with_constants(name, **dict(spec.formula_constants)))
+        else:
+            out.append(get_formula(name))
+    return out
 
 
 __all__ = ["FORMULAS", "TERMS", "Breakdown", "Formula", "calibrated_names", "formula_from_dict",
-           "get_formula", "load_calibrated"]
+           "get_formula", "job_formulas", "load_calibrated"]
