@@ -18,7 +18,9 @@ from omegaconf import DictConfig  # noqa: E402
 from omegaconf.errors import OmegaConfBaseException  # noqa: E402
 
 from memsweep.app import callbacks, job  # noqa: E402
-from memsweep.app.cli import check_overrides, check_writable, grid_subdir, output_dir  # noqa: E402
+from memsweep.app.cli import (  # noqa: E402
+    check_overrides, check_writable, grid_subdir, output_dir, without_null_options,
+)
 from memsweep.errors import ConfigError  # noqa: E402
 from memsweep.results import OutputError  # noqa: E402
 
@@ -31,6 +33,7 @@ def main(cfg: DictConfig) -> int:
 def run(argv: list[str]) -> int:
     try:
         check_overrides(argv, ROOT / "conf")
+        argv = without_null_options(argv)
         check_writable(*output_dir(argv))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -48,7 +51,7 @@ def run(argv: list[str]) -> int:
         print(f"error: {what}; the parts written so far are kept (python scripts/collect.py DIR "
               f"rebuilds results.parquet)", file=sys.stderr)
         return 1
-    except (HydraException, OmegaConfBaseException) as exc:
+    except (HydraException, OmegaConfBaseException, ValueError, TypeError) as exc:  # Hydra refusing input
         if user_full_error:
             raise
         print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)

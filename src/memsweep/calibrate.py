@@ -59,10 +59,31 @@ def design(formula: Formula, c: Columns) -> tuple[np.ndarray, np.ndarray, tuple[
     return offset, A, names
 
 
+def identifiable(A: np.ndarray, tol: float = 1e-6) -> np.ndarray:
+    """Columns the data can inform: not all zero, and not in the span of the other such columns
+    (a column that is constant across rows, e.g. every row of one model, is proportional to the
+    other constant ones; columns that always move together cannot be told apart). Both members
+    of a collinear pair are left out, so neither is zeroed in favour of the other."""
+    live = np.linalg.norm(A, axis=0) > 0
+    out = live.copy()
+    for j in np.flatnonzero(live):
+        others = live.copy()
+        others[j] = False
+        if not others.any():
+            continue
+        col = A[:, j]
+        coef, *_ = np.linalg.lstsq(A[:, others], col, rcond=None)
+        if np.linalg.norm(col - A[:, others] @ coef) <= tol * np.linalg.norm(col):
+            out[j] = False
+    return out
+
+
 def nnls(A: np.ndarray, b: np.ndarray, max_iter: int = 500) -> np.ndarray:
     """min ||A x - b|| subject to x >= 0 (Lawson & Hanson 1974, active-set method)."""
     m, n = A.shape
     x = np.zeros(n)
+    if n == 0:
+        return x
     passive = np.zeros(n, dtype=bool)
     w = A.T @ (b - A @ x)
     tol = 10 * np.finfo(float).eps * max(1.0, np.abs(A).sum(axis=0).max()) * max(m, n)
@@ -99,7 +120,10 @@ def calibrate(formula: Formula, c: Columns, measured: np.ndarray, name: str | No
     """Refit `formula`'s calibratable constants on rows `c` with measured peaks (bytes)."""
     measured = np.asarray(measured, dtype=float)
     offset, A, names = design(formula, c)
-    informative = np.abs(A).sum(axis=0) > 0
+    informative = identifiable(A * (1.0 / measured)[:, None])
+    # what the constants the data cannot inform contribute stays, at their current values
+    theta = np.array([getattr(formula.constants, n) for n in names], dtype=float)
+    offset = offset + A[:, ~informative] @ theta[~informative]
     scale = 1.0 / measured
     Aw = A[:, informative] * scale[:, None]
     bw = (measured - offset) * scale

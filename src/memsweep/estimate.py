@@ -7,6 +7,8 @@ import math
 from collections.abc import Sequence
 from typing import Any
 
+import numpy as np
+
 from memsweep.columns import Columns, active_params, base_params, model_values, trainable_params
 from memsweep.errors import ConfigError
 from memsweep.formulas import TERMS, Formula
@@ -70,7 +72,8 @@ def estimate_rows(spec: JobSpec, formulas: Sequence[Formula]) -> list[dict[str, 
     for formula in formulas:
         row = {**base, "formula": formula.name}
         try:
-            b = formula(cols)
+            with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked right below
+                b = formula(cols)
             values = {f"{t}_bytes": float(getattr(b, t)[0]) for t in TERMS}
             values["total_bytes"] = sum(values.values())
             for column, value in values.items():

@@ -126,7 +126,15 @@ def measured_jobs(table: pl.DataFrame) -> tuple[pl.DataFrame, Columns, np.ndarra
     """One row per measured job (ok status, a peak), its Columns and its measured peak bytes."""
     jobs = (table.filter(pl.col("status") == "ok", pl.col("measured_peak_bytes") > 0)
             .unique("job_id", keep="first", maintain_order=True))
-    specs = [spec_of_row(r) for r in jobs.iter_rows(named=True)]
+    specs = []
+    for r in jobs.iter_rows(named=True):
+        try:
+            specs.append(spec_of_row(r))
+        except Exception as exc:  # a hand-edited or foreign table: name the row and the column
+            raw = r.get("spec_json") or ""
+            raise ConfigError("spec_json", raw[:60] + ("..." if len(raw) > 60 else ""),
+                              f"the JSON of a memsweep job spec (job_id {r.get('job_id')}: "
+                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
     return jobs, Columns.from_specs(specs), jobs["measured_peak_bytes"].to_numpy().astype(float)
 
 

@@ -155,6 +155,14 @@ class PlanSpec:
             check_int("reserved_mib", self.reserved_mib, minimum=0)
         for key in ("max_batch", "max_seq", "gpus_batch"):
             check_int(key, getattr(self, key))
+        # search bounds far past any GPU, and below what int64 byte counts can hold
+        for key, limit in (("max_batch", MAX_BATCH_LIMIT), ("max_seq", MAX_SEQ_LIMIT)):
+            if getattr(self, key) > limit:
+                raise ConfigError(key, getattr(self, key), f"an integer from 1 to {limit:,}")
+        for key, bound in (("gpus_batch", "max_batch"), ("batches", "max_batch"), ("seqs", "max_seq")):
+            values, limit = getattr(self, key), getattr(self, bound)
+            if max(values if isinstance(values, tuple) else (values,)) > limit:
+                raise ConfigError(key, _show(values), f"integers from 1 to {bound}={limit:,}")
         if not isinstance(self.layouts, Layouts):
             raise ConfigError("layouts", self.layouts, "a mapping with tp, dp, zero")
         if self.results is not None and not (isinstance(self.results, str) and Path(self.results).is_file()):
@@ -173,6 +181,10 @@ class PlanSpec:
 
     def capacity_bytes(self, hw: Hardware) -> float:
         return hw.usable_bytes * (1.0 - self.margin)
+
+
+MAX_BATCH_LIMIT = 2**20
+MAX_SEQ_LIMIT = 2**27
 
 
 def _show(value: object) -> object:
@@ -201,6 +213,8 @@ def parse_precision(label: object) -> tuple[str, str]:
     dtype, _, mode = label.partition("-")
     if dtype not in SWEEP_DTYPES or mode not in ("", "mixed", "pure"):
         raise ConfigError("precisions", label, allowed)
+    if mode == "mixed" and dtype not in ("fp16", "bf16"):
+        raise ConfigError("precisions", label, f"{dtype} or {dtype}-pure (mixed precision is 16-bit training: fp16, bf16)")
     return dtype, mode or ("mixed" if dtype in ("fp16", "bf16") else "pure")
 
 

@@ -534,7 +534,8 @@ class JobSpec:
             for target in w.lora_targets:
                 check_choice("workload.lora_targets", target, allowed)
             # B A has rank <= min(d_in, d_out): a larger rank adds parameters and no capacity
-            limit, target, shape = min((min(s), t, s) for t in w.lora_targets for s in lora_matrix_shapes(m, t))
+            limit, target, shape = min(((min(s), t, s) for t in w.lora_targets for s in lora_matrix_shapes(m, t)),
+                                        key=lambda x: x[0])  # the first target at the limit
             if w.lora_rank > limit:
                 raise ConfigError("workload.lora_rank", w.lora_rank,
                                   f"at most {limit} for {m.name} ({target}: {shape[0]} x {shape[1]}; "

@@ -61,9 +61,34 @@ def override_value(o: Override) -> str:
         return o.input_line.split("=", 1)[-1]
 
 
+VALUE_FLAGS = {"-cd": "--config-dir", "--config-dir": "--config-dir", "-cp": "--config-path",
+               "--config-path": "--config-path", "-cn": "--config-name", "--config-name": "--config-name",
+               "-c": "--cfg", "--cfg": "--cfg", "-p": "--package", "--package": "--package",
+               "--experimental-rerun": "--experimental-rerun"}
+"""Hydra's command-line flags that take a value (the next word, or after '=')."""
+
+
+def split_argv(argv: list[str]) -> tuple[dict[str, str], list[str]]:
+    """(flags with values, overrides): `-cd DIR seq=1 -m` -> ({'--config-dir': 'DIR'}, ['seq=1'])."""
+    flags, overrides, it = {}, [], iter(argv)
+    for a in it:
+        name, eq, value = a.partition("=")
+        if a.startswith("-") and name in VALUE_FLAGS:
+            flags[VALUE_FLAGS[name]] = value if eq else next(it, "")
+        elif not a.startswith("-"):
+            overrides.append(a)
+    return flags, overrides
+
+
+def user_conf_dirs(argv: list[str]) -> list[Path]:
+    """Config folders the command adds to Hydra's search path (`--config-dir DIR`)."""
+    flags, _ = split_argv(argv)
+    return [Path(flags["--config-dir"]).expanduser()] if flags.get("--config-dir") else []
+
+
 def parse_overrides(argv: list[str]) -> list[Override]:
     """Hydra's own parse of the command line; [] if it cannot parse (Hydra will say why)."""
-    args = [a for a in argv if not a.startswith("-")]
+    args = split_argv(argv)[1]
     try:
         return OverridesParser.create().parse_overrides(args)
     except Exception:  # not ours to report: Hydra will, with its own message
@@ -91,7 +116,7 @@ def check_overrides(argv: list[str], conf_dir: Path) -> None:
         key = o.key_or_group
         if key in GROUPS:
             values = _values(o)
-            allowed_presets = presets(conf_dir, key)
+            allowed_presets = sorted({*presets(conf_dir, key), *(n for d in user_conf_dirs(argv) for n in presets(d, key))})
             for value in values or ():
                 if value == "null" and key in OPTIONAL_GROUPS:
                     continue
@@ -111,7 +136,7 @@ def check_overrides(argv: list[str], conf_dir: Path) -> None:
                         raise ConfigError(key, value, "true, false")
         elif rest:
             for name in chosen.get(group) or ():
-                keys = preset_keys(conf_dir, group, name)
+                keys = next((k for d in (conf_dir, *user_conf_dirs(argv)) if (k := preset_keys(d, group, name))), ())
                 if rest.split(".")[0] not in keys:
                     raise ConfigError(key, override_value(o), f"keys of {group}={name}: {', '.join(sorted(keys))}")
 
@@ -193,3 +218,19 @@ def grid_subdir(argv: list[str]) -> list[str]:
     adding = any(o.key_or_group == "add" and str(override_value(o)).lower() == "true" for o in overrides)
     sub = recorded.get(tuple(grid), grid_tag(grid) if adding else "")
     return [f"hydra.sweep.subdir={sub}/${{hydra.job.num}}"] if sub else []
+
+
+def without_null_options(argv: list[str]) -> list[str]:
+    """`formula=null` spells out the default (no option), which Hydra refuses for a config group:
+    drop it. Inside a sweep (`formula=null,detailed`) it is refused in one line."""
+    out = []
+    for a in argv:
+        key, eq, value = a.partition("=")
+        if eq and key in OPTIONAL_GROUPS:
+            values = value.split(",")
+            if values == ["null"]:
+                continue
+            if "null" in values:
+                raise ConfigError(key, value, "null alone (the default), or a list of options without null")
+        out.append(a)
+    return out

@@ -13,7 +13,7 @@ from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from memsweep.errors import ConfigError
-from memsweep.formulas import FORMULAS, Formula, calibrated_names, formula_from_dict, get_formula
+from memsweep.formulas import FORMULAS, Formula, formula_from_dict, get_formula
 from memsweep.hf_config import spec_from_file
 from memsweep.specs import (
     Hardware, JobSpec, MeasureSpec, ModelSpec, OptimizerSpec, Parallel, Workload, model_fields,
@@ -98,11 +98,12 @@ def model_of(values: Any) -> ModelSpec:
 
 
 def formulas_of(c: dict) -> list[Formula]:
-    """`formulas`: `all` (the built-ins and every calibrated variant in conf/formula/) or a list
-    of names; the `formula` group (`formula=X`) adds option X, with its constants, to that list."""
+    """`formulas`: `all` (the built-ins) or a list of names; the `formula` group (`formula=X`,
+    also from a user config folder: `--config-dir DIR`) adds option X, with its constants. A
+    calibrated formula joins a sweep only when it is selected so, never through `all`."""
     names = c.get("formulas")
     if names in (None, "all"):
-        chosen = [*FORMULAS.values(), *(get_formula(n) for n in calibrated_names())]
+        chosen = list(FORMULAS.values())
     else:
         if isinstance(names, str):
             names = [names]

@@ -67,9 +67,18 @@ def load_calibrated(path: Path) -> Formula:
 
 
 def get_formula(name: str, key: str = "formulas", conf_dir: Path | None = None) -> Formula:
-    """A built-in formula, or a calibrated variant from conf/formula/<name>.yaml."""
+    """A built-in formula, a calibrated variant from conf/formula/<name>.yaml, or a calibrated
+    YAML by its path (`plan.py formula=outputs/.../fit/detailed_calibrated.yaml`)."""
     if isinstance(name, str) and name in FORMULAS:
         return FORMULAS[name]
+    if isinstance(name, str) and name.endswith((".yaml", ".yml")):
+        path = Path(name).expanduser()
+        if not path.is_file():
+            raise ConfigError(key, name, "a built-in formula name or an existing calibrated YAML file")
+        try:
+            return load_calibrated(path)
+        except (OSError, yaml.YAMLError, AttributeError) as exc:
+            raise ConfigError(key, name, f"a calibrated formula YAML ({type(exc).__name__})") from None
     calibrated = calibrated_names(conf_dir)
     if isinstance(name, str) and name in calibrated:  # a name, never a path into another group
         return load_calibrated((conf_dir or default_conf_dir()) / "formula" / f"{name}.yaml")

@@ -7,7 +7,9 @@ each with a one-line message. GPU memory is released before it returns, so a swe
 
 from __future__ import annotations
 
+import contextlib
 import gc
+import logging
 import statistics
 import time
 from dataclasses import dataclass, field
@@ -109,10 +111,26 @@ def _from_tracker(backend: str, tracker: StorageTracker, device: str) -> Measure
                        phase_breakdowns=dict(tracker.phase_breakdowns), device=device)
 
 
+FAKE_LOGGER = "torch._subclasses.fake_tensor"
+"""Logs every failing meta kernel with its traceback at ERROR (a dozen lines per failure, on
+stderr); the job's row already says what failed, in one line."""
+
+
+@contextlib.contextmanager
+def _quiet(logger_name: str):
+    logger = logging.getLogger(logger_name)
+    level = logger.level
+    logger.setLevel(logging.CRITICAL)
+    try:
+        yield
+    finally:
+        logger.setLevel(level)
+
+
 def _fake(spec: JobSpec) -> Measurement:
     # Fake tensors on the *cpu* device: fake cuda tensors and the meta device cannot run the
     # backward pass on a CPU-only torch and fall back to math attention.
-    with FakeTensorMode():
+    with _quiet(FAKE_LOGGER), FakeTensorMode():
         tracker, _, _ = _tracked_steps(spec, "cpu", timed=False)
     return _from_tracker("fake", tracker, "fake:cpu")
 
