@@ -7,7 +7,7 @@ implementation, on top of the classic llama tables.
     python scripts/derive_architectures.py --jobs 2 --modes mixed/train/none/sdpa   # refit some modes
 
 For every llama-family mode (precision x workload x recompute x attention) it runs the reference
-training step under FakeTensorMode on a design of 240 small models built from RECIPES (each newer
+training step under FakeTensorMode on a design of 480 small models built from RECIPES (each newer
 feature alone, and the combinations real models use: Gemma, Qwen-MoE, OLMoE, gpt-oss, DeepSeek,
 Falcon, GPT-NeoX, Starcoder2, Cohere, Phi-3) with random sizes, subtracts what the classic table
 (coefficients.py) predicts, and solves, per architecture class (basis.EXT_CLASSES), for the bytes

@@ -49,17 +49,21 @@ EXT_BASIS = (
     "Ltql", "Ltkl_m", "Ltr_m", "Ltar_m", "Ltav_m", "Ltq_m", "Lt_m", "Lt_mq",            # MLA
     "tkl_m", "tar_m", "tav_m", "tq_m", "t_m", "Lth_m", "th_m", "tql",
     "Ltq_qk", "Ltkv_qk", "Lta_qkh", "Ltkv_qkh", "Lt_qkf",           # q/k norms
-    "Lth_nx", "Lt_nx",                                             # norms per block beyond 2 (Gemma) or short of it
+    "tkv_qk", "tkv_qkh", "t_qkf",                                  # q/k norms of the first layer (frozen K)
+    "Lth_nx", "Lt_nx", "th_nx", "t_nx",                            # norms per block beyond 2 (Gemma) or short of it
     "Lth_par", "Lt_par", "th_par", "Lth_pg",                       # parallel blocks (Lth_pg: with a GELU MLP)
-    "Lth_ln", "Lt_ln", "th_ln", "t_ln",                            # LayerNorm in a modern decoder
+    "tf_par", "tf_pg", "th_pg", "th_pln", "t_pln", "t_par",        # parallel blocks' first layer
+    "Lth_ln", "Lt_ln", "th_ln", "t_ln", "Lth_lnx", "th_lnx",        # LayerNorm in a modern decoder (lnx: norms short of 2)
     "Dtf_gelu", "tf_gelu", "Mtkf_gelu", "Dtf_geglu", "Dth_gelu", "th_gelu",  # GELU / GeGLU MLPs
     "Lta_part", "Ltkv_part", "s_rd",                               # partial rotary
     "s2_win", "Ls2_loc",                                           # sliding-window masks
     "Lbas_sink", "Lbas2_sink",                                     # attention sinks (eager)
 )
-EAGER_ONLY = frozenset({"Ls2_loc", "Lbas_sink", "Lbas2_sink"})
-"""Terms only eager attention can have (per-layer masks, sink columns of the b*a*s^2 scores): an
-sdpa fit leaves them out, so least squares cannot give them spurious bytes that grow with s^2."""
+EAGER_ONLY = frozenset({"Lbas_sink", "Lbas2_sink"})
+"""Terms only eager attention can have (the sink columns of the b*a*s^2 scores): an sdpa fit leaves
+them out, so least squares cannot give them spurious bytes that grow with s^2. (Per-layer window
+masks are not among them: sdpa turns a bool mask into a float one of the query's dtype per call,
+and its backward keeps it.)"""
 
 
 def newer_architecture(c: Columns) -> Array:
@@ -115,11 +119,14 @@ def ext_basis_values(c: Columns) -> np.ndarray:
         "tql": t * c.q_lora_rank,
         "Ltq_qk": L * t * a * d * qkn, "Ltkv_qk": L * t * kv * d * qkn, "Lta_qkh": L * t * a * qkh,
         "Ltkv_qkh": L * t * kv * qkh, "Lt_qkf": L * t * qkf,
-        "Lth_nx": L * t * h * nx, "Lt_nx": L * t * nx,
+        "tkv_qk": t * kv * d * qkn, "tkv_qkh": t * kv * qkh, "t_qkf": t * qkf,
+        "Lth_nx": L * t * h * nx, "Lt_nx": L * t * nx, "th_nx": t * h * nx, "t_nx": t * nx,
         "Lth_par": L * t * h * par, "Lt_par": L * t * par, "th_par": t * h * par,
         "Lth_pg": L * t * h * par * gelu,
+        "tf_par": t * f * par, "tf_pg": t * f * par * gelu, "th_pg": t * h * par * gelu,
+        "th_pln": t * h * par * ln, "t_pln": t * par * ln, "t_par": t * par,
         "Lth_ln": L * t * h * ln * c.block_norms, "Lt_ln": L * t * ln * c.block_norms, "th_ln": t * h * ln,
-        "t_ln": t * ln,
+        "t_ln": t * ln, "Lth_lnx": L * t * h * ln * nx, "th_lnx": t * h * ln * nx,
         "Dtf_gelu": D * t * f * gelu, "tf_gelu": t * f * gelu, "Mtkf_gelu": M * t * k * fe * gelu,
         "Dtf_geglu": D * t * f * c.geglu, "Dth_gelu": D * t * h * gelu, "th_gelu": t * h * gelu,
         "Lta_part": L * t * a * part, "Ltkv_part": L * t * kv * part, "s_rd": s * (rd - d) * (c.learned_positions == 0),
