@@ -57,8 +57,9 @@ def check_representable(spec: JobSpec, column: str, value: float) -> None:
     if math.isfinite(value) and abs(value) <= INT64_MAX:
         return
     key, get, _ = max(SCALE_KEYS, key=lambda k: k[1](spec) / k[2])
+    unit = " B" if column.endswith("_bytes") else ""
     raise ConfigError(key, get(spec), f"a value whose byte counts fit a result row ({column} would be "
-                                      f"{value:.3g} B; at most 2^63-1 = 8 EiB)")
+                                      f"{value:.3g}{unit}; at most 2^63-1 = 8 EiB)")
 
 
 def estimate_rows(spec: JobSpec, formulas: Sequence[Formula]) -> list[dict[str, Any]]:
@@ -74,13 +75,13 @@ def estimate_rows(spec: JobSpec, formulas: Sequence[Formula]) -> list[dict[str, 
         try:
             with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked right below
                 b = formula(cols)
-            values = {f"{t}_bytes": float(getattr(b, t)[0]) for t in TERMS}
-            values["total_bytes"] = sum(values.values())
+            terms = {f"{t}_bytes": float(getattr(b, t)[0]) for t in TERMS}
+            values = {"total_bytes": sum(terms.values()), **terms}  # the total is named first
             for column, value in values.items():
                 check_representable(spec, column, value)
-            terms = {f"{t}_bytes": int(round(values[f"{t}_bytes"])) for t in TERMS}
-            total = sum(terms.values())
-            row.update(terms, total_bytes=total, total_gib=total / GIB,
+            exact = {column: int(round(terms[column])) for column in terms}
+            total = sum(exact.values())
+            row.update(exact, total_bytes=total, total_gib=total / GIB,
                        fits=total <= spec.hardware.usable_bytes, status="ok")
         except ConfigError:
             raise

@@ -9,6 +9,7 @@ before any job runs. Values themselves are checked per job (a bad value becomes 
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import tempfile
 from functools import cache
@@ -197,8 +198,6 @@ def grid_tag(grid: list[str]) -> str:
 
 def recorded_grids(sweep_dir: Path) -> list[dict]:
     """[{overrides, subdir}, ...] from the sweep directory's record; [] when there is none."""
-    import json
-
     try:
         return list(json.loads((sweep_dir / GRID_NAME).read_text())["grids"])
     except (OSError, ValueError, KeyError, TypeError):
