@@ -120,8 +120,8 @@ def watch_sweep_process(poll_s: float = 0.5) -> None:
     writing parts for minutes. Parts are written atomically, so an exit mid-write leaves only a
     temp file, which the next collect or resume removes."""
     global _watchdog
-    sweep_pid = os.environ.get(SWEEP_PID_ENV)
-    if _watchdog is not None or not sweep_pid or int(sweep_pid) == os.getpid():
+    sweep_pid = os.environ.get(SWEEP_PID_ENV, "")
+    if _watchdog is not None or not sweep_pid.isdigit() or int(sweep_pid) == os.getpid():
         return
     parent = os.getppid()
 
