@@ -12,3 +12,22 @@ sys.path.insert(0, str(REPO / "src"))
 from memsweep.presets import job_spec as job  # noqa: E402,F401
 from memsweep.presets import load_preset, model_spec as model, preset_names  # noqa: E402,F401
 from memsweep.presets import workload_spec as workload  # noqa: E402,F401
+
+
+import subprocess  # noqa: E402
+
+import pytest  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def measured_sweep(tmp_path_factory):
+    """A small fake-measured multirun shared by the calibration and robustness tests (one run,
+    about 15 s): 3 small presets x 2 seqs x 2 workloads (pure bf16). Tests must not write into it."""
+    pytest.importorskip("torch")
+    out = tmp_path_factory.mktemp("measured")
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "sweep.py"), "-m", "model=tiny,qwen2.5-0.5b,gpt2", "seq=256,768",
+         "workload=train,inference", "precision=pure", "measure=fake", f"hydra.sweep.dir={out}"],
+        capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr
+    return out

@@ -78,19 +78,6 @@ def test_calibration_never_returns_something_worse():
     assert mape(result.formula, c, exact) <= mape(FORMULAS["detailed"], c, exact) + 1e-12
 
 
-@pytest.fixture(scope="module")
-def measured_sweep(tmp_path_factory):
-    """A small fake-measured multirun: 3 small presets x 2 seqs x 2 workloads (pure bf16)."""
-    pytest.importorskip("torch")
-    out = tmp_path_factory.mktemp("measured")
-    proc = subprocess.run(
-        [sys.executable, str(REPO / "sweep.py"), "-m", "model=tiny,qwen2.5-0.5b,gpt2", "seq=256,768",
-         "workload=train,inference", "precision=pure", "measure=fake", f"hydra.sweep.dir={out}"],
-        capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr
-    return out
-
-
 def test_calibrating_f3_on_fake_measurements_lowers_held_out_error(measured_sweep):
     from memsweep.fit import load_tables, measured_jobs
 

@@ -291,14 +291,6 @@ def test_constants_the_data_cannot_inform_keep_their_values():
     assert all(v > 0 for v in constants_dict(fit2.formula).values())
 
 
-@pytest.fixture(scope="module")
-def measured_sweep(tmp_path_factory):
-    out = tmp_path_factory.mktemp("measured") / "s"
-    proc = run("sweep.py", "-m", "model=tiny,gpt2", "seq=64,256", "batch=1,2", "measure=fake", f"hydra.sweep.dir={out}")
-    assert proc.returncode == 0, proc.stderr
-    return out
-
-
 def test_calibration_is_judged_held_out_and_written_beside_the_report(measured_sweep, tmp_path):
     report = tmp_path / "report"
     proc = run("scripts/fit.py", str(measured_sweep), "--calibrate", "--report", str(report))

@@ -399,5 +399,5 @@ def markdown_table(df: pl.DataFrame, float_precision: int = 3) -> str:
     """A DataFrame as a Markdown table (no dtypes, no shape, nothing elided)."""
     with pl.Config(tbl_formatting="ASCII_MARKDOWN", tbl_hide_column_data_types=True,
                    tbl_hide_dataframe_shape=True, tbl_rows=-1, tbl_cols=-1,
-                   float_precision=float_precision, tbl_width_chars=1000, fmt_str_lengths=100):
+                   float_precision=float_precision, tbl_width_chars=10000, fmt_str_lengths=1000):
         return str(df)
