@@ -422,10 +422,13 @@ class MeasureSpec:
     """isolate only: give up (status=timeout) after this many seconds."""
     max_rss_gib: float | None = None
     """isolate only: kill the child (status=error) when its resident memory exceeds this."""
+    impl: Literal["reference", "hf"] = "reference"
+    """What runs: memsweep's reference models, or the Hugging Face transformers model (issue 12)."""
 
     def __post_init__(self) -> None:
         check_label("measure.name", self.name)
         check_choice("measure.backend", self.backend, MEASURE_BACKENDS)
+        check_choice("measure.impl", self.impl, ("reference", "hf"))
         check_bool("measure.isolate", self.isolate)
         for key in ("timeout_s", "max_rss_gib"):
             v = getattr(self, key)

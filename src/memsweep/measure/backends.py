@@ -62,6 +62,15 @@ class Measurement:
         return fields
 
 
+def prepare_for(spec: JobSpec):
+    """The step builder of `measure.impl`: memsweep's reference models or transformers'."""
+    if spec.measure.impl == "hf":
+        from memsweep.measure.hf import prepare_hf
+
+        return prepare_hf
+    return prepare
+
+
 def _one_line(exc: BaseException) -> str:
     text = str(exc).strip().splitlines()
     return f"{type(exc).__name__}: {text[0] if text else ''}"
@@ -92,7 +101,7 @@ def _tracked_steps(spec: JobSpec, device: str, timed: bool) -> tuple[StorageTrac
     """Build, run the warm-up steps, then the measured ones, all under a storage tracker.
     Untimed (fake) runs decode only the last token: the same peak (see `prepare`)."""
     with StorageTracker() as tracker:
-        prepared = prepare(spec, device, tracker, last_decode_only=not timed)
+        prepared = prepare_for(spec)(spec, device, tracker, last_decode_only=not timed)
         for _ in range(spec.measure.warmup):
             prepared.step()
         tracker.reset_peak()
@@ -152,7 +161,7 @@ def _cuda(spec: JobSpec) -> Measurement:
     if not torch.cuda.is_available():
         raise Unmeasurable("no CUDA device is available to this process")
     torch.cuda.empty_cache()
-    prepared = prepare(spec, "cuda")
+    prepared = prepare_for(spec)(spec, "cuda")
     for _ in range(spec.measure.warmup):
         prepared.step()
     torch.cuda.synchronize()

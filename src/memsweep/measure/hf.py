@@ -1,0 +1,166 @@
+"""`measure.impl=hf` (issue 12, first part): the step users run, with Hugging Face transformers.
+
+The model is `AutoModelForCausalLM.from_config` of a transformers config built from the job's
+ModelSpec (random init, no weights, no network), in the job's dtype and `attn_implementation`,
+run the way users write it: `model(input_ids=ids, labels=ids).loss` (transformers shifts the
+labels itself), `torch.autocast` for mixed precision, `activation_checkpointing_enable()` for
+full recompute, and inference through a real `DynamicCache` (prefill keeping one logit, then greedy
+decoding of every generated token). The model's own defaults are kept, e.g. `use_cache=True`
+during training, which builds a cache users pay for too.
+
+Covered so far: dense llama-family models the config classes below express exactly (llama,
+qwen2's q/k/v biases, mistral's all-layer sliding window) and gpt2. Anything else, LoRA through
+peft, and selective recompute are `status=skipped` with the reason (README, Measurement).
+transformers is the optional `hf` extra: without it the job is skipped and says how to install it.
+"""
+
+from __future__ import annotations
+
+from contextlib import nullcontext
+
+import torch
+
+from memsweep.measure.tracker import StorageTracker
+from memsweep.measure.workloads import (
+    TORCH_DTYPES, Prepared, Unmeasurable, _NoTracker, make_optimizer, storage_dtypes,
+)
+from memsweep.specs import JobSpec, ModelSpec
+
+INSTALL = "pip install -e '.[hf]'"
+
+
+def _transformers():
+    try:
+        import transformers
+    except ImportError as exc:
+        raise Unmeasurable(f"measure.impl=hf needs transformers ({exc}); install: {INSTALL}") from None
+    return transformers
+
+
+def unsupported(m: ModelSpec) -> str | None:
+    """Why this slice cannot express `m` as a transformers config yet (None: it can)."""
+    if m.family == "bert":
+        return "encoders (bert)"
+    if m.family == "gpt2":
+        return None if m.tied_embeddings and m.position == "learned" else "a gpt2 variant"
+    features = {
+        "mixture of experts": m.experts > 0, "MLA": m.mla, "parallel blocks": m.block == "parallel",
+        f"norm={m.norm}": m.norm != "rmsnorm", f"mlp={m.mlp}": m.mlp != "swiglu",
+        f"block_norms={m.block_norms}": m.block_norms != 2, f"qk_norm={m.qk_norm}": m.qk_norm != "none",
+        "partial rotary": m.rotary_fraction != 1.0, "attention sinks": m.attention_sinks,
+        "a mix of local and global layers": 0 < m.local_layers < m.layers,
+        "an output bias without q/k/v biases": m.out_bias and not m.qkv_bias,
+    }
+    found = [name for name, on in features.items() if on]
+    return ", ".join(found) or None
+
+
+def hf_config(m: ModelSpec):
+    """The transformers config whose model has exactly `m`'s shapes (parameter counts equal)."""
+    why = unsupported(m)
+    if why:
+        raise Unmeasurable(f"measure.impl=hf does not build {why} yet ({m.name}); use measure.impl=reference")
+    tf = _transformers()
+    if m.family == "gpt2":
+        return tf.GPT2Config(n_embd=m.hidden, n_layer=m.layers, n_head=m.heads, n_inner=m.ffn,
+                             vocab_size=m.vocab, n_positions=m.max_positions, resid_pdrop=0.0,
+                             embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+    common = dict(hidden_size=m.hidden, intermediate_size=m.ffn, num_hidden_layers=m.layers,
+                  num_attention_heads=m.heads, num_key_value_heads=m.kv_heads, head_dim=m.dim_per_head,
+                  vocab_size=m.vocab, max_position_embeddings=m.max_positions, rms_norm_eps=1e-5,
+                  tie_word_embeddings=m.tied_embeddings, bos_token_id=None, eos_token_id=None)
+    if m.qkv_bias and not m.out_bias:  # Qwen2: biases on q, k, v only
+        return tf.Qwen2Config(**common)
+    if m.local_layers:  # every layer local: Mistral v0.1
+        return tf.MistralConfig(sliding_window=m.sliding_window, **common)
+    return tf.LlamaConfig(attention_bias=m.qkv_bias, mlp_bias=m.mlp_bias, **common)
+
+
+def prepare_hf(spec: JobSpec, device: str, tracker: StorageTracker | None = None,
+               last_decode_only: bool = False) -> Prepared:
+    """Like workloads.prepare, with the transformers model (`last_decode_only` is not used:
+    a DynamicCache grows by concatenation, so every generated token is decoded)."""
+    t = tracker or _NoTracker()
+    w = spec.workload
+    if w.kind == "lora":
+        raise Unmeasurable("measure.impl=hf: LoRA through peft does not build under FakeTensorMode yet "
+                           "(peft's module .to() swaps fake parameters); use measure.impl=reference")
+    if spec.recompute == "selective":
+        raise Unmeasurable("measure.impl=hf: transformers has no selective recompute; recompute=none or full")
+    if spec.parallel.gpus > 1:
+        raise Unmeasurable(f"parallel={spec.parallel.name} spans {spec.parallel.gpus} GPUs; one process "
+                           "measures a single-GPU layout only")
+    base_dtype, _ = storage_dtypes(spec)
+    cfg = hf_config(spec.model)
+    tf = _transformers()
+    # built on the device, never moved there: Module.to() swaps every parameter of a fake model
+    # (torch.nn.Module._apply) and the swap fails while the parameter is referenced
+    with t.section("setup", "weights"), torch.device(device):
+        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=base_dtype, attn_implementation=spec.attention)
+    with t.section("setup", "activations"):
+        ids = torch.randint(0, spec.model.vocab, (spec.batch, spec.seq), device=device)
+    if w.training:
+        return _train(spec, model, ids, t)
+    return _inference(spec, model, cfg, ids, t, tf)
+
+
+def _train(spec: JobSpec, model, ids: torch.Tensor, tracker) -> Prepared:
+    model.train()
+    if spec.recompute == "full":  # every decoder layer (transformers 5.x renamed gradient_checkpointing_enable)
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    params = [p for p in model.parameters() if p.requires_grad]
+    optimizer = make_optimizer(spec, params)
+    autocast = (torch.autocast(ids.device.type, dtype=TORCH_DTYPES[spec.dtype]) if spec.mixed
+                else nullcontext())
+
+    def step(prepared: Prepared) -> None:
+        t = prepared.tracker
+        with t.section("forward", "activations"):
+            with autocast:
+                out = model(input_ids=ids, labels=ids)
+            loss = out.loss
+            del out  # the logits and any cache die here, as in a loop that keeps only the loss
+        t.mark("after_forward")
+        with t.section("backward", "activations"):
+            loss.backward()
+            del loss
+        t.mark("after_backward")
+        with t.section("optimizer", "optimizer"):
+            optimizer.step()
+            optimizer.zero_grad(set_to_none=True)
+
+    prepared = Prepared(model, optimizer, spec.batch * spec.seq, step, tracker)
+    for p in params:
+        p.register_post_accumulate_grad_hook(lambda p: prepared.tracker.retag(p.grad, "gradients"))
+    return prepared
+
+
+def _retag_cache(tracker, cache) -> None:
+    for layer in cache.layers:
+        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if isinstance(tensor, torch.Tensor):
+                tracker.retag(tensor, "kv_cache")
+
+
+def _inference(spec: JobSpec, model, cfg, ids: torch.Tensor, tracker, tf) -> Prepared:
+    model.eval()
+    gen = spec.gen_tokens
+
+    @torch.no_grad()
+    def step(prepared: Prepared) -> None:
+        t = prepared.tracker
+        cache = tf.DynamicCache(config=cfg)
+        with t.section("prefill", "activations"):
+            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+            logits = out.logits
+            del out
+        _retag_cache(t, cache)
+        with t.section("decode", "activations"):
+            for _ in range(gen):
+                out = model(input_ids=logits.argmax(-1), past_key_values=cache, use_cache=True,
+                            logits_to_keep=1)
+                logits = out.logits
+                del out
+                _retag_cache(t, cache)
+
+    return Prepared(model, None, spec.batch * (spec.seq + gen), step, tracker)
