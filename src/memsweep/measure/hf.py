@@ -16,13 +16,11 @@ transformers is the optional `hf` extra: without it the job is skipped and says 
 
 from __future__ import annotations
 
-from contextlib import nullcontext
-
 import torch
 
 from memsweep.measure.tracker import StorageTracker
 from memsweep.measure.workloads import (
-    TORCH_DTYPES, Prepared, Unmeasurable, _NoTracker, make_optimizer, storage_dtypes,
+    Prepared, Unmeasurable, _NoTracker, check_single_gpu, storage_dtypes, train_step,
 )
 from memsweep.specs import JobSpec, ModelSpec
 
@@ -87,9 +85,7 @@ def prepare_hf(spec: JobSpec, device: str, tracker: StorageTracker | None = None
                            "(peft's module .to() swaps fake parameters); use measure.impl=reference")
     if spec.recompute == "selective":
         raise Unmeasurable("measure.impl=hf: transformers has no selective recompute; recompute=none or full")
-    if spec.parallel.gpus > 1:
-        raise Unmeasurable(f"parallel={spec.parallel.name} spans {spec.parallel.gpus} GPUs; one process "
-                           "measures a single-GPU layout only")
+    check_single_gpu(spec)
     base_dtype, _ = storage_dtypes(spec)
     cfg = hf_config(spec.model)
     tf = _transformers()
@@ -105,34 +101,15 @@ def prepare_hf(spec: JobSpec, device: str, tracker: StorageTracker | None = None
 
 
 def _train(spec: JobSpec, model, ids: torch.Tensor, tracker) -> Prepared:
-    model.train()
     if spec.recompute == "full":  # every decoder layer (transformers 5.x renamed gradient_checkpointing_enable)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(spec, params)
-    autocast = (torch.autocast(ids.device.type, dtype=TORCH_DTYPES[spec.dtype]) if spec.mixed
-                else nullcontext())
 
-    def step(prepared: Prepared) -> None:
-        t = prepared.tracker
-        with t.section("forward", "activations"):
-            with autocast:
-                out = model(input_ids=ids, labels=ids)
-            loss = out.loss
-            del out  # the logits and any cache die here, as in a loop that keeps only the loss
-        t.mark("after_forward")
-        with t.section("backward", "activations"):
-            loss.backward()
-            del loss
-        t.mark("after_backward")
-        with t.section("optimizer", "optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+    def forward_loss(autocast) -> torch.Tensor:
+        with autocast:
+            out = model(input_ids=ids, labels=ids)  # transformers shifts the labels itself
+        return out.loss  # the logits and any cache die with `out`, as in a loop keeping only the loss
 
-    prepared = Prepared(model, optimizer, spec.batch * spec.seq, step, tracker)
-    for p in params:
-        p.register_post_accumulate_grad_hook(lambda p: prepared.tracker.retag(p.grad, "gradients"))
-    return prepared
+    return train_step(spec, model, ids, tracker, forward_loss)
 
 
 def _retag_cache(tracker, cache) -> None:

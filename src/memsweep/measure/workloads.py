@@ -13,6 +13,7 @@ keeps only the last position's logits, then greedy decoding one token at a time.
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator
+from typing import Any
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass
 
@@ -88,6 +89,13 @@ def make_optimizer(spec: JobSpec, params: list[torch.nn.Parameter]) -> torch.opt
     return torch.optim.SGD(params, momentum=0.9 if name == "sgd_momentum" else 0.0, **kw)
 
 
+def check_single_gpu(spec: JobSpec) -> None:
+    p = spec.parallel
+    if p.gpus > 1:
+        raise Unmeasurable(f"parallel={p.name} spans {p.gpus} GPUs; a measured run is one process, "
+                           "so only a single-GPU layout (tp=pp=dp=1) is measured")
+
+
 def prepare(spec: JobSpec, device: str, tracker: StorageTracker | None = None,
             last_decode_only: bool = False) -> Prepared:
     """Build the model (weights), optimizer and inputs on `device`; return the step to run.
@@ -98,10 +106,7 @@ def prepare(spec: JobSpec, device: str, tracker: StorageTracker | None = None,
     """
     t = tracker or _NoTracker()
     base_dtype, adapter_dtype = storage_dtypes(spec)
-    p = spec.parallel
-    if p.gpus > 1:
-        raise Unmeasurable(f"parallel={p.name} spans {p.gpus} GPUs; the reference run is one "
-                           "process, so only a single-GPU layout (tp=pp=dp=1) is measured")
+    check_single_gpu(spec)
     w = spec.workload
     with t.section("setup", "weights"):
         model = build_model(
@@ -119,21 +124,31 @@ def prepare(spec: JobSpec, device: str, tracker: StorageTracker | None = None,
 
 
 def _prepare_train(spec: JobSpec, model: ReferenceModel, ids: torch.Tensor, tracker) -> Prepared:
+    targets = ids.roll(-1, dims=1)  # next-token targets (MLM on every position for bert)
+
+    def forward_loss(autocast) -> torch.Tensor:
+        with autocast:
+            logits = model(ids)  # (B, T, V)
+        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())  # logits die here
+
+    return train_step(spec, model, ids, tracker, forward_loss)
+
+
+def train_step(spec: JobSpec, model: torch.nn.Module, ids: torch.Tensor, tracker,
+               forward_loss: Callable[[Any], torch.Tensor]) -> Prepared:
+    """The training loop shared by every model implementation: `forward_loss(autocast)` is the
+    forward pass and loss (the only part that differs), then backward and the optimizer step,
+    each in its tracked phase; gradients are tagged as they land."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     optimizer = make_optimizer(spec, params)
-    device_type = ids.device.type
-    autocast = (torch.autocast(device_type, dtype=TORCH_DTYPES[spec.dtype]) if spec.mixed
+    autocast = (torch.autocast(ids.device.type, dtype=TORCH_DTYPES[spec.dtype]) if spec.mixed
                 else nullcontext())
-    targets = ids.roll(-1, dims=1)  # next-token targets (MLM on every position for bert)
 
     def step(prepared: Prepared) -> None:
         t = prepared.tracker
         with t.section("forward", "activations"):
-            with autocast:
-                logits = model(ids)  # (B, T, V)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
-            del logits
+            loss = forward_loss(autocast)
         t.mark("after_forward")  # what autograd saved for backward (+ the loss)
         with t.section("backward", "activations"):
             loss.backward()
