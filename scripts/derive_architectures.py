@@ -128,6 +128,7 @@ def observe(args) -> tuple[float, list[float], int]:
     from torch._subclasses.fake_tensor import FakeTensorMode
 
     from memsweep.measure.tracker import StorageTracker
+    from memsweep.measure.autocast import cuda_policy
     from memsweep.measure.workloads import prepare
     from memsweep.presets import job_spec, workload_spec
 
@@ -138,7 +139,7 @@ def observe(args) -> tuple[float, list[float], int]:
          if wl.startswith("lora") else workload_spec(wl))
     spec = job_spec(m, wl=w, seq=s, batch=b, dtype=dtype, precision=pmode, recompute=rc, attention=att)
     torch.manual_seed(0)
-    with FakeTensorMode(), StorageTracker() as tracker:
+    with cuda_policy(), FakeTensorMode(), StorageTracker() as tracker:  # GPU autocast (measure/autocast.py)
         prepare(spec, "cpu", tracker).step()
     c = Columns.from_specs([spec])
     classic = np.array(_coefficients("llama", precision, wl, rc, att, "saved"))

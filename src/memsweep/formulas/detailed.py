@@ -26,11 +26,11 @@ from dataclasses import dataclass
 import numpy as np
 
 from memsweep.columns import (
-    Array, Columns, base_params, lora_params, routed_expert_params, trainable_params,
+    FAMILY_CODES, Array, Columns, base_params, lora_params, routed_expert_params, trainable_params,
 )
 from memsweep.formulas.base import Breakdown
 from memsweep.formulas.basis import (
-    BASIS, EXT_BASIS, EXT_CLASSES, basis_values, ext_basis_values, ext_class, moe_padding,
+    BASIS, EXT_BASIS, EXT_CLASSES, basis_values, ext_basis_values, ext_class, layer_params, moe_padding,
     newer_architecture,
 )
 from memsweep.formulas.coefficients import BASIS as FITTED_BASIS
@@ -299,16 +299,37 @@ def full_recompute_layer_bytes(c: Columns) -> Array:
 
 EAGER_BACKWARD_SCORE_TENSORS = 2.0
 """b*a*s^2 gradients alive at the last layer's softmax backward beyond what is saved (those of
-the probabilities and of the scores). Measured: 2 errs high on tiny models (+2.7 % to +9.6 %),
-1 errs low (-8 % to -20 %); 2 is the safe side for capacity planning."""
+the probabilities and of the scores), when the softmax runs in the scores' dtype (GPT-2, BERT).
+Measured: 2 errs high on tiny models (+2.7 % to +9.6 %), 1 errs low (-8 % to -20 %); 2 is the
+safe side for capacity planning."""
+
+
+def fp32_softmax(c: Columns) -> Array:
+    """Eager attention of a llama-family model: softmax(dtype=float32) then a cast back, as
+    transformers writes every modern decoder (measure/models.py, Attention._attend)."""
+    return c.family == FAMILY_CODES["llama"]
 
 
 def eager_backward_bytes(c: Columns) -> Array:
     """Eager training, softmax backward of the last layer: everything saved (but the freed
-    log-softmax) plus `EAGER_BACKWARD_SCORE_TENSORS` b*a*s^2 gradients. A model, not a fit."""
+    log-softmax) plus the b*a*s^2 gradients alive there: `EAGER_BACKWARD_SCORE_TENSORS` in the
+    compute dtype, or with an fp32 softmax the fp32 gradient of the probabilities and the
+    16-bit gradient of the scores it makes. A model, not a fit."""
     eager = (c.eager_attention == 1) & (c.recompute_selective == 0) & (c.recompute_full == 0)
-    grads = EAGER_BACKWARD_SCORE_TENSORS * c.batch * c.heads * c.seq**2 * compute_bytes(c) / c.tp
+    cb = compute_bytes(c)
+    per = np.where(fp32_softmax(c), FP32 + cb, EAGER_BACKWARD_SCORE_TENSORS * cb)
+    grads = per * c.batch * c.heads * c.seq**2 / c.tp
     return np.where(eager, saved_activations_bytes(c) - c.batch * c.seq * c.vocab * FP32 + grads, 0.0)
+
+
+def autocast_cache_bytes(c: Columns) -> Array:
+    """Mixed training with full recompute, while the loss runs: autocast keeps a 16-bit copy of
+    every fp32 weight it cast until its context ends, and the loss runs inside it (PyTorch's AMP
+    recipe; transformers computes it in the model's forward). Without recompute those copies are
+    saved for the backward anyway (the tables hold them); with it they are not. One copy of each
+    block's matrices (the LM head's is saved, so already counted); LoRA casts only its adapters."""
+    on = (c.mixed == 1) & (c.recompute_full == 1) & (c.lora == 0) & (c.training == 1)
+    return np.where(on, c.layers * layer_params(c) * 2.0 / c.tp, 0.0)
 
 
 def kv_cache_bytes(c: Columns) -> Array:
@@ -359,11 +380,14 @@ def moe_prefill_bytes(c: Columns) -> Array:
 
 def prefill_attention_bytes(c: Columns) -> Array:
     """Eager inference, inside one layer's softmax: the masked scores and the probabilities
-    (2*b*a*s^2), the s^2 causal mask, and six t*h tensors (residual, normed input, q, K and V
-    repeated to all heads, the QK operand). sdpa never holds s^2: its MLP moment is larger."""
+    (b*a*s^2 each; a llama-family model's softmax is fp32 and cast back, so fp32 + 16-bit
+    probabilities), the float mask added to the scores (s^2 in the dtype) and its bool source
+    (s^2), and six t*h tensors (residual, normed input, q, K and V repeated to all heads, the QK
+    operand). sdpa never holds s^2: its MLP moment is larger."""
     t = c.batch * c.seq
     cb = compute_bytes(c)
-    eager = (t * 6.0 * c.hidden + 2.0 * c.batch * c.heads * c.seq**2) * cb / c.tp + c.seq**2
+    probs = np.where(fp32_softmax(c), FP32 + np.where(cb < FP32, cb, 0.0), cb)
+    eager = (t * 6.0 * c.hidden * cb + c.batch * c.heads * c.seq**2 * (cb + probs)) / c.tp + c.seq**2 * (1.0 + cb)
     rope = np.where(c.learned_positions == 1, 0.0, 2.0 * c.seq * c.rope_dim * cb)
     return np.where(c.eager_attention == 1, eager + rope + inference_ids_bytes(c), 0.0)
 
@@ -393,8 +417,8 @@ def peak_breakdown(c: Columns, k: DetailedConstants) -> Breakdown:
     lg = k.logits_factor
     saved = act * saved_activations_bytes(c)
     moments = [
-        Breakdown.of(w, weights=w, optimizer=o, activations=saved, logits=lg * live_logits_bytes(c),
-                     overhead=overhead),
+        Breakdown.of(w, weights=w, optimizer=o, activations=saved + act * autocast_cache_bytes(c),
+                     logits=lg * live_logits_bytes(c), overhead=overhead),
         Breakdown.of(w, weights=w, optimizer=o, activations=saved, logits=lg * logits_gradient_bytes(c),
                      overhead=overhead),
         Breakdown.of(w, weights=w, optimizer=o, activations=act * full_recompute_layer_bytes(c) * c.recompute_full,

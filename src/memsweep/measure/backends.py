@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 
 from memsweep.columns import Columns
 from memsweep.formulas import FORMULAS
+from memsweep.measure.autocast import cuda_policy
 from memsweep.measure.tracker import StorageTracker
 from memsweep.measure.workloads import Prepared, Unmeasurable, prepare
 from memsweep.specs import JobSpec
@@ -100,7 +101,7 @@ def measure(spec: JobSpec) -> Measurement:
 def _tracked_steps(spec: JobSpec, device: str, timed: bool) -> tuple[StorageTracker, list[float], Prepared]:
     """Build, run the warm-up steps, then the measured ones, all under a storage tracker.
     Untimed (fake) runs decode only the last token: the same peak (see `prepare`)."""
-    with StorageTracker() as tracker:
+    with cuda_policy() if device == "cpu" else contextlib.nullcontext(), StorageTracker() as tracker:
         prepared = prepare_for(spec)(spec, device, tracker, last_decode_only=not timed)
         for _ in range(spec.measure.warmup):
             prepared.step()

@@ -4,14 +4,24 @@ The model is `AutoModelForCausalLM.from_config` of a transformers config built f
 ModelSpec (random init, no weights, no network), in the job's dtype and `attn_implementation`,
 run the way users write it: `model(input_ids=ids, labels=ids).loss` (transformers shifts the
 labels itself), `torch.autocast` for mixed precision, `activation_checkpointing_enable()` for
-full recompute, and inference through a real `DynamicCache` (prefill keeping one logit, then greedy
-decoding of every generated token). The model's own defaults are kept, e.g. `use_cache=True`
-during training, which builds a cache users pay for too.
+full recompute, LoRA through `peft.get_peft_model` with the job's rank and targets, and inference
+through a real `DynamicCache` (prefill keeping one logit, then greedy decoding of every generated
+token). The model's own defaults are kept, e.g. `use_cache=True` during training, which builds a
+cache users pay for too.
+
+Under FakeTensorMode the model is built on the meta device, with the dispatch modes off, and each
+parameter and buffer then becomes a fake CPU tensor (`_fake_parameters`): `Module.to()`, which
+peft calls on every adapter it adds, swaps the parameters of a module, and that fails for fake
+ones (torch.nn.Module._apply, "Couldn't swap"). A real run (`measure=cpu`) builds on the device.
+
+Adapters: fp32 when mixed, the job's dtype when pure, as the reference models keep them (peft's
+own default, `autocast_adapter_dtype=True`, would make them fp32 in a pure bf16 model too).
 
 Covered so far: dense llama-family models the config classes below express exactly (llama,
-qwen2's q/k/v biases, mistral's all-layer sliding window) and gpt2. Anything else, LoRA through
-peft, and selective recompute are `status=skipped` with the reason (README, Measurement).
-transformers is the optional `hf` extra: without it the job is skipped and says how to install it.
+qwen2's q/k/v biases, mistral's all-layer sliding window) and gpt2. Anything else and selective
+recompute are `status=skipped` with the reason (README, Measurement).
+transformers and peft are the optional `hf` extra: without them the job is skipped and says how
+to install them.
 """
 
 from __future__ import annotations
@@ -27,12 +37,85 @@ from memsweep.specs import JobSpec, ModelSpec
 INSTALL = "pip install -e '.[hf]'"
 
 
+def _outside_modes():
+    """Imports run with the dispatch modes off: transformers and peft create module-level tensors
+    when first imported (peft's LoHa: `scale=torch.tensor(1)` defaults), which would otherwise be
+    fake, or counted in the first measured job of a process and no later one."""
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    return _disable_current_modes()
+
+
 def _transformers():
     try:
-        import transformers
+        with _outside_modes():
+            import transformers
     except ImportError as exc:
         raise Unmeasurable(f"measure.impl=hf needs transformers ({exc}); install: {INSTALL}") from None
     return transformers
+
+
+def _peft():
+    try:
+        with _outside_modes():
+            import peft
+    except ImportError as exc:
+        raise Unmeasurable(f"measure.impl=hf with workload=lora needs peft ({exc}); install: {INSTALL}") from None
+    return peft
+
+
+def _import_model_code(tf, cfg) -> None:
+    """transformers imports a model's module (and its tensors) on first use: do it now, outside."""
+    with _outside_modes():
+        tf.AutoModelForCausalLM._model_mapping[type(cfg)]  # noqa: B018 (the lazy import)
+        tf.DynamicCache  # noqa: B018
+
+
+# memsweep's LoRA targets as the module names of transformers' models
+LLAMA_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+                 "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+
+
+def peft_target_modules(m: ModelSpec, targets: tuple[str, ...]) -> list[str]:
+    """peft's `target_modules` for memsweep's targets. GPT-2 projects q, k and v with one fused
+    matrix (`c_attn`): it takes one adapter, so q, k, v are adapted together or not at all."""
+    if m.family != "gpt2":
+        return [LLAMA_MODULES[t] for t in targets]
+    qkv = {"q", "k", "v"} & set(targets)
+    if qkv and qkv != {"q", "k", "v"}:
+        raise Unmeasurable(f"measure.impl=hf: gpt2's q, k, v are one matrix (c_attn), adapted as one; "
+                           f"workload.lora_targets={list(targets)} names only {sorted(qkv)} of them")
+    names = {"o": "attn.c_proj", "up": "c_fc", "down": "mlp.c_proj"}
+    return (["c_attn"] if qkv else []) + [names[t] for t in targets if t in names]
+
+
+def _fake_mode():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+    from torch.utils._python_dispatch import _get_current_dispatch_mode_stack
+
+    return next((m for m in _get_current_dispatch_mode_stack() if isinstance(m, FakeTensorMode)), None)
+
+
+def _fake_parameters(model: torch.nn.Module, mode, device: str) -> None:
+    """Replace every meta parameter and buffer by a fake tensor on `device` (shared ones once)."""
+    conv, made = mode.fake_tensor_converter, {}
+
+    def fake(t: torch.Tensor) -> torch.Tensor:
+        if id(t) not in made:
+            made[id(t)] = conv.from_meta_and_device(mode, t.data if isinstance(t, torch.nn.Parameter) else t,
+                                                    torch.device(device))
+        return made[id(t)]
+
+    params: dict[int, torch.nn.Parameter] = {}
+    for module in model.modules():
+        for name, p in list(module._parameters.items()):
+            if p is not None:
+                if id(p) not in params:
+                    params[id(p)] = torch.nn.Parameter(fake(p), requires_grad=p.requires_grad)
+                module._parameters[name] = params[id(p)]
+        for name, b in list(module._buffers.items()):
+            if b is not None:
+                module._buffers[name] = fake(b)
 
 
 def unsupported(m: ModelSpec) -> str | None:
@@ -80,19 +163,40 @@ def prepare_hf(spec: JobSpec, device: str, tracker: StorageTracker | None = None
     a DynamicCache grows by concatenation, so every generated token is decoded)."""
     t = tracker or _NoTracker()
     w = spec.workload
-    if w.kind == "lora":
-        raise Unmeasurable("measure.impl=hf: LoRA through peft does not build under FakeTensorMode yet "
-                           "(peft's module .to() swaps fake parameters); use measure.impl=reference")
     if spec.recompute == "selective":
         raise Unmeasurable("measure.impl=hf: transformers has no selective recompute; recompute=none or full")
     check_single_gpu(spec)
-    base_dtype, _ = storage_dtypes(spec)
+    base_dtype, adapter_dtype = storage_dtypes(spec)
     cfg = hf_config(spec.model)
     tf = _transformers()
-    # built on the device, never moved there: Module.to() swaps every parameter of a fake model
-    # (torch.nn.Module._apply) and the swap fails while the parameter is referenced
-    with t.section("setup", "weights"), torch.device(device):
+    targets = peft_target_modules(spec.model, w.lora_targets) if w.kind == "lora" else []
+    peft = _peft() if targets else None
+
+    def build() -> torch.nn.Module:
         model = tf.AutoModelForCausalLM.from_config(cfg, dtype=base_dtype, attn_implementation=spec.attention)
+        if peft is not None:
+            lora = peft.LoraConfig(r=w.lora_rank, lora_alpha=2 * w.lora_rank, lora_dropout=0.0,
+                                   target_modules=targets, bias="none")
+            model = peft.get_peft_model(model, lora, autocast_adapter_dtype=False)
+            for p in model.parameters():
+                if p.requires_grad:
+                    p.data = p.data.to(adapter_dtype)
+        return model
+
+    _import_model_code(tf, cfg)
+    fake = _fake_mode()
+    with t.section("setup", "weights"):
+        if fake is None:
+            with torch.device(device):
+                model = build()
+        else:
+            from torch.utils._python_dispatch import _disable_current_modes
+
+            with _disable_current_modes():
+                with torch.device("meta"):
+                    model = build()
+                _fake_parameters(model, fake, device)
+            t.adopt(model)
     with t.section("setup", "activations"):
         ids = torch.randint(0, spec.model.vocab, (spec.batch, spec.seq), device=device)
     if w.training:

@@ -62,7 +62,9 @@ class LoRALinear(nn.Linear):
         nn.init.zeros_(self.lora_b)
 
     def forward(self, x: Tensor) -> Tensor:
-        update = F.linear(F.linear(x, self.lora_a), self.lora_b)  # (..., r) -> (..., d_out)
+        # as peft's LoRA Linear: x is cast to the adapters' dtype first (fp32 adapters of a 16-bit
+        # base under autocast: a transient fp32 copy, which autocast casts back to 16 bits and saves)
+        update = F.linear(F.linear(x.to(self.lora_a.dtype), self.lora_a), self.lora_b)  # (..., r) -> (..., d_out)
         return F.linear(x, self.weight, self.bias) + update * self.scale
 
 
@@ -164,6 +166,8 @@ class Attention(nn.Module):
         self.window = spec.sliding_window if local else 0
         self.causal = spec.decoder
         self.eager = opts.attention == "eager"
+        self.fp32_softmax = spec.family == "llama"  # eager: see _attend
+        self.mask_dtype = opts.dtype  # the hidden states' dtype: the weights' (fp32 when mixed)
         self.selective = opts.recompute == "selective"
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
@@ -246,12 +250,16 @@ class Attention(nn.Module):
 
     def _attend(self, q: Tensor, k: Tensor, v: Tensor, start: int,
                 window: Tensor | None = None) -> Tensor:
-        """softmax(q k^T / sqrt(hs)) v for q (B, nh, T, hs) over keys (B, nkv, S, hs)."""
+        """softmax(q k^T / sqrt(hs)) v for q (B, nh, T, hs) over keys (B, nkv, S, hs), written as
+        transformers writes it (issue 12: the same tensors saved, the same transients):
+        - sdpa shares each K/V head among its query heads with `enable_gqa` when no mask is passed
+          and repeats K and V otherwise (transformers' `use_gqa_in_sdpa`, CUDA: no mask, head_dim
+          <= 256); eager always repeats them (`repeat_kv`);
+        - eager adds a float mask (nothing saved, unlike a masked_fill's bool mask) and runs the
+          softmax in fp32 for llama-family models (`softmax(..., dtype=float32).to(q.dtype)`, as
+          every modern decoder in transformers does: autograd keeps the fp32 probabilities and
+          their 16-bit copy) and in the scores' dtype for GPT-2 and BERT (cast to V's dtype)."""
         T, S = q.size(2), k.size(2)
-        if self.n_kv_head != self.n_head:  # GQA: each K/V head serves n_head / n_kv_head heads
-            n_rep = self.n_head // self.n_kv_head
-            k = k.repeat_interleave(n_rep, dim=1)  # (B, nh, S, hs)
-            v = v.repeat_interleave(n_rep, dim=1)  # (B, nh, S, hs)
         # One new token sees every cached key, so only T > 1 needs a mask. After cached tokens
         # (start > 0) the causal diagonal is shifted, which sdpa's is_causal (top-left) is not.
         causal = self.causal and T > 1
@@ -259,8 +267,14 @@ class Attention(nn.Module):
         if mask is None and causal and (start > 0 or self.eager):
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device)  # (T, S)
             mask = mask.tril(diagonal=start)  # query i sees keys 0..start+i
+        dq, dv = q.size(-1), v.size(-1)
+        gqa = self.n_kv_head != self.n_head
+        shared = gqa and not self.eager and mask is None and dq == dv <= 256
+        if gqa and not shared:  # each K/V head serves n_head / n_kv_head query heads
+            n_rep = self.n_head // self.n_kv_head
+            k = k.repeat_interleave(n_rep, dim=1)  # (B, nh, S, hs)
+            v = v.repeat_interleave(n_rep, dim=1)  # (B, nh, S, hs)
         if not self.eager:
-            dq, dv = q.size(-1), v.size(-1)
             if dv != dq:
                 # MLA's values and keys differ in head size; fused kernels want one, so pad the
                 # narrower to the wider and slice the output (as HF's DeepSeek does for
@@ -272,16 +286,24 @@ class Attention(nn.Module):
                 out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                                      scale=1.0 / math.sqrt(dq))
                 return out[..., :dv]
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask,
-                                                  is_causal=causal and mask is None)
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+                                                  enable_gqa=shared)
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, S)
         if mask is not None:
-            scores = scores.masked_fill(~mask, float("-inf"))
+            scores = scores + _additive(mask, self.mask_dtype)
         if self.sinks is None:
-            return F.softmax(scores, dim=-1) @ v  # (B, nh, T, hs)
+            probs = F.softmax(scores, dim=-1, dtype=torch.float32 if self.fp32_softmax else None)
+            return probs.to(v.dtype) @ v  # (B, nh, T, hs)
         sink = self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(q.size(0), -1, T, 1)
         probs = F.softmax(torch.cat((scores, sink), dim=-1), dim=-1)  # (B, nh, T, S + 1)
         return probs[..., :-1] @ v  # the sink takes probability mass, and adds no value
+
+
+def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
+    """A bool mask as the float one transformers adds to the scores (0 or the dtype's minimum),
+    in the dtype of the model's hidden states."""
+    with torch.no_grad():
+        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
 
 
 class MLP(nn.Module):
@@ -297,14 +319,25 @@ class MLP(nn.Module):
             self.gate = opts.linear("gate", spec.hidden, ffn, spec.mlp_bias)
         self.up = opts.linear("up", spec.hidden, ffn, spec.mlp_bias)
         self.down = opts.linear("down", ffn, spec.hidden, spec.mlp_bias)
-        # GPT-2 uses the tanh approximation ("gelu_new"), as does GeGLU; BERT the exact erf form.
-        self.approximate = "tanh" if spec.family == "gpt2" or spec.mlp == "geglu" else "none"
+        # GPT-2 uses the tanh approximation written out ("gelu_new", below); GeGLU the fused tanh
+        # form (transformers' gelu_pytorch_tanh); BERT the exact erf form.
+        self.gelu_new = spec.family == "gpt2"
+        self.approximate = "tanh" if spec.mlp == "geglu" else "none"
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gated:
             act = F.silu if self.silu else (lambda t: F.gelu(t, approximate="tanh"))
             return self.down(act(self.gate(x)) * self.up(x))  # (B, T, h)
+        if self.gelu_new:
+            return self.down(gelu_new(self.up(x)))
         return self.down(F.gelu(self.up(x), approximate=self.approximate))  # (B, T, h)
+
+
+def gelu_new(x: Tensor) -> Tensor:
+    """GPT-2's activation as transformers computes it (`NewGELUActivation`, op by op: autograd
+    keeps x, tanh(.), 0.5x and 1 + tanh(.), and under autocast x**3 runs in fp32), Hendrycks &
+    Gimpel 2016, eq. for the tanh approximation."""
+    return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
 
 
 class Experts(nn.Module):

@@ -46,6 +46,9 @@ class _NoTracker:
     def retag(self, tensor: torch.Tensor, category: str) -> None:
         pass
 
+    def adopt(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
+        pass
+
 
 @dataclass
 class Prepared:
@@ -127,9 +130,11 @@ def _prepare_train(spec: JobSpec, model: ReferenceModel, ids: torch.Tensor, trac
     targets = ids.roll(-1, dims=1)  # next-token targets (MLM on every position for bert)
 
     def forward_loss(autocast) -> torch.Tensor:
+        # the loss inside autocast, as PyTorch's AMP recipe and transformers (labels=) write it:
+        # autocast's cache of 16-bit weight copies lives until the loss is computed
         with autocast:
             logits = model(ids)  # (B, T, V)
-        return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())  # logits die here
+            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())  # logits die here
 
     return train_step(spec, model, ids, tracker, forward_loss)
 
