@@ -3,6 +3,7 @@
     python scripts/accuracy.py                      # the full grid (about 600 jobs), 2 processes
     python scripts/accuracy.py --quick              # tiny, gpt2 and llama2-7b only
     python scripts/accuracy.py --architectures      # issue 10: the 15 newer presets (MoE, MLA, Gemma, ...)
+    python scripts/accuracy.py --impl hf            # issue 12: against the transformers models users run
     python scripts/accuracy.py --from outputs/accuracy/2026-11-25_02-10-00   # re-analyse
 
 The grid goes through normal Hydra multiruns of sweep.py (one per precision, since fp32 has no
@@ -17,12 +18,19 @@ as error rows and are listed as skipped. It prints, for every formula, the media
 worst case and where, then the same split by workload and precision, and the three worst
 configurations of `detailed`; tables land in the output directory as Parquet and Markdown.
 Goal for `detailed`: median |error| <= 1 %, worst <= 3 %. Exit status 1 when it is missed.
+
+`--impl hf` measures the Hugging Face transformers models instead (measure.impl=hf): every preset
+family transformers builds here (gpt2, llama2-7b, llama3-8b, mistral-7b, qwen2.5-7b) x {sdpa,
+eager} x {bf16 pure, bf16 mixed} x {train, lora} x recompute {none, full} + inference, seq 512 /
+2048 / 8192 x batch 1 / 4; same goal. docs/accuracy.md shows both tables, every difference > 1 %
+with its cause.
 """
 
 from __future__ import annotations
 
 import argparse
 import importlib.util
+import json
 import subprocess
 import sys
 import time
@@ -42,6 +50,7 @@ ARCH_MODELS = ("mixtral-8x7b,qwen3-8b,qwen3-30b-a3b,qwen2.5-72b,gemma-2-2b,gemma
                "mistral-nemo-12b,gpt-oss-20b,deepseek-v3,llama3.1-405b,starcoder2-15b,falcon-7b,gpt-neox-20b")
 ARCH_GOAL_MEDIAN_PCT, ARCH_GOAL_WORST_PCT = 0.5, 2.0
 QUICK_MODELS = "tiny,gpt2,llama2-7b"
+HF_MODELS = "gpt2,llama2-7b,llama3-8b,mistral-7b,qwen2.5-7b"
 PRECISIONS = {"fp32": ["dtype=fp32", "precision=pure"],
               "bf16-mixed": ["dtype=bf16", "precision=mixed"],
               "bf16-pure": ["dtype=bf16", "precision=pure"]}
@@ -62,6 +71,15 @@ def arch_sweeps(models: str) -> dict[str, list[str]]:
     common = [f"model={models}", "seq=512,2048,8192", "batch=1,4", "measure=fake", "dtype=bf16", "precision=mixed"]
     return {"arch-training": [*common, "workload=train,lora", "recompute=none,full"],
             "arch-inference": [*common, "workload=inference", "recompute=none"]}
+
+
+def hf_sweeps(models: str) -> dict[str, list[str]]:
+    common = [f"model={models}", "seq=512,2048,8192", "batch=1,4", "measure=fake", "measure.impl=hf",
+              "dtype=bf16", "attention=sdpa,eager"]
+    out = {f"hf-bf16-{mode}-training": [*common, f"precision={mode}", "workload=train,lora", "recompute=none,full"]
+           for mode in ("mixed", "pure")}
+    out["hf-bf16-inference"] = [*common, "precision=mixed", "workload=inference", "recompute=none"]
+    return out
 
 
 def run(out: Path, models: str, jobs: int, grid=sweeps) -> None:
@@ -121,7 +139,10 @@ def report(table: pl.DataFrame, out: Path, goal: tuple[float, float] = (GOAL_MED
     goal_median, goal_worst = goal
     errors = with_errors(table).unique(CONFIG, keep="first", maintain_order=True)  # one per config
     skipped = unmeasured(table)
-    lines = [f"# Accuracy against measure=fake ({errors['job_id'].n_unique()} measured configurations)", ""]
+    impls = sorted({json.loads(j)["measure"]["impl"] for j in errors["spec_json"]}) if errors.height else []
+    what = {"hf": "the transformers models (measure.impl=hf)", "reference": "memsweep's reference models"}
+    lines = [f"# Accuracy against measure=fake of {' and '.join(what[i] for i in impls) or 'nothing'} "
+             f"({errors['job_id'].n_unique()} measured configurations)", ""]
     if skipped.height:
         reasons = skipped.group_by("error").agg(pl.len().alias("jobs"), pl.col("model").unique().sort())
         lines += [f"Skipped ({skipped.height} configurations the models cannot run):", ""]
@@ -159,6 +180,8 @@ def main() -> int:
                         help="recompute every formula from the rows' spec_json with the current code")
     parser.add_argument("--architectures", action="store_true",
                         help="the issue-10 grid: the newer presets, bf16 mixed, train / lora / inference")
+    parser.add_argument("--impl", choices=("reference", "hf"), default="reference",
+                        help="what is measured: memsweep's reference models or transformers' (issue 12)")
     args = parser.parse_args()
     goal = (ARCH_GOAL_MEDIAN_PCT, ARCH_GOAL_WORST_PCT) if args.architectures else (GOAL_MEDIAN_PCT, GOAL_WORST_PCT)
     if args.source:
@@ -170,7 +193,9 @@ def main() -> int:
     else:
         out = args.out or ROOT / "outputs" / "accuracy" / time.strftime("%Y-%m-%d_%H-%M-%S")
         out.mkdir(parents=True, exist_ok=True)
-        if args.architectures:
+        if args.impl == "hf":
+            run(out, HF_MODELS, args.jobs, hf_sweeps)
+        elif args.architectures:
             run(out, ARCH_MODELS, args.jobs, arch_sweeps)
         else:
             run(out, QUICK_MODELS if args.quick else MODELS, args.jobs)

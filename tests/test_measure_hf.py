@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import sys
 from dataclasses import replace
+from pathlib import Path
 
 import polars as pl
 import pytest
@@ -74,7 +75,7 @@ def test_fake_equals_cpu_byte_for_byte(kind, mode):
 @pytest.mark.parametrize("spec, why", [
     (dict(model_="mixtral-8x7b"), "measure.impl=hf does not build mixture of experts yet (mixtral-8x7b)"),
     (dict(model_="gpt2", wl=workload("lora", lora_rank=4, lora_targets=("q", "v"))),
-     "measure.impl=hf: gpt2's q, k, v are one matrix (c_attn), adapted as one"),
+     "measure.impl=hf: gpt2's k, q, v are one matrix (c_attn), adapted as one"),
     (dict(recompute="selective"), "measure.impl=hf: transformers has no selective recompute"),
 ])
 def test_what_is_not_supported_yet_is_skipped_with_the_reason(spec, why):
@@ -128,3 +129,94 @@ def test_the_reference_model_keeps_what_transformers_keeps(mode):
     ref, hf_ = runs["reference"], runs["hf"]
     targets = 2 * 32 * 8  # int64 (B, T)
     assert ref.phase_breakdowns["backward"]["activations"] - hf_.phase_breakdowns["backward"]["activations"] == targets
+
+
+# --- any model_type, from its config.json (model=hf model.config=PATH) --------------------------
+
+HF_CONFIGS = Path(__file__).parent / "data" / "hf_configs"
+TINY_SIZES = dict(hidden_size=64, n_embd=64, intermediate_size=128, n_inner=128, ffn_hidden_size=128,
+                  num_hidden_layers=2, n_layer=2, num_attention_heads=4, n_head=4, vocab_size=256,
+                  moe_intermediate_size=32, shared_expert_intermediate_size=64, num_local_experts=4,
+                  num_experts=4, n_routed_experts=4, num_experts_per_tok=2, experts_per_token=2,
+                  q_lora_rank=32, kv_lora_rank=16, qk_rope_head_dim=8, qk_nope_head_dim=8, v_head_dim=16,
+                  first_k_dense_replace=1, n_group=1, topk_group=1, max_window_layers=1)
+
+
+def tiny_config(cfg: dict) -> dict:
+    """A real config.json cut down to 2 layers of width 64 (every other key as written)."""
+    cfg = dict(cfg)
+    if isinstance(cfg.get("text_config"), dict):
+        return {**cfg, "text_config": tiny_config(cfg["text_config"])}
+    heads = cfg.get("num_attention_heads") or cfg.get("n_head")
+    cfg.update({k: v for k, v in TINY_SIZES.items() if cfg.get(k) is not None})
+    for key in ("num_key_value_heads", "num_kv_heads"):
+        if cfg.get(key):
+            cfg[key] = 4 if cfg[key] == heads else (1 if cfg[key] == 1 else 2)
+    if cfg.get("head_dim") and cfg["model_type"] != "deepseek_v3":
+        cfg["head_dim"] = 16
+    if cfg.get("sliding_window"):
+        cfg["sliding_window"] = 8
+    if isinstance(cfg.get("layer_types"), list):
+        kinds = cfg["layer_types"]
+        cfg["layer_types"] = [kinds[0], kinds[-1]] if len(set(kinds)) > 1 else kinds[:2]
+    if cfg.get("sliding_window_pattern"):
+        cfg["sliding_window_pattern"] = 2
+    for key in ("max_position_embeddings", "n_positions"):
+        if cfg.get(key):
+            cfg[key] = 512
+    if cfg.get("mlp_only_layers"):
+        cfg["mlp_only_layers"] = []
+    for key in ("pad_token_id", "bos_token_id", "eos_token_id"):
+        if isinstance(cfg.get(key), int) and cfg[key] >= 256:
+            cfg[key] = None
+    return cfg
+
+
+def tiny_of(name: str, tmp_path: Path):
+    import json
+
+    from memsweep.hf_config import spec_from_file
+
+    folder = tmp_path / name
+    folder.mkdir()
+    (folder / "config.json").write_text(json.dumps(tiny_config(json.loads((HF_CONFIGS / f"{name}.json").read_text()))))
+    return replace(spec_from_file(folder), source=str(folder / "config.json"))
+
+
+# one real config per model_type (tests/data/hf_configs, SOURCES.md)
+EVERY_TYPE = ["bert-base-uncased", "command-r-v01", "deepseek-v3", "falcon-7b", "gemma-2-2b", "gemma-2b",
+              "gemma-3-1b", "gpt-oss-20b", "gpt2", "granite-3.0-2b", "llama3.2-1b", "mistral-7b-v0.1",
+              "mixtral-8x7b", "olmoe-1b-7b", "phi-3-mini", "pythia-160m", "qwen1.5-moe-a2.7b", "qwen2.5-0.5b",
+              "qwen3-30b-a3b", "qwen3-8b", "santacoder", "starcoder2-15b"]
+TYPE_MODES = {
+    "train": dict(precision="pure", attention="eager", recompute="full"),
+    "inference": dict(wl=workload("inference", gen_tokens=2), attention="eager"),
+}
+
+
+@pytest.mark.parametrize("mode", TYPE_MODES)
+@pytest.mark.parametrize("name", EVERY_TYPE)
+def test_every_model_type_from_its_config_json_fake_equals_cpu(name, mode, tmp_path):
+    """Issue 12, parts 1 and 3: the transformers model of a config.json as written (MoE, MLA,
+    Gemma's sandwich norms and local layers, gpt-oss's sinks, Phi-3's fused matrices, ...) is
+    measured under fake tensors, byte for byte what a real CPU run of it allocates."""
+    m = tiny_of(name, tmp_path)
+    kw = TYPE_MODES[mode]
+    if m.family == "bert" and mode == "inference":
+        kw = dict(kw, wl=workload("inference", gen_tokens=0))
+    runs = {b: measure(job(m, seq=16, batch=2, dtype="bf16", measure=hf(b), **kw)) for b in ("fake", "cpu")}
+    fake, cpu = runs["fake"], runs["cpu"]
+    assert fake.status == "ok", fake.error
+    assert (fake.peak_bytes, fake.breakdown, fake.phase_peaks) == (cpu.peak_bytes, cpu.breakdown, cpu.phase_peaks)
+
+
+@pytest.mark.parametrize("name, spec, why", [
+    ("gemma-2-2b", dict(attention="sdpa"), "Gemma2ForCausalLM does not support an attention implementation"),
+    ("mixtral-8x7b", dict(precision="mixed"), "transformers' MoE experts (grouped_mm) take bf16 weights only"),
+    ("mixtral-8x7b", dict(precision="pure", wl=workload("lora", lora_rank=4)), "LoRA module names of model_type mixtral"),
+    ("phi-3-mini", dict(wl=workload("lora", lora_rank=4, lora_targets=("q", "v"))),
+     "phi3's k, q, v are one matrix (qkv_proj)"),
+])
+def test_what_transformers_cannot_run_here_is_a_skipped_row_saying_why(name, spec, why, tmp_path):
+    m = measure(job(tiny_of(name, tmp_path), seq=16, batch=2, dtype="bf16", measure=hf("fake"), **spec))
+    assert m.status == "skipped" and f"measure.impl=hf: {why}" in m.error, m.error

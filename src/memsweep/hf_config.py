@@ -431,6 +431,8 @@ def preset_yaml(spec: ModelSpec, header: list[str]) -> str:
 
     lines = [f"# {h}" for h in header]
     for key, value in dataclasses.asdict(spec).items():
+        if key == "source":  # where a run-time read came from; a preset is its own source
+            continue
         if isinstance(value, tuple):
             value = list(value)
         text = yaml.safe_dump(value, default_flow_style=True, width=1000).strip()

@@ -141,6 +141,9 @@ class ModelSpec:
     mla_cache: Literal["latent", "expanded"] = "latent"
     """MLA inference: the KV cache keeps the compressed latent (kv_lora_rank + rope_head_dim per
     token, as vLLM and SGLang do) or the expanded keys and values (as a plain implementation does)."""
+    source: str = ""
+    """The local config.json this spec was read from at run time (`model=hf model.config=PATH`);
+    `measure.impl=hf` builds the transformers model from that file itself. Empty for presets."""
 
     def __post_init__(self) -> None:
         check_label("model.name", self.name)

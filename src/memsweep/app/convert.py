@@ -6,6 +6,8 @@ range and cross-field checks live in the spec dataclasses themselves.
 
 from __future__ import annotations
 
+import dataclasses
+
 from dataclasses import MISSING, fields
 from typing import Any
 
@@ -14,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from memsweep.errors import ConfigError
 from memsweep.formulas import FORMULAS, Formula, formula_from_dict, get_formula
-from memsweep.hf_config import spec_from_file
+from memsweep.hf_config import config_path, spec_from_file
 from memsweep.specs import (
     Hardware, JobSpec, MeasureSpec, ModelSpec, OptimizerSpec, Parallel, Workload, model_fields,
 )
@@ -93,7 +95,8 @@ def model_of(values: Any) -> ModelSpec:
         if values["config"] in (None, "???", ""):
             raise ConfigError("model.config", "missing", "a local config.json: model=hf model.config=PATH")
         name = values.get("name")
-        return spec_from_file(values["config"], None if name in (None, "hf") else str(name))
+        spec = spec_from_file(values["config"], None if name in (None, "hf") else str(name))
+        return dataclasses.replace(spec, source=str(config_path(values["config"]).resolve()))
     return ModelSpec(**model_fields(_group(ModelSpec, "model", values)))
 
 

@@ -156,7 +156,8 @@ ATTENTION_TABLES = ("sdpa", "eager")
 
 def _coefficients(fam: str, prec: str, wl: str, rc: str, att: str, quantity: str) -> tuple[float, ...]:
     """The exact fit where there is one. Two documented approximations where there is none:
-    mixed LoRA = pure 16-bit LoRA + autocast's 16-bit adapter copies; an eager table missing
+    mixed LoRA = pure 16-bit LoRA + autocast's 16-bit adapter copies and a 16-bit copy of each
+    adapted matrix's input (peft's cast, measure/models.py LoRALinear); an eager table missing
     (MLP-only LoRA, whose first layer keeps no attention at all) = the sdpa table without the
     log-sum-exp, plus the probabilities and the causal mask of every layer."""
     coef = COEFFICIENTS.get(f"{fam}/{prec}/{wl}/{rc}/{att}/{quantity}")
@@ -167,6 +168,12 @@ def _coefficients(fam: str, prec: str, wl: str, rc: str, att: str, quantity: str
         fam, prec, wl, rc, "sdpa", quantity)))
     if prec == "mixed" and wl.startswith("lora"):
         terms["Llora"] += 2.0
+        # peft casts each adapted matrix's input to the fp32 adapters' dtype and autocast casts
+        # that back to 16 bits for lora_A, which saves it: one 16-bit copy per target and layer
+        inputs = {"qv": ("h", "h"), "qkvo": ("h",) * 4, "mlp": ("h",) * (2 if fam == "llama" else 1) + ("f",),
+                  "all": ("h",) * (6 if fam == "llama" else 5) + ("f",)}[wl.split("-")[1]]
+        terms["Lth"] += 2.0 * inputs.count("h")
+        terms["Ltf"] += 2.0 * inputs.count("f")
     else:  # eager from sdpa
         terms.update(Lta=0.0, Lbas2=FP32 if prec == "fp32" else 2.0, Ls2=1.0)
     return tuple(terms[n] for n in BASIS)

@@ -26,6 +26,8 @@ to install them.
 
 from __future__ import annotations
 
+import contextlib
+
 import torch
 
 from memsweep.measure.tracker import StorageTracker
@@ -64,29 +66,56 @@ def _peft():
     return peft
 
 
+def auto_class(tf, cfg):
+    """The class users train: a causal LM, or BERT's masked LM (memsweep's bert workload)."""
+    return tf.AutoModelForMaskedLM if cfg.model_type == "bert" else tf.AutoModelForCausalLM
+
+
 def _import_model_code(tf, cfg) -> None:
     """transformers imports a model's module (and its tensors) on first use: do it now, outside."""
     with _outside_modes():
-        tf.AutoModelForCausalLM._model_mapping[type(cfg)]  # noqa: B018 (the lazy import)
+        auto_class(tf, cfg)._model_mapping[type(cfg)]  # noqa: B018 (the lazy import)
         tf.DynamicCache  # noqa: B018
 
 
-# memsweep's LoRA targets as the module names of transformers' models
-LLAMA_MODULES = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
-                 "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+# memsweep's LoRA targets as the module names of transformers' models, per model_type (one name
+# for several targets: a fused matrix, which takes one adapter)
+_LLAMA = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
+          "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
+LORA_MODULES: dict[str, dict[str, str]] = {
+    **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
+                     "cohere"), _LLAMA),
+    "starcoder2": {**_LLAMA, "up": "c_fc", "down": "c_proj"},
+    "phi3": {"q": "qkv_proj", "k": "qkv_proj", "v": "qkv_proj", "o": "o_proj",
+             "gate": "gate_up_proj", "up": "gate_up_proj", "down": "down_proj"},
+    **dict.fromkeys(("gpt2", "gpt_bigcode"), {"q": "c_attn", "k": "c_attn", "v": "c_attn", "o": "attn.c_proj",
+                                              "up": "c_fc", "down": "mlp.c_proj"}),
+    "gpt_neox": {"q": "query_key_value", "k": "query_key_value", "v": "query_key_value",
+                 "o": "attention.dense", "up": "dense_h_to_4h", "down": "dense_4h_to_h"},
+    "falcon": {"q": "query_key_value", "k": "query_key_value", "v": "query_key_value",
+               "o": "self_attention.dense", "up": "dense_h_to_4h", "down": "dense_4h_to_h"},
+}
 
 
-def peft_target_modules(m: ModelSpec, targets: tuple[str, ...]) -> list[str]:
-    """peft's `target_modules` for memsweep's targets. GPT-2 projects q, k and v with one fused
-    matrix (`c_attn`): it takes one adapter, so q, k, v are adapted together or not at all."""
-    if m.family != "gpt2":
-        return [LLAMA_MODULES[t] for t in targets]
-    qkv = {"q", "k", "v"} & set(targets)
-    if qkv and qkv != {"q", "k", "v"}:
-        raise Unmeasurable(f"measure.impl=hf: gpt2's q, k, v are one matrix (c_attn), adapted as one; "
-                           f"workload.lora_targets={list(targets)} names only {sorted(qkv)} of them")
-    names = {"o": "attn.c_proj", "up": "c_fc", "down": "mlp.c_proj"}
-    return (["c_attn"] if qkv else []) + [names[t] for t in targets if t in names]
+def peft_target_modules(model_type: str, targets: tuple[str, ...]) -> list[str]:
+    """peft's `target_modules` for memsweep's targets. Where transformers fuses matrices (GPT-2's
+    `c_attn` holds q, k and v; Phi-3's `gate_up_proj`), the fused matrix takes one adapter, so
+    its targets are adapted together or not at all."""
+    names = LORA_MODULES.get(model_type)
+    if names is None:
+        raise Unmeasurable(f"measure.impl=hf: LoRA module names of model_type {model_type} are not mapped yet; "
+                           f"mapped: {', '.join(sorted(LORA_MODULES))}")
+    out: list[str] = []
+    for t in targets:
+        module = names[t]
+        together = sorted(k for k, v in names.items() if v == module)
+        if not set(together) <= set(targets):
+            raise Unmeasurable(f"measure.impl=hf: {model_type}'s {', '.join(together)} are one matrix ({module}), "
+                               f"adapted as one; workload.lora_targets={list(targets)} names only "
+                               f"{sorted(set(together) & set(targets))} of them")
+        if module not in out:
+            out.append(module)
+    return out
 
 
 def _fake_mode():
@@ -136,8 +165,23 @@ def unsupported(m: ModelSpec) -> str | None:
     return ", ".join(found) or None
 
 
+def source_config(m: ModelSpec):
+    """The transformers config of the config.json `m` was read from (`model=hf model.config=PATH`):
+    the file itself, every key as written (the language model's part of a multimodal one)."""
+    from memsweep.hf_config import read_config, text_config
+
+    inner, _ = text_config(read_config(m.source))
+    tf = _transformers()
+    fields = {k: v for k, v in inner.items() if k != "model_type"}
+    with _outside_modes():
+        return tf.AutoConfig.for_model(inner["model_type"], **fields)
+
+
 def hf_config(m: ModelSpec):
-    """The transformers config whose model has exactly `m`'s shapes (parameter counts equal)."""
+    """The transformers config whose model has exactly `m`'s shapes (parameter counts equal):
+    the source config.json when `m` was read from one, else one built from `m`'s fields."""
+    if m.source:
+        return source_config(m)
     why = unsupported(m)
     if why:
         raise Unmeasurable(f"measure.impl=hf does not build {why} yet ({m.name}); use measure.impl=reference")
@@ -169,11 +213,16 @@ def prepare_hf(spec: JobSpec, device: str, tracker: StorageTracker | None = None
     base_dtype, adapter_dtype = storage_dtypes(spec)
     cfg = hf_config(spec.model)
     tf = _transformers()
-    targets = peft_target_modules(spec.model, w.lora_targets) if w.kind == "lora" else []
+    targets = peft_target_modules(cfg.model_type, w.lora_targets) if w.kind == "lora" else []
     peft = _peft() if targets else None
 
     def build() -> torch.nn.Module:
-        model = tf.AutoModelForCausalLM.from_config(cfg, dtype=base_dtype, attn_implementation=spec.attention)
+        try:
+            model = auto_class(tf, cfg).from_config(cfg, dtype=base_dtype, attn_implementation=spec.attention)
+        except ValueError as exc:  # e.g. Gemma-2 and gpt-oss have no sdpa path in transformers
+            if "does not support an attention implementation" in str(exc):
+                raise Unmeasurable(f"measure.impl=hf: {str(exc).splitlines()[0]} (attention=eager runs)") from None
+            raise
         if peft is not None:
             lora = peft.LoraConfig(r=w.lora_rank, lora_alpha=2 * w.lora_rank, lora_dropout=0.0,
                                    target_modules=targets, bias="none")
@@ -204,12 +253,26 @@ def prepare_hf(spec: JobSpec, device: str, tracker: StorageTracker | None = None
     return _inference(spec, model, cfg, ids, t, tf)
 
 
+@contextlib.contextmanager
+def _grouped_mm_needs_16_bits(spec: JobSpec):
+    """transformers' MoE experts run `grouped_mm`, which autocast does not cast and which takes
+    bf16 only (on CUDA too): with the fp32 master weights of mixed precision it fails. A fact
+    about the code users run, reported as such."""
+    try:
+        yield
+    except RuntimeError as exc:
+        if "Expected inputs of BF16 type" in str(exc):
+            raise Unmeasurable("measure.impl=hf: transformers' MoE experts (grouped_mm) take bf16 weights only, "
+                               f"and precision={spec.precision} keeps fp32 masters; precision=pure runs") from None
+        raise
+
+
 def _train(spec: JobSpec, model, ids: torch.Tensor, tracker) -> Prepared:
     if spec.recompute == "full":  # every decoder layer (transformers 5.x renamed gradient_checkpointing_enable)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
     def forward_loss(autocast) -> torch.Tensor:
-        with autocast:
+        with autocast, _grouped_mm_needs_16_bits(spec):
             out = model(input_ids=ids, labels=ids)  # transformers shifts the labels itself
         return out.loss  # the logits and any cache die with `out`, as in a loop keeping only the loss
 
@@ -230,6 +293,10 @@ def _inference(spec: JobSpec, model, cfg, ids: torch.Tensor, tracker, tf) -> Pre
     @torch.no_grad()
     def step(prepared: Prepared) -> None:
         t = prepared.tracker
+        if cfg.model_type == "bert":  # an encoder: one forward, no cache
+            with t.section("prefill", "activations"):
+                model(input_ids=ids)
+            return
         cache = tf.DynamicCache(config=cfg)
         with t.section("prefill", "activations"):
             out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
