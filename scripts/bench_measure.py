@@ -2,10 +2,12 @@
 
     python scripts/bench_measure.py            # all cases
     python scripts/bench_measure.py --quick    # skip llama2-70b
+    python scripts/bench_measure.py --hf       # measure.impl=hf (transformers) next to the reference
 
 `fake` runs a full training step (two steps: the measured one has optimizer state) of models up
 to 70B parameters under FakeTensorMode; `cpu` runs `tiny` for real. Figures are for this machine,
 measured in this run; the ratio column compares each case's wall time with the fake llama2-7b one.
+`--hf` adds the transformers models of issue 12 (goal: a 7-8B train step and inference under 10 s).
 """
 
 from __future__ import annotations
@@ -30,14 +32,28 @@ CASES = [
     ("tiny train seq 256 batch 4", "cpu", "tiny", {"seq": 256, "batch": 4}),
     ("tiny inference 256+128", "cpu", "tiny", {"seq": 256, "wl": "inference"}),
 ]
+HF_CASES = [  # measure.impl=hf (the transformers model), --hf only
+    ("hf llama3-8b train seq 2048", "fake", "llama3-8b", {"seq": 2048, "impl": "hf"}),
+    ("hf llama3-8b train eager 2048", "fake", "llama3-8b", {"seq": 2048, "impl": "hf", "attention": "eager"}),
+    ("hf llama3-8b lora seq 2048", "fake", "llama3-8b", {"seq": 2048, "impl": "hf", "wl": "lora"}),
+    ("hf llama3-8b full recompute 8192", "fake", "llama3-8b", {"seq": 8192, "impl": "hf", "recompute": "full"}),
+    ("hf qwen2.5-7b train seq 2048", "fake", "qwen2.5-7b", {"seq": 2048, "impl": "hf"}),
+    ("hf llama3-8b inference 2048+128", "fake", "llama3-8b", {"seq": 2048, "impl": "hf", "wl": "inference"}),
+    ("hf tiny train seq 256 batch 4", "cpu", "tiny", {"seq": 256, "batch": 4, "impl": "hf"}),
+]
 
 
 def child(label: str) -> None:
     from memsweep.measure.backends import measure
     from memsweep.presets import job_spec
 
-    _, backend, model, top = next(c for c in CASES if c[0] == label)
-    spec = job_spec(model, measure=backend, **top)
+    from memsweep.presets import load_preset
+    from memsweep.specs import MeasureSpec
+
+    _, backend, model, top = next(c for c in CASES + HF_CASES if c[0] == label)
+    top = dict(top)
+    ms = MeasureSpec(**{**load_preset("measure", backend), "impl": top.pop("impl", "reference")})
+    spec = job_spec(model, measure=ms, **top)
     t0 = time.perf_counter()
     m = measure(spec)
     wall = time.perf_counter() - t0
@@ -49,13 +65,14 @@ def child(label: str) -> None:
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="skip llama2-70b")
+    parser.add_argument("--hf", action="store_true", help="add the measure.impl=hf cases")
     parser.add_argument("--child", help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.child:
         child(args.child)
         return 0
     results = {}
-    for label, backend, *_ in CASES:
+    for label, backend, *_ in CASES + (HF_CASES if args.hf else []):
         if args.quick and "70b" in label:
             continue
         t0 = time.perf_counter()
@@ -65,10 +82,10 @@ def main() -> int:
         r["process_s"] = time.perf_counter() - t0  # includes importing torch
         results[label] = (backend, r)
     ref = results["llama2-7b train seq 2048"][1]["wall_s"]
-    print(f"{'case':32s} {'backend':7s} {'status':7s} {'peak GiB':>9s} {'measure s':>9s} "
+    print(f"{'case':34s} {'backend':7s} {'status':7s} {'peak GiB':>9s} {'measure s':>9s} "
           f"{'process s':>9s} {'RSS MiB':>8s} {'vs 7B':>6s}")
     for label, (backend, r) in results.items():
-        print(f"{label:32s} {backend:7s} {r['status']:7s} {r['peak_gib']:9.2f} {r['wall_s']:9.2f} "
+        print(f"{label:34s} {backend:7s} {r['status']:7s} {r['peak_gib']:9.2f} {r['wall_s']:9.2f} "
               f"{r['process_s']:9.2f} {r['rss_mib']:8.0f} {r['wall_s'] / ref:6.2f}")
     return 0
 

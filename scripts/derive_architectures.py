@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import itertools
+import os
 import sys
 from multiprocessing import Pool
 from pathlib import Path
@@ -29,6 +30,7 @@ import numpy as np
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
+os.environ["MEMSWEEP_DERIVING"] = "1"  # detailed.py may import a table fitted on an older basis
 sys.path.insert(0, str(ROOT / "scripts"))
 
 from derive_coefficients import LORA_SETS, PRECISIONS  # noqa: E402

@@ -220,3 +220,50 @@ def test_every_model_type_from_its_config_json_fake_equals_cpu(name, mode, tmp_p
 def test_what_transformers_cannot_run_here_is_a_skipped_row_saying_why(name, spec, why, tmp_path):
     m = measure(job(tiny_of(name, tmp_path), seq=16, batch=2, dtype="bf16", measure=hf("fake"), **spec))
     assert m.status == "skipped" and f"measure.impl=hf: {why}" in m.error, m.error
+
+
+def test_the_training_kv_cache_is_what_use_cache_says_in_both_implementations():
+    """workload.use_cache (transformers' default True): a training forward fills a KV cache whose
+    fp32 K and V copies (mixed precision) are held until the loss is computed. Both the
+    transformers model and the reference one hold exactly what detailed's term says; with
+    use_cache=False transformers would look for packed sequences, which fake tensors cannot
+    answer (handled: measure/hf.py, _one_sequence_per_row), so fake == cpu there too."""
+    from memsweep.columns import Columns
+    from memsweep.formulas.detailed import train_cache_bytes
+
+    delta = {}
+    for impl in ("reference", "hf"):
+        peaks = {}
+        for use_cache in (True, False):
+            spec = job("tiny", seq=32, batch=2, dtype="bf16", precision="mixed",
+                       wl=workload("train", use_cache=use_cache), measure=MeasureSpec(name="fake", backend="fake", impl=impl))
+            peaks[use_cache] = measure(spec).phase_peaks["forward"]
+        delta[impl] = peaks[True] - peaks[False]
+    expected = train_cache_bytes(Columns.from_specs([job("tiny", seq=32, batch=2, dtype="bf16", precision="mixed")]))[0]
+    assert delta == {"reference": expected, "hf": expected} and expected > 0
+    no_cache = {b: measure(job("tiny", seq=32, batch=2, dtype="bf16", precision="mixed", wl=workload("train", use_cache=False),
+                               measure=hf(b))) for b in ("fake", "cpu")}
+    assert no_cache["fake"].phase_peaks == no_cache["cpu"].phase_peaks
+
+
+def test_inference_without_a_cache_is_refused_in_one_line():
+    from memsweep.errors import ConfigError
+
+    with pytest.raises(ConfigError, match="workload.use_cache=False: .*true for workload kind inference"):
+        workload("inference", use_cache=False)
+
+
+def test_a_sweep_measures_a_config_json_as_written(tmp_path):
+    """`model=hf model.config=PATH measure.impl=hf`: the row's model is the file's (a Qwen3 MoE,
+    bf16 weights), measured, and detailed's estimate stands beside it."""
+    from test_robustness import run
+
+    name = tiny_of("qwen3-30b-a3b", tmp_path).name
+    cfg = tmp_path / name / "config.json"
+    proc = run("sweep.py", "-m", "model=hf", f"model.config={cfg}", "seq=32", "precision=pure",
+               "workload=train,inference", "workload.gen_tokens=0", "measure=fake", "measure.impl=hf",
+               f"hydra.sweep.dir={tmp_path / 'out'}")
+    assert proc.returncode == 0, proc.stderr
+    t = pl.read_parquet(tmp_path / "out" / RESULTS_NAME).filter(pl.col("formula") == "detailed")
+    assert set(t["status"]) == {"ok"} and t["measured_peak_bytes"].null_count() == 0
+    assert all(str(cfg.resolve()) in s for s in t["spec_json"])

@@ -71,6 +71,7 @@ class Columns:
     training: Array  # 1 for train and lora
     lora: Array
     lora_rank: Array
+    train_cache: Array
     lora_q: Array
     lora_k: Array
     lora_v: Array
@@ -167,6 +168,9 @@ def _spec_values(spec: JobSpec) -> dict[str, float]:
         **model_values(m),
         "batch": spec.batch, "seq": spec.seq, "gen_tokens": spec.gen_tokens,
         "training": w.training, "lora": w.kind == "lora",
+        # transformers keeps a KV cache through a training forward unless use_cache=False or
+        # gradient checkpointing (which turns it off); encoders have none
+        "train_cache": w.training and w.use_cache and spec.recompute != "full" and m.decoder,
         "lora_rank": w.lora_rank if w.kind == "lora" else 0,
         **{f"lora_{t}": t in targets for t in ("q", "k", "v", "o", "gate", "up", "down")},
         "dtype_bytes": spec.dtype_bytes, "mixed": spec.mixed,

@@ -302,11 +302,18 @@ class Workload:
     """Inference only: tokens decoded after the prompt (the prompt is `seq` tokens)."""
     lora_rank: int = 0
     lora_targets: tuple[str, ...] = ()
+    use_cache: bool = True
+    """Training: the forward also fills a KV cache, held until the loss is computed (transformers'
+    default, `use_cache=True`; it is off under gradient checkpointing). False: a model with
+    `config.use_cache=False`. Inference always uses one."""
 
     def __post_init__(self) -> None:
         check_label("workload.name", self.name)
         check_choice("workload.kind", self.kind, WORKLOADS)
         check_int("workload.gen_tokens", self.gen_tokens, minimum=0)
+        check_bool("workload.use_cache", self.use_cache)
+        if self.kind == "inference" and not self.use_cache:
+            raise ConfigError("workload.use_cache", self.use_cache, "true for workload kind inference (decoding reads the cache)")
         # a value the workload would ignore is refused: the row would not be what the user asked
         if self.kind != "inference" and self.gen_tokens:
             raise ConfigError("workload.gen_tokens", self.gen_tokens, f"0 for workload kind {self.kind} (inference only)")

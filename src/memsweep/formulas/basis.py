@@ -7,11 +7,12 @@ import numpy as np
 
 from memsweep.columns import Array, Columns, linear_elements, lora_params
 
-BASIS = ("Lth", "Ltkvd", "Ltf", "Lta", "Lt", "Ltr", "Llinear", "Llora", "Lh", "Lf", "Lr",
-         "th", "tkvd", "tf", "ta", "tr", "tV", "t", "Vh", "sd", "s", "h", "V", "Lbas2", "Ls2", "one")
-"""L layers, t = b*s tokens, h hidden, a heads, kv*d K/V width (0 without GQA: h carries it),
-f FFN, r LoRA rank, V vocabulary; 'linear' = one block's matrices; terms without L are what
-the first or last layer keeps differently."""
+BASIS = ("Lth", "Ltkvd", "Ltkv", "Ltf", "Lta", "Lt", "Ltr", "Llinear", "Llora", "Lh", "Lf", "Lr",
+         "th", "tkvd", "tkv", "tf", "ta", "tr", "tV", "t", "Vh", "sd", "s", "h", "V", "Lbas2", "Ls2", "one")
+"""L layers, t = b*s tokens, h hidden, a heads, kvd = kv*d the K/V width with GQA (0 without:
+h carries it), kv = kv*d always (sdpa keeps K and V at that width, shared by the query heads with
+`enable_gqa`), f FFN, r LoRA rank, V vocabulary; 'linear' = one block's matrices; terms without L
+are what the first or last layer keeps differently."""
 
 
 def layer_params(c: Columns) -> Array:
@@ -28,9 +29,9 @@ def basis_values(c: Columns) -> np.ndarray:
     lora_layer = lora_params(c) / L
     r = c.lora_rank
     terms = {
-        "Lth": L * t * h, "Ltkvd": L * t * kvd, "Ltf": L * t * f, "Lta": L * t * a, "Lt": L * t,
+        "Lth": L * t * h, "Ltkvd": L * t * kvd, "Ltkv": L * t * c.kv_heads * d, "Ltf": L * t * f, "Lta": L * t * a, "Lt": L * t,
         "Ltr": L * t * r, "Llinear": L * layer_params(c), "Llora": L * lora_layer, "Lh": L * h, "Lf": L * f,
-        "Lr": L * r, "th": t * h, "tkvd": t * kvd, "tf": t * f, "ta": t * a, "tr": t * r,
+        "Lr": L * r, "th": t * h, "tkvd": t * kvd, "tkv": t * c.kv_heads * d, "tf": t * f, "ta": t * a, "tr": t * r,
         "tV": t * V, "t": t, "Vh": V * h, "sd": s * d, "s": s, "h": h, "V": V,
         "Lbas2": L * c.batch * a * s * s, "Ls2": L * s * s, "one": np.ones_like(L),
     }

@@ -21,6 +21,7 @@ calibration can refit it.
 
 from __future__ import annotations
 
+import os
 from dataclasses import dataclass
 
 import numpy as np
@@ -38,7 +39,9 @@ from memsweep.formulas.coefficients import COEFFICIENTS
 
 FP32 = 4.0
 if FITTED_BASIS != BASIS:
-    raise RuntimeError("formulas/coefficients.py was fitted on another basis: run scripts/derive_coefficients.py")
+    if not os.environ.get("MEMSWEEP_DERIVING"):  # set by the derive scripts, which refit them
+        raise RuntimeError("formulas/coefficients.py was fitted on another basis: run scripts/derive_coefficients.py")
+    COEFFICIENTS = {k: tuple(dict(zip(FITTED_BASIS, v)).get(n, 0.0) for n in BASIS) for k, v in COEFFICIENTS.items()}
 try:
     from memsweep.formulas.coefficients_ext import EXT_BASIS as FITTED_EXT_BASIS
     from memsweep.formulas.coefficients_ext import EXT_COEFFICIENTS as _FITTED_EXT
@@ -163,6 +166,11 @@ def _coefficients(fam: str, prec: str, wl: str, rc: str, att: str, quantity: str
     coef = COEFFICIENTS.get(f"{fam}/{prec}/{wl}/{rc}/{att}/{quantity}")
     if coef is not None:
         return coef
+    if att == "sdpa" and not (prec == "mixed" and wl.startswith("lora")):  # nothing to start from
+        if os.environ.get("MEMSWEEP_DERIVING"):
+            return (0.0,) * len(BASIS)
+        raise RuntimeError(f"formulas/coefficients.py has no fit for {fam}/{prec}/{wl}/{rc}/sdpa: "
+                           "run scripts/derive_coefficients.py")
     terms = dict(zip(BASIS, _coefficients(
         fam, "pure16", wl, rc, att, quantity) if prec == "mixed" and wl.startswith("lora") else _coefficients(
         fam, prec, wl, rc, "sdpa", quantity)))
@@ -329,6 +337,29 @@ def eager_backward_bytes(c: Columns) -> Array:
     return np.where(eager, saved_activations_bytes(c) - c.batch * c.seq * c.vocab * FP32 + grads, 0.0)
 
 
+def train_cache_bytes(c: Columns) -> Array:
+    """Training with `workload.use_cache` (transformers' default), while the loss runs: the KV cache
+    holds a copy of every layer's K and V (DynamicCache.update concatenates them onto empty tensors
+    of K's dtype). Attention reads the copies, so they replace the originals, but under mixed
+    precision: RoPE's fp32 tables make K fp32, V is promoted to it, attention saves 16-bit casts of
+    both and the cache keeps the fp32 copies. (A 16-bit model, LoRA's 16-bit base, or learned
+    positions keep 16-bit K and V: nothing extra.)"""
+    on = (c.train_cache == 1) & (c.mixed == 1) & (c.lora == 0) & (c.rope_dim > 0)
+    heads = np.where(c.mla == 1, c.heads, c.kv_heads)
+    width = heads * (c.head_dim + c.v_head_dim)
+    return np.where(on, c.layers * c.batch * c.seq * width * FP32 / c.tp, 0.0)
+
+
+def final_hidden_bytes(c: Columns) -> Array:
+    """Decoder training, while the loss runs: transformers' model output holds the final norm's
+    output (t*h in the hidden dtype). The LM head saves it anyway when it trains in that dtype;
+    not under mixed precision (it saves a 16-bit cast of the fp32 state) nor with LoRA (a frozen
+    head saves no input)."""
+    on = (c.training == 1) & (c.final_norm == 1) & ((c.mixed == 1) | (c.lora == 1))
+    hidden_dtype = np.where((c.mixed == 1) & (c.lora == 0), FP32, compute_bytes(c))
+    return np.where(on, c.batch * c.seq * c.hidden * hidden_dtype, 0.0)
+
+
 def autocast_cache_bytes(c: Columns) -> Array:
     """Mixed training with full recompute, while the loss runs: autocast keeps a 16-bit copy of
     every fp32 weight it cast until its context ends, and the loss runs inside it (PyTorch's AMP
@@ -361,10 +392,11 @@ def inference_ids_bytes(c: Columns) -> Array:
 
 def prefill_activations_bytes(c: Columns) -> Array:
     """Inference, inside one layer's MLP (no autograd): the residual stream, the normed input and
-    the MLP's intermediates (SwiGLU: gate, act, up, product; GELU: fc out, act), + RoPE tables."""
+    the MLP's intermediates (SwiGLU: gate, act, up, product; GELU: fc out, act; GPT-2's gelu_new,
+    computed op by op: fc out, 1 + tanh(.), 0.5 x and their product), + RoPE tables."""
     t = c.batch * c.seq
     cb = compute_bytes(c)
-    mlp = np.where(c.gated_mlp == 1, 3.0, 2.0) * c.ffn
+    mlp = np.where(c.gated_mlp == 1, 3.0, np.where(c.family == FAMILY_CODES["gpt2"], 4.0, 2.0)) * c.ffn
     rope = np.where(c.learned_positions == 1, 0.0, 2.0 * c.seq * c.rope_dim * cb)
     dense = t * (3.0 * c.hidden + mlp) * cb / c.tp
     return np.where(c.moe_layers > 0, moe_prefill_bytes(c), dense) + rope + inference_ids_bytes(c)
@@ -424,7 +456,9 @@ def peak_breakdown(c: Columns, k: DetailedConstants) -> Breakdown:
     lg = k.logits_factor
     saved = act * saved_activations_bytes(c)
     moments = [
-        Breakdown.of(w, weights=w, optimizer=o, activations=saved + act * autocast_cache_bytes(c),
+        Breakdown.of(w, weights=w, optimizer=o,
+                     activations=saved + act * (autocast_cache_bytes(c) + train_cache_bytes(c)
+                                                + final_hidden_bytes(c)),
                      logits=lg * live_logits_bytes(c), overhead=overhead),
         Breakdown.of(w, weights=w, optimizer=o, activations=saved, logits=lg * logits_gradient_bytes(c),
                      overhead=overhead),

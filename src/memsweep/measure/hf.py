@@ -17,11 +17,13 @@ ones (torch.nn.Module._apply, "Couldn't swap"). A real run (`measure=cpu`) build
 Adapters: fp32 when mixed, the job's dtype when pure, as the reference models keep them (peft's
 own default, `autocast_adapter_dtype=True`, would make them fp32 in a pure bf16 model too).
 
-Covered so far: dense llama-family models the config classes below express exactly (llama,
-qwen2's q/k/v biases, mistral's all-layer sliding window) and gpt2. Anything else and selective
-recompute are `status=skipped` with the reason (README, Measurement).
-transformers and peft are the optional `hf` extra: without them the job is skipped and says how
-to install them.
+Presets: dense llama-family models the config classes below express exactly (llama, qwen2's
+q/k/v biases, mistral's all-layer sliding window) and gpt2. `model=hf model.config=PATH`: the
+config.json itself (`source_config`), any model_type transformers builds (MoE, MLA, Gemma, ...).
+What cannot run here is `status=skipped` with the reason (README, Measurement): a preset feature
+the classes below cannot express, selective recompute, an attention transformers lacks for a
+model, MoE experts with fp32 masters, LoRA module names not mapped. transformers and peft are the
+optional `hf` extra: without them the job is skipped and says how to install them.
 """
 
 from __future__ import annotations
@@ -254,6 +256,24 @@ def prepare_hf(spec: JobSpec, device: str, tracker: StorageTracker | None = None
 
 
 @contextlib.contextmanager
+def _one_sequence_per_row():
+    """Data-dependent code met under fake tensors, handled explicitly: without a cache (training
+    with use_cache=False) transformers looks for packed sequences in the position ids
+    (`masking_utils.find_packed_sequence_indices`), and its `(mask[:, -1] == 0).all()` check
+    cannot be read from a fake tensor, so it answers "packed" and a materialised mask follows
+    (sdpa then repeats K/V instead of sharing them). Every row here is one sequence with positions
+    0..T-1, for which the real check answers None: that answer, fake or real."""
+    from transformers import masking_utils
+
+    original = masking_utils.find_packed_sequence_indices
+    masking_utils.find_packed_sequence_indices = lambda position_ids: None
+    try:
+        yield
+    finally:
+        masking_utils.find_packed_sequence_indices = original
+
+
+@contextlib.contextmanager
 def _grouped_mm_needs_16_bits(spec: JobSpec):
     """transformers' MoE experts run `grouped_mm`, which autocast does not cast and which takes
     bf16 only (on CUDA too): with the fp32 master weights of mixed precision it fails. A fact
@@ -271,9 +291,12 @@ def _train(spec: JobSpec, model, ids: torch.Tensor, tracker) -> Prepared:
     if spec.recompute == "full":  # every decoder layer (transformers 5.x renamed gradient_checkpointing_enable)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
 
+    cache_kw = {"use_cache": spec.workload.use_cache} if spec.model.decoder else {}
+
     def forward_loss(autocast) -> torch.Tensor:
-        with autocast, _grouped_mm_needs_16_bits(spec):
-            out = model(input_ids=ids, labels=ids)  # transformers shifts the labels itself
+        with autocast, _grouped_mm_needs_16_bits(spec), _one_sequence_per_row():
+            # transformers shifts the labels itself; use_cache as workload.use_cache (its default: True)
+            out = model(input_ids=ids, labels=ids, **cache_kw)
         return out.loss  # the logits and any cache die with `out`, as in a loop keeping only the loss
 
     return train_step(spec, model, ids, tracker, forward_loss)

@@ -165,6 +165,7 @@ class Attention(nn.Module):
                       if spec.attention_sinks else None)
         self.window = spec.sliding_window if local else 0
         self.causal = spec.decoder
+        self.cache_sink: list[tuple[Tensor, Tensor]] | None = None  # set by ReferenceModel.forward
         self.eager = opts.attention == "eager"
         self.fp32_softmax = spec.family == "llama"  # eager: see _attend
         self.mask_dtype = opts.dtype  # the hidden states' dtype: the weights' (fp32 when mixed)
@@ -191,6 +192,13 @@ class Attention(nn.Module):
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
             if kv_cache is not None:
                 k, v = self._cache(kv_cache, k, v, start)
+        if self.cache_sink is not None:
+            # transformers' DynamicCache in a training forward (use_cache=True): update()
+            # concatenates onto empty tensors of K's dtype (so V is promoted to it: fp32 under
+            # mixed precision, where RoPE's fp32 tables make K fp32); attention reads the copies
+            empty = k.new_empty(0)
+            k, v = torch.cat((empty, k), dim=2), torch.cat((empty, v), dim=2)
+            self.cache_sink.append((k, v))
         if not self.window:
             mask = None
         if self.selective and self.training and torch.is_grad_enabled():
@@ -491,6 +499,8 @@ class ReferenceModel(nn.Module):
         # Counted as HF's BertModel counts it, but not run: MLM logits do not use it (HF's
         # BertForMaskedLM drops it too), so in training it gets no gradient.
         self.pooler = nn.Linear(h, h, **factory) if spec.pooler else None
+        self.keep_train_cache = False  # workload.use_cache (set by measure.workloads)
+        self.train_cache: list[tuple[Tensor, Tensor]] | None = None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -539,6 +549,14 @@ class ReferenceModel(nn.Module):
             mask = window_mask(T, T, 0, window, x.device)  # (T, T)
 
         full = self.recompute == "full" and self.training and torch.is_grad_enabled()
+        # training: what transformers' output holds until the loss is computed (the training loop
+        # drops `train_cache` then): with use_cache every layer's K and V copies (transformers
+        # turns it off under checkpointing), and the final hidden state
+        keep = cache is None and self.training and torch.is_grad_enabled() and self.spec.decoder
+        self.train_cache = [] if keep else None
+        use_cache = keep and self.keep_train_cache and not full
+        for block in self.blocks:
+            block.attn.cache_sink = self.train_cache if use_cache else None
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             if full:
@@ -547,6 +565,8 @@ class ReferenceModel(nn.Module):
                                use_reentrant=False, preserve_rng_state=False)  # no dropout, no RNG state
             else:
                 x = block(x, rope, kv, start, mask if block.local else None)
+        for block in self.blocks:
+            block.attn.cache_sink = None
         if cache is not None:
             cache.length = start + T
 
@@ -554,6 +574,8 @@ class ReferenceModel(nn.Module):
             x = x[:, -1:, :]  # (B, 1, h): norm and head are per token, so slice first
         if self.norm_f is not None:
             x = self.norm_f(x)
+        if keep:  # transformers' model output holds the last hidden state while the loss runs
+            self.train_cache.append((x, x))
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight  # (V, h)
         return F.linear(x, head)  # (B, T, V)
 

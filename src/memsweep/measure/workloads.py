@@ -1,6 +1,7 @@
 """What a measured job runs: a training step or prefill + decode, as a user's plain PyTorch would.
 
-Training: forward (under autocast when mixed), cross-entropy on fp32 logits, backward,
+Training: forward and cross-entropy on fp32 logits (both under autocast when mixed, as PyTorch's
+AMP recipe writes it; on CPU tensors with CUDA's cast policy, measure/autocast.py), backward,
 `optimizer.step()`, `zero_grad(set_to_none=True)`. The logits tensor is not kept past the loss
 (a careful training loop drops it; autograd keeps only what backward needs). fp16 mixed runs
 without a GradScaler: unscaling is in place and costs no memory, and its `found_inf.item()`
@@ -129,12 +130,16 @@ def prepare(spec: JobSpec, device: str, tracker: StorageTracker | None = None,
 def _prepare_train(spec: JobSpec, model: ReferenceModel, ids: torch.Tensor, tracker) -> Prepared:
     targets = ids.roll(-1, dims=1)  # next-token targets (MLM on every position for bert)
 
+    model.keep_train_cache = spec.workload.use_cache
+
     def forward_loss(autocast) -> torch.Tensor:
         # the loss inside autocast, as PyTorch's AMP recipe and transformers (labels=) write it:
         # autocast's cache of 16-bit weight copies lives until the loss is computed
         with autocast:
             logits = model(ids)  # (B, T, V)
-            return F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())  # logits die here
+            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+        model.train_cache = None  # as transformers' output (and its cache) dies with the step's loop
+        return loss  # logits die here
 
     return train_step(spec, model, ids, tracker, forward_loss)
 
