@@ -5,6 +5,7 @@ implementation, on top of the classic llama tables.
     python scripts/derive_architectures.py --jobs 2   # two processes
 
     python scripts/derive_architectures.py --jobs 2 --modes mixed/train/none/sdpa   # refit some modes
+    python scripts/derive_architectures.py --jobs 2 --modes pure16/train/none/eager --classes base
 
 For every llama-family mode (precision x workload x recompute x attention) it runs the reference
 training step under FakeTensorMode on a design of 480 small models built from RECIPES (each newer
@@ -208,8 +209,15 @@ def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--jobs", type=int, default=1)
     parser.add_argument("--modes", nargs="*", help="only these precision/workload/recompute/attention, in this order")
+    parser.add_argument("--classes", nargs="*", choices=EXT_CLASSES,
+                        help="refit only these architecture classes (their design points alone), keeping the rest")
     args = parser.parse_args(argv)
     points = design()
+    if args.classes:
+        from memsweep.presets import job_spec
+
+        wanted = {EXT_CLASSES.index(k) for k in args.classes}
+        points = [p for p in points if int(ext_class(Columns.from_specs([job_spec(p[0], seq=p[1], batch=p[2])]))[0]) in wanted]
     modes = ([tuple(m.split("/")) for m in args.modes] if args.modes
              else list(itertools.product(PRECISIONS, WORKLOADS, RECOMPUTES, ATTENTIONS)))
     out = ROOT / "src" / "memsweep" / "formulas" / "coefficients_ext.py"
@@ -221,6 +229,8 @@ def main(argv: list[str] | None = None) -> int:
             rows = np.array([o[1] for o in obs])
             classes = np.array([o[2] for o in obs])
             for k, cls in enumerate(EXT_CLASSES):
+                if args.classes and cls not in args.classes:
+                    continue
                 # a class is fitted on its own points; MoE and MLA (many terms) also on the base
                 # recipes (single features), which pin the terms they share
                 sel = (classes == k) | ((classes == 0) & (cls in ("moe", "mla")))

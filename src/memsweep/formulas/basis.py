@@ -58,6 +58,7 @@ EXT_BASIS = (
     "Dtf_gelu", "tf_gelu", "Mtkf_gelu", "Dtf_geglu", "Dth_gelu", "th_gelu",  # GELU / GeGLU MLPs
     "Lta_part", "Ltkv_part", "s_rd",                               # partial rotary
     "s2_win", "Ls2_loc",                                           # sliding-window masks
+    "Ltq_loc", "Ltkv_loc",                                         # masked local layers repeat K/V (no enable_gqa)
     "Lbas_sink", "Lbas2_sink",                                     # attention sinks (eager)
 )
 EAGER_ONLY = frozenset({"Lbas_sink", "Lbas2_sink"})
@@ -104,6 +105,7 @@ def ext_basis_values(c: Columns) -> np.ndarray:
     part = np.where((c.mla == 0) & (c.rope_dim > 0), d - c.rope_dim, 0.0)
     qx = a * d - h
     loc = local_masked(c)
+    gqa = ((c.kv_heads != c.heads) & (c.mla == 0)).astype(float)  # sdpa shares K/V heads unless masked
     terms = {
         "Ltq": L * t * qx, "tq": t * qx,
         "Llinx": linear_elements(c) - L * layer_params(c),
@@ -132,6 +134,7 @@ def ext_basis_values(c: Columns) -> np.ndarray:
         "Dtf_geglu": D * t * f * c.geglu, "Dth_gelu": D * t * h * gelu, "th_gelu": t * h * gelu,
         "Lta_part": L * t * a * part, "Ltkv_part": L * t * kv * part, "s_rd": s * (rd - d) * (c.learned_positions == 0),
         "s2_win": s * s * loc, "Ls2_loc": c.local_layers * loc * s * s,
+        "Ltq_loc": c.local_layers * loc * t * a * d * gqa, "Ltkv_loc": c.local_layers * loc * t * kv * d * gqa,
         "Lbas_sink": L * b * a * s * c.attention_sinks, "Lbas2_sink": L * b * a * s * s * c.attention_sinks,
     }
     return np.stack([terms[n] for n in EXT_BASIS], axis=-1)
