@@ -155,13 +155,13 @@ CASES = {
 }
 
 
-def test_known_gap_layernorm_qk_norm_under_autocast():
-    """Command R+'s LayerNorm q/k norms under AMP: the CPU kernel keeps two more (t,) fp32
-    statistics per layer than its fake-tensor twin (768 bytes here); peaks agree, phases do not."""
+def test_layernorm_qk_norm_under_autocast_fake_equals_cpu():
+    """Command R+'s LayerNorm q/k norms under AMP. With CPU autocast's own policy (bf16 layer_norm)
+    the CPU kernel kept two more (t,) fp32 statistics per layer than its fake-tensor twin; under
+    CUDA's policy (measure/autocast.py), as on a GPU, layer_norm runs in fp32 and the gap is gone."""
     spec = replace(TINY, norm="layernorm_nobias", qk_norm="full")
     fake, real = (measure(job(spec, measure=ms, seq=24, batch=2)) for ms in (FAKE, CPU))
-    assert fake.peak_bytes == real.peak_bytes
-    assert real.phase_peaks["forward"] - fake.phase_peaks["forward"] == 2 * 2 * 48 * 4  # layers x 2 x t x fp32
+    assert (fake.peak_bytes, fake.phase_peaks) == (real.peak_bytes, real.phase_peaks)
 
 
 @pytest.mark.parametrize("case", CASES)

@@ -57,7 +57,7 @@ EXT_BASIS = (
     "Lth_ln", "Lt_ln", "th_ln", "t_ln", "Lth_lnx", "th_lnx",        # LayerNorm in a modern decoder (lnx: norms short of 2)
     "Dtf_gelu", "tf_gelu", "Mtkf_gelu", "Dtf_geglu", "Dth_gelu", "th_gelu",  # GELU / GeGLU MLPs
     "Lta_part", "Ltkv_part", "s_rd",                               # partial rotary
-    "s2_win", "Ls2_loc",                                           # sliding-window masks
+    "s2_win", "Ls2_loc",                                           # sliding-window masks (Ls2_loc: b*s^2 per layer)
     "Ltq_loc", "Ltkv_loc",                                         # masked local layers repeat K/V (no enable_gqa)
     "Lbas_sink", "Lbas2_sink",                                     # attention sinks (eager)
 )
@@ -133,7 +133,7 @@ def ext_basis_values(c: Columns) -> np.ndarray:
         "Dtf_gelu": D * t * f * gelu, "tf_gelu": t * f * gelu, "Mtkf_gelu": M * t * k * fe * gelu,
         "Dtf_geglu": D * t * f * c.geglu, "Dth_gelu": D * t * h * gelu, "th_gelu": t * h * gelu,
         "Lta_part": L * t * a * part, "Ltkv_part": L * t * kv * part, "s_rd": s * (rd - d) * (c.learned_positions == 0),
-        "s2_win": s * s * loc, "Ls2_loc": c.local_layers * loc * s * s,
+        "s2_win": s * s * loc, "Ls2_loc": c.local_layers * loc * b * s * s,
         "Ltq_loc": c.local_layers * loc * t * a * d * gqa, "Ltkv_loc": c.local_layers * loc * t * kv * d * gqa,
         "Lbas_sink": L * b * a * s * c.attention_sinks, "Lbas2_sink": L * b * a * s * s * c.attention_sinks,
     }

@@ -304,12 +304,20 @@ def full_recompute_layer_bytes(c: Columns) -> Array:
     none_idx = idx[:3] + (np.zeros_like(idx[3]), idx[4])
     one_layer = ((SAVED[none_idx] * b * (PER_LAYER_TERMS & ~FFN_TERM)).sum(axis=-1)
                  + ext_saved_bytes(c, none_idx, EXT_LAYER_TERMS)) / c.layers
+    # eager attention, the softmax backward of the re-run block, as in eager_backward_bytes: an
+    # fp32 softmax's fp32 gradient of the probabilities and the 16-bit one of the scores, or a
+    # 16-bit softmax's two gradients (a model: measured on the transformers grid, -2.3 % to
+    # +6.5 % at seq 8192, where this moment wins; the exact peak moves inside the block)
+    eager = (c.eager_attention == 1) & (c.recompute_selective == 0)
+    cb = compute_bytes(c)
+    eager_grads = np.where(eager, np.where(fp32_softmax(c), FP32 + cb, EAGER_BACKWARD_SCORE_TENSORS * cb)
+                           * c.batch * c.heads * c.seq**2 / c.tp, 0.0)
     n_ffn = np.where(c.gated_mlp == 1, RECOMPUTE_MLP_TENSORS[True], RECOMPUTE_MLP_TENSORS[False])
     # the last block is an MoE block in an MoE model: its MLP runs t*k token copies (+ shared)
     width = np.where(c.moe_layers > 0, c.experts_per_token * c.expert_ffn + c.shared_ffn, c.ffn)
     mlp = n_ffn * c.batch * c.seq * width * compute_bytes(c) / c.tp
     head_grad = (1 - c.lora) * (1 - c.tied_embeddings) * c.vocab * c.hidden * trainable_bytes(c) / c.tp
-    return kept + one_layer + mlp + head_grad
+    return kept + one_layer + mlp + head_grad + eager_grads
 
 
 EAGER_BACKWARD_SCORE_TENSORS = 2.0

@@ -546,7 +546,9 @@ class ReferenceModel(nn.Module):
         if self.spec.local_layers and T > 1 and start + T > window:
             if start > 0:
                 raise ValueError("local layers take a prefill from position 0, then one token at a time")
-            mask = window_mask(T, T, 0, window, x.device)  # (T, T)
+            # (B, 1, T, T), a view of one (T, T): transformers passes its mask with the batch
+            # dimension, so sdpa's float conversion of it (saved for the backward) is per sequence
+            mask = window_mask(T, T, 0, window, x.device)[None, None].expand(B, 1, T, T)
 
         full = self.recompute == "full" and self.training and torch.is_grad_enabled()
         # training: what transformers' output holds until the loss is computed (the training loop
