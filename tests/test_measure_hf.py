@@ -62,14 +62,9 @@ def test_fake_equals_cpu_byte_for_byte(kind, mode):
         assert m.status == "ok", m.error
         runs[backend] = m
     fake, cpu = runs["fake"], runs["cpu"]
-    assert (fake.peak_bytes, fake.breakdown) == (cpu.peak_bytes, cpu.breakdown)
-    if "full" in mode:
-        # transformers' gradient checkpointing: the step's peak is equal, the forward and backward
-        # phase peaks differ by a few hundred bytes (0.03 % here; not yet explained, see the issue)
-        for phase, peak in cpu.phase_peaks.items():
-            assert abs(fake.phase_peaks[phase] - peak) <= 0.01 * peak
-    else:
-        assert fake.phase_peaks == cpu.phase_peaks
+    # (under full recompute the phase peaks differed by 0.03 % with CPU autocast's own cast policy;
+    # with CUDA's, measure/autocast.py, they are equal too)
+    assert (fake.peak_bytes, fake.breakdown, fake.phase_peaks) == (cpu.peak_bytes, cpu.breakdown, cpu.phase_peaks)
 
 
 @pytest.mark.parametrize("spec, why", [
