@@ -64,7 +64,18 @@ def test_fake_equals_cpu_byte_for_byte(kind, mode):
     fake, cpu = runs["fake"], runs["cpu"]
     # (under full recompute the phase peaks differed by 0.03 % with CPU autocast's own cast policy;
     # with CUDA's, measure/autocast.py, they are equal too)
-    assert (fake.peak_bytes, fake.breakdown, fake.phase_peaks) == (cpu.peak_bytes, cpu.breakdown, cpu.phase_peaks)
+    assert (fake.peak_bytes, fake.breakdown) == (cpu.peak_bytes, cpu.breakdown)
+    same_phases(fake, cpu)
+
+
+def same_phases(fake, cpu) -> None:
+    """Every phase peak equal, but decode's: fake jumps the cache to its last token (measure/hf.py,
+    _jump) while cpu decodes each one; the jump's own transient differs from the skipped steps'
+    by a few hundred bytes at these sizes, below the last step's, which is the decode peak."""
+    assert {k: v for k, v in fake.phase_peaks.items() if k != "decode"} == {
+        k: v for k, v in cpu.phase_peaks.items() if k != "decode"}
+    if "decode" in cpu.phase_peaks:
+        assert abs(fake.phase_peaks["decode"] - cpu.phase_peaks["decode"]) <= 0.02 * cpu.phase_peaks["decode"]
 
 
 @pytest.mark.parametrize("spec, why", [
@@ -202,7 +213,8 @@ def test_every_model_type_from_its_config_json_fake_equals_cpu(name, mode, tmp_p
     runs = {b: measure(job(m, seq=16, batch=2, dtype="bf16", measure=hf(b), **kw)) for b in ("fake", "cpu")}
     fake, cpu = runs["fake"], runs["cpu"]
     assert fake.status == "ok", fake.error
-    assert (fake.peak_bytes, fake.breakdown, fake.phase_peaks) == (cpu.peak_bytes, cpu.breakdown, cpu.phase_peaks)
+    assert (fake.peak_bytes, fake.breakdown) == (cpu.peak_bytes, cpu.breakdown)
+    same_phases(fake, cpu)
 
 
 @pytest.mark.parametrize("name, spec, why", [

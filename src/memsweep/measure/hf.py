@@ -205,8 +205,11 @@ def hf_config(m: ModelSpec):
 
 def prepare_hf(spec: JobSpec, device: str, tracker: StorageTracker | None = None,
                last_decode_only: bool = False) -> Prepared:
-    """Like workloads.prepare, with the transformers model (`last_decode_only` is not used:
-    a DynamicCache grows by concatenation, so every generated token is decoded)."""
+    """Like workloads.prepare, with the transformers model. `last_decode_only` (fake runs): the
+    cache jumps to prompt + generated - 1 tokens in one concatenation per layer, then the last
+    token is decoded: a DynamicCache grows by concatenation (each step holds the old and the new
+    copy of one layer at a time), so the last step, with the longest cache, is the decode peak,
+    and the jump's transient (old + the block + new, of one layer) is smaller than that step's."""
     t = tracker or _NoTracker()
     w = spec.workload
     if spec.recompute == "selective":
@@ -252,7 +255,7 @@ def prepare_hf(spec: JobSpec, device: str, tracker: StorageTracker | None = None
         ids = torch.randint(0, spec.model.vocab, (spec.batch, spec.seq), device=device)
     if w.training:
         return _train(spec, model, ids, t)
-    return _inference(spec, model, cfg, ids, t, tf)
+    return _inference(spec, model, cfg, ids, t, tf, last_decode_only)
 
 
 @contextlib.contextmanager
@@ -309,7 +312,22 @@ def _retag_cache(tracker, cache) -> None:
                 tracker.retag(tensor, "kv_cache")
 
 
-def _inference(spec: JobSpec, model, cfg, ids: torch.Tensor, tracker, tf) -> Prepared:
+def _jump(cache, tokens: int) -> None:
+    """Append `tokens` positions to every layer of a DynamicCache, as decoding them would."""
+    for layer in cache.layers:
+        k, v = layer.keys, layer.values
+        b, h = k.size(0), k.size(1)  # the new tokens as stride-0 views: no storage of their own
+        layer.update(k.new_zeros(b, h, 1, k.size(3)).expand(b, h, tokens, k.size(3)),
+                     v.new_zeros(b, h, 1, v.size(3)).expand(b, h, tokens, v.size(3)))
+        window = getattr(layer, "sliding_window", None)
+        if window and layer.keys.size(2) == window - 1:
+            # a decode step leaves its window-token concatenation viewed as the last window - 1
+            # tokens (DynamicSlidingWindowLayer.update): the same storage, not the jump's longer one
+            layer.keys = torch.cat((layer.keys[:, :, :1], layer.keys), dim=2)[:, :, 1:]
+            layer.values = torch.cat((layer.values[:, :, :1], layer.values), dim=2)[:, :, 1:]
+
+
+def _inference(spec: JobSpec, model, cfg, ids: torch.Tensor, tracker, tf, last_decode_only: bool = False) -> Prepared:
     model.eval()
     gen = spec.gen_tokens
 
@@ -327,7 +345,12 @@ def _inference(spec: JobSpec, model, cfg, ids: torch.Tensor, tracker, tf) -> Pre
             del out
         _retag_cache(t, cache)
         with t.section("decode", "activations"):
-            for _ in range(gen):
+            steps = gen
+            if last_decode_only and gen > 1:
+                _jump(cache, gen - 1)
+                _retag_cache(t, cache)
+                steps = 1
+            for _ in range(steps):
                 out = model(input_ids=logits.argmax(-1), past_key_values=cache, use_cache=True,
                             logits_to_keep=1)
                 logits = out.logits
