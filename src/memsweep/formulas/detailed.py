@@ -427,13 +427,15 @@ def moe_prefill_bytes(c: Columns) -> Array:
 
 def prefill_attention_bytes(c: Columns) -> Array:
     """Eager inference, inside one layer's softmax: the masked scores and the probabilities
-    (b*a*s^2 each; a llama-family model's softmax is fp32 and cast back, so fp32 + 16-bit
-    probabilities), the float mask added to the scores (s^2 in the dtype) and its bool source
+    (b*a*s^2 each; a llama-family model's softmax runs in fp32 on an fp32 copy of 16-bit scores,
+    so the copy and the fp32 probabilities), the float mask added to the scores (s^2 in the dtype) and its bool source
     (s^2), and six t*h tensors (residual, normed input, q, K and V repeated to all heads, the QK
     operand). sdpa never holds s^2: its MLP moment is larger."""
     t = c.batch * c.seq
     cb = compute_bytes(c)
-    probs = np.where(fp32_softmax(c), FP32 + np.where(cb < FP32, cb, 0.0), cb)
+    # softmax(x, dtype=float32) of 16-bit scores first converts x to fp32 (ATen's softmax; CUDA
+    # skips the copy for fp16 only, not bf16): the cast input and the fp32 output, 4 + 4 bytes
+    probs = np.where(fp32_softmax(c), np.where(cb < FP32, 2 * FP32, FP32), cb)
     eager = (t * 6.0 * c.hidden * cb + c.batch * c.heads * c.seq**2 * (cb + probs)) / c.tp + c.seq**2 * (1.0 + cb)
     rope = np.where(c.learned_positions == 1, 0.0, 2.0 * c.seq * c.rope_dim * cb)
     return np.where(c.eager_attention == 1, eager + rope + inference_ids_bytes(c), 0.0)
