@@ -309,9 +309,7 @@ def full_recompute_layer_bytes(c: Columns) -> Array:
     # 16-bit softmax's two gradients (a model: measured on the transformers grid, -2.3 % to
     # +6.5 % at seq 8192, where this moment wins; the exact peak moves inside the block)
     eager = (c.eager_attention == 1) & (c.recompute_selective == 0)
-    cb = compute_bytes(c)
-    eager_grads = np.where(eager, np.where(fp32_softmax(c), FP32 + cb, EAGER_BACKWARD_SCORE_TENSORS * cb)
-                           * c.batch * c.heads * c.seq**2 / c.tp, 0.0)
+    eager_grads = np.where(eager, softmax_backward_bytes(c), 0.0)
     n_ffn = np.where(c.gated_mlp == 1, RECOMPUTE_MLP_TENSORS[True], RECOMPUTE_MLP_TENSORS[False])
     # the last block is an MoE block in an MoE model: its MLP runs t*k token copies (+ shared)
     width = np.where(c.moe_layers > 0, c.experts_per_token * c.expert_ffn + c.shared_ffn, c.ffn)
@@ -339,10 +337,17 @@ def eager_backward_bytes(c: Columns) -> Array:
     compute dtype, or with an fp32 softmax the fp32 gradient of the probabilities and the
     16-bit gradient of the scores it makes. A model, not a fit."""
     eager = (c.eager_attention == 1) & (c.recompute_selective == 0) & (c.recompute_full == 0)
+    grads = softmax_backward_bytes(c)
+    return np.where(eager, saved_activations_bytes(c) - c.batch * c.seq * c.vocab * FP32 + grads, 0.0)
+
+
+def softmax_backward_bytes(c: Columns) -> Array:
+    """The b*a*s^2 gradients alive at one layer's eager softmax backward: with an fp32 softmax the
+    fp32 gradient of the probabilities and the 16-bit one of the scores, else
+    `EAGER_BACKWARD_SCORE_TENSORS` in the compute dtype."""
     cb = compute_bytes(c)
     per = np.where(fp32_softmax(c), FP32 + cb, EAGER_BACKWARD_SCORE_TENSORS * cb)
-    grads = per * c.batch * c.heads * c.seq**2 / c.tp
-    return np.where(eager, saved_activations_bytes(c) - c.batch * c.seq * c.vocab * FP32 + grads, 0.0)
+    return per * c.batch * c.heads * c.seq**2 / c.tp
 
 
 def train_cache_bytes(c: Columns) -> Array:

@@ -50,22 +50,24 @@ def _outside_modes():
     return _disable_current_modes()
 
 
-def _transformers():
+def _optional(name: str, needed_for: str):
+    """An optional package of the `hf` extra, imported outside the dispatch modes; missing, the
+    job is skipped and says how to install it."""
+    import importlib
+
     try:
         with _outside_modes():
-            import transformers
+            return importlib.import_module(name)
     except ImportError as exc:
-        raise Unmeasurable(f"measure.impl=hf needs transformers ({exc}); install: {INSTALL}") from None
-    return transformers
+        raise Unmeasurable(f"{needed_for} needs {name} ({exc}); install: {INSTALL}") from None
+
+
+def _transformers():
+    return _optional("transformers", "measure.impl=hf")
 
 
 def _peft():
-    try:
-        with _outside_modes():
-            import peft
-    except ImportError as exc:
-        raise Unmeasurable(f"measure.impl=hf with workload=lora needs peft ({exc}); install: {INSTALL}") from None
-    return peft
+    return _optional("peft", "measure.impl=hf with workload=lora")
 
 
 def auto_class(tf, cfg):
@@ -244,9 +246,7 @@ def prepare_hf(spec: JobSpec, device: str, tracker: StorageTracker | None = None
             with torch.device(device):
                 model = build()
         else:
-            from torch.utils._python_dispatch import _disable_current_modes
-
-            with _disable_current_modes():
+            with _outside_modes():
                 with torch.device("meta"):
                     model = build()
                 _fake_parameters(model, fake, device)
