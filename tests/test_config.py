@@ -105,6 +105,6 @@ def test_every_model_preset_spells_out_every_field():
     from dataclasses import fields
 
     from memsweep.specs import ModelSpec
-    names = {f.name for f in fields(ModelSpec)} - {"source"}  # set by model=hf model.config=PATH only
+    names = {f.name for f in fields(ModelSpec)} - {"source", "unmodelled"}  # set by model=hf model.config=PATH only
     for name in preset_names("model"):
         assert set(load_preset("model", name)) == names, name

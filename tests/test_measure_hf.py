@@ -274,3 +274,79 @@ def test_a_sweep_measures_a_config_json_as_written(tmp_path):
     t = pl.read_parquet(tmp_path / "out" / RESULTS_NAME).filter(pl.col("formula") == "detailed")
     assert set(t["status"]) == {"ok"} and t["measured_peak_bytes"].null_count() == 0
     assert all(str(cfg.resolve()) in s for s in t["spec_json"])
+
+
+# --- a config.json no formula models (issue 12, part 3) -----------------------------------------
+
+# Tiny configs of architectures the importer refuses (written here, not copied from a model):
+# BLOOM's ALiBi attention, Mamba's state-space layers.
+UNMODELLED = {
+    "bloom": {"model_type": "bloom", "vocab_size": 256, "hidden_size": 64, "n_layer": 2, "n_head": 4},
+    "mamba": {"model_type": "mamba", "vocab_size": 256, "hidden_size": 64, "num_hidden_layers": 2,
+              "state_size": 8, "intermediate_size": 128},
+}
+
+
+def unmodelled(name: str, tmp_path: Path, measure_backend: str = "fake"):
+    import json
+
+    from memsweep.app.convert import model_of
+
+    folder = tmp_path / name
+    folder.mkdir(exist_ok=True)
+    (folder / "config.json").write_text(json.dumps(UNMODELLED[name]))
+    return model_of({"name": "hf", "config": str(folder)}, {"backend": measure_backend, "impl": "hf"}), folder
+
+
+@pytest.mark.parametrize("mode", ["train", "inference"])
+@pytest.mark.parametrize("name", UNMODELLED)
+def test_a_model_no_formula_models_is_measured_fake_equals_cpu(name, mode, tmp_path):
+    m, _ = unmodelled(name, tmp_path)
+    assert m.family == "hf" and m.unmodelled.startswith(f"{name}: model_type='{name}': not allowed")
+    wl = workload("inference", gen_tokens=3) if mode == "inference" else workload("train")
+    runs = {b: measure(job(m, seq=16, batch=2, dtype="bf16", attention="eager", wl=wl, measure=hf(b)))
+            for b in ("fake", "cpu")}
+    fake, cpu = runs["fake"], runs["cpu"]
+    assert fake.status == "ok", fake.error
+    assert (fake.peak_bytes, fake.breakdown) == (cpu.peak_bytes, cpu.breakdown)
+    same_phases(fake, cpu)
+    with torch.device("meta"):
+        built = transformers.AutoModelForCausalLM.from_config(transformers.AutoConfig.for_model(**UNMODELLED[name]))
+    assert fake.params == sum(p.numel() for p in built.parameters())
+    assert fake.trainable_params == (fake.params if mode == "train" else 0)
+
+
+def test_a_sweep_over_a_config_json_no_formula_models_says_so_and_measures_it(tmp_path):
+    """Every formula's row says it does not model the file (status unsupported, no estimate); the
+    measurement and the model's parameter counts are there; the summary shows the measurement."""
+    from test_robustness import run
+
+    _, folder = unmodelled("bloom", tmp_path)
+    proc = run("sweep.py", "-m", "model=hf", f"model.config={folder}", "seq=32", "attention=eager",
+               "workload=train,lora", "measure=fake", "measure.impl=hf",
+               f"hydra.sweep.dir={tmp_path / 'out'}")
+    assert proc.returncode == 0, proc.stderr
+    t = pl.read_parquet(tmp_path / "out" / RESULTS_NAME)
+    train, lora = (t.filter(pl.col("workload") == w) for w in ("train", "lora"))
+    assert set(train["status"]) == {"unsupported"} and train["total_bytes"].null_count() == train.height
+    assert all(e.startswith(f"formula {f}: no formula models this config.json (bloom: ")
+               for f, e in zip(train["formula"], train["error"]))
+    assert train["measured_peak_bytes"].min() > 0 and train["params"].min() > 0
+    assert set(train["family"]) == {"hf"}
+    # LoRA names of an unmapped model_type: skipped with the reason, never a guess
+    assert set(lora["status"]) == {"skipped"} and "LoRA module names of model_type bloom" in lora["error"][0]
+    assert "measured (fake)" in proc.stdout and "models no formula models (bloom)" in proc.stdout
+
+
+def test_a_config_json_no_formula_models_without_transformers_measuring_it_is_refused_in_one_line(tmp_path):
+    from memsweep.app.convert import model_of
+    from memsweep.errors import ConfigError
+
+    _, folder = unmodelled("bloom", tmp_path)
+    for measure_cfg in ({"backend": "none", "impl": "hf"}, {"backend": "fake", "impl": "reference"}, None):
+        with pytest.raises(ConfigError, match=r"^model_type='bloom': not allowed; allowed: .*llama.* \(or measure "
+                                              r"the model with transformers alone: measure=fake measure.impl=hf\)$"):
+            model_of({"name": "hf", "config": str(folder)}, measure_cfg)
+    m, _ = unmodelled("bloom", tmp_path)  # a spec rebuilt from a row without transformers measuring it
+    with pytest.raises(ConfigError, match="model.config=.*a model_type memsweep models"):
+        job(m, seq=16, measure=MeasureSpec(name="fake", backend="fake", impl="reference"))

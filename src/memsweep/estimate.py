@@ -16,13 +16,16 @@ from memsweep.specs import JobSpec, ModelSpec
 from memsweep.units import GIB
 
 
-def job_fields(spec: JobSpec, cols: Columns) -> dict[str, Any]:
-    """The columns that describe the configuration (the same for every formula of a job)."""
+def job_fields(spec: JobSpec, cols: Columns | None) -> dict[str, Any]:
+    """The columns that describe the configuration (the same for every formula of a job); the
+    parameter counts are left empty without columns (a model no formula models: its measurement
+    counts them)."""
     m, w, o, p, hw = spec.model, spec.workload, spec.optimizer, spec.parallel, spec.hardware
+    count = (lambda f: None) if cols is None else (lambda f: int(f(cols)[0]))
     return {
-        "model": m.name, "family": m.family, "params": int(base_params(cols)[0]),
-        "active_params": int(active_params(cols)[0]), "ep": p.ep,
-        "trainable_params": int(trainable_params(cols)[0]),
+        "model": m.name, "family": m.family, "params": count(base_params),
+        "active_params": count(active_params), "ep": p.ep,
+        "trainable_params": count(trainable_params),
         "seq": spec.seq, "batch": spec.batch, "dtype": spec.dtype,
         "precision": spec.effective_precision, "workload": w.name, "optimizer": o.name,
         "optimizer_impl": o.impl, "recompute": spec.recompute, "attention": spec.attention,
@@ -64,7 +67,12 @@ def check_representable(spec: JobSpec, column: str, value: float) -> None:
 
 def estimate_rows(spec: JobSpec, formulas: Sequence[Formula]) -> list[dict[str, Any]]:
     """Evaluate every formula on one job. A formula that raises becomes an error row of its own;
-    a count no row can hold is a ConfigError for the whole job."""
+    a count no row can hold is a ConfigError for the whole job. A model no formula models gets a
+    row per formula with status `unsupported` and the reason, and no estimate."""
+    if spec.model.unmodelled:
+        why = f"no formula models this config.json ({spec.model.unmodelled}); measured by transformers only"
+        return [{**job_fields(spec, None), "formula": f.name, "status": "unsupported",
+                 "error": f"formula {f.name}: {why}"} for f in formulas]
     cols = Columns.from_specs([spec])
     base = job_fields(spec, cols)
     for column in ("params", "active_params", "trainable_params", "hardware_bytes"):

@@ -390,6 +390,33 @@ def spec_from_config(cfg: dict[str, Any], name: str) -> ModelSpec:
     return ModelSpec(name=name, **fields)
 
 
+# The common keys of configs no mapper reads, for the record of an unmodelled model's spec
+# (`unmodelled_spec`): transformers' names first, then GPT-2's, T5's and others'.
+COMMON_KEYS = {
+    "layers": ("num_hidden_layers", "n_layer", "num_layers", "n_layers"),
+    "hidden": ("hidden_size", "n_embd", "d_model", "dim"),
+    "heads": ("num_attention_heads", "n_head", "num_heads", "n_heads"),
+    "kv_heads": ("num_key_value_heads", "n_head_kv", "num_kv_heads"),
+    "ffn": ("intermediate_size", "n_inner", "ffn_dim", "d_ff"),
+    "vocab": ("vocab_size", "n_vocab"),
+    "max_positions": ("max_position_embeddings", "n_positions", "max_seq_len"),
+}
+
+
+def unmodelled_spec(cfg: dict[str, Any], name: str, source: str, why: str) -> ModelSpec:
+    """The spec of a config.json no mapper models (`why`: the mapper's refusal), for a measurement
+    by transformers alone: family `hf`, the common keys' numbers as a record (1 where a key is
+    absent or not a positive integer); no formula reads them (ModelSpec.unmodelled)."""
+    inner, _ = text_config(cfg)
+    values = {}
+    for field, keys in COMMON_KEYS.items():
+        found = next((inner[k] for k in keys if k in inner), None)
+        values[field] = found if isinstance(found, int) and not isinstance(found, bool) and found > 0 else 1
+    return ModelSpec(name=name, family="hf", norm="rmsnorm", mlp="swiglu", position="rope", qkv_bias=False,
+                     out_bias=False, mlp_bias=False, tied_embeddings=bool(inner.get("tie_word_embeddings", False)),
+                     source=source, unmodelled=f"{inner.get('model_type')}: {why}", **values)
+
+
 def config_path(path: str | Path) -> Path:
     """`path` itself, or the config.json inside a snapshot folder."""
     p = Path(path).expanduser()
@@ -431,7 +458,7 @@ def preset_yaml(spec: ModelSpec, header: list[str]) -> str:
 
     lines = [f"# {h}" for h in header]
     for key, value in dataclasses.asdict(spec).items():
-        if key == "source":  # where a run-time read came from; a preset is its own source
+        if key in ("source", "unmodelled"):  # run-time reads only: a preset is its own source, and modelled
             continue
         if isinstance(value, tuple):
             value = list(value)

@@ -342,8 +342,15 @@ PIVOT_KEYS = ("batch", "workload", "precision", "optimizer", "recompute", "atten
               "tp", "pp", "dp", "zero")
 
 
+def shown(table: pl.DataFrame) -> pl.DataFrame:
+    """The rows a summary shows: ok ones, and measured rows of a model no formula models
+    (status unsupported: a measured column, empty formula columns)."""
+    return table.filter((pl.col("status") == "ok")
+                        | ((pl.col("status") == "unsupported") & pl.col("measured_peak_bytes").is_not_null()))
+
+
 def summary_model(table: pl.DataFrame, preferred: str = "llama2-7b") -> str | None:
-    models = table.filter(pl.col("status") == "ok")["model"].unique(maintain_order=True).to_list()
+    models = shown(table)["model"].unique(maintain_order=True).to_list()
     if not models:
         return None
     return preferred if preferred in models else models[0]
@@ -352,12 +359,13 @@ def summary_model(table: pl.DataFrame, preferred: str = "llama2-7b") -> str | No
 def pivot_memory(table: pl.DataFrame, model: str) -> tuple[pl.DataFrame, str]:
     """Total memory per formula (one column each, plus the measured peak when there is one);
     rows seq x dtype plus any other swept key. GiB, or MiB when everything is under 1 GiB."""
-    ok = table.filter((pl.col("status") == "ok") & (pl.col("model") == model))
+    ok = shown(table).filter(pl.col("model") == model)
     swept = [k for k in PIVOT_KEYS if ok[k].n_unique() > 1]
     index = ["seq", "dtype", *swept]
     largest = max(ok["total_bytes"].max() or 0, ok["measured_peak_bytes"].max() or 0)
     unit, scale = ("GiB", GIB) if largest >= GIB else ("MiB", MIB)
-    formulas = ok["formula"].unique(maintain_order=True).to_list()
+    # formulas with an estimate here (none has one for a model no formula models)
+    formulas = ok.filter(pl.col("total_bytes").is_not_null())["formula"].unique(maintain_order=True).to_list()
     wide = ok.with_columns(value=pl.col("total_bytes") / scale).pivot(
         on="formula", index=index, values="value", aggregate_function="first")
     wide = wide.select([*index, *formulas])
@@ -384,7 +392,11 @@ def summarize(collected: Collected, out=sys.stdout) -> None:
         print(f"skipped part: {part}: {why}", file=out)
     if collected.jobs_without_rows:
         print(f"jobs without rows (interrupted?): {len(collected.jobs_without_rows)}", file=out)
-    errors = t.filter(pl.col("status") != "ok").unique("job_id", maintain_order=True)
+    unmodelled = t.filter(pl.col("status") == "unsupported").unique("job_id", maintain_order=True)
+    if unmodelled.height:
+        models = ", ".join(unmodelled["model"].unique(maintain_order=True).to_list())
+        print(f"  {unmodelled.height} job(s) of models no formula models ({models}): measured only", file=out)
+    errors = t.filter(~pl.col("status").is_in(["ok", "unsupported"])).unique("job_id", maintain_order=True)
     for row in errors.head(5).iter_rows(named=True):
         print(f"  job {row['job_num']}: {row['status']}: {row['error']}", file=out)
     model = summary_model(t)

@@ -13,7 +13,7 @@ from typing import Literal
 from memsweep.errors import ConfigError
 from memsweep.units import DTYPE_BYTES, MIB, SWEEP_DTYPES, TRAIN_DTYPES
 
-Family = Literal["gpt2", "llama", "bert"]
+Family = Literal["gpt2", "llama", "bert", "hf"]
 WorkloadKind = Literal["train", "inference", "lora"]
 OptimizerName = Literal["adamw", "adam", "sgd", "sgd_momentum"]
 Recompute = Literal["none", "selective", "full"]
@@ -144,9 +144,20 @@ class ModelSpec:
     source: str = ""
     """The local config.json this spec was read from at run time (`model=hf model.config=PATH`);
     `measure.impl=hf` builds the transformers model from that file itself. Empty for presets."""
+    unmodelled: str = ""
+    """Why no formula models this config.json: the importer's refusal (`model=hf model.config=PATH`
+    with `measure.impl=hf` measures it anyway). Its family is `hf` (only transformers knows the
+    architecture); the numbers above are what the config's common keys say, or 1, and nothing
+    computes with them. Its rows carry the measurement and status `unsupported`, no estimate."""
 
     def __post_init__(self) -> None:
         check_label("model.name", self.name)
+        if self.family == "hf" or self.unmodelled:
+            if not (self.family == "hf" and self.unmodelled and self.source):
+                raise ConfigError("model.family", self.family,
+                                  f"{', '.join(FAMILIES)} (family hf is only a config.json no formula models, "
+                                  "read by model=hf model.config=PATH)")
+            return
         check_choice("model.family", self.family, FAMILIES)
         for key in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "max_positions"):
             check_int(f"model.{key}", getattr(self, key))
@@ -522,6 +533,9 @@ class JobSpec:
                 "dtype", self.dtype,
                 f"{', '.join(TRAIN_DTYPES)} for workload={w.kind} (int8/int4 are inference weight formats)",
             )
+        if m.unmodelled:
+            self._check_unmodelled()
+            return
         if m.position == "learned":
             positions = self.seq + (self.gen_tokens if m.decoder else 0)
             if positions > m.max_positions:
@@ -553,6 +567,15 @@ class JobSpec:
                 raise ConfigError("workload.lora_rank", w.lora_rank,
                                   f"at most {limit} for {m.name} ({target}: {shape[0]} x {shape[1]}; "
                                   f"a rank beyond a matrix's smaller side adds nothing)")
+
+    def _check_unmodelled(self) -> None:
+        """A model no formula models has only a measurement: transformers' own, on one device."""
+        if self.measure.backend == "none" or self.measure.impl != "hf":
+            raise ConfigError("model.config", self.model.source,
+                              f"a model_type memsweep models ({self.model.unmodelled}); or measure it with "
+                              "transformers alone: measure=fake measure.impl=hf")
+        for target in self.workload.lora_targets if self.workload.kind == "lora" else ():
+            check_choice("workload.lora_targets", target, LORA_TARGETS)
 
     def to_dict(self) -> dict:
         """Plain data (the `spec_json` column): `JobSpec.from_dict` rebuilds this spec exactly."""

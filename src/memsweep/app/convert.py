@@ -16,7 +16,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from memsweep.errors import ConfigError
 from memsweep.formulas import FORMULAS, Formula, formula_from_dict, get_formula
-from memsweep.hf_config import config_path, spec_from_file
+from memsweep.hf_config import config_path, default_name, read_config, spec_from_config, unmodelled_spec
 from memsweep.specs import (
     Hardware, JobSpec, MeasureSpec, ModelSpec, OptimizerSpec, Parallel, Workload, model_fields,
 )
@@ -53,7 +53,7 @@ def resolved(cfg: DictConfig) -> dict:
 
 def to_job_spec(cfg: DictConfig | dict) -> JobSpec:
     c = resolved(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
-    model = model_of(c.get("model"))
+    model = model_of(c.get("model"), c.get("measure"))
     w = dict(_group(Workload, "workload", c.get("workload")))
     targets = w.get("lora_targets", ())
     if isinstance(targets, str) or not isinstance(targets, (list, tuple)):
@@ -85,8 +85,14 @@ def to_job_spec(cfg: DictConfig | dict) -> JobSpec:
     )
 
 
-def model_of(values: Any) -> ModelSpec:
-    """A preset's fields, or (`model=hf model.config=PATH`) a local config.json read at run time."""
+def measured_by_transformers(measure: Any) -> bool:
+    return isinstance(measure, dict) and measure.get("impl") == "hf" and measure.get("backend") not in (None, "none")
+
+
+def model_of(values: Any, measure: Any = None) -> ModelSpec:
+    """A preset's fields, or (`model=hf model.config=PATH`) a local config.json read at run time.
+    A config.json the importer refuses (an architecture no formula models) is still measured when
+    `measure` is transformers' (issue 12, part 3): the spec says why it is unmodelled."""
     if isinstance(values, dict) and "config" in values:
         extra = sorted(set(values) - {"name", "config"})
         if extra:
@@ -95,8 +101,19 @@ def model_of(values: Any) -> ModelSpec:
         if values["config"] in (None, "???", ""):
             raise ConfigError("model.config", "missing", "a local config.json: model=hf model.config=PATH")
         name = values.get("name")
-        spec = spec_from_file(values["config"], None if name in (None, "hf") else str(name))
-        return dataclasses.replace(spec, source=str(config_path(values["config"]).resolve()))
+        name = default_name(values["config"]) if name in (None, "hf") else str(name)
+        source = str(config_path(values["config"]).resolve())
+        cfg = read_config(values["config"])
+        try:
+            spec = spec_from_config(cfg, name)
+        except ConfigError as exc:
+            if not isinstance(cfg, dict):
+                raise
+            if not measured_by_transformers(measure):
+                raise ConfigError(exc.key, exc.value, f"{exc.allowed} (or measure the model with transformers "
+                                                      "alone: measure=fake measure.impl=hf)") from None
+            return unmodelled_spec(cfg, name, source, str(exc))
+        return dataclasses.replace(spec, source=source)
     return ModelSpec(**model_fields(_group(ModelSpec, "model", values)))
 
 

@@ -84,7 +84,7 @@ def with_measurement(spec: JobSpec, rows: list[dict[str, Any]], job_num: int) ->
         print(f"[job {job_num}] error: {fields['error']}", flush=True)
         return [{**r, **fields} for r in rows]
     m = measure_isolated(spec) if spec.measure.isolate else measure(spec)
-    detailed = next((r["total_bytes"] for r in rows if r["formula"] == "detailed"), None)
+    detailed = next((r.get("total_bytes") for r in rows if r["formula"] == "detailed"), None)
     if m.status == "ok":
         vs = f" (detailed {detailed / GIB:.2f})" if detailed is not None else ""
         print(f"[job {job_num}] ok: peak {m.peak_bytes / GIB:.2f} GiB{vs} in {m.wall_s:.1f} s", flush=True)
@@ -93,7 +93,8 @@ def with_measurement(spec: JobSpec, rows: list[dict[str, Any]], job_num: int) ->
     fields = m.row_fields()
     if m.status != "ok":
         fields.update(status=m.status, error=m.error)
-    return [{**r, **fields} for r in rows]
+    counted = {"params": m.params, "trainable_params": m.trainable_params}  # only where no formula counted
+    return [{**r, **fields, **{k: v for k, v in counted.items() if r.get(k) is None}} for r in rows]
 
 
 def finished(out_dir: Path, jid: str) -> bool:
@@ -105,7 +106,11 @@ def finished(out_dir: Path, jid: str) -> bool:
         done = pl.read_parquet(part, columns=["job_id", "status"])
     except Exception:  # a corrupt part: run the job again
         return False
-    return done.height > 0 and set(done["job_id"]) == {jid} and set(done["status"]) == {"ok"}
+    return done.height > 0 and set(done["job_id"]) == {jid} and set(done["status"]) <= DONE
+
+
+DONE = {"ok", "unsupported"}
+"""Statuses of a finished job's rows: `unsupported` is a measured model no formula models."""
 
 
 SWEEP_PID_ENV = "MEMSWEEP_SWEEP_PID"

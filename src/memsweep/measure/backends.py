@@ -43,6 +43,10 @@ class Measurement:
     phase_breakdowns: dict[str, dict[str, int]] = field(default_factory=dict)
     device: str | None = None
     wall_s: float = 0.0
+    params: int | None = None
+    """Parameters of the measured model (a LoRA model's frozen base only), and those trained: the
+    counts of a row no formula models, whose spec cannot count them (`parameter_counts`)."""
+    trainable_params: int | None = None
 
     def row_fields(self) -> dict[str, Any]:
         """The measured columns of a result row."""
@@ -114,11 +118,22 @@ def _tracked_steps(spec: JobSpec, device: str, timed: bool) -> tuple[StorageTrac
     return tracker, times, prepared
 
 
-def _from_tracker(backend: str, tracker: StorageTracker, device: str) -> Measurement:
+def parameter_counts(spec: JobSpec, model: torch.nn.Module) -> tuple[int, int]:
+    """(params, trainable_params) as result rows count them: a LoRA model's params are its frozen
+    base, its adapters the trainable ones; inference trains nothing. Tied weights count once."""
+    total = sum(p.numel() for p in model.parameters())
+    trainable = sum(p.numel() for p in model.parameters() if p.requires_grad) if spec.workload.training else 0
+    return (total - trainable if spec.workload.kind == "lora" else total), trainable
+
+
+def _from_tracker(backend: str, tracker: StorageTracker, device: str, spec: JobSpec,
+                  prepared: Prepared) -> Measurement:
+    params, trainable = parameter_counts(spec, prepared.model)
     return Measurement(backend=backend, peak_bytes=tracker.peak.total,
                        breakdown=dict(tracker.peak.by_category),
                        phase_peaks=dict(tracker.phase_peaks),
-                       phase_breakdowns=dict(tracker.phase_breakdowns), device=device)
+                       phase_breakdowns=dict(tracker.phase_breakdowns), device=device,
+                       params=params, trainable_params=trainable)
 
 
 FAKE_LOGGER = "torch._subclasses.fake_tensor"
@@ -141,18 +156,18 @@ def _fake(spec: JobSpec) -> Measurement:
     # Fake tensors on the *cpu* device: fake cuda tensors and the meta device cannot run the
     # backward pass on a CPU-only torch and fall back to math attention.
     with _quiet(FAKE_LOGGER), FakeTensorMode():
-        tracker, _, _ = _tracked_steps(spec, "cpu", timed=False)
-    return _from_tracker("fake", tracker, "fake:cpu")
+        tracker, _, prepared = _tracked_steps(spec, "cpu", timed=False)
+        return _from_tracker("fake", tracker, "fake:cpu", spec, prepared)
 
 
 def _cpu(spec: JobSpec) -> Measurement:
     limit = spec.measure.max_gib
-    if limit is not None:
+    if limit is not None and not spec.model.unmodelled:  # unmodelled: no estimate (measure.max_rss_gib guards)
         estimate = float(FORMULAS["detailed"](Columns.from_specs([spec])).total[0])
         if estimate > limit * GIB:
             raise Unmeasurable(f"detailed estimate {estimate / GIB:.2f} GiB > measure.max_gib={limit}")
     tracker, times, prepared = _tracked_steps(spec, "cpu", timed=True)
-    m = _from_tracker("cpu", tracker, "cpu")
+    m = _from_tracker("cpu", tracker, "cpu", spec, prepared)
     m.step_time_s = statistics.median(times)
     m.tokens_per_s = prepared.tokens_per_step / m.step_time_s
     return m
@@ -183,10 +198,12 @@ def _cuda(spec: JobSpec) -> Measurement:
         prepared.tracker = tracker
         prepared.step()
     step_time = statistics.median(times)
+    params, trainable = parameter_counts(spec, prepared.model)
     return Measurement(
         backend="cuda", peak_bytes=peak, reserved_bytes=reserved, step_time_s=step_time,
         tokens_per_s=prepared.tokens_per_step / step_time, breakdown=dict(tracker.peak.by_category),
-        phase_peaks=dict(tracker.phase_peaks), device=torch.cuda.get_device_name())
+        phase_peaks=dict(tracker.phase_peaks), device=torch.cuda.get_device_name(),
+        params=params, trainable_params=trainable)
 
 
 # --- isolation: one child process per measurement ------------------------------------------

@@ -228,7 +228,8 @@ def prepare_hf(spec: JobSpec, device: str, tracker: StorageTracker | None = None
             model = auto_class(tf, cfg).from_config(cfg, dtype=base_dtype, attn_implementation=spec.attention)
         except ValueError as exc:  # e.g. Gemma-2 and gpt-oss have no sdpa path in transformers
             if "does not support an attention implementation" in str(exc):
-                raise Unmeasurable(f"measure.impl=hf: {str(exc).splitlines()[0]} (attention=eager runs)") from None
+                first = str(exc).split(". ")[0].rstrip(".")  # transformers adds a paragraph of advice
+                raise Unmeasurable(f"measure.impl=hf: {first} (attention=eager runs)") from None
             raise
         if peft is not None:
             lora = peft.LoraConfig(r=w.lora_rank, lora_alpha=2 * w.lora_rank, lora_dropout=0.0,
@@ -252,7 +253,8 @@ def prepare_hf(spec: JobSpec, device: str, tracker: StorageTracker | None = None
                 _fake_parameters(model, fake, device)
             t.adopt(model)
     with t.section("setup", "activations"):
-        ids = torch.randint(0, spec.model.vocab, (spec.batch, spec.seq), device=device)
+        vocab = getattr(cfg, "vocab_size", None) or spec.model.vocab  # an unmodelled spec's may be a stand-in
+        ids = torch.randint(0, vocab, (spec.batch, spec.seq), device=device)
     if w.training:
         return _train(spec, model, ids, t)
     return _inference(spec, model, cfg, ids, t, tf, last_decode_only)
@@ -312,6 +314,13 @@ def _retag_cache(tracker, cache) -> None:
                 tracker.retag(tensor, "kv_cache")
 
 
+def _jumpable(cache) -> bool:
+    """Every layer of the cache holds growing keys and values (a state-space or linear-attention
+    layer of a model no formula models holds a fixed state: decoding it token by token is exact)."""
+    return all(isinstance(getattr(layer, "keys", None), torch.Tensor)
+               and isinstance(getattr(layer, "values", None), torch.Tensor) for layer in cache.layers)
+
+
 def _jump(cache, tokens: int) -> None:
     """Append `tokens` positions to every layer of a DynamicCache, as decoding them would."""
     for layer in cache.layers:
@@ -346,7 +355,7 @@ def _inference(spec: JobSpec, model, cfg, ids: torch.Tensor, tracker, tf, last_d
         _retag_cache(t, cache)
         with t.section("decode", "activations"):
             steps = gen
-            if last_decode_only and gen > 1:
+            if last_decode_only and gen > 1 and _jumpable(cache):
                 _jump(cache, gen - 1)
                 _retag_cache(t, cache)
                 steps = 1
