@@ -40,7 +40,7 @@ from memsweep.columns import Columns  # noqa: E402
 from memsweep.formulas.basis import (  # noqa: E402
     EAGER_ONLY, EXT_BASIS, EXT_CLASSES, basis_values, ext_basis_values, ext_class,
 )
-from memsweep.formulas.detailed import _coefficients  # noqa: E402
+from memsweep.formulas.detailed import _coefficients, held_mask_bytes  # noqa: E402
 from memsweep.specs import ModelSpec  # noqa: E402
 
 WORKLOADS = ("train", "lora-qv", "lora-qkvo", "lora-mlp", "lora-all")
@@ -146,7 +146,7 @@ def observe(args) -> tuple[float, list[float], int]:
         prepare(spec, "cpu", tracker).step()
     c = Columns.from_specs([spec])
     classic = np.array(_coefficients("llama", precision, wl, rc, att, "saved"))
-    predicted = float(classic @ basis_values(c)[0])
+    predicted = float(classic @ basis_values(c)[0]) + float(held_mask_bytes(c)[0])  # (its own term)
     return (tracker.marks["after_forward"]["activations"] - predicted, list(ext_basis_values(c)[0]),
             int(ext_class(c)[0]))
 

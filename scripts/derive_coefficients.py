@@ -38,6 +38,7 @@ os.environ["MEMSWEEP_DERIVING"] = "1"  # detailed.py may import a table fitted o
 
 from memsweep.columns import Columns  # noqa: E402
 from memsweep.formulas.basis import BASIS, basis_values  # noqa: E402
+from memsweep.formulas.detailed import held_mask_bytes  # noqa: E402
 from memsweep.measure.autocast import cuda_policy  # noqa: E402
 from memsweep.measure.tracker import StorageTracker  # noqa: E402
 from memsweep.measure.workloads import prepare  # noqa: E402
@@ -105,7 +106,10 @@ def observe(family: str, precision: str, wl: str, recompute: str, attention: str
         prepared.step()
         tracker.reset_peak()
         prepared.step()
-    return {"saved": tracker.marks["after_forward"]["activations"]}, list(basis_values(Columns.from_specs([spec]))[0])
+    c = Columns.from_specs([spec])
+    # the eager masks a checkpoint holds are a term of their own (detailed.held_mask_bytes)
+    saved = tracker.marks["after_forward"]["activations"] - int(held_mask_bytes(c)[0])
+    return {"saved": saved}, list(basis_values(c)[0])
 
 
 def solve(rows: list[list[float]], ys: list[int]) -> list[int] | None:

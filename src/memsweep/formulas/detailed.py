@@ -27,7 +27,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from memsweep.columns import (
-    FAMILY_CODES, Array, Columns, base_params, lora_params, routed_expert_params, trainable_params,
+    FAMILY_CODES, Array, Columns, attention_params, base_params, embedding_params, layer_norm_params,
+    lora_params, mlp_params, norm_params, routed_expert_params, trainable_params,
 )
 from memsweep.formulas.base import Breakdown
 from memsweep.formulas.basis import (
@@ -260,10 +261,32 @@ def ext_saved_bytes(c: Columns, index: tuple[Array, ...] | None = None, mask: np
 
 
 def saved_activations_bytes(c: Columns) -> Array:
-    """What autograd holds when the forward and the loss end (incl. the fp32 log-softmax, t*V*4;
-    with eager attention the b*a*s^2 probabilities and the s^2 causal mask of every layer)."""
+    """What autograd holds when the forward (and the loss) ends (incl. the fp32 log-softmax, t*V*4;
+    with eager attention the b*a*s^2 probabilities; with recompute, the masks checkpoints hold)."""
     coef = SAVED[_mode_index(c)]
-    return (coef * basis_values(c)).sum(axis=-1) + ext_saved_bytes(c)
+    return (coef * basis_values(c)).sum(axis=-1) + ext_saved_bytes(c) + held_mask_bytes(c)
+
+
+def hidden_bytes(c: Columns) -> Array:
+    """The hidden states' dtype (the embedding's): fp32 under mixed precision (fp32 master
+    weights), else the compute dtype (a LoRA base is stored in the dtype)."""
+    return np.where((c.mixed == 1) & (c.lora == 0), FP32, compute_bytes(c))
+
+
+def eager_mask_bytes(c: Columns) -> Array:
+    """Eager attention in a decoder: transformers builds its causal mask once per forward as a
+    float (b, 1, s, s) tensor in the hidden states' dtype (`torch.where(allowed, 0, min)`), and a
+    second one, the sliding-window mask, when some layers are local (one mask when all are)."""
+    masks = (c.layers > c.local_layers).astype(float) + (c.local_layers > 0)
+    on = (c.eager_attention == 1) & (c.final_norm == 1)
+    return np.where(on, masks * c.batch * c.seq**2 * hidden_bytes(c), 0.0)
+
+
+def held_mask_bytes(c: Columns) -> Array:
+    """The eager masks held after the forward: a checkpoint holds its inputs, the mask among them,
+    until its backward (full or selective recompute); without recompute nothing keeps them (the
+    masked add saves no input). The derive scripts subtract this from what they measure."""
+    return np.where(c.training * (c.recompute_full + c.recompute_selective) > 0, eager_mask_bytes(c), 0.0)
 
 
 def live_logits_bytes(c: Columns) -> Array:
@@ -292,30 +315,66 @@ EXT_LAYER_TERMS = np.array([n[0] in "LMD" and n not in ("Mtf", "Mtkf", "MPf", "M
                             for n in EXT_BASIS])
 
 
-def full_recompute_layer_bytes(c: Columns) -> Array:
-    """Full recompute, in the backward of the last block (the one moment that is not an exact
-    fit: inside the block the peak can move between its MLP and attention backward): the
-    checkpoints, ids and RoPE tables (the final norm, logits and head cast are freed by then), the
-    block re-run with what it saves (a layer of the no-recompute table) except its MLP, which
-    holds `RECOMPUTE_MLP_TENSORS` t*f tensors, and the LM head's weight gradient."""
+def _recompute_block(c: Columns) -> tuple[Array, Array, Array, Array]:
+    """Full recompute, the backward of one re-run block: (what is kept outside the blocks: ids,
+    RoPE tables, eager masks, every block's checkpoint; the checkpoints' share of it; the block at
+    its MLP backward; the block at its softmax backward, eager only). The re-run block saves a
+    layer of the no-recompute table; at its MLP backward it holds that layer without the t*f terms
+    plus `RECOMPUTE_MLP_TENSORS` t*f tensors, at its softmax backward that layer plus the b*a*s^2
+    gradients (`softmax_backward_bytes`): the MLP's tensors are freed before the attention's
+    backward starts, so the two are separate moments."""
     idx = _mode_index(c)
     b = basis_values(c)
-    kept = (SAVED[idx] * b * ~HEAD_TERMS).sum(axis=-1) + ext_saved_bytes(c, idx, ~EXT_HEAD_TERMS)
+    kept = ((SAVED[idx] * b * ~HEAD_TERMS).sum(axis=-1) + ext_saved_bytes(c, idx, ~EXT_HEAD_TERMS)
+            + held_mask_bytes(c))  # the first block's checkpoint holds the masks to the end
+    checkpoints = ((SAVED[idx] * b * (PER_LAYER_TERMS & ~HEAD_TERMS)).sum(axis=-1)
+                   + ext_saved_bytes(c, idx, EXT_LAYER_TERMS & ~EXT_HEAD_TERMS))
     none_idx = idx[:3] + (np.zeros_like(idx[3]), idx[4])
     one_layer = ((SAVED[none_idx] * b * (PER_LAYER_TERMS & ~FFN_TERM)).sum(axis=-1)
                  + ext_saved_bytes(c, none_idx, EXT_LAYER_TERMS)) / c.layers
-    # eager attention, the softmax backward of the re-run block, as in eager_backward_bytes: an
-    # fp32 softmax's fp32 gradient of the probabilities and the 16-bit one of the scores, or a
-    # 16-bit softmax's two gradients (a model: measured on the transformers grid, -2.3 % to
-    # +6.5 % at seq 8192, where this moment wins; the exact peak moves inside the block)
     eager = (c.eager_attention == 1) & (c.recompute_selective == 0)
-    eager_grads = np.where(eager, softmax_backward_bytes(c), 0.0)
+    # the MLP's saved t*f tensors (the table's, e.g. GPT-2's gelu_new keeps four, fp32 under
+    # autocast) and the two gradients alive in its backward; an MoE block (in an MoE model) runs
+    # t*k token copies (+ shared) and holds `RECOMPUTE_MLP_TENSORS` of them
+    dense = (SAVED[none_idx] * b * FFN_TERM).sum(axis=-1) / c.layers + 2.0 * c.batch * c.seq * c.ffn * compute_bytes(c) / c.tp
     n_ffn = np.where(c.gated_mlp == 1, RECOMPUTE_MLP_TENSORS[True], RECOMPUTE_MLP_TENSORS[False])
-    # the last block is an MoE block in an MoE model: its MLP runs t*k token copies (+ shared)
-    width = np.where(c.moe_layers > 0, c.experts_per_token * c.expert_ffn + c.shared_ffn, c.ffn)
-    mlp = n_ffn * c.batch * c.seq * width * compute_bytes(c) / c.tp
+    width = c.experts_per_token * c.expert_ffn + c.shared_ffn
+    mlp = np.where(c.moe_layers > 0, n_ffn * c.batch * c.seq * width * compute_bytes(c) / c.tp, dense)
+    softmax = np.where(eager, one_layer + softmax_backward_bytes(c), 0.0)
+    return kept, checkpoints, one_layer + mlp, softmax
+
+
+def full_recompute_layer_bytes(c: Columns) -> Array:
+    """Full recompute, in the backward of the last block (the first one back-propagated): every
+    checkpoint and the block's larger moment (`_recompute_block`), with the LM head's weight
+    gradient the only one made yet (the final norm, logits and head cast are freed by then)."""
+    kept, _, mlp, softmax = _recompute_block(c)
     head_grad = (1 - c.lora) * (1 - c.tied_embeddings) * c.vocab * c.hidden * trainable_bytes(c) / c.tp
-    return kept + one_layer + mlp + head_grad + eager_grads
+    return kept + np.maximum(mlp, softmax) + head_grad
+
+
+def full_recompute_first_block(c: Columns) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+    """Full recompute, in the backward of the first block (the last one back-propagated): one
+    checkpoint is left (the embedding's output), and every other layer's weight gradient is made:
+    when a layer's gradients outweigh its checkpoint (full training of any usual size) these are
+    the larger moments. ((gradients, activations) at the block's MLP backward, the same at its
+    softmax backward.) Gradients not made yet: the untied input embedding's and the block's own
+    but its MLP's down projection (at the MLP moment), or those of its q, k, v and first norm (at
+    the softmax moment; its MLP, second norm and o_proj are done by then)."""
+    kept, checkpoints, mlp, softmax = _recompute_block(c)
+    first_kept = kept - checkpoints * (c.layers - 1) / c.layers
+    updated = np.maximum(updated_params(c), 1.0)
+    embedding = (1 - c.tied_embeddings) * embedding_params(c)
+    attention = attention_params(c)
+    o_proj = c.heads * c.v_head_dim * c.hidden + c.out_bias * c.hidden
+    down_share = np.where(c.gated_mlp == 1, 1.0 / 3.0, 0.5)  # down of (gate, up, down) or (up, down)
+    pending_mlp = embedding + attention + layer_norm_params(c) + mlp_params(c) * (1 - down_share)
+    pending_softmax = embedding + attention - o_proj + norm_params(c, c.hidden)
+
+    def grads(pending: Array) -> Array:
+        return gradients_bytes(c) * np.clip(1.0 - (c.lora == 0) * pending / updated, 0.0, 1.0)
+
+    return (grads(pending_mlp), first_kept + mlp), (grads(pending_softmax), first_kept + softmax)
 
 
 EAGER_BACKWARD_SCORE_TENSORS = 2.0
@@ -403,16 +462,26 @@ def inference_ids_bytes(c: Columns) -> Array:
     return 8.0 * c.batch * c.seq + c.learned_positions * 8.0 * c.seq
 
 
+def prefill_embeddings_bytes(c: Columns) -> Array:
+    """A decoder's forward holds its input embeddings to its end (transformers' local
+    `inputs_embeds`; GPT-2's `position_embeds` too): beyond the first layer, where they are the
+    layer's input, one t*h (+ s*h) more in every layer's moments."""
+    held = c.batch * c.seq * c.hidden + c.learned_positions * c.seq * c.hidden
+    return np.where((c.final_norm == 1) & (c.layers > 1), held * compute_bytes(c) / c.tp, 0.0)
+
+
 def prefill_activations_bytes(c: Columns) -> Array:
-    """Inference, inside one layer's MLP (no autograd): the residual stream, the normed input and
-    the MLP's intermediates (SwiGLU: gate, act, up, product; GELU: fc out, act; GPT-2's gelu_new,
-    computed op by op: fc out, 1 + tanh(.), 0.5 x and their product), + RoPE tables."""
+    """Inference, inside one layer's MLP (no autograd): the layer's input, the residual stream,
+    the normed input and the MLP's intermediates (SwiGLU: gate, act, up, product; GELU: fc out,
+    act; GPT-2's gelu_new, computed op by op: fc out, 1 + tanh(.), 0.5 x and their product), + RoPE
+    tables, the held embeddings and eager masks."""
     t = c.batch * c.seq
     cb = compute_bytes(c)
     mlp = np.where(c.gated_mlp == 1, 3.0, np.where(c.family == FAMILY_CODES["gpt2"], 4.0, 2.0)) * c.ffn
     rope = np.where(c.learned_positions == 1, 0.0, 2.0 * c.seq * c.rope_dim * cb)
     dense = t * (3.0 * c.hidden + mlp) * cb / c.tp
-    return np.where(c.moe_layers > 0, moe_prefill_bytes(c), dense) + rope + inference_ids_bytes(c)
+    held = prefill_embeddings_bytes(c) + eager_mask_bytes(c)
+    return np.where(c.moe_layers > 0, moe_prefill_bytes(c), dense) + rope + held + inference_ids_bytes(c)
 
 
 def moe_prefill_bytes(c: Columns) -> Array:
@@ -433,15 +502,16 @@ def moe_prefill_bytes(c: Columns) -> Array:
 def prefill_attention_bytes(c: Columns) -> Array:
     """Eager inference, inside one layer's softmax: the masked scores and the probabilities
     (b*a*s^2 each; a llama-family model's softmax runs in fp32 on an fp32 copy of 16-bit scores,
-    so the copy and the fp32 probabilities), the float mask added to the scores (s^2 in the dtype) and its bool source
-    (s^2), and six t*h tensors (residual, normed input, q, K and V repeated to all heads, the QK
+    so the copy and the fp32 probabilities), the model's float masks (`eager_mask_bytes`), the
+    held embeddings, and six t*h tensors (residual, normed input, q, K and V repeated to all heads, the QK
     operand). sdpa never holds s^2: its MLP moment is larger."""
     t = c.batch * c.seq
     cb = compute_bytes(c)
     # softmax(x, dtype=float32) of 16-bit scores first converts x to fp32 (ATen's softmax; CUDA
     # skips the copy for fp16 only, not bf16): the cast input and the fp32 output, 4 + 4 bytes
     probs = np.where(fp32_softmax(c), np.where(cb < FP32, 2 * FP32, FP32), cb)
-    eager = (t * 6.0 * c.hidden * cb + c.batch * c.heads * c.seq**2 * (cb + probs)) / c.tp + c.seq**2 * (1.0 + cb)
+    eager = ((t * 6.0 * c.hidden * cb + c.batch * c.heads * c.seq**2 * (cb + probs)) / c.tp
+             + eager_mask_bytes(c) + prefill_embeddings_bytes(c))
     rope = np.where(c.learned_positions == 1, 0.0, 2.0 * c.seq * c.rope_dim * cb)
     return np.where(c.eager_attention == 1, eager + rope + inference_ids_bytes(c), 0.0)
 
@@ -479,6 +549,9 @@ def peak_breakdown(c: Columns, k: DetailedConstants) -> Breakdown:
                      overhead=overhead),
         Breakdown.of(w, weights=w, optimizer=o, activations=act * full_recompute_layer_bytes(c) * c.recompute_full,
                      overhead=overhead),
+        *(Breakdown.of(w, weights=w, optimizer=o, gradients=k.gradients_factor * grads * c.recompute_full,
+                       activations=act * first * c.recompute_full, overhead=overhead)
+          for grads, first in full_recompute_first_block(c)),
         Breakdown.of(w, weights=w, optimizer=o, activations=act * eager_backward_bytes(c), overhead=overhead),
         Breakdown.of(w, weights=w, optimizer=o + k.optimizer_factor * optimizer_step_temporary_bytes(c),
                      gradients=g, activations=np.full_like(w, 1.0) * inputs, overhead=overhead),

@@ -199,8 +199,8 @@ class Attention(nn.Module):
             empty = k.new_empty(0)
             k, v = torch.cat((empty, k), dim=2), torch.cat((empty, v), dim=2)
             self.cache_sink.append((k, v))
-        if not self.window:
-            mask = None
+        if not self.window and not self.eager:
+            mask = None  # (eager global layers take the model's float causal mask)
         if self.selective and self.training and torch.is_grad_enabled():
             # Keep only q, k, v; the scores, softmax and AV are recomputed in the backward.
             y = checkpoint(self._attend, q, k, v, start, mask, use_reentrant=False,
@@ -298,7 +298,7 @@ class Attention(nn.Module):
                                                   enable_gqa=shared)
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, S)
         if mask is not None:
-            scores = scores + _additive(mask, self.mask_dtype)
+            scores = scores + (mask if mask.is_floating_point() else _additive(mask, self.mask_dtype))
         if self.sinks is None:
             probs = F.softmax(scores, dim=-1, dtype=torch.float32 if self.fp32_softmax else None)
             return probs.to(v.dtype) @ v  # (B, nh, T, hs)
@@ -309,9 +309,10 @@ class Attention(nn.Module):
 
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
     """A bool mask as the float one transformers adds to the scores (0 or the dtype's minimum),
-    in the dtype of the model's hidden states."""
+    in the dtype of the model's hidden states (a full tensor even when `mask` is an expanded view)."""
     with torch.no_grad():
-        return torch.zeros(mask.shape, dtype=dtype, device=mask.device).masked_fill(~mask, torch.finfo(dtype).min)
+        return torch.where(mask, torch.zeros((), dtype=dtype, device=mask.device),
+                           torch.full((), torch.finfo(dtype).min, dtype=dtype, device=mask.device))
 
 
 class MLP(nn.Module):
@@ -485,6 +486,7 @@ class ReferenceModel(nn.Module):
         super().__init__()
         self.spec = spec
         self.recompute = opts.recompute
+        self.eager = opts.attention == "eager"
         h, factory = spec.hidden, {"dtype": opts.dtype, "device": opts.device}
         self.tok_emb = nn.Embedding(spec.vocab, h, **factory)
         self.pos_emb = (nn.Embedding(spec.max_positions, h, **factory)
@@ -528,12 +530,17 @@ class ReferenceModel(nn.Module):
                 raise ValueError(f"KV cache holds {cache.max_tokens} tokens; "
                                  f"{start} cached + {T} new do not fit")
         x = self.tok_emb(input_ids)  # (B, T, h)
+        # a decoder's forward holds its embeddings to the end, as transformers' does (its local
+        # `inputs_embeds`, and GPT-2's `position_embeds`): inside a prefill, one t*h more
+        held = [x] if self.spec.decoder else []
         if self.pos_emb is not None:
             if start + T > self.spec.max_positions:
                 raise ValueError(f"{self.spec.name} has {self.spec.max_positions} learned "
                                  f"positions; {start + T} requested")
             positions = torch.arange(start, start + T, device=input_ids.device)  # (T,)
-            x = x + self.pos_emb(positions)  # (B, T, h)
+            pos = self.pos_emb(positions)  # (T, h)
+            held.append(pos)
+            x = x + pos  # (B, T, h)
         if self.type_emb is not None:
             x = x + self.type_emb.weight[0]  # token type 0 everywhere
         if self.emb_norm is not None:
@@ -549,6 +556,18 @@ class ReferenceModel(nn.Module):
             # (B, 1, T, T), a view of one (T, T): transformers passes its mask with the batch
             # dimension, so sdpa's float conversion of it (saved for the backward) is per sequence
             mask = window_mask(T, T, 0, window, x.device)[None, None].expand(B, 1, T, T)
+        causal_mask = None
+        if self.eager and self.spec.decoder and T > 1:
+            # eager: transformers builds each mask once per forward as a float (B, 1, T, S) in the
+            # hidden states' dtype (`torch.where(allowed, 0, min)`), held to the end of the forward
+            # and, under recompute, by every checkpoint until its backward (detailed: eager_mask_bytes)
+            allowed = torch.ones(T, start + T, dtype=torch.bool, device=x.device).tril(diagonal=start)
+            allowed = allowed[None, None].expand(B, 1, T, start + T)
+            if self.spec.layers > self.spec.local_layers:
+                causal_mask = _additive(allowed, x.dtype)
+            if self.spec.local_layers:  # the sliding-window mask (causal while the window covers all)
+                mask = _additive(allowed if mask is None else mask, x.dtype)
+            del allowed  # (transformers' bool masks die inside its mask functions)
 
         full = self.recompute == "full" and self.training and torch.is_grad_enabled()
         # training: what transformers' output holds until the loss is computed (the training loop
@@ -563,10 +582,10 @@ class ReferenceModel(nn.Module):
             kv = None if cache is None else (cache.k[i], cache.v[i])
             if full:
                 # Keep only each block's input; everything inside is recomputed in the backward.
-                x = checkpoint(block, x, rope, kv, start, mask if block.local else None,
+                x = checkpoint(block, x, rope, kv, start, mask if block.local else causal_mask,
                                use_reentrant=False, preserve_rng_state=False)  # no dropout, no RNG state
             else:
-                x = block(x, rope, kv, start, mask if block.local else None)
+                x = block(x, rope, kv, start, mask if block.local else causal_mask)
         for block in self.blocks:
             block.attn.cache_sink = None
         if cache is not None:
@@ -578,6 +597,7 @@ class ReferenceModel(nn.Module):
             x = self.norm_f(x)
         if keep:  # transformers' model output holds the last hidden state while the loss runs
             self.train_cache.append((x, x))
+        del held  # transformers' model forward returns before its LM head runs
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight  # (V, h)
         return F.linear(x, head)  # (B, T, V)
 
