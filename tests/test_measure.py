@@ -8,7 +8,7 @@ from dataclasses import replace
 
 import polars as pl
 import pytest
-from conftest import REPO, job, workload
+from conftest import REPO, job, same_phases, workload
 
 torch = pytest.importorskip("torch")
 
@@ -62,7 +62,7 @@ def test_fake_and_cpu_agree_byte_for_byte(case):
     assert fake.status == real.status == "ok", (fake.error, real.error)
     assert fake.peak_bytes == real.peak_bytes > 0
     assert fake.breakdown == real.breakdown
-    assert fake.phase_peaks == real.phase_peaks
+    same_phases(fake, real)
     assert real.step_time_s > 0 and real.tokens_per_s > 0
 
 
@@ -91,8 +91,9 @@ def test_training_peak_has_gradients_or_optimizer_state_and_phases():
 def test_inference_reports_kv_cache_and_decode():
     spec = tiny_job(FAKE, {"wl": "inference"})
     m = measure(spec)
-    # K and V, 2 layers x 2 KV heads x 16 dims, (48 prompt + 128 generated) tokens x batch 2, bf16
-    assert m.breakdown["kv_cache"] == 2 * 2 * 2 * 16 * (48 + 128) * 2 * 2
+    # at the prefill peak: K and V, 2 layers x 2 KV heads x 16 dims, 48 prompt tokens x batch 2,
+    # bf16 (the cache grows as transformers' DynamicCache: the generated tokens come later)
+    assert m.breakdown["kv_cache"] == 2 * 2 * 2 * 16 * 48 * 2 * 2
     assert set(m.phase_peaks) == {"prefill", "decode"}
 
 

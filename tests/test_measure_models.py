@@ -150,12 +150,12 @@ def test_kv_cache_decode_matches_full_forward(spec: ModelSpec, attention: str) -
     with torch.no_grad():
         full = model(ids)  # (B, T, V)
 
-        cache = model.new_cache(B, max_tokens)
-        shape = (B, spec.kv_heads, max_tokens, spec.dim_per_head)
+        cache = model.new_cache(B, max_tokens)  # empty; it grows as transformers' DynamicCache
         assert len(cache.k) == len(cache.v) == spec.layers
-        assert all(t.shape == shape for t in cache.k + cache.v)
+        assert all(t.shape == (B, spec.kv_heads, 0, spec.dim_per_head) for t in cache.k + cache.v)
         model(ids[:, :-1], cache)  # prefill T-1 tokens
         assert cache.length == T - 1
+        assert all(t.shape == (B, spec.kv_heads, T - 1, spec.dim_per_head) for t in cache.k + cache.v)
         last = model(ids[:, -1:], cache, last_only=True)  # decode the last one
         assert last.shape == (B, 1, spec.vocab) and cache.length == T
         torch.testing.assert_close(last, full[:, -1:], atol=1e-5, rtol=1e-5)

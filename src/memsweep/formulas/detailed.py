@@ -442,19 +442,48 @@ def autocast_cache_bytes(c: Columns) -> Array:
     return np.where(on, c.layers * layer_params(c) * 2.0 / c.tp, 0.0)
 
 
-def kv_cache_bytes(c: Columns) -> Array:
-    """Decoder inference: K and V per layer and token (kv_heads x (head_dim + v_head_dim); MLA:
-    the latent kv_lora_rank + rope_head_dim, which every tensor rank keeps whole, or the expanded
-    per-head K and V), for prompt + generated tokens; a local layer keeps its window only."""
-    decoder_inference = (c.training == 0) & (c.final_norm == 1)
-    tokens = c.seq + c.gen_tokens
-    held = (c.layers - c.local_layers) * tokens + c.local_layers * np.minimum(tokens, np.maximum(c.window, 1))
+def kv_token_bytes(c: Columns) -> Array:
+    """KV cache bytes per token and layer of the whole batch: K and V (kv_heads x (head_dim +
+    v_head_dim); MLA: the latent kv_lora_rank + rope_head_dim, which every tensor rank keeps whole,
+    or the expanded per-head K and V)."""
     per_token = np.where(c.mla == 1,
                          np.where(c.mla_latent_cache == 1, (c.kv_lora_rank + c.rope_head_dim) * c.tp,
                                   c.heads * (c.head_dim + c.v_head_dim)),
                          c.kv_heads * (c.head_dim + c.v_head_dim))
-    kv = c.batch * held * per_token * compute_bytes(c) / c.tp / c.pp
-    return np.where(decoder_inference, kv, 0.0)
+    return c.batch * per_token * compute_bytes(c) / c.tp / c.pp
+
+
+def kv_cache_bytes(c: Columns) -> Array:
+    """Decoder inference, after the last decode step: K and V of prompt + generated tokens per
+    layer; a local layer keeps its window only. transformers' DynamicCache (and the reference)
+    grows by concatenation: a local layer keeps a view of its last window - 1 tokens on the
+    window-token storage of its last step."""
+    decoder_inference = (c.training == 0) & (c.final_norm == 1)
+    tokens = c.seq + c.gen_tokens
+    held = (c.layers - c.local_layers) * tokens + c.local_layers * np.minimum(tokens, np.maximum(c.window, 1))
+    return np.where(decoder_inference, held * kv_token_bytes(c), 0.0)
+
+
+def prefill_kv_bytes(c: Columns) -> Array:
+    """Decoder inference, during and right after the prefill: every layer holds the prompt's K and
+    V, a local layer too (its view of the last window - 1 tokens keeps the whole concatenation's
+    storage until its first decode step: DynamicSlidingWindowLayer)."""
+    decoder_inference = (c.training == 0) & (c.final_norm == 1)
+    return np.where(decoder_inference, c.layers * c.seq * kv_token_bytes(c), 0.0)
+
+
+def decode_kv_transient_bytes(c: Columns) -> Array:
+    """The last decode step, while the last layer grows its cache: the old tensor beside the new
+    one. A global layer (DynamicLayer) replaces its keys before it concatenates its values, so the
+    old keys (s + g - 1 tokens); a local layer concatenates both first, so its old K and V (the
+    prompt's storage when only one token is generated, else its window)."""
+    tokens = c.seq + c.gen_tokens
+    k_share = np.where((c.mla == 1) & (c.mla_latent_cache == 1), 1.0,
+                       c.head_dim / np.maximum(c.head_dim + c.v_head_dim, 1))
+    old_local = np.where(c.gen_tokens <= 1, c.seq, np.minimum(tokens - 1, np.maximum(c.window, 1)))
+    last_local = c.local_layers == c.layers
+    old = np.where(last_local, old_local, k_share * (tokens - 1)) * kv_token_bytes(c)
+    return np.where((c.training == 0) & (c.final_norm == 1) & (c.gen_tokens > 0), old, 0.0)
 
 
 def inference_ids_bytes(c: Columns) -> Array:
@@ -470,6 +499,13 @@ def prefill_embeddings_bytes(c: Columns) -> Array:
     return np.where((c.final_norm == 1) & (c.layers > 1), held * compute_bytes(c) / c.tp, 0.0)
 
 
+def sdpa_window_mask_bytes(c: Columns) -> Array:
+    """sdpa with local layers, a prompt longer than the window: the bool (s, s) sliding-window mask
+    transformers builds once per forward (expanded, not copied, over the batch), held to its end."""
+    on = (c.eager_attention == 0) & (c.local_layers > 0) & (c.seq > c.window) & (c.final_norm == 1)
+    return np.where(on, c.seq**2 * 1.0, 0.0)
+
+
 def prefill_activations_bytes(c: Columns) -> Array:
     """Inference, inside one layer's MLP (no autograd): the layer's input, the residual stream,
     the normed input and the MLP's intermediates (SwiGLU: gate, act, up, product; GELU: fc out,
@@ -480,7 +516,7 @@ def prefill_activations_bytes(c: Columns) -> Array:
     mlp = np.where(c.gated_mlp == 1, 3.0, np.where(c.family == FAMILY_CODES["gpt2"], 4.0, 2.0)) * c.ffn
     rope = np.where(c.learned_positions == 1, 0.0, 2.0 * c.seq * c.rope_dim * cb)
     dense = t * (3.0 * c.hidden + mlp) * cb / c.tp
-    held = prefill_embeddings_bytes(c) + eager_mask_bytes(c)
+    held = prefill_embeddings_bytes(c) + eager_mask_bytes(c) + sdpa_window_mask_bytes(c)
     return np.where(c.moe_layers > 0, moe_prefill_bytes(c), dense) + rope + held + inference_ids_bytes(c)
 
 
@@ -502,25 +538,27 @@ def moe_prefill_bytes(c: Columns) -> Array:
 def prefill_attention_bytes(c: Columns) -> Array:
     """Eager inference, inside one layer's softmax: the masked scores and the probabilities
     (b*a*s^2 each; a llama-family model's softmax runs in fp32 on an fp32 copy of 16-bit scores,
-    so the copy and the fp32 probabilities), the model's float masks (`eager_mask_bytes`), the
-    held embeddings, and six t*h tensors (residual, normed input, q, K and V repeated to all heads, the QK
+    so the copy and the fp32 probabilities), the model's float masks (`eager_mask_bytes`), and
+    six t*h tensors (the held embeddings among them) (residual, normed input, q, K and V repeated to all heads, the QK
     operand). sdpa never holds s^2: its MLP moment is larger."""
     t = c.batch * c.seq
     cb = compute_bytes(c)
     # softmax(x, dtype=float32) of 16-bit scores first converts x to fp32 (ATen's softmax; CUDA
     # skips the copy for fp16 only, not bf16): the cast input and the fp32 output, 4 + 4 bytes
     probs = np.where(fp32_softmax(c), np.where(cb < FP32, 2 * FP32, FP32), cb)
-    eager = ((t * 6.0 * c.hidden * cb + c.batch * c.heads * c.seq**2 * (cb + probs)) / c.tp
-             + eager_mask_bytes(c) + prefill_embeddings_bytes(c))
+    eager = (t * 6.0 * c.hidden * cb + c.batch * c.heads * c.seq**2 * (cb + probs)) / c.tp + eager_mask_bytes(c)
     rope = np.where(c.learned_positions == 1, 0.0, 2.0 * c.seq * c.rope_dim * cb)
     return np.where(c.eager_attention == 1, eager + rope + inference_ids_bytes(c), 0.0)
 
 
 def decode_activations_bytes(c: Columns) -> Array:
-    """Decode, last step: GQA repeats the cached K and V to all heads (b*a*(s+g)*d each)."""
-    gqa = c.kv_heads != c.heads
-    tokens = c.batch * (c.seq + c.gen_tokens)
-    return np.where(gqa, 2.0 * tokens * c.heads * c.head_dim * compute_bytes(c) / c.tp, 0.0)
+    """Decode, last step, in the last layer: eager GQA repeats the cached K and V to all heads
+    (b*a*S*d each, S: s + g tokens, a local layer's window); sdpa shares them (`enable_gqa`: one
+    token needs no mask) unless its head sizes rule that out (transformers' `use_gqa_in_sdpa`)."""
+    repeats = (c.kv_heads != c.heads) & ((c.eager_attention == 1) | (c.head_dim > 256) | (c.v_head_dim != c.head_dim))
+    tokens = c.seq + c.gen_tokens
+    seen = np.where(c.local_layers == c.layers, np.minimum(tokens, np.maximum(c.window, 1)), tokens)
+    return np.where(repeats, 2.0 * c.batch * seen * c.heads * c.head_dim * compute_bytes(c) / c.tp, 0.0)
 
 
 def inference_logits_bytes(c: Columns) -> Array:
@@ -559,7 +597,7 @@ def peak_breakdown(c: Columns, k: DetailedConstants) -> Breakdown:
     train = moments[0]
     for m in moments[1:]:
         train = m.select(m.total > train.total, train)
-    kv = k.kv_cache_factor * kv_cache_bytes(c)
+    kv = k.kv_cache_factor * prefill_kv_bytes(c)
     prefill = Breakdown.of(w, weights=w, kv_cache=kv, activations=act * prefill_activations_bytes(c),
                            overhead=overhead)
     head = Breakdown.of(w, weights=w, kv_cache=kv, logits=lg * inference_logits_bytes(c),
@@ -569,7 +607,11 @@ def peak_breakdown(c: Columns, k: DetailedConstants) -> Breakdown:
     scores = Breakdown.of(w, weights=w, kv_cache=kv, activations=act * prefill_attention_bytes(c),
                           overhead=overhead)
     prefill = scores.select(scores.total > prefill.total, prefill)
-    decode = Breakdown.of(w, weights=w, kv_cache=kv, activations=act * decode_activations_bytes(c),
+    kv_decode = k.kv_cache_factor * kv_cache_bytes(c)
+    decode = Breakdown.of(w, weights=w, kv_cache=kv_decode + k.kv_cache_factor * decode_kv_transient_bytes(c),
                           overhead=overhead)
+    repeat = Breakdown.of(w, weights=w, kv_cache=kv_decode, activations=act * decode_activations_bytes(c),
+                          overhead=overhead)
+    decode = repeat.select(repeat.total > decode.total, decode)
     infer = decode.select(decode.total > prefill.total, prefill)
     return train.select(c.training == 1, infer)

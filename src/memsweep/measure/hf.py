@@ -307,11 +307,33 @@ def _train(spec: JobSpec, model, ids: torch.Tensor, tracker) -> Prepared:
     return train_step(spec, model, ids, tracker, forward_loss)
 
 
+def _retag_layer(tracker, layer) -> None:
+    for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+        if isinstance(tensor, torch.Tensor) and tensor.numel():
+            tracker.retag(tensor, "kv_cache")
+
+
 def _retag_cache(tracker, cache) -> None:
     for layer in cache.layers:
-        for tensor in (getattr(layer, "keys", None), getattr(layer, "values", None)):
-            if isinstance(tensor, torch.Tensor):
-                tracker.retag(tensor, "kv_cache")
+        _retag_layer(tracker, layer)
+
+
+def _tag_updates(tracker, cache) -> None:
+    """Count what each cache layer holds as kv_cache as soon as its `update` makes it (as the
+    reference's KVCache does), not only after the forward."""
+    import weakref
+
+    for layer in cache.layers:
+        if not hasattr(type(layer), "update"):  # a fixed-state layer (Mamba): tagged after each step
+            continue
+        # the class's function and a weak reference: a closure holding the layer (or its bound
+        # method) would be a reference cycle, and the cache would die at a garbage collection
+        # instead of when its last reference goes, at a different moment in fake and real runs
+        def update(*args, _update=type(layer).update, _layer=weakref.ref(layer), **kwargs):
+            out = _update(_layer(), *args, **kwargs)
+            _retag_layer(tracker, _layer())
+            return out
+        layer.update = update
 
 
 def _jumpable(cache) -> bool:
@@ -326,8 +348,11 @@ def _jump(cache, tokens: int) -> None:
     for layer in cache.layers:
         k, v = layer.keys, layer.values
         b, h = k.size(0), k.size(1)  # the new tokens as stride-0 views: no storage of their own
-        layer.update(k.new_zeros(b, h, 1, k.size(3)).expand(b, h, tokens, k.size(3)),
-                     v.new_zeros(b, h, 1, v.size(3)).expand(b, h, tokens, v.size(3)))
+        k_new = k.new_zeros(b, h, 1, k.size(3)).expand(b, h, tokens, k.size(3))
+        v_new = v.new_zeros(b, h, 1, v.size(3)).expand(b, h, tokens, v.size(3))
+        del k, v  # no local names for the old tensors: they die when the layer replaces them
+        layer.update(k_new, v_new)
+        del k_new, v_new
         window = getattr(layer, "sliding_window", None)
         if window and layer.keys.size(2) == window - 1:
             # a decode step leaves its window-token concatenation viewed as the last window - 1
@@ -348,6 +373,7 @@ def _inference(spec: JobSpec, model, cfg, ids: torch.Tensor, tracker, tf, last_d
                 model(input_ids=ids)
             return
         cache = tf.DynamicCache(config=cfg)
+        _tag_updates(t, cache)
         with t.section("prefill", "activations"):
             out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
             logits = out.logits

@@ -209,23 +209,14 @@ class Attention(nn.Module):
             y = self._attend(q, k, v, start, mask)  # (B, nh, T, hs_v)
         return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.v_dim))
 
-    def _cache(self, kv_cache: tuple[Tensor, Tensor], k: Tensor, v: Tensor,
+    def _cache(self, kv_cache: tuple[KVCache, int], k: Tensor, v: Tensor,
                start: int) -> tuple[Tensor, Tensor]:
-        """Write the new K/V (B, nkv, T, hs) into the layer's cache; return what attention reads.
-        A local layer's cache is a ring of `window` slots (token p in slot p % window): a prefill
-        longer than the window attends over its own K/V and keeps the last `window` of them."""
-        k_cache, v_cache = kv_cache  # (B, nkv, slots, hs), written in place
-        T, slots = k.size(2), k_cache.size(2)
-        if self.window and start + T > slots:
-            if T > 1 and start > 0:
-                raise ValueError("a local layer's ring cache takes a prefill from 0, then one token at a time")
-            idx = torch.arange(start + T - slots if T > slots else start, start + T, device=k.device)
-            k_cache.index_copy_(2, idx % slots, k[:, :, -idx.numel():])
-            v_cache.index_copy_(2, idx % slots, v[:, :, -idx.numel():])
-            return (k, v) if T > 1 else (k_cache, v_cache)
-        k_cache[:, :, start:start + T] = k
-        v_cache[:, :, start:start + T] = v
-        return k_cache[:, :, :start + T], v_cache[:, :, :start + T]  # (B, nkv, S, hs)
+        """Append the new K/V (B, nkv, T, hs) to the layer's cache; return what attention reads:
+        every cached token's (a local layer's window - 1 cached ones and the new, KVCache)."""
+        cache, i = kv_cache
+        if self.window and k.size(2) > 1 and start > 0 and start + k.size(2) > self.window:
+            raise ValueError("a local layer's cache takes a prefill from 0, then one token at a time")
+        return cache.append(i, k, v)  # (B, nkv, S, hs)
 
     def _mla_qkv(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
                  kv_cache: tuple[Tensor, Tensor] | None, start: int) -> tuple[Tensor, Tensor, Tensor]:
@@ -243,9 +234,9 @@ class Attention(nn.Module):
         q = torch.cat((q_nope, q_rope), dim=-1)  # (B, nh, T, hs)
         if kv_cache is not None and self.latent_cache:
             # Serving engines cache the latent (r_kv + rope per token) and expand it per step.
-            cache = kv_cache[0]  # (B, slots, r_kv + rope)
-            cache[:, start:start + T] = torch.cat((c_kv, k_rope.squeeze(1)), dim=-1)
-            c_kv, k_rope = cache[:, :start + T].split([self.kv_lora_rank, self.rope_dim], dim=-1)
+            cache, i = kv_cache  # (B, tokens, r_kv + rope)
+            latent, _ = cache.append(i, torch.cat((c_kv, k_rope.squeeze(1)), dim=-1), cache.v[i], dim=1)
+            c_kv, k_rope = latent.split([self.kv_lora_rank, self.rope_dim], dim=-1)
             k_rope = k_rope.unsqueeze(1)
         S = c_kv.size(1)
         kv = self.kv_b(c_kv).view(B, S, self.n_head, nope + self.v_dim).transpose(1, 2)
@@ -470,15 +461,69 @@ class Block(nn.Module):
 
 @dataclass
 class KVCache:
-    """Preallocated keys and values, one (B, kv_heads, slots, head_dim) tensor each per layer
-    (slots: every token, or `window` for a local layer). MLA with a latent cache keeps one
-    (B, slots, kv_lora_rank + rope_head_dim) tensor per layer in `k` and an empty one in `v`."""
+    """Keys and values, one (B, kv_heads, tokens, head_dim) tensor each per layer, grown as
+    transformers' DynamicCache grows them (issue 12): every forward concatenates its new K and V
+    onto the layer's (a new tensor; the old one dies once replaced). A local layer keeps a view of
+    its last `window - 1` tokens (DynamicSlidingWindowLayer), which holds the storage of the whole
+    concatenation until the next step replaces it: after a prefill, the prompt's K and V. MLA with
+    a latent cache keeps one (B, tokens, kv_lora_rank + rope_head_dim) tensor per layer in `k`
+    and an empty one in `v`."""
 
     k: list[Tensor]
     v: list[Tensor]
     max_tokens: int
+    windows: list[int]
+    """Per layer: the window of a local layer, 0 for a global one."""
     length: int = 0
     """Tokens written so far; the next forward's positions start here."""
+    tracker: object = None
+    """A StorageTracker (or None): what the cache holds is counted as kv_cache when it is made."""
+
+    def _tag(self, i: int) -> None:
+        if self.tracker is not None:
+            for t in (self.k[i], self.v[i]):
+                if t.numel():
+                    self.tracker.retag(t, "kv_cache")
+
+    def append(self, i: int, k: Tensor, v: Tensor, dim: int = 2) -> tuple[Tensor, Tensor]:
+        """Layer i's cache grows by k, v (along `dim`, the tokens); returns every token's K and V."""
+        def cat(old: Tensor, new: Tensor) -> Tensor:
+            return torch.cat((old, new), dim=dim) if old.numel() or new.numel() else old
+
+        keep = self.windows[i] - 1
+        if not self.windows[i]:  # DynamicLayer: keys replaced before values are concatenated
+            self.k[i] = cat(self.k[i], k)
+            self.v[i] = cat(self.v[i], v)
+            self._tag(i)
+            return self.k[i], self.v[i]
+        k_all, v_all = cat(self.k[i], k), cat(self.v[i], v)  # DynamicSlidingWindowLayer: both first
+        self.k[i] = k_all.narrow(dim, max(k_all.size(dim) - keep, 0), min(keep, k_all.size(dim)))
+        self.v[i] = v_all.narrow(dim, max(v_all.size(dim) - keep, 0), min(keep, v_all.size(dim))) if v_all.numel() else v_all
+        self._tag(i)
+        return k_all, v_all
+
+    def jump(self, tokens: int) -> None:
+        """Append `tokens` positions to every layer in one concatenation, as decoding them would
+        leave the cache (fake runs decode only the last token: see workloads.prepare); the new
+        tokens are stride-0 views with no storage of their own."""
+        for i in range(len(self.k)):
+            dim = 1 if self.k[i].dim() == 3 else 2
+
+            def block(t: Tensor) -> Tensor:
+                shape = list(t.shape)
+                shape[dim] = 1
+                return t.new_zeros(shape).expand(*[tokens if d == dim else n for d, n in enumerate(shape)])
+            has_v = self.v[i].numel() > 0  # (no local names for the old tensors: they die when replaced)
+            self.append(i, block(self.k[i]), block(self.v[i]) if has_v else self.v[i], dim)
+            keep = self.windows[i] - 1
+            if self.windows[i] and self.k[i].size(dim) == keep:
+                # a decode step leaves its window-token concatenation viewed as its last window - 1
+                # tokens: the same storage, not the jump's longer one
+                self.k[i] = torch.cat((self.k[i].narrow(dim, 0, 1), self.k[i]), dim=dim).narrow(dim, 1, keep)
+                if has_v:
+                    self.v[i] = torch.cat((self.v[i].narrow(dim, 0, 1), self.v[i]), dim=dim).narrow(dim, 1, keep)
+                self._tag(i)
+        self.length += tokens
 
 
 class ReferenceModel(nn.Module):
@@ -579,7 +624,7 @@ class ReferenceModel(nn.Module):
         for block in self.blocks:
             block.attn.cache_sink = self.train_cache if use_cache else None
         for i, block in enumerate(self.blocks):
-            kv = None if cache is None else (cache.k[i], cache.v[i])
+            kv = None if cache is None else (cache, i)
             if full:
                 # Keep only each block's input; everything inside is recomputed in the backward.
                 x = checkpoint(block, x, rope, kv, start, mask if block.local else causal_mask,
@@ -608,16 +653,16 @@ class ReferenceModel(nn.Module):
         s, w = self.spec, self.tok_emb.weight
         factory = {"dtype": w.dtype, "device": w.device}
         k, v = [], []
-        for block in self.blocks:
-            slots = min(block.attn.window, max_tokens) if block.local else max_tokens
+        for _ in self.blocks:
             if s.mla and s.mla_cache == "latent":
-                k.append(torch.zeros(batch, slots, s.kv_lora_rank + s.rope_head_dim, **factory))
+                k.append(torch.zeros(batch, 0, s.kv_lora_rank + s.rope_head_dim, **factory))
                 v.append(torch.zeros(0, **factory))
                 continue
             heads = s.heads if s.mla else s.kv_heads
-            k.append(torch.zeros(batch, heads, slots, s.dim_per_head, **factory))
-            v.append(torch.zeros(batch, heads, slots, s.value_dim, **factory))
-        return KVCache(k, v, max_tokens)
+            k.append(torch.zeros(batch, heads, 0, s.dim_per_head, **factory))
+            v.append(torch.zeros(batch, heads, 0, s.value_dim, **factory))
+        windows = [block.attn.window if block.local else 0 for block in self.blocks]
+        return KVCache(k, v, max_tokens, windows)
 
     def lora_parameters(self) -> list[nn.Parameter]:
         """Adapter weights (A and B of every adapted linear and expert); empty without LoRA."""

@@ -104,9 +104,10 @@ def prepare(spec: JobSpec, device: str, tracker: StorageTracker | None = None,
             last_decode_only: bool = False) -> Prepared:
     """Build the model (weights), optimizer and inputs on `device`; return the step to run.
 
-    `last_decode_only`: decode just the final token (the cache jumps to it). Decoding keeps no
-    state beyond the preallocated cache and the previous logits, and the last step attends to
-    the most positions, so its peak is the decode peak: exact, and O(1) instead of O(gen) steps.
+    `last_decode_only`: decode just the final token (the cache jumps to it, KVCache.jump). Decoding
+    keeps no state beyond the cache and the previous logits, and the last step attends to the
+    most positions and grows the longest cache, so its peak is the decode peak (the jump's own
+    transient is smaller): O(1) instead of O(gen) steps.
     """
     t = tracker or _NoTracker()
     base_dtype, adapter_dtype = storage_dtypes(spec)
@@ -188,11 +189,12 @@ def _prepare_inference(spec: JobSpec, model: ReferenceModel, ids: torch.Tensor, 
             return
         with t.section("prefill", "kv_cache"):
             cache = model.new_cache(spec.batch, spec.seq + gen)
+            cache.tracker = t  # its tensors are counted as kv_cache as they are made
         with t.section("prefill", "activations"):
             logits = model(ids, cache, last_only=True)  # (B, 1, V)
         with t.section("decode", "activations"):
             if last_decode_only and gen > 1:
-                cache.length = spec.seq + gen - 1
+                cache.jump(gen - 1)  # as decoding them leaves it; the last step is the decode peak
             for _ in range(min(gen, 1) if last_decode_only else gen):
                 logits = model(logits.argmax(-1), cache, last_only=True)
 
