@@ -516,7 +516,10 @@ def prefill_activations_bytes(c: Columns) -> Array:
     mlp = np.where(c.gated_mlp == 1, 3.0, np.where(c.family == FAMILY_CODES["gpt2"], 4.0, 2.0)) * c.ffn
     rope = np.where(c.learned_positions == 1, 0.0, 2.0 * c.seq * c.rope_dim * cb)
     dense = t * (3.0 * c.hidden + mlp) * cb / c.tp
-    held = prefill_embeddings_bytes(c) + eager_mask_bytes(c) + sdpa_window_mask_bytes(c)
+    # GPT-2's block keeps its eager attention weights (b*a*s^2) to its end (transformers' GPT2Block)
+    gpt2_weights = np.where((c.family == FAMILY_CODES["gpt2"]) & (c.eager_attention == 1),
+                            c.batch * c.heads * c.seq**2 * cb / c.tp, 0.0)
+    held = prefill_embeddings_bytes(c) + eager_mask_bytes(c) + sdpa_window_mask_bytes(c) + gpt2_weights
     return np.where(c.moe_layers > 0, moe_prefill_bytes(c), dense) + rope + held + inference_ids_bytes(c)
 
 

@@ -168,6 +168,11 @@ class Attention(nn.Module):
         self.cache_sink: list[tuple[Tensor, Tensor]] | None = None  # set by ReferenceModel.forward
         self.eager = opts.attention == "eager"
         self.fp32_softmax = spec.family == "llama"  # eager: see _attend
+        # transformers' GPT2Block names the eager attention weights the attention returns, so they
+        # live to the end of the block (its MLP included; Block.forward drops them); its other
+        # models discard them at once
+        self.holds_weights = spec.family == "gpt2" and self.eager and opts.recompute != "selective"
+        self.held_weights: Tensor | None = None  # (selective recompute re-runs _attend alone: never held)
         self.mask_dtype = opts.dtype  # the hidden states' dtype: the weights' (fp32 when mixed)
         self.selective = opts.recompute == "selective"
 
@@ -291,8 +296,10 @@ class Attention(nn.Module):
         if mask is not None:
             scores = scores + (mask if mask.is_floating_point() else _additive(mask, self.mask_dtype))
         if self.sinks is None:
-            probs = F.softmax(scores, dim=-1, dtype=torch.float32 if self.fp32_softmax else None)
-            return probs.to(v.dtype) @ v  # (B, nh, T, hs)
+            probs = F.softmax(scores, dim=-1, dtype=torch.float32 if self.fp32_softmax else None).to(v.dtype)
+            if self.holds_weights:
+                self.held_weights = probs  # GPT2Block keeps its attention weights to the block's end
+            return probs @ v  # (B, nh, T, hs)
         sink = self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(q.size(0), -1, T, 1)
         probs = F.softmax(torch.cat((scores, sink), dim=-1), dim=-1)  # (B, nh, T, S + 1)
         return probs[..., :-1] @ v  # the sink takes probability mass, and adds no value
@@ -456,7 +463,9 @@ class Block(nn.Module):
             x = x + self.ln_post_attn(self.attn(self.ln_1(x), rope, kv_cache, start, mask))
             return x + self.ln_post_mlp(self.mlp(self.ln_2(x)))
         x = x + self.attn(self.ln_1(x), rope, kv_cache, start, mask)
-        return x + self.mlp(self.ln_2(x))
+        x = x + self.mlp(self.ln_2(x))
+        self.attn.held_weights = None
+        return x
 
 
 @dataclass
