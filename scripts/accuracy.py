@@ -176,11 +176,11 @@ MEASURED_KEYS = ["model", "workload", "seq", "batch", "dtype", "precision", "rec
 def cause(row: dict) -> str:
     """Why the transformers model and the reference one differ on a configuration (known causes;
     see docs/accuracy.md)."""
-    if row["model"].startswith("gpt2") and row["workload"] == "lora":
-        return ("GPT-2's q, k, v are one fused matrix (c_attn): peft adapts it with one adapter "
-                "(input saved once) where the reference has three")
     if row["model"].startswith("gpt2"):
-        return "GPT-2's Conv1D (addmm on a fused qkv) frees its backward temporaries in another order"
+        return ("GPT-2's q, k, v are one fused matrix (c_attn): what keeps q (saved by sdpa, or the "
+                "prefill's attention) keeps its whole (t, 3h) output, where the reference's separate "
+                "q, k, v let K and V go once the cache holds their copies; peft adapts c_attn with one "
+                "adapter")
     if row["recompute"] == "full":
         return "transformers' checkpointing passes the RoPE tables into every block and keeps them per block"
     return "not explained yet"

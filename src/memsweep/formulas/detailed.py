@@ -307,7 +307,9 @@ PER_LAYER_TERMS = np.array([n.startswith("L") for n in BASIS])
 
 RECOMPUTE_MLP_TENSORS = {True: 6.0, False: 4.0}
 """t*f tensors alive in the recomputed block's MLP backward, saved ones and gradients together:
-SwiGLU 6 (gate, up, act, product and two gradients), GELU 4 (fc out, act and two gradients)."""
+SwiGLU 6 (gate, act and up saved, and the product's gradient with the two it makes; measured the
+same with or without the product saved, i.e. full training or LoRA), GELU 4 (fc out, act and two
+gradients)."""
 HEAD_TERMS = np.array([n in ("th", "tV", "Vh") for n in BASIS])
 FFN_TERM = np.array([n == "Ltf" for n in BASIS])
 EXT_HEAD_TERMS = np.array([n in ("th_ln", "t_ln") for n in EXT_BASIS])
@@ -333,11 +335,14 @@ def _recompute_block(c: Columns) -> tuple[Array, Array, Array, Array]:
     one_layer = ((SAVED[none_idx] * b * (PER_LAYER_TERMS & ~FFN_TERM)).sum(axis=-1)
                  + ext_saved_bytes(c, none_idx, EXT_LAYER_TERMS)) / c.layers
     eager = (c.eager_attention == 1) & (c.recompute_selective == 0)
-    # the MLP's saved t*f tensors (the table's, e.g. GPT-2's gelu_new keeps four, fp32 under
-    # autocast) and the two gradients alive in its backward; an MoE block (in an MoE model) runs
-    # t*k token copies (+ shared) and holds `RECOMPUTE_MLP_TENSORS` of them
-    dense = (SAVED[none_idx] * b * FFN_TERM).sum(axis=-1) / c.layers + 2.0 * c.batch * c.seq * c.ffn * compute_bytes(c) / c.tp
+    # the MLP backward: `RECOMPUTE_MLP_TENSORS` t*f tensors in the compute dtype (SwiGLU: gate, act
+    # and up saved, and the three gradients of the product's backward, whether or not the product
+    # itself is saved), or, when more, the table's saved t*f bytes and two gradients (GPT-2's
+    # gelu_new keeps four tensors, fp32 under autocast); an MoE block (in an MoE model) runs t*k
+    # token copies (+ shared)
     n_ffn = np.where(c.gated_mlp == 1, RECOMPUTE_MLP_TENSORS[True], RECOMPUTE_MLP_TENSORS[False])
+    table = (SAVED[none_idx] * b * FFN_TERM).sum(axis=-1) / c.layers + 2.0 * c.batch * c.seq * c.ffn * compute_bytes(c) / c.tp
+    dense = np.maximum(n_ffn * c.batch * c.seq * c.ffn * compute_bytes(c) / c.tp, table)
     width = c.experts_per_token * c.expert_ffn + c.shared_ffn
     mlp = np.where(c.moe_layers > 0, n_ffn * c.batch * c.seq * width * compute_bytes(c) / c.tp, dense)
     softmax = np.where(eager, one_layer + softmax_backward_bytes(c), 0.0)
