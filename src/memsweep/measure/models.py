@@ -177,7 +177,7 @@ class Attention(nn.Module):
         self.selective = opts.recompute == "selective"
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
-                kv_cache: tuple[Tensor, Tensor] | None, start: int,
+                kv_cache: tuple[KVCache, int] | None, start: int,
                 mask: Tensor | None = None) -> Tensor:
         """`mask`: a (T, S) sliding-window mask shared by the local layers of one forward."""
         B, T, _ = x.shape
@@ -224,7 +224,7 @@ class Attention(nn.Module):
         return cache.append(i, k, v)  # (B, nkv, S, hs)
 
     def _mla_qkv(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
-                 kv_cache: tuple[Tensor, Tensor] | None, start: int) -> tuple[Tensor, Tensor, Tensor]:
+                 kv_cache: tuple[KVCache, int] | None, start: int) -> tuple[Tensor, Tensor, Tensor]:
         B, T, _ = x.shape
         nope = self.head_dim - self.rope_dim
         q = self.q_b(self.q_a_norm(self.q_a(x))) if self.q_lora_rank else self.q(x)  # (B, T, nh*hs)
@@ -448,7 +448,7 @@ class Block(nn.Module):
         self.post_norm = spec.family == "bert"  # BERT normalises after each residual add
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
-                kv_cache: tuple[Tensor, Tensor] | None, start: int,
+                kv_cache: tuple[KVCache, int] | None, start: int,
                 mask: Tensor | None = None) -> Tensor:
         if self.post_norm:
             x = self.ln_1(x + self.attn(x, rope, kv_cache, start))
