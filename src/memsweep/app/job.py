@@ -97,6 +97,10 @@ def with_measurement(spec: JobSpec, rows: list[dict[str, Any]], job_num: int) ->
     return [{**r, **fields, **{k: v for k, v in counted.items() if r.get(k) is None}} for r in rows]
 
 
+DONE = {"ok", "unsupported"}
+"""Statuses of a finished job's rows: `unsupported` is a measured model no formula models."""
+
+
 def finished(out_dir: Path, jid: str) -> bool:
     """This job's rows are already here, all ok (a resumed sweep skips it)."""
     part = out_dir / PART_NAME
@@ -107,10 +111,6 @@ def finished(out_dir: Path, jid: str) -> bool:
     except Exception:  # a corrupt part: run the job again
         return False
     return done.height > 0 and set(done["job_id"]) == {jid} and set(done["status"]) <= DONE
-
-
-DONE = {"ok", "unsupported"}
-"""Statuses of a finished job's rows: `unsupported` is a measured model no formula models."""
 
 
 SWEEP_PID_ENV = "MEMSWEEP_SWEEP_PID"

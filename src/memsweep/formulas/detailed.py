@@ -349,16 +349,17 @@ def _recompute_block(c: Columns) -> tuple[Array, Array, Array, Array]:
     return kept, checkpoints, one_layer + mlp, softmax
 
 
-def full_recompute_layer_bytes(c: Columns) -> Array:
+def full_recompute_layer_bytes(c: Columns, block: tuple[Array, ...] | None = None) -> Array:
     """Full recompute, in the backward of the last block (the first one back-propagated): every
     checkpoint and the block's larger moment (`_recompute_block`), with the LM head's weight
     gradient the only one made yet (the final norm, logits and head cast are freed by then)."""
-    kept, _, mlp, softmax = _recompute_block(c)
+    kept, _, mlp, softmax = block or _recompute_block(c)
     head_grad = (1 - c.lora) * (1 - c.tied_embeddings) * c.vocab * c.hidden * trainable_bytes(c) / c.tp
     return kept + np.maximum(mlp, softmax) + head_grad
 
 
-def full_recompute_first_block(c: Columns) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+def full_recompute_first_block(c: Columns, block: tuple[Array, ...] | None = None
+                               ) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
     """Full recompute, in the backward of the first block (the last one back-propagated): one
     checkpoint is left (the embedding's output), and every other layer's weight gradient is made:
     when a layer's gradients outweigh its checkpoint (full training of any usual size) these are
@@ -366,7 +367,7 @@ def full_recompute_first_block(c: Columns) -> tuple[tuple[Array, Array], tuple[A
     softmax backward.) Gradients not made yet: the untied input embedding's and the block's own
     but its MLP's down projection (at the MLP moment), or those of its q, k, v and first norm (at
     the softmax moment; its MLP, second norm and o_proj are done by then)."""
-    kept, checkpoints, mlp, softmax = _recompute_block(c)
+    kept, checkpoints, mlp, softmax = block or _recompute_block(c)
     first_kept = kept - checkpoints * (c.layers - 1) / c.layers
     updated = np.maximum(updated_params(c), 1.0)
     embedding = (1 - c.tied_embeddings) * embedding_params(c)
@@ -395,14 +396,15 @@ def fp32_softmax(c: Columns) -> Array:
     return c.family == FAMILY_CODES["llama"]
 
 
-def eager_backward_bytes(c: Columns) -> Array:
+def eager_backward_bytes(c: Columns, saved: Array | None = None) -> Array:
     """Eager training, softmax backward of the last layer: everything saved (but the freed
     log-softmax) plus the b*a*s^2 gradients alive there: `EAGER_BACKWARD_SCORE_TENSORS` in the
     compute dtype, or with an fp32 softmax the fp32 gradient of the probabilities and the
     16-bit gradient of the scores it makes. A model, not a fit."""
     eager = (c.eager_attention == 1) & (c.recompute_selective == 0) & (c.recompute_full == 0)
     grads = softmax_backward_bytes(c)
-    return np.where(eager, saved_activations_bytes(c) - c.batch * c.seq * c.vocab * FP32 + grads, 0.0)
+    saved = saved_activations_bytes(c) if saved is None else saved
+    return np.where(eager, saved - c.batch * c.seq * c.vocab * FP32 + grads, 0.0)
 
 
 def softmax_backward_bytes(c: Columns) -> Array:
@@ -433,8 +435,7 @@ def final_hidden_bytes(c: Columns) -> Array:
     not under mixed precision (it saves a 16-bit cast of the fp32 state) nor with LoRA (a frozen
     head saves no input)."""
     on = (c.training == 1) & (c.final_norm == 1) & ((c.mixed == 1) | (c.lora == 1))
-    hidden_dtype = np.where((c.mixed == 1) & (c.lora == 0), FP32, compute_bytes(c))
-    return np.where(on, c.batch * c.seq * c.hidden * hidden_dtype, 0.0)
+    return np.where(on, c.batch * c.seq * c.hidden * hidden_bytes(c), 0.0)
 
 
 def autocast_cache_bytes(c: Columns) -> Array:
@@ -585,7 +586,9 @@ def peak_breakdown(c: Columns, k: DetailedConstants) -> Breakdown:
     inputs = 16.0 * c.batch * c.seq  # token ids and targets (int64)
     act = k.activations_factor
     lg = k.logits_factor
-    saved = act * saved_activations_bytes(c)
+    saved_bytes = saved_activations_bytes(c)  # each computed once: the planner evaluates millions of rows
+    saved = act * saved_bytes
+    block = _recompute_block(c)
     moments = [
         Breakdown.of(w, weights=w, optimizer=o,
                      activations=saved + act * (autocast_cache_bytes(c) + train_cache_bytes(c)
@@ -593,12 +596,13 @@ def peak_breakdown(c: Columns, k: DetailedConstants) -> Breakdown:
                      logits=lg * live_logits_bytes(c), overhead=overhead),
         Breakdown.of(w, weights=w, optimizer=o, activations=saved, logits=lg * logits_gradient_bytes(c),
                      overhead=overhead),
-        Breakdown.of(w, weights=w, optimizer=o, activations=act * full_recompute_layer_bytes(c) * c.recompute_full,
+        Breakdown.of(w, weights=w, optimizer=o, activations=act * full_recompute_layer_bytes(c, block) * c.recompute_full,
                      overhead=overhead),
         *(Breakdown.of(w, weights=w, optimizer=o, gradients=k.gradients_factor * grads * c.recompute_full,
                        activations=act * first * c.recompute_full, overhead=overhead)
-          for grads, first in full_recompute_first_block(c)),
-        Breakdown.of(w, weights=w, optimizer=o, activations=act * eager_backward_bytes(c), overhead=overhead),
+          for grads, first in full_recompute_first_block(c, block)),
+        Breakdown.of(w, weights=w, optimizer=o, activations=act * eager_backward_bytes(c, saved_bytes),
+                     overhead=overhead),
         Breakdown.of(w, weights=w, optimizer=o + k.optimizer_factor * optimizer_step_temporary_bytes(c),
                      gradients=g, activations=np.full_like(w, 1.0) * inputs, overhead=overhead),
     ]

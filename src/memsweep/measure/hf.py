@@ -32,6 +32,7 @@ import contextlib
 
 import torch
 
+from memsweep.measure.models import as_a_decode_step_leaves_it, new_tokens
 from memsweep.measure.tracker import StorageTracker
 from memsweep.measure.workloads import (
     Prepared, Unmeasurable, _NoTracker, check_single_gpu, storage_dtypes, train_step,
@@ -347,18 +348,14 @@ def _jump(cache, tokens: int) -> None:
     """Append `tokens` positions to every layer of a DynamicCache, as decoding them would."""
     for layer in cache.layers:
         k, v = layer.keys, layer.values
-        b, h = k.size(0), k.size(1)  # the new tokens as stride-0 views: no storage of their own
-        k_new = k.new_zeros(b, h, 1, k.size(3)).expand(b, h, tokens, k.size(3))
-        v_new = v.new_zeros(b, h, 1, v.size(3)).expand(b, h, tokens, v.size(3))
+        k_new, v_new = new_tokens(k, 2, tokens), new_tokens(v, 2, tokens)
         del k, v  # no local names for the old tensors: they die when the layer replaces them
         layer.update(k_new, v_new)
         del k_new, v_new
         window = getattr(layer, "sliding_window", None)
         if window and layer.keys.size(2) == window - 1:
-            # a decode step leaves its window-token concatenation viewed as the last window - 1
-            # tokens (DynamicSlidingWindowLayer.update): the same storage, not the jump's longer one
-            layer.keys = torch.cat((layer.keys[:, :, :1], layer.keys), dim=2)[:, :, 1:]
-            layer.values = torch.cat((layer.values[:, :, :1], layer.values), dim=2)[:, :, 1:]
+            layer.keys = as_a_decode_step_leaves_it(layer.keys, 2)
+            layer.values = as_a_decode_step_leaves_it(layer.values, 2)
 
 
 def _inference(spec: JobSpec, model, cfg, ids: torch.Tensor, tracker, tf, last_decode_only: bool = False) -> Prepared:

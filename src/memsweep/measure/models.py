@@ -517,22 +517,30 @@ class KVCache:
         tokens are stride-0 views with no storage of their own."""
         for i in range(len(self.k)):
             dim = 1 if self.k[i].dim() == 3 else 2
-
-            def block(t: Tensor) -> Tensor:
-                shape = list(t.shape)
-                shape[dim] = 1
-                return t.new_zeros(shape).expand(*[tokens if d == dim else n for d, n in enumerate(shape)])
             has_v = self.v[i].numel() > 0  # (no local names for the old tensors: they die when replaced)
-            self.append(i, block(self.k[i]), block(self.v[i]) if has_v else self.v[i], dim)
-            keep = self.windows[i] - 1
-            if self.windows[i] and self.k[i].size(dim) == keep:
-                # a decode step leaves its window-token concatenation viewed as its last window - 1
-                # tokens: the same storage, not the jump's longer one
-                self.k[i] = torch.cat((self.k[i].narrow(dim, 0, 1), self.k[i]), dim=dim).narrow(dim, 1, keep)
+            self.append(i, new_tokens(self.k[i], dim, tokens),
+                        new_tokens(self.v[i], dim, tokens) if has_v else self.v[i], dim)
+            if self.windows[i] and self.k[i].size(dim) == self.windows[i] - 1:
+                self.k[i] = as_a_decode_step_leaves_it(self.k[i], dim)
                 if has_v:
-                    self.v[i] = torch.cat((self.v[i].narrow(dim, 0, 1), self.v[i]), dim=dim).narrow(dim, 1, keep)
+                    self.v[i] = as_a_decode_step_leaves_it(self.v[i], dim)
                 self._tag(i)
         self.length += tokens
+
+
+def new_tokens(t: Tensor, dim: int, tokens: int) -> Tensor:
+    """`tokens` positions shaped like `t` along `dim`, as a stride-0 view: no storage of their own
+    (a cache jump appends them in one concatenation, as decoding them would)."""
+    shape = list(t.shape)
+    shape[dim] = 1
+    return t.new_zeros(shape).expand(*[tokens if d == dim else n for d, n in enumerate(shape)])
+
+
+def as_a_decode_step_leaves_it(t: Tensor, dim: int) -> Tensor:
+    """A sliding layer's cached tokens as a decode step leaves them: its (window)-token
+    concatenation viewed as the last window - 1 tokens (DynamicSlidingWindowLayer.update), the
+    same storage size, not a jump's longer one."""
+    return torch.cat((t.narrow(dim, 0, 1), t), dim=dim).narrow(dim, 1, t.size(dim))
 
 
 class ReferenceModel(nn.Module):
