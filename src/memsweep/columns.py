@@ -85,6 +85,32 @@ class Columns:
     # optimizer
     optimizer_states: Array  # state tensors per trainable parameter: adam 2, momentum 1, sgd 0
     foreach: Array
+    # techniques (issue 13; formulas/techniques.py)
+    opt_8bit: Array  # bitsandbytes' block-wise 8-bit states (adamw8bit, paged_adamw8bit)
+    opt_lion: Array  # Lion: one fp32 momentum (bitsandbytes' 32-bit kernel)
+    opt_adafactor: Array  # factored second moments (transformers' Adafactor)
+    opt_first_moment: Array  # adafactor with beta1
+    in_backward: Array  # step each parameter in the backward (no gradient set)
+    loss_chunks: Array  # torchtune's chunked output + loss (1: one cross_entropy)
+    fused_loss: Array  # Liger's fused linear cross-entropy
+    q_bits: Array  # bits per element of the frozen block matrices (0: not quantized)
+    q_group: Array  # elements per quantization group (0: none)
+    q_group_bytes: Array  # bytes per group: scales (+ zero points)
+    q_in_bytes: Array  # bytes per input row of each matrix (GPTQ's g_idx)
+    q_out_bytes: Array  # bytes per output row (LLM.int8()'s fp32 row scale)
+    kv_bytes: Array  # KV cache bytes per element (0: the compute dtype)
+    prefill_all_logits: Array  # inference prefill keeps every position's logits, fp32
+    offload_optimizer: Array  # optimizer states, fp32 master and gradients in CPU RAM
+    offload_params: Array  # the 16-bit parameters too, gathered per layer
+    offload_activations: Array  # checkpoints in pinned CPU memory
+    grad_accum: Array  # micro-batches per optimizer step
+    param_policy: Array  # mixed precision computes with 16-bit parameters (FSDP2 / DeepSpeed), no autocast
+    serve: Array  # a serving engine (vLLM): paged KV cache in what the rest leaves
+    block_size: Array
+    gpu_util: Array
+    max_batched_tokens: Array
+    max_seqs: Array
+    graph_bytes: Array
     # activation memory choices
     recompute_selective: Array
     recompute_full: Array
@@ -117,7 +143,7 @@ class Columns:
         unknown = set(arrays) - {f.name for f in fields(cls)}
         if unknown:
             raise TypeError(f"unknown columns: {sorted(unknown)}")
-        defaults = {"tp": 1.0, "pp": 1.0, "dp": 1.0, "ep": 1.0, "block_norms": 2.0,
+        defaults = {"tp": 1.0, "pp": 1.0, "dp": 1.0, "ep": 1.0, "block_norms": 2.0, "loss_chunks": 1.0, "grad_accum": 1.0,
                     "v_head_dim": arrays.get("head_dim", 0.0),
                     "rope_dim": np.where(np.asarray(arrays.get("learned_positions", 0.0)) == 1, 0.0,
                                          arrays.get("head_dim", 0.0)),
@@ -175,11 +201,36 @@ def _spec_values(spec: JobSpec) -> dict[str, float]:
         **{f"lora_{t}": t in targets for t in ("q", "k", "v", "o", "gate", "up", "down")},
         "dtype_bytes": spec.dtype_bytes, "mixed": spec.mixed,
         "optimizer_states": o.states_per_param, "foreach": o.impl == "foreach",
+        **technique_values(spec),
         "recompute_selective": spec.recompute == "selective",
         "recompute_full": spec.recompute == "full",
         "eager_attention": spec.attention == "eager",
         "tp": p.tp, "pp": p.pp, "dp": p.dp, "zero": p.zero,
         "sequence_parallel": p.sequence_parallel, "ep": p.ep,
+    }
+
+
+def technique_values(spec: JobSpec) -> dict[str, float]:
+    """The technique columns of one job (formulas/techniques.py reads them)."""
+    from memsweep.formulas.techniques import quant_layout  # the byte layouts live with their formulas
+
+    o, w = spec.optimizer, spec.workload
+    bits, group, group_bytes, in_bytes, out_bytes = quant_layout(spec.quant, spec.quant_group, w.double_quant)
+    serve = w.kind == "serve"
+    return {
+        "opt_8bit": o.name in ("adamw8bit", "paged_adamw8bit"), "opt_lion": o.name == "lion",
+        "opt_adafactor": o.name == "adafactor", "opt_first_moment": o.first_moment,
+        "in_backward": o.in_backward and w.training,
+        "loss_chunks": spec.loss.chunks, "fused_loss": spec.loss.fused,
+        "q_bits": bits, "q_group": group, "q_group_bytes": group_bytes, "q_in_bytes": in_bytes,
+        "q_out_bytes": out_bytes, "kv_bytes": spec.kv_bytes if spec.kv_dtype != "auto" else 0.0,
+        "prefill_all_logits": w.prefill_logits == "all", "serve": serve,
+        "offload_optimizer": spec.offload.optimizer, "offload_params": spec.offload.params,
+        "offload_activations": spec.offload.activations, "grad_accum": spec.grad_accum,
+        # DeepSpeed's offload runs the model in 16 bits, its fp32 master on the CPU
+        "param_policy": spec.mixed and (spec.mixed_policy == "param_dtype" or spec.offload.optimizer),
+        "block_size": w.block_size, "gpu_util": w.gpu_util, "max_batched_tokens": w.max_batched_tokens,
+        "max_seqs": w.max_seqs, "graph_bytes": w.graph_mib * 2**20,
     }
 
 
@@ -260,6 +311,34 @@ def linear_elements(c: Columns) -> Array:
     """Weight elements of every layer's matrices (what autocast copies to 16-bit)."""
     return (c.layers * attention_matrices(c) + (c.layers - c.moe_layers) * mlp_matrices(c, c.ffn)
             + c.moe_layers * moe_matrices(c))
+
+
+def matrix_sides(c: Columns) -> tuple[Array, Array, Array]:
+    """Every block's weight matrices (the ones quantization stores), summed over the layers:
+    (elements, input rows: sum of d_in, output rows: sum of d_out). Routers (h x E) excluded:
+    GPTQ / AWQ / bitsandbytes keep them 16-bit, as the norms."""
+    h, q, kv, dv = c.hidden, q_width(c), c.kv_heads * c.head_dim, c.heads * c.v_head_dim
+    qlr, klr, nope = c.q_lora_rank, c.kv_lora_rank, c.head_dim - c.rope_head_dim
+    mla = c.mla == 1
+    # attention (d_in, d_out): q, k, v, o; MLA: q_a + q_b (or q), kv_a, kv_b, o
+    a_in = np.where(mla, np.where(qlr > 0, h + qlr, h) + h + klr, 3 * h) + dv
+    a_out = np.where(mla, np.where(qlr > 0, qlr + q, q) + klr + c.rope_head_dim
+                     + c.heads * (nope + c.v_head_dim), q + 2 * kv) + h
+    n_mlp = np.where(c.gated_mlp == 1, 2.0, 1.0)  # (gate,) up: h -> f; down: f -> h
+
+    def mlp(f: Array) -> tuple[Array, Array]:
+        return n_mlp * h + f, n_mlp * f + h
+
+    d_in, d_out = mlp(c.ffn)
+    e_in, e_out = mlp(c.expert_ffn)
+    s_in, s_out = mlp(c.shared_ffn)
+    shared = c.shared_ffn > 0
+    moe_in = c.experts * e_in + np.where(shared, s_in, 0.0)
+    moe_out = c.experts * e_out + np.where(shared, s_out, 0.0)
+    dense = c.layers - c.moe_layers
+    elements = linear_elements(c) - c.moe_layers * c.experts * h
+    return (elements, c.layers * a_in + dense * d_in + c.moe_layers * moe_in,
+            c.layers * a_out + dense * d_out + c.moe_layers * moe_out)
 
 
 def mlp_params_total(c: Columns) -> Array:

@@ -12,6 +12,7 @@ import numpy as np
 from memsweep.columns import Columns, active_params, base_params, model_values, trainable_params
 from memsweep.errors import ConfigError
 from memsweep.formulas import TERMS, Formula
+from memsweep.formulas.detailed import peak_breakdown
 from memsweep.specs import JobSpec, ModelSpec
 from memsweep.units import GIB
 
@@ -33,7 +34,63 @@ def job_fields(spec: JobSpec, cols: Columns | None) -> dict[str, Any]:
         "hardware": hw.name, "hardware_bytes": hw.usable_bytes,
         "gen_tokens": spec.gen_tokens, "lora_rank": w.lora_rank if w.kind == "lora" else 0,
         "spec_json": json.dumps(spec.to_dict(), sort_keys=True),
+        "quant": spec.quant, "loss_chunks": spec.loss.chunks, "fused_loss": spec.loss.fused,
+        "in_backward": o.in_backward, "kv_dtype": spec.kv_dtype, "grad_accum": spec.grad_accum,
+        "mixed_policy": spec.mixed_policy if spec.mixed else None,
+        "offload": "+".join(k for k in ("optimizer", "params", "activations") if getattr(spec.offload, k)) or "none",
+        "capacity_bytes": capacity_bytes(spec),
     }
+
+
+def techniques_of(spec: JobSpec) -> list[str]:
+    """The techniques of issue 13 a job uses, by name (the seed formulas model none of them: their
+    rows say so instead of answering for a plain AdamW step)."""
+    o, w, loss = spec.optimizer, spec.workload, spec.loss
+    used = [f"optimizer={o.name}"] if o.name not in ("adamw", "adam", "sgd", "sgd_momentum") else []
+    used += ["optimizer.in_backward"] if o.in_backward and w.training else []
+    used += [f"loss.chunks={loss.chunks}"] if loss.chunks != 1 else []
+    used += ["loss.fused"] if loss.fused else []
+    used += [f"workload.quant={w.quant}"] if w.quant != "none" else []
+    used += [f"kv_dtype={spec.kv_dtype}"] if spec.kv_dtype != "auto" else []
+    used += ["workload.prefill_logits=all"] if w.prefill_logits == "all" else []
+    used += ["workload=serve"] if w.kind == "serve" else []
+    used += [f"offload.{k}" for k in ("optimizer", "params", "activations") if getattr(spec.offload, k)]
+    used += [f"grad_accum={spec.grad_accum}"] if spec.grad_accum != 1 else []
+    used += ["mixed_policy=param_dtype"] if spec.mixed and spec.mixed_policy != "autocast" else []
+    return used
+
+
+def capacity_bytes(spec: JobSpec) -> int:
+    """What a job may use: the GPU's memory less its reserve; a serving engine takes `gpu_util` of
+    the memory (vLLM's `requested_memory`), the reserve (CUDA context, cuBLAS, NCCL: vLLM's
+    non-torch memory) inside it."""
+    hw = spec.hardware
+    if spec.workload.kind == "serve":
+        return int(math.ceil(spec.workload.gpu_util * hw.memory_bytes)) - hw.reserved_mib * 2**20
+    return hw.usable_bytes
+
+
+def serve_fields(spec: JobSpec, cols: Columns, b) -> dict[str, Any]:
+    """Inference and serving: KV bytes per token; serving: the tokens the paged cache holds in what
+    weights, activations and graphs leave of the capacity, in whole blocks, and how many sequences
+    of `seq` tokens that is (vLLM's "Maximum concurrency")."""
+    from memsweep.formulas.detailed import serve_kv_sequence_bytes, serve_kv_token_bytes
+
+    from memsweep.formulas.detailed import cpu_bytes
+
+    if spec.workload.training:
+        return {"cpu_bytes": int(round(float(cpu_bytes(cols)[0])))}
+    if not spec.model.decoder:
+        return {}
+    out = {"kv_bytes_per_token": int(round(float(serve_kv_token_bytes(cols)[0])))}
+    if spec.workload.kind != "serve":
+        return out
+    free = capacity_bytes(spec) - float((b.total - b.kv_cache)[0])
+    block = spec.workload.block_size
+    per_token = float(serve_kv_token_bytes(cols)[0])
+    blocks = max(0, int(free // (per_token * block)))
+    per_seq = float(serve_kv_sequence_bytes(cols)[0])
+    return {**out, "kv_tokens": blocks * block, "max_concurrent_seqs": max(0, int(free // per_seq))}
 
 
 def model_summary(m: ModelSpec) -> dict[str, int]:
@@ -78,8 +135,13 @@ def estimate_rows(spec: JobSpec, formulas: Sequence[Formula]) -> list[dict[str, 
     for column in ("params", "active_params", "trainable_params", "hardware_bytes"):
         check_representable(spec, column, float(base[column]))
     rows = []
+    used = techniques_of(spec)
     for formula in formulas:
         row = {**base, "formula": formula.name}
+        if used and formula.evaluate is not peak_breakdown:
+            rows.append({**row, "status": "unsupported",
+                         "error": f"formula {formula.name}: models none of {', '.join(used)} (detailed does)"})
+            continue
         try:
             with np.errstate(over="ignore", invalid="ignore"):  # overflow is checked right below
                 b = formula(cols)
@@ -90,7 +152,9 @@ def estimate_rows(spec: JobSpec, formulas: Sequence[Formula]) -> list[dict[str, 
             exact = {column: int(round(terms[column])) for column in terms}
             total = sum(exact.values())
             row.update(exact, total_bytes=total, total_gib=total / GIB,
-                       fits=total <= spec.hardware.usable_bytes, status="ok")
+                       fits=total <= base["capacity_bytes"], status="ok")
+            if formula.evaluate is peak_breakdown:
+                row.update(serve_fields(spec, cols, b))
         except ConfigError:
             raise
         except Exception as exc:  # one broken formula must not lose the others' rows

@@ -24,7 +24,7 @@ import polars as pl
 
 from memsweep.units import GIB, MIB
 
-SCHEMA_VERSION = 4
+SCHEMA_VERSION = 5
 PART_NAME = "rows.parquet"
 RESULTS_NAME = "results.parquet"
 
@@ -94,6 +94,20 @@ SCHEMA: dict[str, pl.DataType] = {
     # --- schema 4: any architecture (issue 10) ---
     "active_params": pl.Int64(),   # parameters one token runs through (MoE: top-k experts, not all)
     "ep": pl.Int64(),              # expert parallelism
+    # --- schema 5: the techniques of real stacks (issue 13) ---
+    "quant": pl.String(),          # the frozen weights' format: none, nf4, fp4, int8, gptq, awq
+    "loss_chunks": pl.Int64(),     # torchtune's chunked loss (1: one cross_entropy)
+    "fused_loss": pl.Boolean(),    # Liger's fused linear cross-entropy
+    "in_backward": pl.Boolean(),   # optimizer stepped inside the backward
+    "kv_dtype": pl.String(),       # the KV cache's element type (auto: the compute dtype)
+    "kv_bytes_per_token": pl.Int64(),    # inference / serve: KV cache bytes per token, all layers
+    "kv_tokens": pl.Int64(),             # serve: tokens the paged KV cache holds (vLLM's "GPU KV cache size")
+    "max_concurrent_seqs": pl.Int64(),   # serve: sequences of `seq` tokens the cache holds at once
+    "capacity_bytes": pl.Int64(),        # what `fits` compares the total with (serve: gpu_util x memory - reserve)
+    "cpu_bytes": pl.Int64(),             # training: CPU RAM a rank needs for what it offloads
+    "offload": pl.String(),              # none, or what lives in CPU RAM: optimizer, params, activations
+    "grad_accum": pl.Int64(),            # micro-batches per optimizer step
+    "mixed_policy": pl.String(),         # mixed precision: autocast | param_dtype (null when not mixed)
 }
 
 _PY_TYPES: dict[type, tuple[type, ...]] = {
@@ -339,7 +353,8 @@ def collect(root: Path, write: bool = True) -> Collected:
 # --- the printed summary ------------------------------------------------------------------
 
 PIVOT_KEYS = ("batch", "workload", "precision", "optimizer", "recompute", "attention", "hardware",
-              "tp", "pp", "dp", "zero")
+              "tp", "pp", "dp", "zero", "quant", "loss_chunks", "fused_loss", "in_backward", "kv_dtype",
+              "offload", "grad_accum", "mixed_policy")
 
 
 def shown(table: pl.DataFrame) -> pl.DataFrame:
@@ -374,6 +389,11 @@ def pivot_memory(table: pl.DataFrame, model: str) -> tuple[pl.DataFrame, str]:
         measured = ok.group_by(index, maintain_order=True).agg(
             (pl.col("measured_peak_bytes").first() / scale).alias(f"measured ({backend})"))
         wide = wide.join(measured, on=index, how="left", nulls_equal=True)
+    served = ok.filter(pl.col("max_concurrent_seqs").is_not_null())
+    if served.height:  # a serving engine's answer: how many sequences of `seq` tokens its cache holds
+        engine = served.group_by(index, maintain_order=True).agg(
+            pl.col("kv_tokens").first(), pl.col("max_concurrent_seqs").first().alias("concurrent seqs"))
+        wide = wide.join(engine, on=index, how="left", nulls_equal=True)
     return wide.sort(index), unit
 
 
@@ -392,10 +412,16 @@ def summarize(collected: Collected, out=sys.stdout) -> None:
         print(f"skipped part: {part}: {why}", file=out)
     if collected.jobs_without_rows:
         print(f"jobs without rows (interrupted?): {len(collected.jobs_without_rows)}", file=out)
-    unmodelled = t.filter(pl.col("status") == "unsupported").unique("job_id", maintain_order=True)
+    unsupported = t.filter(pl.col("status") == "unsupported")
+    unmodelled = unsupported.filter(pl.col("family") == "hf").unique("job_id", maintain_order=True)
     if unmodelled.height:
         models = ", ".join(unmodelled["model"].unique(maintain_order=True).to_list())
         print(f"  {unmodelled.height} job(s) of models no formula models ({models}): measured only", file=out)
+    techniques = unsupported.filter(pl.col("family") != "hf")
+    if techniques.height:
+        names = ", ".join(techniques["formula"].unique(maintain_order=True).to_list())
+        print(f"  {techniques.height} row(s) of {names}: a technique they do not model (detailed does; "
+              "see the error column)", file=out)
     errors = t.filter(~pl.col("status").is_in(["ok", "unsupported"])).unique("job_id", maintain_order=True)
     for row in errors.head(5).iter_rows(named=True):
         print(f"  job {row['job_num']}: {row['status']}: {row['error']}", file=out)

@@ -14,8 +14,8 @@ from memsweep.errors import ConfigError
 from memsweep.units import DTYPE_BYTES, MIB, SWEEP_DTYPES, TRAIN_DTYPES
 
 Family = Literal["gpt2", "llama", "bert", "hf"]
-WorkloadKind = Literal["train", "inference", "lora"]
-OptimizerName = Literal["adamw", "adam", "sgd", "sgd_momentum"]
+WorkloadKind = Literal["train", "inference", "lora", "serve"]
+OptimizerName = Literal["adamw", "adam", "sgd", "sgd_momentum", "adamw8bit", "paged_adamw8bit", "adafactor", "lion"]
 Recompute = Literal["none", "selective", "full"]
 Attention = Literal["eager", "sdpa"]
 PrecisionMode = Literal["mixed", "pure"]
@@ -29,16 +29,29 @@ MLA_CACHES = ("latent", "expanded")
 LAYER_KINDS = ("global", "local")
 GATED_MLPS = ("swiglu", "geglu")
 POSITIONS = ("learned", "rope")
-WORKLOADS = ("train", "inference", "lora")
-OPTIMIZERS = ("adamw", "adam", "sgd", "sgd_momentum")
+WORKLOADS = ("train", "inference", "lora", "serve")
+OPTIMIZERS = ("adamw", "adam", "sgd", "sgd_momentum", "adamw8bit", "paged_adamw8bit", "adafactor", "lion")
+BNB_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "lion")
+"""bitsandbytes' optimizers: fused CUDA kernels (`optimizer.impl=fused`)."""
 OPTIMIZER_IMPLS = ("foreach", "forloop", "fused")
 RECOMPUTES = ("none", "selective", "full")
 ATTENTIONS = ("eager", "sdpa")
 PRECISIONS = ("mixed", "pure")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
 
-# Optimizer state tensors kept per trainable parameter (Adam: m and v; momentum: one buffer).
-OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd_momentum": 1}
+# Optimizer state tensors kept per trainable parameter (Adam: m and v; momentum: one buffer; 8-bit
+# AdamW: m and v in one byte each; Lion: one momentum; Adafactor: factored, see formulas/techniques.py).
+OPTIMIZER_STATES = {"adamw": 2, "adam": 2, "sgd": 0, "sgd_momentum": 1, "adamw8bit": 2,
+                    "paged_adamw8bit": 2, "adafactor": 0, "lion": 1}
+QUANT_METHODS = ("none", "nf4", "fp4", "int8", "gptq", "awq")
+"""Weight formats of a frozen base (inference, serving, QLoRA): bitsandbytes' 4-bit NF4 / FP4
+(QLoRA) and LLM.int8(), and GPTQ / AWQ int4 checkpoints (formulas/techniques.py)."""
+QUANT_DEFAULT_GROUP = {"nf4": 64, "fp4": 64, "gptq": 128, "awq": 128, "int8": 0}
+"""Elements per quantization scale: bitsandbytes' 4-bit blocksize 64 (Dettmers et al. 2023, sec. 3;
+`bnb_4bit` default), GPTQ / AWQ group_size 128 (the checkpoints people download); LLM.int8() has one
+scale per output row (0 here)."""
+KV_DTYPES = ("auto", "fp32", "fp16", "bf16", "fp8", "int8")
+MIXED_POLICIES = ("autocast", "param_dtype")
 
 
 def check_int(key: str, value: object, minimum: int = 1) -> None:
@@ -305,7 +318,8 @@ class ModelSpec:
 
 @dataclass(frozen=True)
 class Workload:
-    """What one job runs: a training step, LoRA fine-tuning step, or prefill + decode inference."""
+    """What one job runs: a training step, LoRA fine-tuning step, prefill + decode inference, or a
+    serving engine (`serve`: paged KV cache, chunked prefill, as vLLM runs)."""
 
     name: str
     kind: WorkloadKind
@@ -317,17 +331,57 @@ class Workload:
     """Training: the forward also fills a KV cache, held until the loss is computed (transformers'
     default, `use_cache=True`; it is off under gradient checkpointing). False: a model with
     `config.use_cache=False`. Inference always uses one."""
+    quant: str = "none"
+    """The frozen weights' format (inference, serve, and LoRA's base: QLoRA): none (the dtype),
+    nf4 / fp4 (bitsandbytes 4-bit), int8 (LLM.int8()), gptq / awq (int4 checkpoints). Block
+    matrices only; embeddings, lm_head, norms and routers stay 16-bit (formulas/techniques.py)."""
+    quant_group: int = 0
+    """Elements per scale; 0: the method's default (nf4/fp4 64, gptq/awq 128)."""
+    double_quant: bool = True
+    """nf4 / fp4: quantize the block scales too (QLoRA's double quantization)."""
+    prefill_logits: str = "last"
+    """Inference prefill: last (the last position's logits, transformers >= 4.45 `logits_to_keep`)
+    or all (the whole prompt's, upcast to fp32: older transformers and some servers)."""
+    # --- serve only (vLLM's engine arguments) -----------------------------------------------------
+    block_size: int = 0
+    """serve: tokens per KV-cache block (vLLM default 16)."""
+    gpu_util: float = 0.0
+    """serve: fraction of the GPU's memory the engine may use (vLLM `gpu_memory_utilization`, 0.9)."""
+    max_batched_tokens: int = 0
+    """serve: tokens per engine step, the chunked prefill's size (vLLM `max_num_batched_tokens`)."""
+    max_seqs: int = 0
+    """serve: sequences per engine step (vLLM `max_num_seqs`): the sampler's logits are this many rows."""
+    graph_mib: int = 0
+    """serve: CUDA graphs and workspaces beyond the activation peak, MiB (formulas/techniques.py)."""
 
     def __post_init__(self) -> None:
         check_label("workload.name", self.name)
         check_choice("workload.kind", self.kind, WORKLOADS)
         check_int("workload.gen_tokens", self.gen_tokens, minimum=0)
         check_bool("workload.use_cache", self.use_cache)
-        if self.kind == "inference" and not self.use_cache:
-            raise ConfigError("workload.use_cache", self.use_cache, "true for workload kind inference (decoding reads the cache)")
+        check_choice("workload.quant", self.quant, QUANT_METHODS)
+        check_int("workload.quant_group", self.quant_group, minimum=0)
+        check_bool("workload.double_quant", self.double_quant)
+        check_choice("workload.prefill_logits", self.prefill_logits, ("last", "all"))
+        if self.kind in ("inference", "serve") and not self.use_cache:
+            raise ConfigError("workload.use_cache", self.use_cache,
+                              f"true for workload kind {self.kind} (decoding reads the cache)")
         # a value the workload would ignore is refused: the row would not be what the user asked
         if self.kind != "inference" and self.gen_tokens:
             raise ConfigError("workload.gen_tokens", self.gen_tokens, f"0 for workload kind {self.kind} (inference only)")
+        if self.kind != "inference" and self.prefill_logits != "last":
+            raise ConfigError("workload.prefill_logits", self.prefill_logits,
+                              f"last for workload kind {self.kind} (an inference prefill's choice)")
+        if self.kind == "train" and self.quant != "none":
+            raise ConfigError("workload.quant", self.quant,
+                              "none for workload kind train (quantized weights are frozen: lora for QLoRA, "
+                              "inference or serve)")
+        if self.quant == "none" and self.quant_group:
+            raise ConfigError("workload.quant_group", self.quant_group, "0 without workload.quant")
+        if self.quant == "int8" and self.quant_group:
+            raise ConfigError("workload.quant_group", self.quant_group,
+                              "0 for workload.quant=int8 (LLM.int8() keeps one scale per output row)")
+        self._check_serve()
         if self.kind != "lora":
             if self.lora_rank != 0:
                 raise ConfigError("workload.lora_rank", self.lora_rank,
@@ -344,9 +398,78 @@ class Workload:
             if len(set(self.lora_targets)) != len(self.lora_targets):
                 raise ConfigError("workload.lora_targets", list(self.lora_targets), "distinct names")
 
+    def _check_serve(self) -> None:
+        serve = ("block_size", "max_batched_tokens", "max_seqs")
+        if self.kind != "serve":
+            for key in (*serve, "gpu_util", "graph_mib"):
+                if getattr(self, key):
+                    raise ConfigError(f"workload.{key}", getattr(self, key),
+                                      f"0 for workload kind {self.kind} (a serving engine's setting: workload=serve)")
+            return
+        for key in serve:
+            check_int(f"workload.{key}", getattr(self, key))
+        check_int("workload.graph_mib", self.graph_mib, minimum=0)
+        u = self.gpu_util
+        if isinstance(u, bool) or not isinstance(u, (int, float)) or not 0 < u <= 1:
+            raise ConfigError("workload.gpu_util", u, "a fraction in (0, 1] (vLLM's gpu_memory_utilization)")
+
     @property
     def training(self) -> bool:
-        return self.kind != "inference"
+        return self.kind in ("train", "lora")
+
+    @property
+    def group_size(self) -> int:
+        """Elements per quantization scale (the method's default when `quant_group` is 0)."""
+        return self.quant_group or QUANT_DEFAULT_GROUP.get(self.quant, 0)
+
+
+@dataclass(frozen=True)
+class OffloadSpec:
+    """What leaves the GPU for CPU RAM (the `cpu_bytes` column says how much lands there)."""
+
+    optimizer: bool = False
+    """ZeRO-Offload (DeepSpeed `offload_optimizer`), FSDP `CPUOffload`: optimizer states, the fp32
+    master weights and the gradients live in CPU RAM, and the step runs there."""
+    params: bool = False
+    """DeepSpeed ZeRO-3 `offload_param`, FSDP `offload_params`: the 16-bit parameters too; a layer's
+    are brought to the GPU while it runs (needs offload.optimizer, as both libraries do)."""
+    activations: bool = False
+    """torchtune's activation offloading: the checkpoints move to pinned CPU memory as the forward
+    makes them and come back for the backward (needs recompute=full, as torchtune does)."""
+
+    def __post_init__(self) -> None:
+        for key in ("optimizer", "params", "activations"):
+            check_bool(f"offload.{key}", getattr(self, key))
+        if self.params and not self.optimizer:
+            raise ConfigError("offload.params", True, "false without offload.optimizer (ZeRO-3 and FSDP offload the "
+                                                      "optimizer with the parameters)")
+
+    @property
+    def any(self) -> bool:
+        return self.optimizer or self.params or self.activations
+
+
+@dataclass(frozen=True)
+class LossSpec:
+    """How a training step computes its cross-entropy (the largest single tensors of a step)."""
+
+    chunks: int = 1
+    """1: one cross_entropy on the whole (t, V) logits, upcast to fp32. N > 1: torchtune's
+    CEWithChunkedOutputLoss: the LM head runs on N sequence chunks and each chunk's logits are
+    upcast and reduced on their own (`num_output_chunks`, 8 in torchtune's recipes)."""
+    fused: bool = False
+    """Liger-Kernel's fused linear cross-entropy: the head and the loss run chunk by chunk inside
+    one function that computes the gradients in the forward; the (t, V) logits never exist."""
+
+    def __post_init__(self) -> None:
+        check_int("loss.chunks", self.chunks)
+        check_bool("loss.fused", self.fused)
+        if self.fused and self.chunks != 1:
+            raise ConfigError("loss.chunks", self.chunks, "1 with loss.fused=true (the fused kernel picks its own chunks)")
+
+    @property
+    def default(self) -> bool:
+        return self.chunks == 1 and not self.fused
 
 
 @dataclass(frozen=True)
@@ -355,10 +478,24 @@ class OptimizerSpec:
 
     name: OptimizerName
     impl: Literal["foreach", "forloop", "fused"] = "foreach"
+    in_backward: bool = False
+    """Step each parameter inside the backward, as its gradient lands, and free that gradient
+    (torchtune's `optimizer_in_bwd`): no full set of gradients ever exists."""
+    first_moment: bool = False
+    """adafactor only: keep a first moment (Hugging Face's `beta1`; None by default, as here)."""
 
     def __post_init__(self) -> None:
         check_choice("optimizer.name", self.name, OPTIMIZERS)
         check_choice("optimizer.impl", self.impl, OPTIMIZER_IMPLS)
+        check_bool("optimizer.in_backward", self.in_backward)
+        check_bool("optimizer.first_moment", self.first_moment)
+        if self.name in BNB_OPTIMIZERS and self.impl != "fused":
+            raise ConfigError("optimizer.impl", self.impl, f"fused for optimizer {self.name} (bitsandbytes' kernels)")
+        if self.name == "adafactor" and self.impl != "forloop":
+            raise ConfigError("optimizer.impl", self.impl,
+                              "forloop for optimizer adafactor (transformers' Adafactor steps one parameter at a time)")
+        if self.first_moment and self.name != "adafactor":
+            raise ConfigError("optimizer.first_moment", True, f"false for optimizer {self.name} (adafactor's beta1)")
 
     @property
     def states_per_param(self) -> int:
@@ -519,6 +656,19 @@ class JobSpec:
     formula_option: str | None = None
     """Which formula (by name) `formula_constants` belong to, and `formula_base` its estimator."""
     formula_base: str | None = None
+    loss: LossSpec = field(default_factory=LossSpec)
+    offload: OffloadSpec = field(default_factory=OffloadSpec)
+    grad_accum: int = 1
+    """Micro-batches per optimizer step: their gradients accumulate in place, so from the second
+    micro-batch on the whole gradient set is alive through its forward and backward."""
+    mixed_policy: str = "autocast"
+    """How mixed precision runs: autocast (PyTorch AMP: fp32 parameters, each layer's 16-bit cast
+    saved for its backward) or param_dtype (FSDP2's MixedPrecisionPolicy, DeepSpeed bf16: a layer
+    computes with 16-bit parameters, the fp32 copy lives with the optimizer; activations as a
+    pure 16-bit model's)."""
+    kv_dtype: str = "auto"
+    """KV cache element type in inference and serving: auto (the compute dtype), or fp8 / int8
+    (one byte, as vLLM's `kv_cache_dtype=fp8`), or a float dtype."""
 
     def __post_init__(self) -> None:
         check_int("seq", self.seq)
@@ -533,6 +683,7 @@ class JobSpec:
                 "dtype", self.dtype,
                 f"{', '.join(TRAIN_DTYPES)} for workload={w.kind} (int8/int4 are inference weight formats)",
             )
+        self._check_techniques()
         if m.unmodelled:
             self._check_unmodelled()
             return
@@ -568,6 +719,51 @@ class JobSpec:
                                   f"at most {limit} for {m.name} ({target}: {shape[0]} x {shape[1]}; "
                                   f"a rank beyond a matrix's smaller side adds nothing)")
 
+    def _check_techniques(self) -> None:
+        """The technique keys (issue 13) where they apply, and only there."""
+        w, m = self.workload, self.model
+        check_choice("kv_dtype", self.kv_dtype, KV_DTYPES)
+        check_int("grad_accum", self.grad_accum)
+        check_choice("mixed_policy", self.mixed_policy, MIXED_POLICIES)
+        if not isinstance(self.offload, OffloadSpec):
+            raise ConfigError("offload", self.offload, "a mapping of optimizer, params, activations")
+        if not w.training:
+            for key, value in (("grad_accum", self.grad_accum != 1), ("mixed_policy", self.mixed_policy != "autocast"),
+                               ("offload.optimizer", self.offload.optimizer), ("offload.params", self.offload.params),
+                               ("offload.activations", self.offload.activations)):
+                if value:
+                    raise ConfigError(key, getattr(self, key, True) if "." not in key else True,
+                                      f"the default for workload kind {w.kind} (a training setting)")
+        if self.grad_accum > 1 and self.optimizer.in_backward:
+            raise ConfigError("grad_accum", self.grad_accum,
+                              "1 with optimizer.in_backward=true (the step needs the whole batch's gradient; torchtune refuses it too)")
+        if self.offload.activations and self.recompute != "full":
+            raise ConfigError("offload.activations", True, f"false with recompute={self.recompute} "
+                                                           "(torchtune offloads the checkpoints of recompute=full)")
+        if self.offload.optimizer and self.optimizer.in_backward:
+            raise ConfigError("offload.optimizer", True, "false with optimizer.in_backward=true (the step runs on the CPU)")
+        if not isinstance(self.loss, LossSpec):
+            raise ConfigError("loss", self.loss, "a mapping of chunks, fused")
+        if not w.training and not self.loss.default:
+            key, value = ("loss.fused", True) if self.loss.fused else ("loss.chunks", self.loss.chunks)
+            raise ConfigError(key, value, f"the default for workload kind {w.kind} (a training loss)")
+        if w.training and self.kv_dtype != "auto":
+            raise ConfigError("kv_dtype", self.kv_dtype, f"auto for workload kind {w.kind} (an inference cache's type)")
+        if self.dtype in ("int8", "int4") and w.quant != "none":
+            raise ConfigError("dtype", self.dtype, f"fp16, bf16 or fp32 (the compute dtype) with workload.quant={w.quant}")
+        if self.optimizer.in_backward and w.training and self.parallel.zero >= 2:
+            raise ConfigError("optimizer.in_backward", True,
+                              f"false with parallel.zero={self.parallel.zero} (ZeRO reduces gradients across ranks first)")
+        if w.kind == "serve":
+            if not m.decoder:
+                raise ConfigError("workload.kind", w.kind, f"train, lora or inference for {m.name} (an encoder serves no tokens)")
+            if self.measure.backend != "none":
+                raise ConfigError("measure.backend", self.measure.backend,
+                                  "none for workload kind serve (a serving engine is estimated, not measured, here)")
+            if w.max_batched_tokens < w.max_seqs:
+                raise ConfigError("workload.max_batched_tokens", w.max_batched_tokens,
+                                  f"at least workload.max_seqs={w.max_seqs} (vLLM's rule)")
+
     def _check_unmodelled(self) -> None:
         """A model no formula models has only a measurement: transformers' own, on one device."""
         if self.measure.backend == "none" or self.measure.impl != "hf":
@@ -584,7 +780,8 @@ class JobSpec:
     @classmethod
     def from_dict(cls, d: dict) -> JobSpec:
         parts = {"model": ModelSpec, "optimizer": OptimizerSpec, "parallel": Parallel,
-                 "hardware": Hardware, "measure": MeasureSpec}
+                 "hardware": Hardware, "measure": MeasureSpec, "loss": LossSpec, "offload": OffloadSpec}
+        d = {**d, "loss": d.get("loss", {}), "offload": d.get("offload", {})}  # rows from before issue 13
         w = dict(d["workload"], lora_targets=tuple(d["workload"].get("lora_targets", ())))
         d = dict(d, model=model_fields(d["model"]))
         rest = {k: v for k, v in d.items() if k not in (*parts, "workload")}
@@ -609,3 +806,25 @@ class JobSpec:
     @property
     def dtype_bytes(self) -> float:
         return DTYPE_BYTES[self.dtype]
+
+    @property
+    def quant(self) -> str:
+        """The frozen weights' format: `workload.quant`, or the legacy `dtype=int8` (LLM.int8()) /
+        `dtype=int4` (awq's layout, group 128) of an inference job."""
+        if self.dtype == "int8":
+            return "int8"
+        if self.dtype == "int4":
+            return "awq"
+        return self.workload.quant
+
+    @property
+    def quant_group(self) -> int:
+        """Elements per quantization scale of `quant` (its default unless workload.quant_group)."""
+        return self.workload.quant_group or QUANT_DEFAULT_GROUP.get(self.quant, 0)
+
+    @property
+    def kv_bytes(self) -> float:
+        """Bytes per KV-cache element: the compute dtype's (16-bit for quantized weights), or kv_dtype's."""
+        if self.kv_dtype == "auto":
+            return max(self.dtype_bytes, 2.0)
+        return 1.0 if self.kv_dtype in ("fp8", "int8") else DTYPE_BYTES[self.kv_dtype]

@@ -54,6 +54,13 @@ def top_keys(conf_dir: Path) -> tuple[str, ...]:
     return tuple(k for k in root.keys() if k not in ("defaults", "hydra"))
 
 
+@cache
+def node_keys(conf_dir: Path, key: str) -> tuple[str, ...]:
+    """The keys of a top-level mapping of config.yaml (`loss`: chunks, fused); () for a value."""
+    node = OmegaConf.load(conf_dir / "config.yaml").get(key)
+    return tuple(node.keys()) if OmegaConf.is_dict(node) else ()
+
+
 def override_value(o: Override) -> str:
     """The value of an override as the user typed it (sweeps included)."""
     try:
@@ -128,9 +135,12 @@ def check_overrides(argv: list[str], conf_dir: Path) -> None:
         key = o.key_or_group
         group, _, rest = key.partition(".")
         if group not in GROUPS:
-            if key not in top_keys(conf_dir):
+            if group not in top_keys(conf_dir):
                 allowed = [*top_keys(conf_dir), *GROUPS]
                 raise ConfigError(key, override_value(o), f"top-level keys: {', '.join(allowed)}")
+            nested = node_keys(conf_dir, group)
+            if rest and rest.split(".")[0] not in nested:
+                raise ConfigError(key, override_value(o), f"keys of {group}: {', '.join(nested) or 'none (a value)'}")
             if key in SWITCHES:
                 for value in _values(o) or [override_value(o)]:
                     if str(value).lower() not in ("true", "false"):

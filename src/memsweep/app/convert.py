@@ -18,7 +18,7 @@ from memsweep.errors import ConfigError
 from memsweep.formulas import FORMULAS, Formula, formula_from_dict, get_formula
 from memsweep.hf_config import config_path, default_name, read_config, spec_from_config, unmodelled_spec
 from memsweep.specs import (
-    Hardware, JobSpec, MeasureSpec, ModelSpec, OptimizerSpec, Parallel, Workload, model_fields,
+    Hardware, JobSpec, LossSpec, MeasureSpec, OffloadSpec, ModelSpec, OptimizerSpec, Parallel, Workload, model_fields,
 )
 
 JOB_KEYS = ("seq", "batch", "dtype", "precision", "recompute", "attention")
@@ -81,6 +81,11 @@ def to_job_spec(cfg: DictConfig | dict) -> JobSpec:
         formula_constants=tuple(sorted(constants.items())),
         formula_option=formulas[-1].name if isinstance(option, dict) else None,
         formula_base=option.get("base") if isinstance(option, dict) else None,
+        loss=LossSpec(**_group(LossSpec, "loss", c.get("loss", {}))),
+        kv_dtype=c.get("kv_dtype", "auto"),
+        offload=OffloadSpec(**_group(OffloadSpec, "offload", c.get("offload", {}))),
+        grad_accum=c.get("grad_accum", 1),
+        mixed_policy=c.get("mixed_policy", "autocast"),
         **{k: c[k] for k in JOB_KEYS},
     )
 

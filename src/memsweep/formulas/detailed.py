@@ -37,6 +37,7 @@ from memsweep.formulas.basis import (
 )
 from memsweep.formulas.coefficients import BASIS as FITTED_BASIS
 from memsweep.formulas.coefficients import COEFFICIENTS
+from memsweep.formulas import techniques as tq
 
 FP32 = 4.0
 if FITTED_BASIS != BASIS:
@@ -82,7 +83,14 @@ def trainable_bytes(c: Columns) -> Array:
 
 def precision_class(c: Columns) -> Array:
     """0 mixed (AMP), 1 pure 16-bit, 2 fp32: the three ways activations are stored."""
-    return np.where(c.mixed == 1, 0, np.where(compute_bytes(c) >= FP32, 2, 1))
+    return np.where(autocast(c), 0, np.where(compute_bytes(c) >= FP32, 2, 1))
+
+
+def autocast(c: Columns) -> Array:
+    """Mixed precision by autocast (PyTorch AMP): fp32 parameters cast per layer, the casts saved.
+    Under `mixed_policy=param_dtype` (FSDP2, DeepSpeed bf16) a layer computes with 16-bit
+    parameters and its activations are a pure 16-bit model's."""
+    return (c.mixed == 1) & (c.param_policy == 0)
 
 
 # --- sharding -------------------------------------------------------------------------------
@@ -126,27 +134,124 @@ def weights_bytes(c: Columns) -> Array:
     dtype + adapters in `trainable_bytes`. Inference: the dtype (int8 1, int4 0.5 bytes)."""
     p, p_lora = base_params(c), lora_params(c)
     full_train = (c.training == 1) & (c.lora == 0)
-    stored = np.where(full_train, p * trainable_bytes(c), p * c.dtype_bytes + p_lora * trainable_bytes(c))
-    return per_gpu(c, stored, 3)
+    # a quantized base (QLoRA, GPTQ / AWQ / int8 inference) keeps its other parameters 16-bit
+    frozen = tq.frozen_base_bytes(c, np.where(tq.quantized(c), compute_bytes(c), c.dtype_bytes))
+    # with 16-bit compute parameters (mixed_policy=param_dtype, offload) the fp32 master is the
+    # optimizer's (`master_bytes`)
+    trained = np.where(c.param_policy == 1, compute_bytes(c), trainable_bytes(c))
+    stored = np.where(full_train, p * trained, frozen + p_lora * trained)
+    # parameters offloaded to the CPU: only the layers being gathered are on the GPU
+    return np.where(c.offload_params == 1, tq.gathered_bytes(c, compute_bytes(c)), per_gpu(c, stored, 3))
+
+
+def master_bytes(c: Columns) -> Array:
+    """Mixed precision with 16-bit compute parameters keeps an fp32 master of each trained one
+    beside the optimizer states (DeepSpeed's `fp32_partitioned_groups`, FSDP2's fp32 shards)."""
+    return np.where(c.param_policy == 1, per_gpu(c, updated_params(c) * FP32, 1), 0.0)
+
+
+def gathered_layer_bytes(c: Columns) -> Array:
+    """ZeRO-3 / FSDP in the forward and backward: the layer running and the one prefetched are
+    whole (all-gathered), in the dtype they compute with (fp32 under autocast, whose casts the
+    tables count; 16-bit with param_dtype)."""
+    elem = np.where(c.param_policy == 1, compute_bytes(c), trainable_bytes(c))
+    on = (c.training == 1) & (c.zero >= 3) & (c.dp > 1) & (c.offload_params == 0)
+    return np.where(on, tq.gathered_bytes(c, elem), 0.0)
 
 
 def gradients_bytes(c: Columns) -> Array:
-    """One gradient per updated parameter, in the parameter's dtype."""
-    return per_gpu(c, updated_params(c) * trainable_bytes(c), 2)
+    """One gradient per updated parameter, in the parameter's dtype (in CPU RAM when the optimizer
+    is offloaded: each is copied there as it is reduced)."""
+    return np.where(c.offload_optimizer == 1, 0.0, per_gpu(c, updated_params(c) * trainable_bytes(c), 2))
 
 
 def optimizer_bytes(c: Columns) -> Array:
-    """Adam: m and v; SGD with momentum: one buffer; plain SGD: none (per updated parameter)."""
-    return per_gpu(c, c.optimizer_states * updated_params(c) * trainable_bytes(c), 1)
+    """Adam: m and v; SGD with momentum: one buffer; plain SGD: none (per updated parameter), in
+    the trainable dtype. 8-bit AdamW, Lion and Adafactor: their own layouts (techniques.py)."""
+    updated, tb = updated_params(c), trainable_bytes(c)
+    states = np.where(tq.beyond_torch_optim(c), tq.technique_state_bytes(c, updated, tb),
+                      c.optimizer_states * updated * tb)
+    # offloaded: the states (and the master weights) are in CPU RAM (`cpu_bytes`)
+    return np.where(c.offload_optimizer == 1, 0.0, per_gpu(c, states, 1) + master_bytes(c))
+
+
+def cpu_bytes(c: Columns) -> Array:
+    """CPU RAM a rank needs for what it offloads (DeepSpeed's estimators count the same parts:
+    `estimate_zero2_model_states_mem_needs`, `..._zero3_...`): the optimizer states, the fp32
+    master weights and fp32 gradients (offload.optimizer); the 16-bit parameters (offload.params);
+    the checkpoints (offload.activations)."""
+    updated, tb = updated_params(c), trainable_bytes(c)
+    states = np.where(tq.beyond_torch_optim(c), tq.technique_state_bytes(c, updated, tb),
+                      c.optimizer_states * updated * tb)
+    master = np.where(c.mixed == 1, updated * FP32, 0.0)
+    optimizer = per_gpu(c, states + master + updated * tb, 1) * c.offload_optimizer
+    params = c.offload_params * per_gpu(c, base_params(c) * compute_bytes(c), 3)
+    return c.training * (optimizer + params) + offloaded_checkpoint_bytes(c)
+
+
+def _adam(c: Columns) -> Array:
+    return (c.optimizer_states == 2) & (c.opt_8bit == 0)
 
 
 def optimizer_step_temporary_bytes(c: Columns) -> Array:
     """foreach Adam: `_foreach_sqrt(exp_avg_sq)` materialises one updated-parameter-sized list;
-    for-loop Adam: two temporaries of the largest parameter (the embedding, V x h); fused: none."""
-    adam = c.optimizer_states == 2
+    for-loop Adam: two temporaries of the largest parameter (the embedding, V x h); fused (and
+    bitsandbytes' kernels): none; Adafactor: fp32 copies of the largest parameter (techniques.py).
+    Stepped in the backward, one parameter at a time: `in_backward_bytes`."""
     foreach = per_gpu(c, updated_params(c) * trainable_bytes(c), 1)
     largest = np.where(c.lora == 1, 0.0, 2.0 * c.vocab * c.hidden * trainable_bytes(c) / c.tp)
-    return c.training * np.where(adam, np.where(c.foreach == 1, foreach, largest), 0.0)
+    steps = np.where(_adam(c), np.where(c.foreach == 1, foreach, largest), 0.0) + tq.adafactor_step_bytes(c, trainable_bytes(c))
+    return c.training * (1 - c.in_backward) * steps
+
+
+def _step_temporaries(c: Columns, elements: Array) -> Array:
+    """One parameter's step temporaries when it is stepped alone (`optimizer.in_backward`): foreach
+    Adam one copy, for-loop two, fused and bitsandbytes none, Adafactor its fp32 tensors."""
+    tb = trainable_bytes(c)
+    adam = np.where(_adam(c), np.where(c.foreach == 1, 1.0, 2.0), 0.0) * elements * tb
+    ada = np.where(c.opt_adafactor == 1, np.where(tb < FP32, tq.ADAFACTOR_STEP_TENSORS[16],
+                                                  tq.ADAFACTOR_STEP_TENSORS[32]) * elements * FP32, 0.0)
+    return adam + ada
+
+
+def in_backward_bytes(c: Columns) -> Array:
+    """`optimizer.in_backward` (torchtune's optimizer_in_bwd), inside a block's backward: each
+    parameter is stepped in its post-accumulate-grad hook and its gradient freed, so no gradient
+    set exists; a block matrix's gradient and its step temporaries are alive at once."""
+    n = np.where(c.lora == 1, tq.largest_trainable(c), tq.largest_matrix(c))
+    return c.training * c.in_backward * (n * trainable_bytes(c) + _step_temporaries(c, n))
+
+
+def offloaded_checkpoint_bytes(c: Columns, block: tuple[Array, ...] | None = None) -> Array:
+    """torchtune's activation offloading under full recompute: the checkpoints go to pinned CPU
+    memory as they are made and come back one layer ahead of the backward; the GPU holds about two
+    (the one in use and the one in flight)."""
+    checkpoints = (block or _recompute_block(c))[1]
+    on = (c.offload_activations == 1) & (c.recompute_full == 1) & (c.training == 1)
+    return np.where(on, checkpoints * np.maximum(c.layers - 2.0, 0.0) / c.layers, 0.0)
+
+
+def head_backward_bytes(c: Columns, saved: Array) -> tuple[Array, Array]:
+    """(activations, gradients) while the LM head back-propagates, when it trains: what is saved
+    but the freed log-softmax, the 16-bit logits' gradient, and the head's weight gradient (the
+    16-bit cast's under mixed precision, converted to the fp32 one). torchtune's chunked output
+    runs the head's backward once per chunk: autograd sums the chunks' weight gradients out of
+    place (old, new and sum: 3 x V*h; 2 when an untied 16-bit head accumulates into .grad in
+    place), while the later chunks' logits gradients wait. Stepped in the backward, the head's
+    step temporaries join. Liger's fused loss made these gradients in the forward: no such moment."""
+    t_v = c.batch * c.seq * c.vocab
+    cb, tb = compute_bytes(c), trainable_bytes(c)
+    vh = c.vocab * c.hidden / c.tp
+    n = np.maximum(c.loss_chunks, 1.0)
+    chunked = n > 1
+    g16 = np.where(c.mixed == 1, 2.0, tb)  # the dtype of the weight the head multiplied by
+    sums = np.where((c.tied_embeddings == 1) | (c.mixed == 1), 3.0, 2.0)
+    weight = np.where(chunked, sums * vh * g16, vh * g16 + (c.mixed == 1) * vh * FP32)
+    logits = np.where(chunked, (n - 1) / n, 1.0) * t_v * cb
+    steps = c.in_backward * _step_temporaries(c, c.vocab * c.hidden / c.tp)
+    on = (c.training == 1) & (c.lora == 0) & (c.fused_loss == 0) & (c.final_norm == 1)
+    acts = saved - FP32 * t_v + logits
+    return np.where(on, acts, 0.0), np.where(on, weight + steps, 0.0)
 
 
 # --- activation terms -------------------------------------------------------------------------
@@ -264,13 +369,25 @@ def saved_activations_bytes(c: Columns) -> Array:
     """What autograd holds when the forward (and the loss) ends (incl. the fp32 log-softmax, t*V*4;
     with eager attention the b*a*s^2 probabilities; with recompute, the masks checkpoints hold)."""
     coef = SAVED[_mode_index(c)]
-    return (coef * basis_values(c)).sum(axis=-1) + ext_saved_bytes(c) + held_mask_bytes(c)
+    return (coef * basis_values(c)).sum(axis=-1) + ext_saved_bytes(c) + held_mask_bytes(c) + fused_loss_saved_bytes(c)
+
+
+def fused_loss_saved_bytes(c: Columns) -> Array:
+    """Liger's fused linear cross-entropy computes the loss's gradients in the forward and saves
+    them instead of the fp32 log-softmax (t*V*4) and the head's input (t*h in the compute dtype,
+    when the head trains): the input's gradient (t*h in the input's dtype) and, when the head
+    trains, its weight's gradient (V*h, the weight's dtype), which becomes that gradient."""
+    t = c.batch * c.seq
+    head_trains = c.lora == 0
+    delta = (-FP32 * t * c.vocab + t * c.hidden * hidden_bytes(c) - head_trains * t * c.hidden * compute_bytes(c)
+             + head_trains * c.vocab * c.hidden * trainable_bytes(c) / c.tp)
+    return np.where((c.fused_loss == 1) & (c.training == 1), delta, 0.0)
 
 
 def hidden_bytes(c: Columns) -> Array:
     """The hidden states' dtype (the embedding's): fp32 under mixed precision (fp32 master
     weights), else the compute dtype (a LoRA base is stored in the dtype)."""
-    return np.where((c.mixed == 1) & (c.lora == 0), FP32, compute_bytes(c))
+    return np.where(autocast(c) & (c.lora == 0), FP32, compute_bytes(c))
 
 
 def eager_mask_bytes(c: Columns) -> Array:
@@ -294,12 +411,18 @@ def live_logits_bytes(c: Columns) -> Array:
     its fp32 copy (`logits.float()`), besides the log-softmax already counted as saved."""
     t_v = c.batch * c.seq * c.vocab
     cb = compute_bytes(c)
-    return t_v * (cb + np.where(cb < FP32, FP32, 0.0))
+    # torchtune's chunked loss: every chunk's logits (the head runs per chunk), one chunk's fp32
+    # copy at a time; Liger: one chunk of logits, its gradient written in place
+    chunked = t_v * (cb + np.where(cb < FP32, FP32, 0.0) / np.maximum(c.loss_chunks, 1.0))
+    return np.where(c.fused_loss == 1, tq.liger_chunk_tokens(c) * c.vocab * cb, chunked)
 
 
 def logits_gradient_bytes(c: Columns) -> Array:
-    """Backward start: the NLL gradient and the log-softmax gradient, t*V fp32 each."""
-    return 2.0 * c.batch * c.seq * c.vocab * FP32
+    """Backward start: the NLL gradient and the log-softmax gradient, t*V fp32 each (of one chunk
+    with torchtune's chunked loss: autograd runs every chunk's loss backward, one at a time, before
+    the head's; none with Liger's, which made them in the forward)."""
+    per_chunk = 2.0 * c.batch * c.seq * c.vocab * FP32 / np.maximum(c.loss_chunks, 1.0)
+    return np.where(c.fused_loss == 1, 0.0, per_chunk)
 
 
 PER_LAYER_TERMS = np.array([n.startswith("L") for n in BASIS])
@@ -346,7 +469,8 @@ def _recompute_block(c: Columns) -> tuple[Array, Array, Array, Array]:
     width = c.experts_per_token * c.expert_ffn + c.shared_ffn
     mlp = np.where(c.moe_layers > 0, n_ffn * c.batch * c.seq * width * compute_bytes(c) / c.tp, dense)
     softmax = np.where(eager, one_layer + softmax_backward_bytes(c), 0.0)
-    return kept, checkpoints, one_layer + mlp, softmax
+    # a quantized base dequantizes the weight of the matmul running (QLoRA)
+    return kept, checkpoints, one_layer + mlp + tq.dequant_bytes(c, compute_bytes(c)), softmax
 
 
 def full_recompute_layer_bytes(c: Columns, block: tuple[Array, ...] | None = None) -> Array:
@@ -423,7 +547,7 @@ def train_cache_bytes(c: Columns) -> Array:
     precision: RoPE's fp32 tables make K fp32, V is promoted to it, attention saves 16-bit casts of
     both and the cache keeps the fp32 copies. (A 16-bit model, LoRA's 16-bit base, or learned
     positions keep 16-bit K and V: nothing extra.)"""
-    on = (c.train_cache == 1) & (c.mixed == 1) & (c.lora == 0) & (c.rope_dim > 0)
+    on = (c.train_cache == 1) & autocast(c) & (c.lora == 0) & (c.rope_dim > 0)
     heads = np.where(c.mla == 1, c.heads, c.kv_heads)
     width = heads * (c.head_dim + c.v_head_dim)
     return np.where(on, c.layers * c.batch * c.seq * width * FP32 / c.tp, 0.0)
@@ -434,7 +558,7 @@ def final_hidden_bytes(c: Columns) -> Array:
     output (t*h in the hidden dtype). The LM head saves it anyway when it trains in that dtype;
     not under mixed precision (it saves a 16-bit cast of the fp32 state) nor with LoRA (a frozen
     head saves no input)."""
-    on = (c.training == 1) & (c.final_norm == 1) & ((c.mixed == 1) | (c.lora == 1))
+    on = (c.training == 1) & (c.final_norm == 1) & (autocast(c) | (c.lora == 1))
     return np.where(on, c.batch * c.seq * c.hidden * hidden_bytes(c), 0.0)
 
 
@@ -444,7 +568,7 @@ def autocast_cache_bytes(c: Columns) -> Array:
     recipe; transformers computes it in the model's forward). Without recompute those copies are
     saved for the backward anyway (the tables hold them); with it they are not. One copy of each
     block's matrices (the LM head's is saved, so already counted); LoRA casts only its adapters."""
-    on = (c.mixed == 1) & (c.recompute_full == 1) & (c.lora == 0) & (c.training == 1)
+    on = autocast(c) & (c.recompute_full == 1) & (c.lora == 0) & (c.training == 1)
     return np.where(on, c.layers * layer_params(c) * 2.0 / c.tp, 0.0)
 
 
@@ -456,7 +580,12 @@ def kv_token_bytes(c: Columns) -> Array:
                          np.where(c.mla_latent_cache == 1, (c.kv_lora_rank + c.rope_head_dim) * c.tp,
                                   c.heads * (c.head_dim + c.v_head_dim)),
                          c.kv_heads * (c.head_dim + c.v_head_dim))
-    return c.batch * per_token * compute_bytes(c) / c.tp / c.pp
+    return c.batch * per_token * kv_element_bytes(c) / c.tp / c.pp
+
+
+def kv_element_bytes(c: Columns) -> Array:
+    """The cache's element: the compute dtype's, or `kv_dtype`'s (fp8 / int8: one byte)."""
+    return np.where(c.kv_bytes > 0, c.kv_bytes, compute_bytes(c))
 
 
 def kv_cache_bytes(c: Columns) -> Array:
@@ -526,7 +655,10 @@ def prefill_activations_bytes(c: Columns) -> Array:
     gpt2_weights = np.where((c.family == FAMILY_CODES["gpt2"]) & (c.eager_attention == 1),
                             c.batch * c.heads * c.seq**2 * cb / c.tp, 0.0)
     held = prefill_embeddings_bytes(c) + eager_mask_bytes(c) + sdpa_window_mask_bytes(c) + gpt2_weights
-    return np.where(c.moe_layers > 0, moe_prefill_bytes(c), dense) + rope + held + inference_ids_bytes(c)
+    # a quantized down projection is dequantized beside the MLP's product and its output
+    dequant = np.maximum(0.0, tq.dequant_bytes(c, cb) + t * (c.hidden - mlp + c.ffn) * cb / c.tp)
+    return (np.where(c.moe_layers > 0, moe_prefill_bytes(c), dense + dequant) + rope + held
+            + inference_ids_bytes(c))
 
 
 def moe_prefill_bytes(c: Columns) -> Array:
@@ -571,39 +703,58 @@ def decode_activations_bytes(c: Columns) -> Array:
 
 
 def inference_logits_bytes(c: Columns) -> Array:
-    """Inference logits: a decoder keeps the last position only (b*V); an encoder (bert) all t*V."""
-    return np.where(c.final_norm == 1, c.batch * c.vocab, c.batch * c.seq * c.vocab) * compute_bytes(c)
+    """Inference logits: a decoder keeps the last position only (b*V; transformers >= 4.45); an
+    encoder (bert) all t*V; `workload.prefill_logits=all` the whole prompt's t*V and their fp32
+    copy (older transformers' `logits.float()`)."""
+    cb = compute_bytes(c)
+    t_v = c.batch * c.seq * c.vocab
+    return np.where(c.prefill_all_logits == 1, t_v * (cb + np.where(cb < FP32, FP32, 0.0)),
+                    np.where(c.final_norm == 1, c.batch * c.vocab, t_v) * cb)
 
 
 # --- moments ----------------------------------------------------------------------------------
 
 def peak_breakdown(c: Columns, k: DetailedConstants) -> Breakdown:
     """The largest moment; the breakdown reported is that moment's."""
-    w = k.weights_factor * weights_bytes(c)
+    w_step = k.weights_factor * weights_bytes(c)
+    w = w_step + k.weights_factor * gathered_layer_bytes(c)  # in the forward and backward
     o = k.optimizer_factor * optimizer_bytes(c)
-    g = k.gradients_factor * gradients_bytes(c)
+    # stepped in the backward, no gradient set ever exists: the backward's moments hold one
+    # parameter's gradient and step temporaries instead (`in_backward_bytes`)
+    in_bwd = c.in_backward == 1
+    g = np.where(in_bwd, 0.0, k.gradients_factor * gradients_bytes(c))
+    # accumulating micro-batches: from the second one on, every gradient is alive throughout
+    g_acc = np.where(c.grad_accum > 1, g, 0.0)
+    g_bwd = k.gradients_factor * in_backward_bytes(c) + g_acc  # inside a block's backward
     overhead = np.full_like(w, k.overhead_bytes)
     inputs = 16.0 * c.batch * c.seq  # token ids and targets (int64)
     act = k.activations_factor
     lg = k.logits_factor
-    saved_bytes = saved_activations_bytes(c)  # each computed once: the planner evaluates millions of rows
-    saved = act * saved_bytes
     block = _recompute_block(c)
+    offloaded = offloaded_checkpoint_bytes(c, block)
+    # each computed once: the planner evaluates millions of rows
+    saved_bytes = saved_activations_bytes(c) - offloaded
+    saved = act * saved_bytes
+    block_now = (block[0] - offloaded, *block[1:])  # the last block's backward: two checkpoints back
+    head_acts, head_grads = head_backward_bytes(c, saved_bytes)
     moments = [
-        Breakdown.of(w, weights=w, optimizer=o,
+        Breakdown.of(w, weights=w, optimizer=o, gradients=g_acc,
                      activations=saved + act * (autocast_cache_bytes(c) + train_cache_bytes(c)
                                                 + final_hidden_bytes(c)),
                      logits=lg * live_logits_bytes(c), overhead=overhead),
         Breakdown.of(w, weights=w, optimizer=o, activations=saved, logits=lg * logits_gradient_bytes(c),
-                     overhead=overhead),
-        Breakdown.of(w, weights=w, optimizer=o, activations=act * full_recompute_layer_bytes(c, block) * c.recompute_full,
-                     overhead=overhead),
-        *(Breakdown.of(w, weights=w, optimizer=o, gradients=k.gradients_factor * grads * c.recompute_full,
+                     gradients=g_acc, overhead=overhead),
+        Breakdown.of(w, weights=w, optimizer=o, activations=act * head_acts,
+                     gradients=k.gradients_factor * head_grads + g_acc, overhead=overhead),
+        Breakdown.of(w, weights=w, optimizer=o, gradients=g_bwd,
+                     activations=act * full_recompute_layer_bytes(c, block_now) * c.recompute_full, overhead=overhead),
+        *(Breakdown.of(w, weights=w, optimizer=o,
+                       gradients=np.where(in_bwd | (c.grad_accum > 1), g_bwd, k.gradients_factor * grads) * c.recompute_full,
                        activations=act * first * c.recompute_full, overhead=overhead)
           for grads, first in full_recompute_first_block(c, block)),
         Breakdown.of(w, weights=w, optimizer=o, activations=act * eager_backward_bytes(c, saved_bytes),
-                     overhead=overhead),
-        Breakdown.of(w, weights=w, optimizer=o + k.optimizer_factor * optimizer_step_temporary_bytes(c),
+                     gradients=g_acc, overhead=overhead),
+        Breakdown.of(w, weights=w_step, optimizer=o + k.optimizer_factor * optimizer_step_temporary_bytes(c),
                      gradients=g, activations=np.full_like(w, 1.0) * inputs, overhead=overhead),
     ]
     train = moments[0]
@@ -626,4 +777,49 @@ def peak_breakdown(c: Columns, k: DetailedConstants) -> Breakdown:
                           overhead=overhead)
     decode = repeat.select(repeat.total > decode.total, decode)
     infer = decode.select(decode.total > prefill.total, prefill)
-    return train.select(c.training == 1, infer)
+    out = train.select(c.training == 1, infer)
+    if not (c.serve == 1).any():
+        return out
+    serve = Breakdown.of(w, weights=w, activations=act * serve_activation_bytes(c),
+                         kv_cache=k.kv_cache_factor * serve_kv_bytes(c),
+                         overhead=overhead + c.graph_bytes)
+    return serve.select(c.serve == 1, out)
+
+
+# --- serving (vLLM) ---------------------------------------------------------------------------
+
+def serve_profile_columns(c: Columns) -> Columns:
+    """The engine's profile run: one forward of `max_batched_tokens` tokens (chunked prefill, flash
+    attention, no cache) that keeps the last position's logits."""
+    from dataclasses import replace
+    return replace(c, batch=np.ones_like(c.batch), seq=c.max_batched_tokens, eager_attention=np.zeros_like(c.batch),
+                   gen_tokens=np.zeros_like(c.batch), prefill_all_logits=np.zeros_like(c.batch))
+
+
+def serve_activation_bytes(c: Columns) -> Array:
+    """vLLM sizes its KV cache after profiling a dummy forward of `max_batched_tokens` tokens (its
+    activation peak: `prefill_activations_bytes` of one such sequence) and a dummy sampler step
+    over `max_seqs` rows (`SAMPLER_FP32_TENSORS` fp32 (max_seqs, V) tensors); the larger counts."""
+    p = serve_profile_columns(c)
+    forward = np.maximum(prefill_activations_bytes(p), p.seq * p.hidden * compute_bytes(p) + inference_ids_bytes(p))
+    sampler = tq.SAMPLER_FP32_TENSORS * c.max_seqs * c.vocab * FP32 / c.tp
+    return np.where(c.serve == 1, np.maximum(forward, sampler), 0.0)
+
+
+def serve_kv_sequence_bytes(c: Columns) -> Array:
+    """The paged KV cache of one sequence of `seq` tokens: whole blocks of `block_size` tokens per
+    layer; a sliding-window layer keeps the blocks of its window only (vLLM's sliding-window spec)."""
+    blocks = np.ceil(c.seq / np.maximum(c.block_size, 1.0))
+    local = np.ceil(np.minimum(c.seq, np.maximum(c.window, 1.0)) / np.maximum(c.block_size, 1.0))
+    per_layer_token = kv_token_bytes(c) / np.maximum(c.batch, 1.0)
+    return ((c.layers - c.local_layers) * blocks + c.local_layers * local) * c.block_size * per_layer_token
+
+
+def serve_kv_bytes(c: Columns) -> Array:
+    """`batch` concurrent sequences of `seq` tokens in the paged cache."""
+    return np.where(c.serve == 1, c.batch * serve_kv_sequence_bytes(c), 0.0)
+
+
+def serve_kv_token_bytes(c: Columns) -> Array:
+    """KV cache bytes per token, all layers (what vLLM's "GPU KV cache size: N tokens" divides by)."""
+    return c.layers * kv_token_bytes(c) / np.maximum(c.batch, 1.0)

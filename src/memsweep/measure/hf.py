@@ -35,7 +35,7 @@ import torch
 from memsweep.measure.models import as_a_decode_step_leaves_it, new_tokens
 from memsweep.measure.tracker import StorageTracker
 from memsweep.measure.workloads import (
-    Prepared, Unmeasurable, _NoTracker, check_single_gpu, storage_dtypes, train_step,
+    Prepared, Unmeasurable, _NoTracker, check_single_gpu, check_techniques, storage_dtypes, train_step,
 )
 from memsweep.specs import JobSpec, ModelSpec
 
@@ -218,6 +218,10 @@ def prepare_hf(spec: JobSpec, device: str, tracker: StorageTracker | None = None
     if spec.recompute == "selective":
         raise Unmeasurable("measure.impl=hf: transformers has no selective recompute; recompute=none or full")
     check_single_gpu(spec)
+    check_techniques(spec, "hf")
+    if w.prefill_logits == "all" and w.kind == "inference":
+        raise Unmeasurable("workload.prefill_logits=all: this transformers keeps the last position's logits; "
+                           "measure.impl=reference traces the whole prompt's")
     base_dtype, adapter_dtype = storage_dtypes(spec)
     cfg = hf_config(spec.model)
     tf = _transformers()

@@ -576,8 +576,9 @@ class ReferenceModel(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, input_ids: Tensor, cache: KVCache | None = None,
-                last_only: bool = False) -> Tensor:
-        """input_ids (B, T) int64 -> logits (B, T, V), or (B, 1, V) when last_only.
+                last_only: bool = False, chunks: int = 1) -> Tensor | list[Tensor]:
+        """input_ids (B, T) int64 -> logits (B, T, V), or (B, 1, V) when last_only, or with
+        `chunks` > 1 a list of the logits of `chunks` sequence chunks (torchtune's chunked output).
 
         With a cache, positions start at cache.length and the new K/V are written into it
         (cache.length advances by T).
@@ -661,6 +662,8 @@ class ReferenceModel(nn.Module):
             self.train_cache.append((x, x))
         del held  # transformers' model forward returns before its LM head runs
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight  # (V, h)
+        if chunks > 1:
+            return [F.linear(part, head) for part in x.chunk(chunks, dim=1)]  # [(B, T / N, V)]
         return F.linear(x, head)  # (B, T, V)
 
     def new_cache(self, batch: int, max_tokens: int) -> KVCache:

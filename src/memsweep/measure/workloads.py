@@ -72,10 +72,8 @@ class Prepared:
 def storage_dtypes(spec: JobSpec) -> tuple[torch.dtype, torch.dtype]:
     """(base weights, trainable adapters): mixed keeps trained params in fp32; a frozen LoRA base
     and everything in pure mode or inference use the dtype."""
-    if spec.dtype not in TORCH_DTYPES:
-        raise Unmeasurable(
-            f"dtype={spec.dtype}: the reference models have no quantized kernels; measurable: "
-            f"{', '.join(MEASURABLE_DTYPES)}")
+    if spec.dtype not in TORCH_DTYPES:  # int8 / int4 weights compute in 16 bits (spec.quant stores them)
+        return torch.bfloat16, torch.bfloat16
     dtype = TORCH_DTYPES[spec.dtype]
     if not spec.mixed:
         return dtype, dtype
@@ -84,13 +82,45 @@ def storage_dtypes(spec: JobSpec) -> tuple[torch.dtype, torch.dtype]:
 
 def make_optimizer(spec: JobSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
     impl = spec.optimizer.impl
-    kw = {"lr": LEARNING_RATE, "foreach": impl == "foreach", "fused": True if impl == "fused" else None}
     name = spec.optimizer.name
+    if name in ("adamw8bit", "paged_adamw8bit", "lion", "adafactor"):
+        from memsweep.measure import optimizers  # bitsandbytes' and transformers' layouts (measure/optimizers.py)
+
+        if name == "lion":
+            return optimizers.Lion(params, lr=LEARNING_RATE)
+        if name == "adafactor":
+            return optimizers.Adafactor(params, lr=LEARNING_RATE, scale_parameter=False, relative_step=False,
+                                        beta1=0.9 if spec.optimizer.first_moment else None)
+        cls = optimizers.PagedAdamW8bit if name == "paged_adamw8bit" else optimizers.AdamW8bit
+        return cls(params, lr=LEARNING_RATE)
+    kw = {"lr": LEARNING_RATE, "foreach": impl == "foreach", "fused": True if impl == "fused" else None}
     if name == "adamw":
         return torch.optim.AdamW(params, **kw)
     if name == "adam":
         return torch.optim.Adam(params, **kw)
     return torch.optim.SGD(params, momentum=0.9 if name == "sgd_momentum" else 0.0, **kw)
+
+
+def check_techniques(spec: JobSpec, impl: str) -> None:
+    """The techniques a measurement can trace on this machine; the rest are analytic (a row with
+    status skipped says which)."""
+    why = None
+    if spec.loss.fused:
+        why = "loss.fused: Liger's fused kernel is modelled analytically (docs/formulas.md), not traced"
+    elif spec.kv_dtype != "auto":
+        why = f"kv_dtype={spec.kv_dtype}: the reference attention has no fp8 / int8 cache kernel; the cache's bytes are analytic"
+    elif impl == "hf" and spec.quant != "none":
+        why = f"quant={spec.quant}: transformers' quantized layers need bitsandbytes / GPTQ kernels on a GPU; measure.impl=reference traces the layout"
+    elif impl == "hf" and spec.loss.chunks != 1:
+        why = "loss.chunks with measure.impl=hf: measured with the reference models (measure.impl=reference)"
+    elif spec.offload.any:
+        why = "offload: a single-process CPU trace has no second memory to offload to; cpu_bytes and the GPU share are analytic"
+    elif spec.mixed and spec.mixed_policy != "autocast":
+        why = "mixed_policy=param_dtype: FSDP2 / DeepSpeed's parameter handling is analytic here (measure autocast)"
+    elif spec.quant != "none" and spec.model.experts:
+        why = f"quant={spec.quant} of an MoE model: the reference experts are not quantized"
+    if why:
+        raise Unmeasurable(why)
 
 
 def check_single_gpu(spec: JobSpec) -> None:
@@ -112,6 +142,7 @@ def prepare(spec: JobSpec, device: str, tracker: StorageTracker | None = None,
     t = tracker or _NoTracker()
     base_dtype, adapter_dtype = storage_dtypes(spec)
     check_single_gpu(spec)
+    check_techniques(spec, "reference")
     w = spec.workload
     with t.section("setup", "weights"):
         model = build_model(
@@ -121,6 +152,10 @@ def prepare(spec: JobSpec, device: str, tracker: StorageTracker | None = None,
             dtype=base_dtype, device=device)
         for p in model.lora_parameters():
             p.data = p.data.to(adapter_dtype)
+        if spec.quant != "none":  # the frozen block matrices as their format stores them
+            from memsweep.measure.quantized import quantize_blocks
+
+            quantize_blocks(model, spec.quant, spec.quant_group, w.double_quant)
     with t.section("setup", "activations"):
         ids = torch.randint(0, spec.model.vocab, (spec.batch, spec.seq), device=device)
     if w.training:
@@ -137,8 +172,16 @@ def _prepare_train(spec: JobSpec, model: ReferenceModel, ids: torch.Tensor, trac
         # the loss inside autocast, as PyTorch's AMP recipe and transformers (labels=) write it:
         # autocast's cache of 16-bit weight copies lives until the loss is computed
         with autocast:
-            logits = model(ids)  # (B, T, V)
-            loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
+            chunks = spec.loss.chunks
+            if chunks > 1:
+                # torchtune's CEWithChunkedOutputLoss: the head runs per sequence chunk, each
+                # chunk's logits are upcast and reduced on their own, summed, over the tokens
+                logits = model(ids, chunks=chunks)  # [(B, T / N, V)] * N
+                loss = sum(F.cross_entropy(lc.float().flatten(0, 1), tc.flatten(), reduction="sum")
+                           for lc, tc in zip(logits, targets.chunk(chunks, dim=1))) / targets.numel()
+            else:
+                logits = model(ids)  # (B, T, V)
+                loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())
         model.train_cache = None  # as transformers' output (and its cache) dies with the step's loop
         return loss  # logits die here
 
@@ -152,26 +195,40 @@ def train_step(spec: JobSpec, model: torch.nn.Module, ids: torch.Tensor, tracker
     each in its tracked phase; gradients are tagged as they land."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
-    optimizer = make_optimizer(spec, params)
+    in_backward = spec.optimizer.in_backward
+    # optimizer.in_backward: one optimizer per parameter, stepped in its post-accumulate-grad hook
+    # (torchtune's optimizer_in_bwd), the gradient freed right after
+    per_param = {p: make_optimizer(spec, [p]) for p in params} if in_backward else {}
+    optimizer = None if in_backward else make_optimizer(spec, params)
     autocast = (torch.autocast(ids.device.type, dtype=TORCH_DTYPES[spec.dtype]) if spec.mixed
                 else nullcontext())
 
     def step(prepared: Prepared) -> None:
         t = prepared.tracker
-        with t.section("forward", "activations"):
-            loss = forward_loss(autocast)
-        t.mark("after_forward")  # what autograd saved for backward (+ the loss)
-        with t.section("backward", "activations"):
-            loss.backward()
-            del loss
-        t.mark("after_backward")
+        for _ in range(spec.grad_accum):  # micro-batches: gradients accumulate in place
+            with t.section("forward", "activations"):
+                loss = forward_loss(autocast)
+            t.mark("after_forward")  # what autograd saved for backward (+ the loss)
+            with t.section("backward", "activations"):
+                loss.backward()
+                del loss
+            t.mark("after_backward")
         with t.section("optimizer", "optimizer"):
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+            if optimizer is not None:
+                optimizer.step()
+                optimizer.zero_grad(set_to_none=True)
 
-    prepared = Prepared(model, optimizer, spec.batch * spec.seq, step, tracker)
+    prepared = Prepared(model, optimizer, spec.batch * spec.seq * spec.grad_accum, step, tracker)
     for p in params:  # gradients are made by autograd ops; tag them as such when they land
         p.register_post_accumulate_grad_hook(lambda p: prepared.tracker.retag(p.grad, "gradients"))
+    if in_backward:
+        def step_now(p: torch.nn.Parameter) -> None:
+            with prepared.tracker.section("backward", "optimizer"):
+                per_param[p].step()
+            per_param[p].zero_grad(set_to_none=True)
+
+        for p in params:
+            p.register_post_accumulate_grad_hook(step_now)
     return prepared
 
 
@@ -191,7 +248,13 @@ def _prepare_inference(spec: JobSpec, model: ReferenceModel, ids: torch.Tensor, 
             cache = model.new_cache(spec.batch, spec.seq + gen)
             cache.tracker = t  # its tensors are counted as kv_cache as they are made
         with t.section("prefill", "activations"):
-            logits = model(ids, cache, last_only=True)  # (B, 1, V)
+            if spec.workload.prefill_logits == "all":
+                # older transformers: the whole prompt's logits, upcast to fp32, of which
+                # generate keeps the last position (a copy)
+                logits = model(ids, cache).float()
+                logits = logits[:, -1:].clone()  # (B, 1, V)
+            else:
+                logits = model(ids, cache, last_only=True)  # (B, 1, V)
         with t.section("decode", "activations"):
             if last_decode_only and gen > 1:
                 cache.jump(gen - 1)  # as decoding them leaves it; the last step is the decode peak
