@@ -424,6 +424,18 @@ def _context(spec: PlanSpec) -> _Ctx:
                 np.array([spec.capacity_bytes(h) for h in hw]))
 
 
+def _capacity(ctx: _Ctx, case_idx: Array, hw_idx: Array) -> Array:
+    """Per row: the plan's capacity; a serving engine's is at most its own budget, `gpu_util` of
+    the memory less the reserve (vLLM's requested memory, the reserve its non-torch share)."""
+    cap = ctx.capacity[hw_idx]
+    if ctx.base is None or not (ctx.base.serve[case_idx] == 1).any():
+        return cap
+    memory = np.array([h.memory_bytes for h in ctx.hardware], dtype=np.float64)[hw_idx]
+    reserve = np.array([h.reserved_mib * 2**20 for h in ctx.hardware], dtype=np.float64)[hw_idx]
+    engine = np.ceil(ctx.base.gpu_util[case_idx] * memory) - reserve
+    return np.where(ctx.base.serve[case_idx] == 1, np.minimum(cap, engine), cap)
+
+
 def _frame(ctx: _Ctx, question: str, case_idx: Array, hw_idx: Array, status: Array,
            numbers: Mapping[str, Array], breakdown: Breakdown | None, reason: Array | None = None,
            cases_: Sequence[Case] | None = None) -> pl.DataFrame:
@@ -435,6 +447,7 @@ def _frame(ctx: _Ctx, question: str, case_idx: Array, hw_idx: Array, status: Arr
         return np.array([getattr(c, name) for c in cs], dtype=object)[case_idx]
 
     hw = ctx.hardware
+    capacity = ctx.capacity[hw_idx] if cases_ is not None else _capacity(ctx, case_idx, hw_idx)
     data: dict[str, Any] = {
         "question": np.full(n, question, dtype=object),
         "model": attr("model"),
@@ -447,7 +460,7 @@ def _frame(ctx: _Ctx, question: str, case_idx: Array, hw_idx: Array, status: Arr
         "hardware": np.array([h.name for h in hw], dtype=object)[hw_idx],
         "hardware_bytes": np.array([h.usable_bytes for h in hw], dtype=np.float64)[hw_idx],
         "margin": np.full(n, float(ctx.spec.margin)),
-        "capacity_bytes": np.floor(ctx.capacity[hw_idx]),
+        "capacity_bytes": np.floor(capacity),
         "formula": np.full(n, ctx.formula.name, dtype=object),
         "status": status.astype(object),
         "reason": reason if reason is not None else np.full(n, None, dtype=object),
@@ -462,7 +475,7 @@ def _frame(ctx: _Ctx, question: str, case_idx: Array, hw_idx: Array, status: Arr
     total = sum(data[f"{t}_bytes"] for t in TERMS)
     data["total_bytes"] = total
     data["total_gib"] = total / GIB
-    data["headroom_gib"] = (ctx.capacity[hw_idx] - total) / GIB
+    data["headroom_gib"] = (capacity - total) / GIB
     return _to_frame(data)
 
 
@@ -507,7 +520,7 @@ def max_batch_rows(ctx: _Ctx) -> pl.DataFrame:
         limit = seq_limit(ctx.base, spec.max_seq)[b]
         valid = seq <= limit
         grid = Grid(ctx.base, b, {"seq": seq, "batch": np.ones_like(seq)})
-        best = largest_fitting(ctx.formula, grid, "batch", np.where(valid, spec.max_batch, 0), ctx.capacity[h])
+        best = largest_fitting(ctx.formula, grid, "batch", np.where(valid, spec.max_batch, 0), _capacity(ctx, b, h))
         point = evaluate(ctx.formula, grid.replace(batch=np.maximum(best, 1)))
         status = np.where(~valid, "invalid", np.where(best == 0, "none_fits", "ok"))
         reason = np.where(valid, None, _seq_reason(limit)).astype(object)
@@ -525,7 +538,7 @@ def max_seq_rows(ctx: _Ctx) -> pl.DataFrame:
         b, k, h = cross(len(ctx.cases), len(batches), len(ctx.hardware))
         limit = seq_limit(ctx.base, spec.max_seq)[b]
         grid = Grid(ctx.base, b, {"seq": np.ones(len(b)), "batch": batches[k]})
-        best = largest_fitting(ctx.formula, grid, "seq", limit, ctx.capacity[h])
+        best = largest_fitting(ctx.formula, grid, "seq", limit, _capacity(ctx, b, h))
         point = evaluate(ctx.formula, grid.replace(seq=np.maximum(best, 1)))
         status = np.where(best == 0, "none_fits", "ok")
         numbers = {"seq": np.where(best > 0, best, np.nan), "batch": batches[k], "limit": limit,
@@ -559,7 +572,8 @@ def min_gpus_rows(ctx: _Ctx) -> pl.DataFrame:
         heads, kv = ctx.base.heads[:, None], ctx.base.kv_heads[:, None]
         layout_ok = (heads % lt[None, :] == 0) & (kv % lt[None, :] == 0)          # (nb, nl)
         gpus = lt * ld
-        fits = layout_ok[:, None, :, None] & (tot[..., None] <= ctx.capacity)      # (nb, ns, nl, nh)
+        cap = _capacity(ctx, *cross(nb, nh)).reshape(nb, 1, 1, nh)
+        fits = layout_ok[:, None, :, None] & (tot[..., None] <= cap)               # (nb, ns, nl, nh)
         score = np.where(fits, gpus[None, None, :, None], np.inf)
         fewest = score.min(axis=2)                                                  # (nb, ns, nh)
         tied = np.where(score == fewest[:, :, None, :], tot[..., None], np.inf)
@@ -827,9 +841,15 @@ def render_markdown(plan: Plan) -> str:
         if (sec["status"] == "invalid").all():  # listed under Excluded, no table of n/a
             continue
         lines += [f"## {label}", ""]
-        lines += [f"Largest batch per GPU at seq {seq_text}:", ""]
+        serve = workload_spec(workload).kind == "serve"
+        if serve:  # a serving engine's batch is its concurrent sequences, in its own budget
+            lines += [f"Concurrent sequences at context {seq_text} (the paged KV cache in `gpu_util` of the "
+                      "memory, less the reserve, weights, the profiled prefill peak and graphs):", ""]
+        else:
+            lines += [f"Largest batch per GPU at seq {seq_text}:", ""]
         lines += _answer_table(sec, "max_batch", "batch", "seq", plan.models, hw_names, hw_head, s.max_seq)
-        lines += [f"Longest sequence at batch {' / '.join(map(str, s.batches))}:", ""]
+        lines += [f"Longest {'context of one sequence' if serve else 'sequence'} at batch "
+                  f"{' / '.join(map(str, s.batches))}:", ""]
         lines += _answer_table(sec, "max_seq", "seq", "batch", plan.models, hw_names, hw_head, s.max_seq)
         mg = sec.filter(pl.col("question") == "min_gpus")
         lines += [f"Fewest GPUs at batch {s.gpus_batch} per GPU (tp ∈ {{{', '.join(map(str, lay.tp))}}} "

@@ -14,9 +14,10 @@ so a traced step holds exactly those bytes:
 The matmul dequantizes the whole weight to the compute dtype, uses it, and drops it, in the forward
 and again in the backward (bitsandbytes' `MatMul4Bit` since 0.43.2 saves only the packed weight,
 `ctx.tensors = (None, B)`, not the input). The dequantization writes into one preallocated
-(d_out, d_in) tensor in row slices, so its temporaries stay small, as the libraries' kernels
-allocate only the output. Values are a faithful decode of the stored codes (NF4's table, the int8
-scales), so a CPU run computes something sensible; memory is what matters here.
+(d_out, d_in) tensor in row slices, as the libraries' kernels
+allocate only the output: it is one custom op (`memsweep::dequantize`), so a traced step sees its
+output alone, under fake tensors as on the CPU. Values are a faithful decode of the stored codes
+(NF4's table, the int8 scales), so a CPU run computes something sensible.
 """
 
 from __future__ import annotations
@@ -28,7 +29,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 SLICE_ELEMENTS = 1 << 20
-MIN_SLICE = 1 << 12
 DOUBLE_QUANT_BLOCK = 256
 # The 16 NormalFloat-4 levels (Dettmers et al. 2023, appendix E; bitsandbytes' NF4 code)
 NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.28444138169288635,
@@ -36,6 +36,61 @@ NF4 = (-1.0, -0.6961928009986877, -0.5250730514526367, -0.39491748809814453, -0.
        0.24611230194568634, 0.33791524171829224, 0.44070982933044434, 0.5626170039176941,
        0.7229568362236023, 1.0)
 METHODS = ("nf4", "fp4", "int8", "gptq", "awq")
+
+
+BUFFERS = {"int8": ("qweight", "scb"), "gptq": ("qweight", "qzeros", "scales", "g_idx"),
+           "awq": ("qweight", "qzeros", "scales")}
+
+
+@torch.library.custom_op("memsweep::dequantize", mutates_args=())
+def dequantize(buffers: list[Tensor], method: str, d_out: int, d_in: int, group: int, double_quant: bool,
+               dtype: torch.dtype) -> Tensor:
+    """Decode a stored matrix into a new (d_out, d_in) tensor of `dtype`, row slice by row slice.
+    A traced step sees this one op and its output (the libraries' kernels allocate nothing else)."""
+    w = torch.empty(d_out, d_in, dtype=dtype, device=buffers[0].device)
+    rows = max(1, SLICE_ELEMENTS // d_in)
+    for r0 in range(0, d_out, rows):
+        r1 = min(d_out, r0 + rows)
+        w[r0:r1] = _rows(buffers, method, d_in, group, double_quant, r0, r1).to(dtype)
+    return w
+
+
+@dequantize.register_fake
+def _(buffers, method, d_out, d_in, group, double_quant, dtype):
+    return buffers[0].new_empty((d_out, d_in), dtype=dtype)
+
+
+def _rows(buffers: list[Tensor], method: str, d_in: int, group: int, double_quant: bool, r0: int, r1: int) -> Tensor:
+    """Rows r0..r1 of the weight, decoded in fp32."""
+    if method == "int8":
+        qweight, scb = buffers
+        return qweight[r0:r1] * (scb[r0:r1, None] / 127.0)
+    if method in ("nf4", "fp4"):
+        packed, *scales, code = buffers
+        e0, e1 = r0 * d_in, r1 * d_in  # flat element range (even: d_in is)
+        codes = packed[e0 // 2:(e1 + 1) // 2]
+        idx = torch.stack(((codes >> 4), (codes & 15)), dim=-1).flatten()[:e1 - e0].int()
+        b0, b1 = e0 // group, -(-e1 // group)
+        if double_quant:
+            absmax_q, absmax_scale = scales
+            absmax = absmax_q[b0:b1].float() * absmax_scale.repeat_interleave(DOUBLE_QUANT_BLOCK)[b0:b1]
+        else:
+            absmax = scales[0][b0:b1]
+        absmax = absmax.repeat_interleave(group)[e0 - b0 * group:e1 - b0 * group]
+        return (code[idx] * absmax).view(r1 - r0, d_in)
+    # gptq / awq: 4-bit values unpacked from int32 words, (q - zero) * scale per group
+    qweight, _, scales, *g_idx = buffers
+    cols = torch.arange(d_in, device=qweight.device, dtype=torch.int32)
+    if method == "gptq":
+        words = qweight[cols // 8, r0:r1].t()  # (rows, d_in)
+        q = (words >> ((cols % 8) * 4)) & 15
+        grp = g_idx[0]
+    else:
+        out = torch.arange(r0, r1, device=qweight.device, dtype=torch.int32)
+        words = qweight[:, out // 8].t()  # (rows, d_in)
+        q = (words >> ((out % 8) * 4)[:, None]) & 15
+        grp = cols // group
+    return ((q - 8) * scales[:, r0:r1][grp].t()).float()
 
 
 class QuantizedMatmul(torch.autograd.Function):
@@ -91,51 +146,12 @@ class QuantLinear(nn.Module):
                 self.register_buffer("g_idx", torch.arange(d_in, **i32) // group)
 
     def dequantize(self, dtype: torch.dtype) -> Tensor:
-        """The (d_out, d_in) weight in `dtype`, decoded slice by slice into one output tensor."""
-        d_out, d_in = self.out_features, self.in_features
-        w = torch.empty(d_out, d_in, dtype=dtype, device=self._device())
-        # slices of 1/64 of the matrix (at least MIN_SLICE elements): the decode's temporaries
-        # (about 20 bytes per element of a slice) stay near 1/6 of the output's own bytes
-        rows = max(1, min(SLICE_ELEMENTS, max(MIN_SLICE, d_out * d_in // 64)) // d_in)
-        for r0 in range(0, d_out, rows):
-            r1 = min(d_out, r0 + rows)
-            w[r0:r1] = self._rows(r0, r1).to(dtype)
-        return w
-
-    def _device(self) -> torch.device:
-        return next(self.buffers()).device
-
-    def _rows(self, r0: int, r1: int) -> Tensor:
-        """Rows r0..r1 of the weight, decoded in fp32 (a slice: small temporaries)."""
-        d_in = self.in_features
-        if self.method == "int8":
-            return self.qweight[r0:r1] * (self.scb[r0:r1, None] / 127.0)
-        if self.method in ("nf4", "fp4"):
-            e0, e1 = r0 * d_in, r1 * d_in  # flat element range (even: d_in is)
-            codes = self.packed[e0 // 2:(e1 + 1) // 2]
-            idx = torch.stack(((codes >> 4), (codes & 15)), dim=-1).flatten()[:e1 - e0].int()
-            b0, b1 = e0 // self.group, -(-e1 // self.group)
-            if self.double_quant:
-                scale = self.absmax_scale.repeat_interleave(DOUBLE_QUANT_BLOCK)[b0:b1]
-                absmax = self.absmax_q[b0:b1].float() * scale
-            else:
-                absmax = self.absmax[b0:b1]
-            absmax = absmax.repeat_interleave(self.group)[e0 - b0 * self.group:e1 - b0 * self.group]
-            return (self.code[idx] * absmax).view(r1 - r0, d_in)
-        # gptq / awq: 4-bit values unpacked from int32 words, (q - zero) * scale per group
-        dev = self.qweight.device
-        cols = torch.arange(d_in, device=dev, dtype=torch.int32)
-        if self.method == "gptq":
-            words = self.qweight[cols // 8, r0:r1].t()  # (rows, d_in)
-            q = (words >> ((cols % 8) * 4)) & 15
-            group = self.g_idx
-        else:
-            out = torch.arange(r0, r1, device=dev, dtype=torch.int32)
-            words = self.qweight[:, out // 8].t()  # (rows, d_in)
-            q = (words >> ((out % 8) * 4)[:, None]) & 15
-            group = cols // self.group
-        scale = self.scales[:, r0:r1][group].t()  # (rows, d_in) fp16
-        return (q - 8) * scale
+        """The (d_out, d_in) weight in `dtype`: one op whose only allocation is its output, as the
+        libraries' dequantization kernels (`memsweep::dequantize`, decoded in row slices inside)."""
+        names = BUFFERS[self.method] if self.method not in ("nf4", "fp4") else (
+            ("packed", "absmax_q", "absmax_scale", "code") if self.double_quant else ("packed", "absmax", "code"))
+        return torch.ops.memsweep.dequantize([getattr(self, n) for n in names], self.method, self.out_features,
+                                             self.in_features, self.group, self.double_quant, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
         y = QuantizedMatmul.apply(x, self)
