@@ -109,7 +109,7 @@ def test_foreach_adamw_holds_about_one_extra_parameter_sized_buffer(precision):
 
 
 @pytest.mark.parametrize("top,why", [
-    (dict(wl="inference", dtype="int8"), "no quantized kernels"),
+    (dict(wl="inference", kv_dtype="fp8"), "no fp8 / int8 cache kernel"),
     (dict(parallel="tp2"), "spans 2 GPUs"),
 ])
 def test_unmeasurable_configurations_are_skipped_with_a_reason(top, why):

@@ -285,3 +285,18 @@ def test_param_dtype_policy_saves_no_weight_casts():
     states = d.weights_bytes(c) + d.optimizer_bytes(c) + d.gradients_bytes(c)
     assert states[0] == pytest.approx(18 * d.updated_params(c)[0])
     assert np.all(d.weights_bytes(c) == 2 * d.updated_params(c))
+
+
+@pytest.mark.parametrize("kw", [dict(optimizer="adamw8bit"), dict(optimizer="adafactor", precision="pure"),
+                                dict(optimizer=OptimizerSpec("adamw", in_backward=True)), dict(grad_accum=2)])
+def test_transformers_steps_with_the_same_optimizers(kw):
+    """The optimizers and the step loop are shared: transformers' model (measure.impl=hf) holds the
+    reference's optimizer state and gradients to the byte at the step."""
+    pytest.importorskip("transformers")
+    from memsweep.measure.backends import measure
+
+    runs = {impl: measure(tiny_job(MeasureSpec("fake", "fake", impl=impl), model=model("tiny"), seq=32, **kw))
+            for impl in ("reference", "hf")}
+    assert all(m.status == "ok" for m in runs.values()), [m.error for m in runs.values()]
+    ref, hf_ = runs["reference"].phase_breakdowns["optimizer"], runs["hf"].phase_breakdowns["optimizer"]
+    assert ref["optimizer"] == hf_["optimizer"] and ref["gradients"] == hf_["gradients"]

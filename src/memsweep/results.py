@@ -357,6 +357,10 @@ PIVOT_KEYS = ("batch", "workload", "precision", "optimizer", "recompute", "atten
               "offload", "grad_accum", "mixed_policy")
 
 
+SUMMARY_MODELS = 4
+"""Models the end-of-sweep summary prints a table for (the rest are in results.parquet)."""
+
+
 def shown(table: pl.DataFrame) -> pl.DataFrame:
     """The rows a summary shows: ok ones, and measured rows of a model no formula models
     (status unsupported: a measured column, empty formula columns)."""
@@ -428,9 +432,13 @@ def summarize(collected: Collected, out=sys.stdout) -> None:
     model = summary_model(t)
     if model is None:
         return
-    pivot, unit = pivot_memory(t, model)
-    print(f"total {unit} per GPU, model={model}:", file=out)
-    print(markdown_table(pivot, float_precision=2), file=out)
+    others = [m for m in shown(t)["model"].unique(maintain_order=True).to_list() if m != model]
+    for m in [model, *others[:SUMMARY_MODELS - 1]]:  # every model of a sweep, up to a screenful
+        pivot, unit = pivot_memory(t, m)
+        print(f"total {unit} per GPU, model={m}:", file=out)
+        print(markdown_table(pivot, float_precision=2), file=out)
+    if len(others) >= SUMMARY_MODELS:
+        print(f"... and {len(others) - SUMMARY_MODELS + 1} more model(s): every row is in {collected.path}", file=out)
 
 
 def markdown_table(df: pl.DataFrame, float_precision: int = 3) -> str:
