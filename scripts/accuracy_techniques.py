@@ -20,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
 from memsweep.columns import Columns  # noqa: E402
+from memsweep.errors import ConfigError  # noqa: E402
 from memsweep.formulas import FORMULAS  # noqa: E402
 from memsweep.presets import job_spec, workload_spec  # noqa: E402
 from memsweep.results import write_text_atomic  # noqa: E402
@@ -56,7 +57,13 @@ def run(models, seqs) -> list[dict]:
     for model in models:
         for seq in seqs:
             for name, kw in TECHNIQUES.items():
-                spec = job_spec(model, measure=FAKE, seq=seq, batch=1, **kw)
+                try:
+                    spec = job_spec(model, measure=FAKE, seq=seq, batch=1, **kw)
+                except ConfigError as exc:  # e.g. qlora's gate target on gpt2's GELU MLP
+                    rows.append({"model": model, "seq": seq, "technique": name, "status": "invalid",
+                                 "fake_gib": 0.0, "detailed_gib": 0.0, "error_pct": None, "seconds": 0.0,
+                                 "why": str(exc)})
+                    continue
                 t0 = time.perf_counter()
                 m = measure(spec)
                 est = float(FORMULAS["detailed"](Columns.from_specs([spec])).total[0])

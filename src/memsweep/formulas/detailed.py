@@ -219,7 +219,10 @@ def in_backward_bytes(c: Columns) -> Array:
     parameter is stepped in its post-accumulate-grad hook and its gradient freed, so no gradient
     set exists; a block matrix's gradient and its step temporaries are alive at once."""
     n = np.where(c.lora == 1, tq.largest_trainable(c), tq.largest_matrix(c))
-    return c.training * c.in_backward * (n * trainable_bytes(c) + _step_temporaries(c, n))
+    # a tied embedding's gradient from the head waits in autograd's buffer for the embedding's
+    # own, at the end of the backward: it is alive through every block's backward
+    tied = (c.lora == 0) * c.tied_embeddings * c.vocab * c.hidden * trainable_bytes(c) / c.tp
+    return c.training * c.in_backward * (n * trainable_bytes(c) + _step_temporaries(c, n) + tied)
 
 
 def offloaded_checkpoint_bytes(c: Columns, block: tuple[Array, ...] | None = None) -> Array:
@@ -231,27 +234,32 @@ def offloaded_checkpoint_bytes(c: Columns, block: tuple[Array, ...] | None = Non
     return np.where(on, checkpoints * np.maximum(c.layers - 2.0, 0.0) / c.layers, 0.0)
 
 
-def head_backward_bytes(c: Columns, saved: Array) -> tuple[Array, Array]:
-    """(activations, gradients) while the LM head back-propagates, when it trains: what is saved
-    but the freed log-softmax, the 16-bit logits' gradient, and the head's weight gradient (the
-    16-bit cast's under mixed precision, converted to the fp32 one). torchtune's chunked output
-    runs the head's backward once per chunk: autograd sums the chunks' weight gradients out of
-    place (old, new and sum: 3 x V*h; 2 when an untied 16-bit head accumulates into .grad in
-    place), while the later chunks' logits gradients wait. Stepped in the backward, the head's
-    step temporaries join. Liger's fused loss made these gradients in the forward: no such moment."""
+def head_backward_bytes(c: Columns, saved: Array) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
+    """(activations, gradients) at two moments of the LM head's backward, when it trains: what is
+    saved but the freed log-softmax, then
+    - during its matmul's backward: the 16-bit logits' gradient and the new weight gradient (in the
+      dtype the head multiplied by: the 16-bit cast under autocast). torchtune's chunked output runs
+      it once per chunk: autograd sums the chunks' weight gradients out of place (old, new and sum:
+      3 x V*h; 2 when an untied 16-bit head accumulates into .grad in place) while the later
+      chunks' logits gradients wait;
+    - after it, under autocast: the cast's gradient converted to the fp32 one (2 + 4 bytes per
+      weight) while the cast itself, saved for this backward, is freed; stepped in the backward
+      (`optimizer.in_backward`), an untied head's step temporaries (a tied one steps at the end).
+    Liger's fused loss made these gradients in the forward: no such moments."""
     t_v = c.batch * c.seq * c.vocab
     cb, tb = compute_bytes(c), trainable_bytes(c)
     vh = c.vocab * c.hidden / c.tp
     n = np.maximum(c.loss_chunks, 1.0)
     chunked = n > 1
-    g16 = np.where(c.mixed == 1, 2.0, tb)  # the dtype of the weight the head multiplied by
-    sums = np.where((c.tied_embeddings == 1) | (c.mixed == 1), 3.0, 2.0)
-    weight = np.where(chunked, sums * vh * g16, vh * g16 + (c.mixed == 1) * vh * FP32)
-    logits = np.where(chunked, (n - 1) / n, 1.0) * t_v * cb
-    steps = c.in_backward * _step_temporaries(c, c.vocab * c.hidden / c.tp)
+    cast = autocast(c) | (c.param_policy == 1)  # the head multiplied by a 16-bit copy
+    g16 = np.where(cast, 2.0, tb)
+    sums = np.where((c.tied_embeddings == 1) | cast, 3.0, 2.0)
     on = (c.training == 1) & (c.lora == 0) & (c.fused_loss == 0) & (c.final_norm == 1)
-    acts = saved - FP32 * t_v + logits
-    return np.where(on, acts, 0.0), np.where(on, weight + steps, 0.0)
+    base = saved - FP32 * t_v
+    during = (base + np.where(chunked, (n - 1) / n, 1.0) * t_v * cb, np.where(chunked, sums, 1.0) * vh * g16)
+    steps = c.in_backward * (1 - c.tied_embeddings) * _step_temporaries(c, vh)
+    after = (base - cast * vh * 2.0, np.where(cast, vh * (2.0 + FP32), vh * tb) + steps)
+    return tuple((np.where(on, a, 0.0), np.where(on, g, 0.0)) for a, g in (during, after))
 
 
 # --- activation terms -------------------------------------------------------------------------
@@ -746,7 +754,7 @@ def peak_breakdown(c: Columns, k: DetailedConstants) -> Breakdown:
     saved_bytes = saved_activations_bytes(c) - offloaded
     saved = act * saved_bytes
     block_now = (block[0] - offloaded, *block[1:])  # the last block's backward: two checkpoints back
-    head_acts, head_grads = head_backward_bytes(c, saved_bytes)
+    head = head_backward_bytes(c, saved_bytes)
     moments = [
         Breakdown.of(w, weights=w, optimizer=o, gradients=g_acc,
                      activations=saved + act * (autocast_cache_bytes(c) + train_cache_bytes(c)
@@ -754,8 +762,9 @@ def peak_breakdown(c: Columns, k: DetailedConstants) -> Breakdown:
                      logits=lg * live_logits_bytes(c), overhead=overhead),
         Breakdown.of(w, weights=w, optimizer=o, activations=saved, logits=lg * logits_gradient_bytes(c),
                      gradients=g_acc, overhead=overhead),
-        Breakdown.of(w, weights=w, optimizer=o, activations=act * head_acts,
-                     gradients=k.gradients_factor * head_grads + g_acc, overhead=overhead),
+        *(Breakdown.of(w, weights=w, optimizer=o, activations=act * head_acts,
+                       gradients=k.gradients_factor * head_grads + g_acc, overhead=overhead)
+          for head_acts, head_grads in head),
         Breakdown.of(w, weights=w, optimizer=o, gradients=g_bwd,
                      activations=act * full_recompute_layer_bytes(c, block_now) * c.recompute_full, overhead=overhead),
         *(Breakdown.of(w, weights=w, optimizer=o,
