@@ -225,6 +225,17 @@ def in_backward_bytes(c: Columns) -> Array:
     return c.training * c.in_backward * (n * trainable_bytes(c) + _step_temporaries(c, n) + tied)
 
 
+def tied_embedding_end_bytes(c: Columns, gradients: Array) -> Array:
+    """The end of the backward of a model whose head is its embedding: the head's share of the
+    shared weight's gradient has waited in autograd's buffer since the head's backward; the
+    embedding's backward makes its own (a dense V*h) and autograd sums the two out of place (three
+    V*h at once) with every other gradient made. It wins over the step where the optimizer's
+    states and temporaries are small (8-bit AdamW, Lion, SGD, a stepped-in-backward optimizer)."""
+    vh = c.vocab * c.hidden * trainable_bytes(c) / c.tp
+    on = (c.training == 1) & (c.lora == 0) & (c.tied_embeddings == 1) & (c.final_norm == 1) & (c.fused_loss == 0)
+    return np.where(on, gradients + 2.0 * vh * (c.in_backward == 0) + 3.0 * vh * c.in_backward, 0.0)
+
+
 def offloaded_checkpoint_bytes(c: Columns, block: tuple[Array, ...] | None = None) -> Array:
     """torchtune's activation offloading under full recompute: the checkpoints go to pinned CPU
     memory as they are made and come back one layer ahead of the backward; the GPU holds about two
@@ -773,6 +784,8 @@ def peak_breakdown(c: Columns, k: DetailedConstants) -> Breakdown:
           for grads, first in full_recompute_first_block(c, block)),
         Breakdown.of(w, weights=w, optimizer=o, activations=act * eager_backward_bytes(c, saved_bytes),
                      gradients=g_acc, overhead=overhead),
+        Breakdown.of(w, weights=w, optimizer=o, gradients=k.gradients_factor * tied_embedding_end_bytes(c, g),
+                     overhead=overhead),
         Breakdown.of(w, weights=w_step, optimizer=o + k.optimizer_factor * optimizer_step_temporary_bytes(c),
                      gradients=g, activations=np.full_like(w, 1.0) * inputs, overhead=overhead),
     ]

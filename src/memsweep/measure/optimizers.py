@@ -3,8 +3,8 @@
 memsweep measures a training step's live tensor bytes (`tracker.StorageTracker`, under
 FakeTensorMode or on the CPU) and compares them with analytic formulas. The optimizers below keep
 the same state tensors (names, shapes, dtypes) as the libraries they stand in for, and their steps
-allocate a known, documented transient, so a measured step means the same thing as a run with
-the real library. They were written from the papers' algorithms; library sources were read for
+allocate what the libraries' steps allocate (bitsandbytes' fused kernels: nothing; transformers'
+Adafactor: its fp32 copies), so a measured step means the same thing as a run with the library. They were written from the papers' algorithms; library sources were read for
 facts only (state layout, defaults, block size). None needs a GPU, a compiled extension or
 `.item()`: every branch depends on shapes, dtypes and Python numbers, never on tensor values, so
 all three run on FakeTensorMode tensors.
@@ -45,17 +45,12 @@ AdamW8bit (and PagedAdamW8bit)
     GPU, falls back to ordinary buffers on the CPU, and a paged buffer still occupies the same
     bytes.
 
-    Step memory: the fused CUDA kernel allocates nothing. Here the update runs in slices of at
-    most `slice_elements` elements (rounded down to whole blocks) of the flattened parameter, and
-    the code look-ups and roundings in sub-chunks of 1/8 of a slice, so the transient is bounded
-    by a constant however large the parameter is: m and v of one slice dequantized to float32
-    (4 + 4 bytes per slice element), one sub-chunk's normalized values and int32 codes (8 bytes
-    per sub-chunk element = 1 byte per slice element) and the slice's per-block divisors
-    (4 bytes per block): 9 * slice_elements + 4 * slice_elements / block_size bytes =
-    9 MiB + 16 KiB = 9,453,568 bytes at the defaults, measured (tests/test_optimizers_impl.py)
-    for a 2048 x 4096 parameter in bf16 or fp32 (and, by hand, fp16 and 4096 x 4096: the same);
-    9 MiB / 4 + 4 KiB with slice_elements=1 << 18, for 1M and 2M elements alike. Parameters below
-    min_8bit_size (float32 state) need one float32 slice, the denominator: 4 * slice_elements.
+    Step memory: the fused CUDA kernel allocates nothing, and neither does a traced step here:
+    the update of one parameter is one custom op (`memsweep::adam8bit_update`, or
+    `memsweep::adam32_update` below min_8bit_size) that mutates the parameter and its states. Inside
+    it, the CPU runs in slices of at most `slice_elements` elements (m and v of a slice dequantized
+    to fp32, the code look-ups in sub-chunks of 1/8 of a slice), which a tracker does not see, as it
+    would not see a CUDA kernel's registers (tests/test_optimizers_impl.py: transient 0).
 
 Lion
     Chen et al., "Symbolic Discovery of Optimization Algorithms", 2023 (arXiv:2302.06675):
@@ -67,9 +62,8 @@ Lion
     `state_fp32=False` keeps it in the parameter's dtype, as lion-pytorch does
     (lucidrains/lion-pytorch, lion_pytorch/lion_pytorch.py: `torch.zeros_like(p)`). Defaults as
     both: lr=1e-4, betas=(0.9, 0.99), weight_decay=0. State bytes: 4 * numel (state_fp32) or
-    numel * param element size. The step runs in slices of `slice_elements`; its only temporary
-    is c in float32: 4 bytes per slice element (measured: exactly 4 MiB = 4,194,304 bytes at the
-    default, for a 2048 x 4096 bf16 or fp32 parameter).
+    numel * param element size. The step is one custom op (`memsweep::lion_update`), as
+    bitsandbytes' fused kernel: no transient (its fp32 sign of a slice stays inside).
 
 Adafactor
     Shazeer & Stern, "Adafactor: Adaptive Learning Rates with Sublinear Memory Cost", ICML 2018
@@ -238,6 +232,90 @@ def _write_param(p_slice: torch.Tensor, update: torch.Tensor, decay: float, scal
         p_slice.copy_(update)
 
 
+# --- the update kernels -------------------------------------------------------------------------
+# Each is one custom op, as bitsandbytes' fused CUDA kernels are one launch: a traced step sees the
+# states it mutates and nothing else (the slices' fp32 temporaries inside are the kernel's
+# registers, not allocations), under fake tensors as on the CPU, and a fake step costs one op.
+
+@torch.library.custom_op("memsweep::adam32_update", mutates_args=("p", "state1", "state2"))
+def adam32_update(p: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
+                  hyper: list[float], slice_elements: int) -> None:
+    """AdamW on fp32 states (bitsandbytes' path for tensors under `min_8bit_size`)."""
+    beta1, beta2, eps, bc1, bc2_sqrt, decay, lr = hyper
+    pf, gf = _flat(p), _flat(grad)
+    m_all, v_all = _flat(state1), _flat(state2)
+    size = slice_elements
+    for a in range(0, pf.numel(), size):
+        g = gf[a:a + size]
+        m, v = m_all[a:a + size], v_all[a:a + size]
+        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        u = v.sqrt().div_(bc2_sqrt).add_(eps)
+        torch.div(m, u, out=u)
+        _write_param(pf[a:a + size], u, decay, -lr / bc1)
+        del u
+
+
+@adam32_update.register_fake
+def _(p, grad, state1, state2, hyper, slice_elements) -> None:
+    return None
+
+
+@torch.library.custom_op("memsweep::adam8bit_update",
+                         mutates_args=("p", "state1", "state2", "absmax1", "absmax2"))
+def adam8bit_update(p: torch.Tensor, grad: torch.Tensor, state1: torch.Tensor, state2: torch.Tensor,
+                    absmax1: torch.Tensor, absmax2: torch.Tensor, qmap1: torch.Tensor, qmap2: torch.Tensor,
+                    bounds1: torch.Tensor, bounds2: torch.Tensor, hyper: list[float], block: int,
+                    slice_elements: int) -> None:
+    """Block-wise 8-bit AdamW: dequantize a slice of m and v, update, requantize, write p."""
+    beta1, beta2, eps, bc1, bc2_sqrt, decay, lr = hyper
+    size = max(block, slice_elements // block * block)
+    chunk = max(block, size // _SUBCHUNKS // block * block)
+    pf, gf = _flat(p), _flat(grad)
+    s1, s2 = _flat(state1), _flat(state2)
+    for a in range(0, pf.numel(), size):
+        g = gf[a:a + size]
+        c1, c2 = s1[a:a + size], s2[a:a + size]
+        blocks = slice(a // block, a // block + -(-c1.numel() // block))
+        m = _dequantize(c1, absmax1[blocks], qmap1, block, chunk)
+        m.mul_(beta1).add_(g, alpha=1.0 - beta1)
+        v = _dequantize(c2, absmax2[blocks], qmap2, block, chunk)
+        v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
+        _quantize_into(v, c2, absmax2[blocks], bounds2, False, block, chunk)
+        v.sqrt_().div_(bc2_sqrt).add_(eps)  # v becomes the denominator ...
+        torch.div(m, v, out=v)  # ... then m / denom (the bias correction of m is in the step size)
+        _quantize_into(m, c1, absmax1[blocks], bounds1, True, block, chunk)
+        del m
+        _write_param(pf[a:a + size], v, decay, -lr / bc1)
+        del v
+
+
+@adam8bit_update.register_fake
+def _(p, grad, state1, state2, absmax1, absmax2, qmap1, qmap2, bounds1, bounds2, hyper, block,
+      slice_elements) -> None:
+    return None
+
+
+@torch.library.custom_op("memsweep::lion_update", mutates_args=("p", "exp_avg"))
+def lion_update(p: torch.Tensor, grad: torch.Tensor, exp_avg: torch.Tensor, hyper: list[float],
+                slice_elements: int) -> None:
+    """Lion: p -= lr * sign(beta1 m + (1 - beta1) g); m = beta2 m + (1 - beta2) g."""
+    beta1, beta2, decay, lr = hyper
+    pf, gf, mf = _flat(p), _flat(grad), _flat(exp_avg)
+    size = slice_elements
+    for a in range(0, pf.numel(), size):
+        g, m = gf[a:a + size], mf[a:a + size]
+        c = m.to(torch.float32, copy=True).mul_(beta1).add_(g, alpha=1.0 - beta1).sign_()
+        _write_param(pf[a:a + size], c, decay, -lr)
+        del c
+        m.mul_(beta2).add_(g, alpha=1.0 - beta2)
+
+
+@lion_update.register_fake
+def _(p, grad, exp_avg, hyper, slice_elements) -> None:
+    return None
+
+
 class AdamW8bit(Optimizer):
     """Block-wise 8-bit AdamW with bitsandbytes' state layout (see the module docstring)."""
 
@@ -316,42 +394,15 @@ class AdamW8bit(Optimizer):
         return loss
 
     def _step_32bit(self, p, state, *, beta1, beta2, eps, bc1, bc2_sqrt, decay, lr) -> None:
-        pf, gf = _flat(p), _flat(p.grad)
-        m_all, v_all = _flat(state["state1"]), _flat(state["state2"])
-        size = self.slice_elements
-        for a in range(0, pf.numel(), size):
-            g = gf[a:a + size]
-            m, v = m_all[a:a + size], v_all[a:a + size]
-            m.mul_(beta1).add_(g, alpha=1.0 - beta1)
-            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-            u = v.sqrt().div_(bc2_sqrt).add_(eps)
-            torch.div(m, u, out=u)
-            _write_param(pf[a:a + size], u, decay, -lr / bc1)
-            del u
+        torch.ops.memsweep.adam32_update(p, p.grad, state["state1"], state["state2"],
+                                         [beta1, beta2, eps, bc1, bc2_sqrt, decay, lr], self.slice_elements)
 
     def _step_8bit(self, p, state, *, beta1, beta2, eps, bc1, bc2_sqrt, decay, lr) -> None:
-        block = self.block_size
-        size = max(block, self.slice_elements // block * block)
-        chunk = max(block, size // _SUBCHUNKS // block * block)
         maps = self._code_maps(p.device)
-        pf, gf = _flat(p), _flat(p.grad)
-        s1, s2 = _flat(state["state1"]), _flat(state["state2"])
-        a1, a2 = state["absmax1"], state["absmax2"]
-        for a in range(0, pf.numel(), size):
-            g = gf[a:a + size]
-            c1, c2 = s1[a:a + size], s2[a:a + size]
-            blocks = slice(a // block, a // block + -(-c1.numel() // block))
-            m = _dequantize(c1, a1[blocks], state["qmap1"], block, chunk)
-            m.mul_(beta1).add_(g, alpha=1.0 - beta1)
-            v = _dequantize(c2, a2[blocks], state["qmap2"], block, chunk)
-            v.mul_(beta2).addcmul_(g, g, value=1.0 - beta2)
-            _quantize_into(v, c2, a2[blocks], maps["bounds2"], False, block, chunk)
-            v.sqrt_().div_(bc2_sqrt).add_(eps)  # v becomes the denominator ...
-            torch.div(m, v, out=v)  # ... then m / denom (the bias correction of m is in the step size)
-            _quantize_into(m, c1, a1[blocks], maps["bounds1"], True, block, chunk)
-            del m
-            _write_param(pf[a:a + size], v, decay, -lr / bc1)
-            del v
+        torch.ops.memsweep.adam8bit_update(
+            p, p.grad, state["state1"], state["state2"], state["absmax1"], state["absmax2"], state["qmap1"],
+            state["qmap2"], maps["bounds1"], maps["bounds2"], [beta1, beta2, eps, bc1, bc2_sqrt, decay, lr],
+            self.block_size, self.slice_elements)
 
 
 class PagedAdamW8bit(AdamW8bit):
@@ -400,14 +451,8 @@ class Lion(Optimizer):
                 if not state:
                     dtype = torch.float32 if self.state_fp32 else p.dtype
                     state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-                pf, gf, mf = _flat(p), _flat(p.grad), _flat(state["exp_avg"])
-                size = self.slice_elements
-                for a in range(0, pf.numel(), size):
-                    g, m = gf[a:a + size], mf[a:a + size]
-                    c = m.to(torch.float32, copy=True).mul_(beta1).add_(g, alpha=1.0 - beta1).sign_()
-                    _write_param(pf[a:a + size], c, decay, -lr)
-                    del c
-                    m.mul_(beta2).add_(g, alpha=1.0 - beta2)
+                torch.ops.memsweep.lion_update(p, p.grad, state["exp_avg"], [beta1, beta2, decay, lr],
+                                               self.slice_elements)
         return loss
 
 
