@@ -245,8 +245,8 @@ def offloaded_checkpoint_bytes(c: Columns, block: tuple[Array, ...] | None = Non
     return np.where(on, checkpoints * np.maximum(c.layers - 2.0, 0.0) / c.layers, 0.0)
 
 
-def head_backward_bytes(c: Columns, saved: Array) -> tuple[tuple[Array, Array], tuple[Array, Array]]:
-    """(activations, gradients) at two moments of the LM head's backward, when it trains: what is
+def head_backward_bytes(c: Columns, saved: Array) -> tuple[tuple[Array, Array], ...]:
+    """(activations, gradients) at three moments of the LM head's backward, when it trains: what is
     saved but the freed log-softmax, then
     - during its matmul's backward: the 16-bit logits' gradient and the new weight gradient (in the
       dtype the head multiplied by: the 16-bit cast under autocast). torchtune's chunked output runs
@@ -254,8 +254,9 @@ def head_backward_bytes(c: Columns, saved: Array) -> tuple[tuple[Array, Array], 
       3 x V*h; 2 when an untied 16-bit head accumulates into .grad in place) while the later
       chunks' logits gradients wait;
     - after it, under autocast: the cast's gradient converted to the fp32 one (2 + 4 bytes per
-      weight) while the cast itself, saved for this backward, is freed; stepped in the backward
-      (`optimizer.in_backward`), an untied head's step temporaries (a tied one steps at the end).
+      weight) while the cast itself, saved for this backward, is freed;
+    - stepped in the backward (`optimizer.in_backward`), once .grad holds it: an untied head's
+      gradient and its step temporaries (a tied one steps at the end).
     Liger's fused loss made these gradients in the forward: no such moments."""
     t_v = c.batch * c.seq * c.vocab
     cb, tb = compute_bytes(c), trainable_bytes(c)
@@ -268,9 +269,10 @@ def head_backward_bytes(c: Columns, saved: Array) -> tuple[tuple[Array, Array], 
     on = (c.training == 1) & (c.lora == 0) & (c.fused_loss == 0) & (c.final_norm == 1)
     base = saved - FP32 * t_v
     during = (base + np.where(chunked, (n - 1) / n, 1.0) * t_v * cb, np.where(chunked, sums, 1.0) * vh * g16)
+    after = (base - cast * vh * 2.0, np.where(cast, vh * (2.0 + FP32), vh * tb))
     steps = c.in_backward * (1 - c.tied_embeddings) * _step_temporaries(c, vh)
-    after = (base - cast * vh * 2.0, np.where(cast, vh * (2.0 + FP32), vh * tb) + steps)
-    return tuple((np.where(on, a, 0.0), np.where(on, g, 0.0)) for a, g in (during, after))
+    stepped = (base - cast * vh * 2.0, vh * tb + steps)  # the hook steps it once .grad holds it
+    return tuple((np.where(on, a, 0.0), np.where(on, g, 0.0)) for a, g in (during, after, stepped))
 
 
 # --- activation terms -------------------------------------------------------------------------
@@ -684,8 +686,11 @@ def prefill_activations_bytes(c: Columns) -> Array:
     gpt2_weights = np.where((c.family == FAMILY_CODES["gpt2"]) & (c.eager_attention == 1),
                             c.batch * c.heads * c.seq**2 * cb / c.tp, 0.0)
     held = prefill_embeddings_bytes(c) + eager_mask_bytes(c) + sdpa_window_mask_bytes(c) + gpt2_weights
-    # a quantized down projection is dequantized beside the MLP's product and its output
-    dequant = np.maximum(0.0, tq.dequant_bytes(c, cb) + t * (c.hidden - mlp + c.ffn) * cb / c.tp)
+    # a quantized layer dequantizes its weight beside what the matmul reads and writes: a gated
+    # MLP's up projection (the gate's activation alive, the up output made: 2 t*f), a GELU MLP's
+    # down projection (its input and the t*h output)
+    at_matmul = np.where(c.gated_mlp == 1, 2.0 * c.ffn, c.ffn + c.hidden)
+    dequant = np.maximum(0.0, tq.dequant_bytes(c, cb) + t * (at_matmul * cb - mlp * cb) / c.tp)
     return (np.where(c.moe_layers > 0, moe_prefill_bytes(c), dense + dequant) + rope + held
             + inference_ids_bytes(c))
 
@@ -808,6 +813,10 @@ def peak_breakdown(c: Columns, k: DetailedConstants) -> Breakdown:
     repeat = Breakdown.of(w, weights=w, kv_cache=kv_decode, activations=act * decode_activations_bytes(c),
                           overhead=overhead)
     decode = repeat.select(repeat.total > decode.total, decode)
+    # a quantized model's last decode step dequantizes its largest matrix beside the whole cache
+    dq = Breakdown.of(w, weights=w, kv_cache=kv_decode, overhead=overhead,
+                      activations=act * tq.dequant_bytes(c, compute_bytes(c)) * (c.gen_tokens > 0))
+    decode = dq.select(dq.total > decode.total, decode)
     infer = decode.select(decode.total > prefill.total, prefill)
     out = train.select(c.training == 1, infer)
     if not (c.serve == 1).any():
