@@ -489,12 +489,14 @@ def _recompute_block(c: Columns) -> tuple[Array, Array, Array, Array]:
     dense = np.maximum(n_ffn * c.batch * c.seq * c.ffn * compute_bytes(c) / c.tp, table)
     width = c.experts_per_token * c.expert_ffn + c.shared_ffn
     mlp = np.where(c.moe_layers > 0, n_ffn * c.batch * c.seq * width * compute_bytes(c) / c.tp, dense)
-    # LoRA's re-run block at its MLP backward also holds the gradient of the block's output (t*h)
+    # LoRA's re-run block at its MLP backward also holds a t*h tensor of its norm's backward
     # or, with an adapter on down, that adapter's input gradient (t*f in the adapters' dtype: peft
     # casts the input to it), under mixed precision (fp32 adapters) both; measured on the reference
     # step for q/k/v/o, gate/up/down and all seven targets, mixed and pure (tests/test_techniques.py)
     t = c.batch * c.seq
-    th, tf_ = t * c.hidden * compute_bytes(c), t * c.ffn * trainable_bytes(c)
+    # (a 16-bit block only: the t*h is a norm's fp32 upcast, which an fp32 model does not make)
+    th = np.where(compute_bytes(c) < FP32, t * c.hidden * compute_bytes(c), 0.0)
+    tf_ = t * c.ffn * trainable_bytes(c)
     extra = np.where((c.lora_down == 1) & (c.mixed == 1), tf_ + th, np.maximum(th, c.lora_down * tf_))
     mlp = mlp + c.lora * extra / c.tp
     softmax = np.where(eager, one_layer + softmax_backward_bytes(c), 0.0)
