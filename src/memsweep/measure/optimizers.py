@@ -232,6 +232,30 @@ def _write_param(p_slice: torch.Tensor, update: torch.Tensor, decay: float, scal
         p_slice.copy_(update)
 
 
+def _run_closure(closure):
+    """torch.optim's convention: re-evaluate the loss with gradients enabled."""
+    if closure is None:
+        return None
+    with torch.enable_grad():
+        return closure()
+
+
+def _with_grads(opt: Optimizer):
+    """(group, parameter) for every parameter with a dense gradient, both made contiguous first
+    (as bitsandbytes' update_step does)."""
+    for group in opt.param_groups:
+        for p in group["params"]:
+            if p.grad is None:
+                continue
+            if p.grad.is_sparse:
+                raise RuntimeError(f"{type(opt).__name__} does not support sparse gradients")
+            if not p.is_contiguous():
+                p.data = p.data.contiguous()
+            if not p.grad.is_contiguous():
+                p.grad = p.grad.contiguous()
+            yield group, p
+
+
 # --- the update kernels -------------------------------------------------------------------------
 # Each is one custom op, as bitsandbytes' fused CUDA kernels are one launch: a traced step sees the
 # states it mutates and nothing else (the slices' fp32 temporaries inside are the kernel's
@@ -363,34 +387,22 @@ class AdamW8bit(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
+        loss = _run_closure(closure)
+        for group, p in _with_grads(self):
             beta1, beta2 = group["betas"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if p.grad.is_sparse:
-                    raise RuntimeError("AdamW8bit does not support sparse gradients")
-                if not p.is_contiguous():  # as bitsandbytes' update_step
-                    p.data = p.data.contiguous()
-                if not p.grad.is_contiguous():
-                    p.grad = p.grad.contiguous()
-                state = self.state[p]
-                if not state:
-                    self._init_state(p, state)
-                state["step"] += 1
-                t = state["step"]
-                lr = group["lr"]
-                hyper = dict(beta1=beta1, beta2=beta2, eps=group["eps"],
-                             bc1=1.0 - beta1 ** t, bc2_sqrt=math.sqrt(1.0 - beta2 ** t),
-                             decay=1.0 - lr * group["weight_decay"], lr=lr)
-                if state["state1"].dtype == torch.uint8:
-                    self._step_8bit(p, state, **hyper)
-                else:
-                    self._step_32bit(p, state, **hyper)
+            state = self.state[p]
+            if not state:
+                self._init_state(p, state)
+            state["step"] += 1
+            t = state["step"]
+            lr = group["lr"]
+            hyper = dict(beta1=beta1, beta2=beta2, eps=group["eps"],
+                         bc1=1.0 - beta1 ** t, bc2_sqrt=math.sqrt(1.0 - beta2 ** t),
+                         decay=1.0 - lr * group["weight_decay"], lr=lr)
+            if state["state1"].dtype == torch.uint8:
+                self._step_8bit(p, state, **hyper)
+            else:
+                self._step_32bit(p, state, **hyper)
         return loss
 
     def _step_32bit(self, p, state, *, beta1, beta2, eps, bc1, bc2_sqrt, decay, lr) -> None:
@@ -432,27 +444,16 @@ class Lion(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
-        for group in self.param_groups:
+        loss = _run_closure(closure)
+        for group, p in _with_grads(self):
             beta1, beta2 = group["betas"]
             lr = group["lr"]
-            decay = 1.0 - lr * group["weight_decay"]
-            for p in group["params"]:
-                if p.grad is None:
-                    continue
-                if not p.is_contiguous():
-                    p.data = p.data.contiguous()
-                if not p.grad.is_contiguous():
-                    p.grad = p.grad.contiguous()
-                state = self.state[p]
-                if not state:
-                    dtype = torch.float32 if self.state_fp32 else p.dtype
-                    state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
-                torch.ops.memsweep.lion_update(p, p.grad, state["exp_avg"], [beta1, beta2, decay, lr],
-                                               self.slice_elements)
+            state = self.state[p]
+            if not state:
+                dtype = torch.float32 if self.state_fp32 else p.dtype
+                state["exp_avg"] = torch.zeros(p.shape, dtype=dtype, device=p.device)
+            torch.ops.memsweep.lion_update(p, p.grad, state["exp_avg"],
+                                           [beta1, beta2, 1.0 - lr * group["weight_decay"], lr], self.slice_elements)
         return loss
 
 
@@ -497,10 +498,7 @@ class Adafactor(Optimizer):
 
     @torch.no_grad()
     def step(self, closure=None):
-        loss = None
-        if closure is not None:
-            with torch.enable_grad():
-                loss = closure()
+        loss = _run_closure(closure)
         half = (torch.float16, torch.bfloat16)
         # The names below (grad, p_data_fp32, update) keep their tensors alive exactly as long
         # as HF's loop does, including `update` across parameters: do not `del` them.
