@@ -12,9 +12,10 @@ import numpy as np
 from memsweep.columns import Columns, active_params, base_params, model_values, trainable_params
 from memsweep.errors import ConfigError
 from memsweep.formulas import TERMS, Formula
-from memsweep.formulas.detailed import peak_breakdown
+from memsweep.formulas.detailed import cpu_bytes, peak_breakdown, serve_kv_sequence_bytes, serve_kv_token_bytes
+from memsweep.formulas.techniques import engine_budget_bytes
 from memsweep.specs import JobSpec, ModelSpec
-from memsweep.units import GIB
+from memsweep.units import GIB, MIB
 
 
 def job_fields(spec: JobSpec, cols: Columns | None) -> dict[str, Any]:
@@ -66,7 +67,7 @@ def capacity_bytes(spec: JobSpec) -> int:
     non-torch memory) inside it."""
     hw = spec.hardware
     if spec.workload.kind == "serve":
-        return int(math.ceil(spec.workload.gpu_util * hw.memory_bytes)) - hw.reserved_mib * 2**20
+        return int(engine_budget_bytes(spec.workload.gpu_util, hw.memory_bytes, hw.reserved_mib * MIB))
     return hw.usable_bytes
 
 
@@ -74,10 +75,6 @@ def serve_fields(spec: JobSpec, cols: Columns, b) -> dict[str, Any]:
     """Inference and serving: KV bytes per token; serving: the tokens the paged cache holds in what
     weights, activations and graphs leave of the capacity, in whole blocks, and how many sequences
     of `seq` tokens that is (vLLM's "Maximum concurrency")."""
-    from memsweep.formulas.detailed import serve_kv_sequence_bytes, serve_kv_token_bytes
-
-    from memsweep.formulas.detailed import cpu_bytes
-
     if spec.workload.training:
         return {"cpu_bytes": int(round(float(cpu_bytes(cols)[0])))}
     if not spec.model.decoder:

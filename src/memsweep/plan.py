@@ -34,10 +34,11 @@ import polars as pl
 from memsweep.columns import Array, Columns, base_params
 from memsweep.errors import ConfigError
 from memsweep.formulas import TERMS, Breakdown, Formula, get_formula
+from memsweep.formulas.techniques import engine_budget_bytes
 from memsweep.presets import job_spec, load_preset, model_spec, preset_names, workload_spec
 from memsweep.results import write_atomic, write_parquet_atomic, write_text_atomic
 from memsweep.specs import ATTENTIONS, RECOMPUTES, Hardware, JobSpec, check_choice, check_int
-from memsweep.units import GIB, SWEEP_DTYPES
+from memsweep.units import GIB, MIB, SWEEP_DTYPES
 
 CHUNK_ROWS = 16_384
 """Rows per formula call. The formula makes ~100 temporaries per row; in chunks they stay in the
@@ -431,8 +432,8 @@ def _capacity(ctx: _Ctx, case_idx: Array, hw_idx: Array) -> Array:
     if ctx.base is None or not (ctx.base.serve[case_idx] == 1).any():
         return cap
     memory = np.array([h.memory_bytes for h in ctx.hardware], dtype=np.float64)[hw_idx]
-    reserve = np.array([h.reserved_mib * 2**20 for h in ctx.hardware], dtype=np.float64)[hw_idx]
-    engine = np.ceil(ctx.base.gpu_util[case_idx] * memory) - reserve
+    reserve = np.array([h.reserved_mib * MIB for h in ctx.hardware], dtype=np.float64)[hw_idx]
+    engine = engine_budget_bytes(ctx.base.gpu_util[case_idx], memory, reserve)
     return np.where(ctx.base.serve[case_idx] == 1, np.minimum(cap, engine), cap)
 
 

@@ -168,11 +168,15 @@ def gradients_bytes(c: Columns) -> Array:
 def optimizer_bytes(c: Columns) -> Array:
     """Adam: m and v; SGD with momentum: one buffer; plain SGD: none (per updated parameter), in
     the trainable dtype. 8-bit AdamW, Lion and Adafactor: their own layouts (techniques.py)."""
-    updated, tb = updated_params(c), trainable_bytes(c)
-    states = np.where(tq.beyond_torch_optim(c), tq.technique_state_bytes(c, updated, tb),
-                      c.optimizer_states * updated * tb)
     # offloaded: the states (and the master weights) are in CPU RAM (`cpu_bytes`)
-    return np.where(c.offload_optimizer == 1, 0.0, per_gpu(c, states, 1) + master_bytes(c))
+    return np.where(c.offload_optimizer == 1, 0.0, per_gpu(c, state_bytes(c), 1) + master_bytes(c))
+
+
+def state_bytes(c: Columns) -> Array:
+    """Every optimizer state before sharding, wherever it lives (GPU, or CPU when offloaded)."""
+    updated, tb = updated_params(c), trainable_bytes(c)
+    return np.where(tq.beyond_torch_optim(c), tq.technique_state_bytes(c, updated, tb),
+                    c.optimizer_states * updated * tb)
 
 
 def cpu_bytes(c: Columns) -> Array:
@@ -180,11 +184,9 @@ def cpu_bytes(c: Columns) -> Array:
     `estimate_zero2_model_states_mem_needs`, `..._zero3_...`): the optimizer states, the fp32
     master weights and fp32 gradients (offload.optimizer); the 16-bit parameters (offload.params);
     the checkpoints (offload.activations)."""
-    updated, tb = updated_params(c), trainable_bytes(c)
-    states = np.where(tq.beyond_torch_optim(c), tq.technique_state_bytes(c, updated, tb),
-                      c.optimizer_states * updated * tb)
+    updated = updated_params(c)
     master = np.where(c.mixed == 1, updated * FP32, 0.0)
-    optimizer = per_gpu(c, states + master + updated * tb, 1) * c.offload_optimizer
+    optimizer = per_gpu(c, state_bytes(c) + master + updated * trainable_bytes(c), 1) * c.offload_optimizer
     params = c.offload_params * per_gpu(c, base_params(c) * compute_bytes(c), 3)
     return c.training * (optimizer + params) + offloaded_checkpoint_bytes(c)
 
