@@ -96,7 +96,7 @@ def largest_batch(spec: PlanSpec, row: Mapping[str, Any]) -> int:
 def _how(row: Mapping[str, Any]) -> str:
     """'4 GPUs (tp2 pp2), recompute=full'."""
     parts = layout_parts(row)
-    gpus = f"{row['gpus']} GPU{'s' if row['gpus'] > 1 else ''}" + (f" ({' '.join(parts)})" if parts else "")
+    gpus = f"{row['gpus']} GPU{'s' if row['gpus'] > 1 else ''}" + (f" ({', '.join(parts)})" if parts else "")
     return f"{gpus}, recompute={row['recompute']}" + (f", offload={row['offload']}" if row["offload"] != "none" else "")
 
 

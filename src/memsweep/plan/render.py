@@ -52,24 +52,25 @@ def answer_cell(row: Mapping[str, Any], answer: str, max_seq: int) -> str:
 
 
 def layout_parts(row: Mapping[str, Any]) -> list[str]:
-    """['tp2', 'pp2', 'zero3 dp2', 'ep2', 'micro 4 × 8']: the layout's parallel ranks (and the
-    split of a global batch), nothing for one GPU."""
-    parts = [f"{k}{row[k]}" for k in ("tp", "pp") if row[k] and row[k] > 1]
+    """['tp2 pp2 zero3 dp2 ep2', 'micro 4 × 8']: the layout's parallel ranks, and the split of a
+    global batch; nothing for one GPU at one micro-batch."""
+    ranks = [f"{k}{row[k]}" for k in ("tp", "pp") if row[k] and row[k] > 1]
     if row["dp"] and row["dp"] > 1:
-        parts.append(f"zero{row['zero']} dp{row['dp']}" if row["zero"] else f"dp{row['dp']}")
+        ranks.append(f"zero{row['zero']} dp{row['dp']}" if row["zero"] else f"dp{row['dp']}")
     if row["ep"] and row["ep"] > 1:
-        parts.append(f"ep{row['ep']}")
+        ranks.append(f"ep{row['ep']}")
+    parts = [" ".join(ranks)] if ranks else []
     if row["grad_accum"] and row["grad_accum"] > 1:
         parts.append(f"micro {row['batch']} × {row['grad_accum']}")
     return parts
 
 
 def layout_text(row: Mapping[str, Any]) -> str:
-    """'4 (zero3 dp4 full)', '2 (tp2)', '8 (tp2 pp2 zero1 dp2 ep2)'."""
+    """'4 (zero3 dp4, full)', '2 (tp2)', '8 (tp2 pp2 zero1 dp2 ep2, micro 2 × 16)'."""
     parts = layout_parts(row)
     how = variant_label(row)
     parts += [how] if how else []
-    return f"{row['gpus']} ({' '.join(parts)})" if parts else str(row["gpus"])
+    return f"{row['gpus']} ({', '.join(parts)})" if parts else str(row["gpus"])
 
 
 def gpus_cell(row: Mapping[str, Any] | None) -> str:
