@@ -184,3 +184,12 @@ def test_a_formula_without_rows_in_a_workload_keeps_its_titled_panel():
         assert [t.get_text() for t in fig.axes[3].texts] == ["no rows"]
     finally:
         plots._plt().close(fig)
+
+
+def test_an_outlier_puts_the_error_axis_on_a_symmetric_log_scale(errors):
+    wild = errors.with_columns(pl.when(pl.col("formula") == errors["formula"][0]).then(pl.col(ERROR) * 0 + 2425.0)
+                               .otherwise(pl.col(ERROR)).alias(ERROR))
+    fig = plots.error_vs_seq_figure(wild)
+    scales = [ax.get_yscale() for ax in fig.axes if ax.get_visible() and ax.get_title()]
+    lo, hi = fig.axes[0].get_ylim()
+    assert scales[0] == "symlog" and lo == -hi and hi > 2425 and "linear" in scales[1:]

@@ -27,7 +27,8 @@ if TYPE_CHECKING:
 ERROR_FLOOR_PCT = 1.0   # narrowest error axis: ±1 %
 ERROR_PAD = 1.15        # the largest |error| sits at 87 % of the half-range
 EXACT_PCT = 0.05        # below this everywhere, a title says "every error below 0.05 %"
-SYMLOG_FROM = 20.0      # a heatmap's colours go symmetric-log past ±20 %
+SYMLOG_FROM = 20.0      # a heatmap's colours (and a wide error axis) go symmetric-log past ±20 %
+SYMLOG_AXIS = 200.0     # an error axis wider than ±200 % goes symmetric-log (one outlier hides no spread)
 LOG_SPAN = 10.0         # predicted-vs-measured axes go log when max / min reaches this
 
 # matplotlib's tab10 / tab20, spelled out so that choosing colours does not import matplotlib
@@ -238,7 +239,11 @@ def error_vs_seq_figure(errors: pl.DataFrame) -> Figure:
             ax.scatter(g["seq"] * dodge[m, w], g[ERROR], color=cmap[m], marker=mk[w], s=18,
                        alpha=0.85, edgecolors="none", zorder=3)
         ax.axhline(0, **GUIDE)
-        ax.set_ylim(*error_limits(d[ERROR]))
+        lo, hi = error_limits(d[ERROR])
+        wide = hi > SYMLOG_AXIS
+        if wide:  # linear within ±20 %, logarithmic beyond: the spread near 0 stays readable
+            ax.set_yscale("symlog", linthresh=SYMLOG_FROM)
+        ax.set_ylim(lo, hi)
         ax.set_xscale("log", base=2)
         ax.set_xticks(seqs, [str(s) for s in seqs])
         ax.minorticks_off()
@@ -246,7 +251,8 @@ def error_vs_seq_figure(errors: pl.DataFrame) -> Figure:
         ax.grid(axis="y", color="0.9", lw=0.6)
         ax.tick_params(labelsize=7)
         e = d[ERROR]
-        ax.set_title(f"{f}: {d.height} rows\n{_spread(e)}", fontsize=8)
+        scale = f"; symmetric-log beyond ±{SYMLOG_FROM:g} %" if wide else ""
+        ax.set_title(f"{f}: {d.height} rows{scale}\n{_spread(e)}", fontsize=8)
         ax.set_xlabel("seq (tokens)", fontsize=8)
         ax.set_ylabel("error %", fontsize=8)
     for ax in axes.ravel()[len(formulas):]:
