@@ -82,10 +82,19 @@ def hf_sweeps(models: str) -> dict[str, list[str]]:
     return out
 
 
+def joblib_launcher_installed() -> bool:
+    """The `launchers` extra is optional: without any Hydra plugin there is no `hydra_plugins`
+    package at all, and find_spec of its submodule raises instead of answering None."""
+    try:
+        return importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is not None
+    except ImportError:
+        return False
+
+
 def run(out: Path, models: str, jobs: int, grid=sweeps) -> None:
     launcher = []
     if jobs > 1:
-        if importlib.util.find_spec("hydra_plugins.hydra_joblib_launcher") is None:
+        if not joblib_launcher_installed():
             print("note: hydra-joblib-launcher is not installed; running jobs one at a time "
                   "(pip install -e '.[launchers]')")
         else:
@@ -251,6 +260,9 @@ def main() -> int:
     ok = report(table, out, goal)
     if args.against:
         report_differences(table, load(args.against), out)
+    written = [p.name for p in (out / "accuracy.parquet", out / "accuracy_summary.parquet",
+                                out / "impl_differences.parquet") if p.is_file()]
+    print(f"\nreport: {out / 'accuracy.md'} (tables: {', '.join(written)} in {out})")
     return 0 if ok else 1
 
 

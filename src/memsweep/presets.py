@@ -1,13 +1,15 @@
 """Specs from the shipped YAML presets by name, without Hydra (for scripts, tests and planning).
 
-The presets live in the repository's `conf/` (or `$MEMSWEEP_CONF`). The sweep itself composes
-them through Hydra; this is the same data read directly, for code that builds many specs.
+The presets live in the repository's `conf/`, which `pip install .` ships inside the package (or
+in `$MEMSWEEP_CONF`; see `conf_dir`). The sweep itself composes them through Hydra; this is the
+same data read directly, for code that builds many specs.
 """
 
 from __future__ import annotations
 
 import os
 from functools import cache
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -18,7 +20,20 @@ from memsweep.specs import (
     Hardware, JobSpec, MeasureSpec, ModelSpec, OptimizerSpec, Parallel, Workload, model_fields,
 )
 
-CONF_DIR = Path(os.environ.get("MEMSWEEP_CONF", Path(__file__).resolve().parents[2] / "conf"))
+
+def conf_dir() -> Path:
+    """The presets: `$MEMSWEEP_CONF`, else the checkout's `conf/` when this module runs from a
+    checkout (plain or `pip install -e .`), else the copy a `pip install .` ships as package
+    data (`memsweep/conf`, pyproject.toml maps the top-level conf/ onto it)."""
+    if os.environ.get("MEMSWEEP_CONF"):
+        return Path(os.environ["MEMSWEEP_CONF"])
+    root = Path(__file__).resolve().parents[2]
+    if (root / "pyproject.toml").is_file() and (root / "conf" / "config.yaml").is_file():
+        return root / "conf"
+    return Path(str(files("memsweep") / "conf"))
+
+
+CONF_DIR = conf_dir()
 
 
 RUNTIME_OPTIONS = {"model": ("hf",)}

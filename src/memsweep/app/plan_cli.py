@@ -1,4 +1,5 @@
-"""Hydra glue of `scripts/plan.py`: the plan config becomes a `PlanSpec`, the core does the rest.
+"""The planner's command, `memsweep plan KEY=VALUE ...` (or `python scripts/plan.py ...`): the plan
+config becomes a `PlanSpec`, the core does the rest.
 
 Why the config is registered in the ConfigStore instead of read from `conf/` as a search path:
 `conf/` holds config groups named `hardware`, `formula`, `optimizer` and `parallel`, and with it
@@ -13,6 +14,7 @@ import sys
 import time
 from pathlib import Path
 
+import hydra
 from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
@@ -26,7 +28,7 @@ CONFIG_NAME = "plan"
 CONFIG_FILE = CONF_DIR / "plan.yaml"
 LAYOUT_KEYS = ("tp", "dp", "zero")
 
-# Exit status of the run, for scripts/plan.py to return to the shell.
+# Exit status of the run, for `main` to return to the shell.
 last_exit_code = 0
 
 
@@ -65,3 +67,38 @@ def run(cfg: DictConfig) -> int:
     print(f"planned {plan.table.height} rows in {time.perf_counter() - start:.1f} s")
     last_exit_code = 0
     return 0
+
+
+@hydra.main(version_base="1.3", config_path=None, config_name=CONFIG_NAME)
+def hydra_main(cfg: DictConfig) -> int:
+    return run(cfg)
+
+
+def usage(prog: str) -> str:
+    """--help: the plan config itself, whose comments say what every key means."""
+    text = CONFIG_FILE.read_text().split("\nhydra:")[0].rstrip()
+    return (f"usage: {prog} [KEY=VALUE ...] [hydra.run.dir=DIR]\n\n"
+            f"Every key of {CONFIG_FILE} can be overridden (lists: models=[llama3-8b,mistral-7b]):\n\n{text}")
+
+
+def main(argv: list[str] | None = None, prog: str = "memsweep plan") -> int:
+    """Plan for a command line of overrides; 0 done, 2 bad input (one `error:` line)."""
+    global last_exit_code
+    argv = sys.argv[1:] if argv is None else list(argv)
+    # >>> `plan ask model=... hardware=... seq=...` (issue 14): dispatch argv[0] == "ask" here, before
+    # >>> the table planner's own --help and key checks, e.g. `return ask(argv[1:], prog=f"{prog} ask")`.
+    if "--help" in argv or "-h" in argv:
+        print(usage(prog))
+        return 0
+    try:
+        check_overrides(argv)
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    register()
+    named = any(a.startswith("hydra.job.name=") for a in argv)
+    # Hydra names the job (and its log file) after this module; keep the planner's name, plan.log
+    sys.argv = [sys.argv[0], *argv, *([] if named else ["hydra.job.name=plan"])]
+    last_exit_code = 0
+    hydra_main()
+    return last_exit_code

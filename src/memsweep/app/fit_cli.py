@@ -1,0 +1,200 @@
+"""Which formula to trust, and refit its constants: `memsweep fit PATH... [--calibrate]`
+(or `python scripts/fit.py ...`, the same command).
+
+    memsweep fit outputs/multirun/2026-11-25_10-00-00            # error tables + plots
+    memsweep fit SWEEP1 SWEEP2 results.parquet --calibrate        # + calibrated YAMLs
+    memsweep fit SWEEP --calibrate detailed seed_korthikanti --out /tmp/formulas
+
+PATHs are sweep directories or results Parquet files with measured rows (measure=fake|cpu|cuda).
+It writes, into --report (default: <first sweep>/fit), `fit_errors.parquet` (every formula, overall
+and by model, precision, workload, recompute and seq bucket: count, mean signed error, MAPE,
+median, p90, worst and where), `fit_summary.md` (also printed) and three PNGs. Rows whose
+measurement failed (oom, skipped, error) are listed, not dropped silently.
+
+--calibrate [FORMULA ...] refits each formula's calibratable constants by non-negative least
+squares on relative error. Constants the data cannot inform (their column is zero, constant or
+collinear with others in the design) keep their values. The refit is judged on held-out rows
+(leave-one-model-out and a random 70/30 split) before it is written: one that does worse there
+than the formula it came from is not written. `<formula>_calibrated.yaml` goes beside the report
+(or --out; never into the package's conf/), with its provenance. Nothing joins a sweep by itself:
+
+    memsweep fit --install REPORT/detailed_calibrated.yaml --into ~/memsweep-conf
+    memsweep --config-dir ~/memsweep-conf formula=detailed_calibrated     # or python sweep.py ...
+    memsweep plan formula=REPORT/detailed_calibrated.yaml                 # or python scripts/plan.py ...
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import shutil
+import sys
+from pathlib import Path
+
+import polars as pl
+import yaml
+
+from memsweep import plots
+from memsweep.calibrate import calibrate, constants_dict, held_out, mape
+from memsweep.errors import ConfigError
+from memsweep.fit import (
+    error_tables, load_tables, measured_jobs, unmeasured, with_errors,
+)
+from memsweep.formulas import FORMULAS, get_formula, load_calibrated
+from memsweep.presets import CONF_DIR
+from memsweep.results import OutputError, markdown_table, write_parquet_atomic, write_text_atomic
+
+
+def errors_report(table: pl.DataFrame, report: Path, heatmap: str) -> list[str]:
+    errors = with_errors(table)
+    failed = unmeasured(table)
+    lines = [f"# Fit errors ({errors['job_id'].n_unique()} measured jobs)", ""]
+    if failed.height:
+        lines += [f"Not measured ({failed.height} jobs):", "", markdown_table(failed.select(
+            "model", "workload", "seq", "batch", "dtype", "status", "error")), ""]
+    tables = error_tables(errors)
+    parts = []
+    for grouping, t in tables.items():
+        lines += [f"## {'Overall' if grouping == 'overall' else 'By ' + grouping}", "",
+                  markdown_table(t.drop("worst_signed_pct", *(["worst_config"] if grouping != "overall" else []))), ""]
+        group = pl.lit("all") if grouping == "overall" else pl.col(grouping).cast(pl.String)
+        parts.append(t.with_columns(pl.lit(grouping).alias("grouping"), group.alias("group"))
+                     .select("grouping", "group", *[c for c in t.columns if c not in (grouping,)]))
+    write_parquet_atomic(pl.concat(parts, how="vertical_relaxed"), report / "fit_errors.parquet")
+    if errors.height:
+        plots.predicted_vs_measured(errors, report / "predicted_vs_measured.png")
+        plots.error_vs_seq(errors, report / "error_vs_seq.png")
+        if heatmap in set(errors["formula"]):
+            plots.residual_heatmap(errors, heatmap, report / f"residuals_{heatmap}.png")
+    return lines
+
+
+def calibrate_all(table: pl.DataFrame, names: list[str], out_dir: Path, sources: list[str]) -> list[str]:
+    jobs, cols, measured = measured_jobs(table)
+    if not len(measured):
+        raise ConfigError("PATH", ", ".join(sources), "sweeps with measured rows (measure=fake|cpu|cuda)")
+    check_out_dir(out_dir)
+    rows = []
+    for name in names:
+        formula = get_formula(name)
+        result = calibrate(formula, cols, measured)
+        before, after = mape(formula, cols, measured), mape(result.formula, cols, measured)
+        held = held_out(formula, cols, measured, jobs["model"].to_list())
+        # judged on rows it was not fitted to: written only when it does better there, nowhere worse
+        judged = [k for k in ("lomo", "split") if f"{k}_after_pct" in held]
+        worse = [k for k in judged if held[f"{k}_after_pct"] > held[f"{k}_before_pct"] + 1e-9]
+        better = [k for k in judged if held[f"{k}_after_pct"] < held[f"{k}_before_pct"] - 1e-9]
+        if not result.fitted or not result.improved or worse or not better:
+            rises = ", ".join(f"{k} {held[k + '_before_pct']:.2f} -> {held[k + '_after_pct']:.2f} %" for k in worse)
+            why = ("the data inform none of its constants" if not result.fitted else
+                   "the refit does not lower the error" if not result.improved else
+                   f"held-out error rises ({rises})" if worse else
+                   "no held-out improvement (too few rows or models to judge it)")
+            rows.append({"formula": name, "rows": len(measured), "mape_before_pct": before,
+                         "mape_after_pct": after, **held, "yaml": f"not written: {why}"})
+            continue
+        doc = {
+            "name": result.formula.name,
+            "base": formula.name if formula.name in FORMULAS else name,
+            "constants": constants_dict(result.formula),
+            "provenance": {
+                "calibrated_from": name, "fitted": list(result.fitted),
+                "kept": [n for n in constants_dict(formula) if n not in result.fitted],
+                "data": sources,
+                "rows": int(len(measured)), "models": sorted(set(jobs["model"])),
+                "backends": sorted(set(jobs["measure_backend"].drop_nulls())),
+                "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+                "mape_before_pct": round(before, 4), "mape_after_pct": round(after, 4),
+                **{k: round(v, 4) for k, v in held.items()},
+            },
+        }
+        header = (f"# Calibrated by scripts/fit.py from {len(measured)} measured jobs. Install it with "
+                  f"`python scripts/fit.py --install THIS --into DIR`, then select it with "
+                  f"`python sweep.py --config-dir DIR formula={result.formula.name}`.\n")
+        path = out_dir / f"{result.formula.name}.yaml"
+        write_text_atomic(header + yaml.safe_dump(doc, sort_keys=False), path)
+        rows.append({"formula": name, "rows": len(measured), "mape_before_pct": before,
+                     "mape_after_pct": after, **held, "yaml": str(path)})
+    return ["## Calibration (MAPE %, in sample and held out)", "", markdown_table(pl.DataFrame(rows)), ""]
+
+
+def check_out_dir(out: Path, key: str = "--out") -> None:
+    """A directory memsweep may write calibrated formulas into: not the package's own conf/."""
+    if out.exists() and not out.is_dir():
+        raise ConfigError(key, str(out), "a directory (this is a file)")
+    for parent in (out, *out.parents):
+        if parent.exists() and not parent.is_dir():
+            raise ConfigError(key, str(out), f"a directory ({parent} is a file)")
+    if out.resolve() == CONF_DIR.resolve() or CONF_DIR.resolve() in out.resolve().parents:
+        raise ConfigError(key, str(out), f"a directory outside the package's {CONF_DIR} (a user config folder)")
+
+
+def install(yaml_path: Path, into: Path, force: bool) -> str:
+    """Copy a calibrated formula into a user config folder (DIR/formula/NAME.yaml), which
+    `python sweep.py --config-dir DIR formula=NAME` puts on Hydra's search path."""
+    if not yaml_path.is_file():
+        raise ConfigError("--install", str(yaml_path), "a calibrated formula YAML written by --calibrate")
+    try:
+        formula = load_calibrated(yaml_path)
+    except (OSError, ValueError, AttributeError) as exc:
+        raise ConfigError("--install", str(yaml_path), f"a calibrated formula YAML ({type(exc).__name__})") from None
+    if formula.name in FORMULAS:
+        raise ConfigError("--install", str(yaml_path), f"a formula not named like a built-in ({formula.name})")
+    check_out_dir(into, "--into")
+    target = into / "formula" / f"{formula.name}.yaml"
+    if target.exists() and target.read_bytes() != yaml_path.read_bytes() and not force:
+        raise ConfigError("--into", str(into), f"a folder without another {target.name} (or --force to replace it)")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(yaml_path, target)
+    return (f"installed {target}; use it with: python sweep.py --config-dir {into} formula={formula.name}")
+
+
+def main(argv: list[str] | None = None, prog: str | None = None) -> int:
+    parser = argparse.ArgumentParser(prog=prog, description=__doc__.splitlines()[0],
+                                     formatter_class=argparse.RawDescriptionHelpFormatter,
+                                     epilog="\n".join(__doc__.splitlines()[2:]))
+    parser.add_argument("paths", nargs="*", type=Path, help="sweep directories or results Parquet files")
+    parser.add_argument("--calibrate", nargs="*", metavar="FORMULA",
+                        help="refit these formulas (default: every built-in formula)")
+    parser.add_argument("--out", type=Path, help="where calibrated YAMLs go (default: the report directory)")
+    parser.add_argument("--install", type=Path, metavar="YAML", help="copy a calibrated YAML into --into DIR/formula/")
+    parser.add_argument("--into", type=Path, metavar="DIR", help="a user config folder for --install")
+    parser.add_argument("--force", action="store_true", help="--install may replace a different file")
+    parser.add_argument("--report", type=Path, help="where tables and plots go (default <first path>/fit)")
+    parser.add_argument("--heatmap", default="detailed", help="formula for the residual heatmap")
+    args = parser.parse_args(argv)
+    try:
+        if args.install is not None:
+            if args.into is None:
+                raise ConfigError("--into", None, "a user config folder (DIR) for --install")
+            print(install(args.install, args.into, args.force))
+            return 0
+        if not args.paths:
+            raise ConfigError("PATH", None, "one or more sweep directories or results Parquet files")
+        table = load_tables(args.paths)
+        measured_rows = with_errors(table).height if table.height else 0
+        if not measured_rows:
+            raise ConfigError("PATH", ", ".join(map(str, args.paths)),
+                              "sweeps with measured rows (run them with measure=fake|cpu|cuda)")
+        first = args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent
+        report = args.report or first / "fit"
+        check_out_dir(report, "--report")
+        report.mkdir(parents=True, exist_ok=True)
+        lines = errors_report(table, report, args.heatmap)
+        written = sorted(p.name for p in report.glob("*.png"))
+        if args.calibrate is not None:
+            names = args.calibrate or list(FORMULAS)
+            for n in names:
+                get_formula(n, key="--calibrate")
+            lines += calibrate_all(table, names, args.out or report, [str(p) for p in args.paths])
+        text = "\n".join(lines)
+        write_text_atomic(text + "\n", report / "fit_summary.md")
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    except OSError as exc:
+        print(f"error: {exc.strerror if isinstance(exc, OutputError) else exc}", file=sys.stderr)
+        return 1
+    print(text)
+    print(f"\nwritten: {report}/fit_errors.parquet, fit_summary.md" + "".join(f", {p}" for p in written))
+    return 0

@@ -1,0 +1,79 @@
+"""The sweep app: `memsweep -m seq=512,2048 dtype=fp16,bf16`, the same as `python sweep.py ...`.
+
+Hydra composes the config from the presets (`memsweep.presets.CONF_DIR`: the checkout's conf/, or
+the copy an installed package ships), `job.run_job` runs each job, the callbacks collect. Exit
+status: 0 when every job ran (ok, oom and skipped are results), 1 when any job failed
+(status=error, the table is still written), 2 for bad input found before any job ran.
+
+This module is named `sweep` on purpose: Hydra names the job after the file of its task
+function, so a run's log stays `sweep.log` whichever entry started it.
+"""
+
+from __future__ import annotations
+
+import os
+import sys
+
+import hydra
+from hydra.errors import HydraException
+from omegaconf import DictConfig
+from omegaconf.errors import OmegaConfBaseException
+
+from memsweep.app import callbacks, job
+from memsweep.app.cli import check_overrides, check_writable, grid_subdir, output_dir, without_null_options
+from memsweep.errors import ConfigError
+from memsweep.presets import CONF_DIR
+from memsweep.results import OutputError
+
+
+@hydra.main(version_base="1.3", config_path=str(CONF_DIR), config_name="config")
+def hydra_main(cfg: DictConfig) -> int:
+    return job.run_job(cfg)
+
+
+def run(argv: list[str]) -> int:
+    """Run the sweep (or one job, without -m) for a command line of Hydra overrides and flags."""
+    try:
+        check_overrides(argv, CONF_DIR)
+        argv = without_null_options(argv)
+        check_writable(*output_dir(argv))
+    except ConfigError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    job.last_exit_code, callbacks.failed_jobs = 0, 0  # a second run in one process starts clean
+    sys.argv = [sys.argv[0], *argv, *grid_subdir(argv)]
+    os.environ[job.SWEEP_PID_ENV] = str(os.getpid())  # workers exit when this process is gone
+    user_full_error = "HYDRA_FULL_ERROR" in os.environ
+    os.environ.setdefault("HYDRA_FULL_ERROR", "1")  # Hydra's errors reach us, to print in one line
+    try:
+        hydra_main()
+    except HydraException as exc:  # Hydra refusing input (a missing config is an OSError too)
+        if user_full_error:
+            raise
+        first = str(exc).strip().splitlines()[0]
+        if "Could not load 'hydra/launcher/" in first:  # a launcher option, its plugin not installed
+            first = f"{first.rstrip('.')}; the launchers need: pip install 'memsweep[launchers]'"
+        print(f"error: {first}", file=sys.stderr)
+        return 2
+    except OSError as exc:  # disk full / read-only mid-run (Hydra's own config save): parts stay
+        key, out = output_dir(argv)
+        what = exc.strerror if isinstance(exc, OutputError) else (
+            f"cannot write {exc.filename or f'{key}={str(out)!r}'}: {exc.strerror or exc}")
+        print(f"error: {what}; the parts written so far are kept (memsweep collect DIR, or python "
+              f"scripts/collect.py DIR, rebuilds results.parquet)", file=sys.stderr)
+        return 1
+    except (OmegaConfBaseException, ValueError, TypeError) as exc:  # OmegaConf refusing input
+        if user_full_error:
+            raise
+        print(f"error: {str(exc).strip().splitlines()[0]}", file=sys.stderr)
+        return 2
+    finally:
+        if not user_full_error:
+            os.environ.pop("HYDRA_FULL_ERROR", None)
+    if job.last_exit_code:  # a single run: its own error line is out already
+        return job.last_exit_code
+    if callbacks.failed_jobs:
+        print(f"error: {callbacks.failed_jobs} job(s) failed (status=error); their rows are in the table",
+              file=sys.stderr)
+        return 1
+    return 0
