@@ -11,6 +11,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))  # runs from a checkout without install
 
+if __name__ == "__main__" and sys.argv[1:2] == ["ask"]:  # one sentence, no Hydra to import
+    from memsweep.plan import ask  # noqa: E402
+
+    sys.exit(ask.main(sys.argv[2:], prog="python scripts/plan.py ask"))
+
 from memsweep.app import plan_cli  # noqa: E402
 
 if __name__ == "__main__":

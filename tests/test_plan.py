@@ -450,3 +450,12 @@ def test_ask_answers_in_one_sentence():
         parse_args(["model=llama3-8b"])
     with pytest.raises(ConfigError, match="^model=\\['a', 'b'\\]: not allowed; allowed: one value"):
         parse_args(["model=[a,b]", "hardware=a100-40g"])
+
+
+def test_plan_script_ask_prints_one_sentence_and_bad_keys_exit_2():
+    ok = subprocess.run([sys.executable, str(REPO / "scripts" / "plan.py"), "ask", "model=llama3.2-1b",
+                         "hardware=rtx4090-24g", "workload=lora", "seq=8192"], capture_output=True, text=True, timeout=60)
+    assert ok.returncode == 0 and ok.stdout.count("\n") == 1 and "fits on 1 GPU, recompute=full" in ok.stdout
+    bad = subprocess.run([sys.executable, str(REPO / "scripts" / "plan.py"), "ask", "model=x", "hardware=a100-40g"],
+                         capture_output=True, text=True, timeout=60)
+    assert bad.returncode == 2 and bad.stderr.startswith("error: model='x': not allowed") and bad.stderr.count("\n") == 1

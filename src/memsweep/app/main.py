@@ -20,6 +20,10 @@ HELP_FLAGS = ("--help", "-h")
 
 
 def _plan(argv: list[str]) -> int:
+    if argv[:1] == ["ask"]:  # answers in about half a second: no Hydra to import
+        from memsweep.plan import ask
+
+        return ask.main(argv[1:], prog="memsweep plan ask")
     from memsweep.app import plan_cli
 
     return plan_cli.main(argv, prog="memsweep plan")

@@ -22,11 +22,11 @@ from omegaconf import DictConfig, OmegaConf
 from memsweep.app.cli import override_value, parse_overrides
 from memsweep.errors import ConfigError
 from memsweep.plan import PLAN_KEYS, make_plan, plan_spec_from_dict, render_markdown, write_outputs
+from memsweep.plan.spec import LAYOUT_KEYS
 from memsweep.presets import CONF_DIR
 
 CONFIG_NAME = "plan"
 CONFIG_FILE = CONF_DIR / "plan.yaml"
-LAYOUT_KEYS = ("tp", "dp", "zero")
 
 # Exit status of the run, for `main` to return to the shell.
 last_exit_code = 0
@@ -85,8 +85,10 @@ def main(argv: list[str] | None = None, prog: str = "memsweep plan") -> int:
     """Plan for a command line of overrides; 0 done, 2 bad input (one `error:` line)."""
     global last_exit_code
     argv = sys.argv[1:] if argv is None else list(argv)
-    # >>> `plan ask model=... hardware=... seq=...` (issue 14): dispatch argv[0] == "ask" here, before
-    # >>> the table planner's own --help and key checks, e.g. `return ask(argv[1:], prog=f"{prog} ask")`.
+    if argv[:1] == ["ask"]:  # one question, one sentence (memsweep.plan.ask; no Hydra)
+        from memsweep.plan import ask
+
+        return ask.main(argv[1:], prog=f"{prog} ask")
     if "--help" in argv or "-h" in argv:
         print(usage(prog))
         return 0

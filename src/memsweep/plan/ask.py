@@ -62,7 +62,13 @@ def parse_args(argv: Sequence[str]) -> PlanSpec:
     values.setdefault("workloads", ["train"])
     values.setdefault("seqs", [2048])
     assert set(values) <= set(PLAN_KEYS)
-    return plan_spec_from_dict(values)
+    try:
+        return plan_spec_from_dict(values)
+    except ConfigError as exc:  # the plan's name of a key (models) back to the one typed (model)
+        typed = {v: k for k, v in SINGULAR.items()}.get(exc.key)
+        if typed is None:
+            raise
+        raise ConfigError(typed, exc.value, exc.allowed) from None
 
 
 def largest_batch(spec: PlanSpec, row: Mapping[str, Any]) -> int:
@@ -132,7 +138,17 @@ def answer(spec: PlanSpec) -> str:
     return out + "."
 
 
-def main(argv: Sequence[str]) -> int:
+def usage(prog: str) -> str:
+    return (f"usage: {prog} model=NAME hardware=NAME [workload=train] [seq=2048] [batch=1] [KEY=VALUE ...]\n\n"
+            "One sentence: the fewest GPUs and the cheapest way to fit (fewest GPUs, then no offload, then least\n"
+            "recompute, then the largest micro-batch), the memory and headroom per GPU, the largest batch on that\n"
+            f"layout, and the runner-up.\n\nkeys: {', '.join(ASK_KEYS)}")
+
+
+def main(argv: Sequence[str], prog: str = "memsweep plan ask") -> int:
+    if "--help" in argv or "-h" in argv:
+        print(usage(prog))
+        return 0
     try:
         print(answer(parse_args(argv)))
     except ConfigError as exc:
