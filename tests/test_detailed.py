@@ -102,3 +102,53 @@ def test_breakdown_total_is_the_sum_of_terms():
 def test_training_grows_strictly_once_activations_dominate():
     long = totals([job("llama3-8b", seq=s) for s in (8192, 16384, 32768)])
     assert np.all(np.diff(long) > 0)
+
+
+# --- which moment set the peak (issue 14) -----------------------------------------------------
+
+def test_peak_phase_names_the_moment_peak_breakdown_reports():
+    from memsweep.formulas.detailed import (
+        INFERENCE_PHASES, PHASES, TRAIN_PHASES, _moments, peak_phase,
+    )
+
+    specs = [job(n, wl=w, seq=s, attention=a, recompute=r) for n, w, s, a, r in itertools.product(
+        ("llama3-8b", "gpt2", "tiny"), ("train", "lora", "inference", "serve"), (64, 768), ("sdpa", "eager"),
+        ("none", "full")) if not (w == "serve" and (a == "eager" or n == "gpt2"))]
+    c = Columns.from_specs(specs)
+    k = DETAILED.constants
+    train, infer, serve = _moments(c, k)
+    assert len(train) == len(TRAIN_PHASES) and len(infer) == len(INFERENCE_PHASES)
+    assert len(set(PHASES)) == len(PHASES)
+    moments = dict(zip((*TRAIN_PHASES, *INFERENCE_PHASES, "serve_profile"), (*train, *infer, serve)))
+    names, peak = peak_phase(c, k), DETAILED(c)
+    for i, name in enumerate(names):
+        for t in TERMS:
+            assert getattr(moments[name], t)[i] == getattr(peak, t)[i], (specs[i].model.name, name, t)
+    assert {"optimizer_step", "forward", "prefill", "serve_profile"} <= set(names)
+
+
+def test_a_foreach_step_at_a_short_seq_peaks_in_its_temporaries_a_long_seq_in_the_forward():
+    from memsweep.estimate import estimate_rows
+    from memsweep.specs import OptimizerSpec
+
+    short = estimate_rows(job("tiny", seq=64), [DETAILED])[0]
+    assert short["peak_phase"] == "optimizer_step" and short["optimizer_step_bytes"] > 0
+    # the step holds the token ids and targets only: 16 bytes a token
+    assert short["activations_bytes"] == 16 * 64
+    fused = estimate_rows(job("tiny", seq=64, optimizer=OptimizerSpec("adamw", "fused")), [DETAILED])[0]
+    assert fused["optimizer_step_bytes"] == 0 and fused["optimizer_bytes"] == short["optimizer_bytes"]
+    long = estimate_rows(job("tiny", seq=4096), [DETAILED])[0]
+    assert long["peak_phase"] in ("forward", "loss") and long["optimizer_step_bytes"] == 0
+    assert sum(long[f"{t}_bytes"] for t in TERMS) == long["total_bytes"]
+
+
+def test_inference_and_serving_name_their_phase():
+    from memsweep.estimate import estimate_rows
+    from conftest import workload
+
+    phase = {name: estimate_rows(spec, [DETAILED])[0]["peak_phase"] for name, spec in (
+        ("prefill", job("tiny", wl="inference", seq=512)),
+        ("eager", job("tiny", wl="inference", seq=2048, attention="eager")),
+        ("decode", job("tiny", wl=workload("inference", gen_tokens=4000), seq=64)),
+        ("serve", job("llama3-8b", wl="serve", seq=4096)))}
+    assert phase == {"prefill": "prefill", "eager": "prefill_scores", "decode": "decode", "serve": "serve_profile"}

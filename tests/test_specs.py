@@ -54,6 +54,11 @@ BAD = [
     ("parallel.ep", 2, lambda: job("llama2-7b", parallel=Parallel("p", dp=2, ep=2))),
     ("parallel.ep", 4, lambda: Parallel("p", dp=2, ep=4)),
     ("workload.lora_targets", "gate", lambda: job("falcon-7b", wl=workload("lora", lora_targets=("q", "gate")))),
+    # issue 14: the share of usable memory a job leaves free
+    ("margin", 2, lambda: job(margin=2)),
+    ("margin", 1.0, lambda: job(margin=1.0)),
+    ("margin", -0.1, lambda: job(margin=-0.1)),
+    ("margin", "5%", lambda: job(margin="5%")),
 ]
 
 

@@ -9,10 +9,13 @@ from typing import Any
 
 import numpy as np
 
+from memsweep import capacity
 from memsweep.columns import Columns, active_params, base_params, model_values, trainable_params
 from memsweep.errors import ConfigError
 from memsweep.formulas import TERMS, Formula
-from memsweep.formulas.detailed import cpu_bytes, peak_breakdown, serve_kv_sequence_bytes, serve_kv_token_bytes
+from memsweep.formulas.detailed import (
+    cpu_bytes, peak_breakdown, peak_phase, serve_kv_sequence_bytes, serve_kv_token_bytes,
+)
 from memsweep.formulas.techniques import engine_budget_bytes
 from memsweep.specs import JobSpec, ModelSpec
 from memsweep.units import GIB, MIB
@@ -39,7 +42,7 @@ def job_fields(spec: JobSpec, cols: Columns | None) -> dict[str, Any]:
         "in_backward": o.in_backward, "kv_dtype": spec.kv_dtype, "grad_accum": spec.grad_accum,
         "mixed_policy": spec.mixed_policy if spec.mixed else None,
         "offload": "+".join(k for k in ("optimizer", "params", "activations") if getattr(spec.offload, k)) or "none",
-        "capacity_bytes": capacity_bytes(spec),
+        "capacity_bytes": capacity_bytes(spec), "margin": spec.margin,
     }
 
 
@@ -62,19 +65,28 @@ def techniques_of(spec: JobSpec) -> list[str]:
 
 
 def capacity_bytes(spec: JobSpec) -> int:
-    """What a job may use: the GPU's memory less its reserve; a serving engine takes `gpu_util` of
-    the memory (vLLM's `requested_memory`), the reserve (CUDA context, cuBLAS, NCCL: vLLM's
-    non-torch memory) inside it."""
+    """What a job may fill (`fits` compares its total with this): `capacity.capacity_bytes`, the
+    planner's definition, (memory - reserve) x (1 - margin); a serving engine at most its own
+    budget, `gpu_util` of the memory less the reserve. Whole bytes, rounded down."""
+    hw, w = spec.hardware, spec.workload
+    serve = w.kind == "serve"
+    return math.floor(capacity.capacity_bytes(hw.memory_bytes, hw.reserved_mib * MIB, spec.margin,
+                                              gpu_util=w.gpu_util if serve else None, serve=serve))
+
+
+def engine_bytes(spec: JobSpec) -> int:
+    """A serving engine's own budget, `gpu_util` of the memory less the reserve (vLLM's
+    `requested_memory`, its non-torch memory inside it): what vLLM fills with its KV cache,
+    whatever margin a plan keeps."""
     hw = spec.hardware
-    if spec.workload.kind == "serve":
-        return int(engine_budget_bytes(spec.workload.gpu_util, hw.memory_bytes, hw.reserved_mib * MIB))
-    return hw.usable_bytes
+    return int(engine_budget_bytes(spec.workload.gpu_util, hw.memory_bytes, hw.reserved_mib * MIB))
 
 
 def serve_fields(spec: JobSpec, cols: Columns, b) -> dict[str, Any]:
     """Inference and serving: KV bytes per token; serving: the tokens the paged cache holds in what
-    weights, activations and graphs leave of the capacity, in whole blocks, and how many sequences
-    of `seq` tokens that is (vLLM's "Maximum concurrency")."""
+    weights, activations and graphs leave of the engine's budget (vLLM's own arithmetic, which no
+    margin enters), in whole blocks, and how many sequences of `seq` tokens that is (vLLM's
+    "Maximum concurrency")."""
     if spec.workload.training:
         return {"cpu_bytes": int(round(float(cpu_bytes(cols)[0])))}
     if not spec.model.decoder:
@@ -82,7 +94,7 @@ def serve_fields(spec: JobSpec, cols: Columns, b) -> dict[str, Any]:
     out = {"kv_bytes_per_token": int(round(float(serve_kv_token_bytes(cols)[0])))}
     if spec.workload.kind != "serve":
         return out
-    free = capacity_bytes(spec) - float((b.total - b.kv_cache)[0])
+    free = engine_bytes(spec) - float((b.total - b.kv_cache)[0])
     block = spec.workload.block_size
     per_token = float(serve_kv_token_bytes(cols)[0])
     blocks = max(0, int(free // (per_token * block)))
@@ -148,10 +160,10 @@ def estimate_rows(spec: JobSpec, formulas: Sequence[Formula]) -> list[dict[str, 
                 check_representable(spec, column, value)
             exact = {column: int(round(terms[column])) for column in terms}
             total = sum(exact.values())
-            row.update(exact, total_bytes=total, total_gib=total / GIB,
-                       fits=total <= base["capacity_bytes"], status="ok")
+            row.update(exact, total_bytes=total, total_gib=total / GIB, fits=total <= base["capacity_bytes"],
+                       headroom_bytes=base["capacity_bytes"] - total, status="ok")
             if formula.evaluate is peak_breakdown:
-                row.update(serve_fields(spec, cols, b))
+                row.update(serve_fields(spec, cols, b), peak_phase=str(peak_phase(cols, formula.constants)[0]))
         except ConfigError:
             raise
         except Exception as exc:  # one broken formula must not lose the others' rows

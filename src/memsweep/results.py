@@ -10,6 +10,7 @@ same function on any sweep directory, finished or interrupted.
 from __future__ import annotations
 
 import io
+import json
 import os
 import socket
 import sys
@@ -24,7 +25,7 @@ import polars as pl
 
 from memsweep.units import GIB, MIB
 
-SCHEMA_VERSION = 5
+SCHEMA_VERSION = 6
 PART_NAME = "rows.parquet"
 RESULTS_NAME = "results.parquet"
 
@@ -103,11 +104,18 @@ SCHEMA: dict[str, pl.DataType] = {
     "kv_bytes_per_token": pl.Int64(),    # inference / serve: KV cache bytes per token, all layers
     "kv_tokens": pl.Int64(),             # serve: tokens the paged KV cache holds (vLLM's "GPU KV cache size")
     "max_concurrent_seqs": pl.Int64(),   # serve: sequences of `seq` tokens the cache holds at once
-    "capacity_bytes": pl.Int64(),        # what `fits` compares the total with (serve: gpu_util x memory - reserve)
+    "capacity_bytes": pl.Int64(),        # what `fits` compares the total with: (memory - reserve) x (1 - margin) from
+                                         #   schema 6 (before: memory - reserve); serve: at most gpu_util x memory - reserve
     "cpu_bytes": pl.Int64(),             # training: CPU RAM a rank needs for what it offloads
     "offload": pl.String(),              # none, or what lives in CPU RAM: optimizer, params, activations
     "grad_accum": pl.Int64(),            # micro-batches per optimizer step
     "mixed_policy": pl.String(),         # mixed precision: autocast | param_dtype (null when not mixed)
+    # --- schema 6: one capacity definition; what set the peak (issue 14) ---
+    "margin": pl.Float64(),              # share of usable memory kept free (capacity.py; the planner's too)
+    "headroom_bytes": pl.Int64(),        # capacity_bytes - total_bytes: negative is the shortfall
+    "peak_phase": pl.String(),           # detailed: the moment that set the peak (docs/formulas.md, "Moments")
+    "optimizer_step_bytes": pl.Int64(),  # what optimizer.step() allocates beside the states (0 unless the step is the peak)
+    "overrides": pl.String(),            # the job's command-line overrides (JSON list; Hydra's, without hydra.* and switches)
 }
 
 _PY_TYPES: dict[type, tuple[type, ...]] = {
@@ -352,53 +360,246 @@ def collect(root: Path, write: bool = True) -> Collected:
 
 # --- the printed summary ------------------------------------------------------------------
 
-PIVOT_KEYS = ("batch", "workload", "precision", "optimizer", "recompute", "attention", "hardware",
-              "tp", "pp", "dp", "zero", "quant", "loss_chunks", "fused_loss", "in_backward", "kv_dtype",
-              "offload", "grad_accum", "mixed_policy")
+SUMMARY_ROWS = 40
+"""Jobs the end-of-sweep table prints in full; a longer sweep prints `SUMMARY_COMPACT_ROWS` of them
+(every model, the jobs that are not ok, then those nearest the capacity) and points to the Parquet."""
+SUMMARY_COMPACT_ROWS = 20
+FIT_FORMULA = "detailed"
+"""The formula whose fits, headroom and peak moment the summary shows (the planner's); the first
+formula of the table when a sweep did not run it."""
+ROW_SPEC_KEYS = {"model": "model.name", "workload": "workload.name", "optimizer": "optimizer.name",
+                 "hardware": "hardware.name", "seq": "seq", "batch": "batch", "dtype": "dtype"}
+"""Result columns that hold a spec key: what a row without spec_json (a job whose config failed,
+a part older than schema 3) still says about its job."""
+ALWAYS_SHOWN = ("seq", "dtype")
+FINISHED = ("ok", "unsupported")
 
 
-SUMMARY_MODELS = 4
-"""Models the end-of-sweep summary prints a table for (the rest are in results.parquet)."""
+def flat_spec(spec: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    """A JobSpec's plain data (the spec_json column) as dotted keys: {"model.layers": 32, ...};
+    lists become one string ("q,v"; nested lists their JSON)."""
+    out: dict[str, Any] = {}
+    for key, value in spec.items():
+        kind = type(value)
+        if kind is dict:
+            out.update(flat_spec(value, f"{prefix}{key}."))
+        elif kind is list:
+            flat = not any(type(v) in (list, dict) for v in value)
+            out[f"{prefix}{key}"] = ",".join(map(str, value)) if flat else json.dumps(value)
+        else:
+            out[f"{prefix}{key}"] = value
+    return out
 
 
-def shown(table: pl.DataFrame) -> pl.DataFrame:
-    """The rows a summary shows: ok ones, and measured rows of a model no formula models
-    (status unsupported: a measured column, empty formula columns)."""
-    return table.filter((pl.col("status") == "ok")
-                        | ((pl.col("status") == "unsupported") & pl.col("measured_peak_bytes").is_not_null()))
+GROUP_KEYS = ("model", "workload", "optimizer", "hardware", "parallel", "measure")
+"""Config groups: `model=gpt2` on a command line is the spec's `model.name`."""
 
 
-def summary_model(table: pl.DataFrame, preferred: str = "llama2-7b") -> str | None:
-    models = shown(table)["model"].unique(maintain_order=True).to_list()
-    if not models:
+def _override_value(text: str) -> Any:
+    """A command-line value as the spec holds it: 2, 0.1, true / false, null, or the text."""
+    low = text.lower()
+    if low in ("true", "false"):
+        return low == "true"
+    if low == "null":
         return None
-    return preferred if preferred in models else models[0]
+    for kind in (int, float):
+        try:
+            return kind(text)
+        except ValueError:
+            continue
+    return text.strip("'\"")
 
 
-def pivot_memory(table: pl.DataFrame, model: str) -> tuple[pl.DataFrame, str]:
-    """Total memory per formula (one column each, plus the measured peak when there is one);
-    rows seq x dtype plus any other swept key. GiB, or MiB when everything is under 1 GiB."""
-    ok = shown(table).filter(pl.col("model") == model)
-    swept = [k for k in PIVOT_KEYS if ok[k].n_unique() > 1]
-    index = ["seq", "dtype", *swept]
-    largest = max(ok["total_bytes"].max() or 0, ok["measured_peak_bytes"].max() or 0)
+def _job_keys(rows: list[dict[str, Any]]) -> dict[str, Any]:
+    """One job's configuration as dotted keys: its spec_json; for a job whose configuration failed
+    (no spec), what its result columns say and the overrides it was given."""
+    text = next((r["spec_json"] for r in rows if r.get("spec_json")), None)
+    if text:
+        try:
+            return flat_spec(json.loads(text))
+        except (ValueError, TypeError, AttributeError):
+            pass
+    out = {key: rows[0][col] for col, key in ROW_SPEC_KEYS.items() if rows[0].get(col) is not None}
+    try:
+        overrides = json.loads(rows[0].get("overrides") or "[]")
+    except ValueError:
+        overrides = []
+    for o in overrides if isinstance(overrides, list) else ():
+        key, eq, value = str(o).lstrip("+~").partition("=")
+        if eq:
+            out[f"{key}.name" if key in GROUP_KEYS else key] = _override_value(value)
+    return out
+
+
+def swept_keys(jobs: list[Mapping[str, Any]]) -> list[str]:
+    """The keys whose values differ between jobs, nested ones included: what a sweep swept, from
+    the jobs themselves (a resumed or added grid, a second model: whatever is in the table). A
+    group's other keys are left out where its name explains them (model=gpt2,tiny: not
+    model.layers, model.hidden, ...; model.layers=2,4 of one model: model.layers)."""
+    enc = jobs  # one-level values (flat_spec): hashable as they are
+    differ = [k for k in dict.fromkeys(k for e in enc for k in e) if len({e[k] for e in enc if k in e}) > 1]
+    by_name: dict[str, dict[Any, list]] = {}  # a group's name key -> each name -> its jobs
+    out = []
+    for key in differ:
+        group, dot, rest = key.partition(".")
+        name = f"{group}.name"
+        if dot and rest != "name" and name in differ:
+            if name not in by_name:
+                by_name[name] = {}
+                for e in enc:
+                    by_name[name].setdefault(e.get(name), []).append(e)
+            if all(len({e[key] for e in among if key in e}) <= 1 for among in by_name[name].values()):
+                continue
+        out.append(key)
+    return out
+
+
+def _label(key: str) -> str:
+    """model.name -> model; other keys as typed on the command line."""
+    return key[: -len(".name")] if key.endswith(".name") and key.count(".") == 1 else key
+
+
+def _job_status(statuses: list[str]) -> str:
+    """A job's status: the first that is neither ok nor unsupported (error, oom, skipped, ...: the
+    whole job's), else ok when a formula answered, else unsupported."""
+    bad = [s for s in statuses if s not in FINISHED]
+    if bad:
+        return bad[0]
+    return "ok" if "ok" in statuses else (statuses[0] if statuses else "")
+
+
+def _sort_key(value: Any) -> tuple:
+    if value is None:
+        return (3, "")
+    if isinstance(value, (bool, int, float)):
+        return (0, float(value))
+    return (1, str(value))
+
+
+def _gib(value: float | None, scale: float) -> str:
+    """Two decimals; three significant digits below 0.1 (a tiny model's rows in a GiB table)."""
+    if value is None:
+        return ""
+    x = value / scale
+    return f"{x:.2f}" if abs(x) >= 0.1 or x == 0 else f"{x:.3g}"
+
+
+@dataclass
+class JobTable:
+    """The end-of-sweep table: one row per job, as strings ready to print."""
+
+    table: pl.DataFrame
+    unit: str
+    jobs: int
+    models: list[str]
+    fit_formula: str | None
+    capacity: str | None
+    """The capacity line when every job has the same; None when it is a column."""
+    shown_jobs: int
+
+
+def job_table(table: pl.DataFrame, limit: int | None = SUMMARY_ROWS) -> JobTable | None:
+    """One row per job: every key the jobs differ in (nested overrides, the model), seq and dtype,
+    the total per formula, the measured peak, capacity, headroom and fits of `FIT_FORMULA`, its
+    peak moment, and the job's status (an error, oom or skipped job is a row too). More than
+    `limit` jobs: `SUMMARY_COMPACT_ROWS` of them (`shown_jobs`)."""
+    if table.height == 0:
+        return None
+    by_job: dict[Any, list[dict[str, Any]]] = {}
+    needed = dict.fromkeys(["job_id", "job_num", "formula", "status", "spec_json", "overrides", "total_bytes",
+                            "headroom_bytes", "capacity_bytes", "fits", "peak_phase", "measured_peak_bytes",
+                            "kv_tokens", "max_concurrent_seqs", *ROW_SPEC_KEYS])  # not all ~100 columns
+    for i, r in enumerate(table.select(list(needed)).iter_rows(named=True)):
+        by_job.setdefault(r["job_id"] if r["job_id"] is not None else ("row", i), []).append(r)
+    formulas = table.filter(pl.col("total_bytes").is_not_null())["formula"].unique(maintain_order=True).to_list()
+    fit = FIT_FORMULA if FIT_FORMULA in formulas else (formulas[0] if formulas else None)
+    keys = {jid: _job_keys(rows) for jid, rows in by_job.items()}
+    swept = swept_keys(list(keys.values()))
+    columns = [k for k in ("model.name", *ALWAYS_SHOWN) if k in swept or k in ALWAYS_SHOWN]
+    columns += [k for k in swept if k not in columns]
+    models = list(dict.fromkeys(str(k.get("model.name")) for k in keys.values() if k.get("model.name") is not None))
+    largest = max([v for v in (*table["total_bytes"].to_list(), *table["measured_peak_bytes"].to_list())
+                   if v is not None] or [0])
     unit, scale = ("GiB", GIB) if largest >= GIB else ("MiB", MIB)
-    # formulas with an estimate here (none has one for a model no formula models)
-    formulas = ok.filter(pl.col("total_bytes").is_not_null())["formula"].unique(maintain_order=True).to_list()
-    wide = ok.with_columns(value=pl.col("total_bytes") / scale).pivot(
-        on="formula", index=index, values="value", aggregate_function="first")
-    wide = wide.select([*index, *formulas])
-    if ok["measured_peak_bytes"].null_count() < ok.height:
-        backend = ok["measure_backend"].drop_nulls().first()
-        measured = ok.group_by(index, maintain_order=True).agg(
-            (pl.col("measured_peak_bytes").first() / scale).alias(f"measured ({backend})"))
-        wide = wide.join(measured, on=index, how="left", nulls_equal=True)
-    served = ok.filter(pl.col("max_concurrent_seqs").is_not_null())
-    if served.height:  # a serving engine's answer: how many sequences of `seq` tokens its cache holds
-        engine = served.group_by(index, maintain_order=True).agg(
-            pl.col("kv_tokens").first(), pl.col("max_concurrent_seqs").first().alias("concurrent seqs"))
-        wide = wide.join(engine, on=index, how="left", nulls_equal=True)
-    return wide.sort(index), unit
+    backend = table["measure_backend"].drop_nulls().first() if table["measured_peak_bytes"].null_count() < table.height else None
+    capacities = set(table["capacity_bytes"].drop_nulls().to_list())
+
+    jobs = []
+    for jid, rows in by_job.items():
+        status = _job_status([r["status"] for r in rows if r["status"]])
+        by_formula = {r["formula"]: r for r in rows if r["formula"] is not None}
+        f = by_formula.get(fit, {}) if fit else {}
+        peak = f.get("peak_phase") or next((r["peak_phase"] for r in rows if r.get("peak_phase")), None)
+        cap = next((r["capacity_bytes"] for r in rows if r["capacity_bytes"] is not None), None)
+        total = f.get("total_bytes")  # an oom or skipped measurement keeps its estimates
+        headroom = f.get("headroom_bytes")
+        if headroom is None and total is not None and cap is not None:  # a part older than schema 6
+            headroom = cap - total
+        jobs.append({
+            "keys": [keys[jid].get(k) for k in columns],
+            "totals": [by_formula.get(name, {}).get("total_bytes") for name in formulas],
+            "measured": next((r["measured_peak_bytes"] for r in rows if r["measured_peak_bytes"] is not None), None),
+            "kv_tokens": next((r["kv_tokens"] for r in rows if r["kv_tokens"] is not None), None),
+            "seqs": next((r["max_concurrent_seqs"] for r in rows if r["max_concurrent_seqs"] is not None), None),
+            "capacity": cap, "headroom": headroom if total is not None else None,
+            "fits": f.get("fits") if total is not None else None, "peak": peak, "status": status,
+            "job": rows[0]["job_num"],
+        })
+    jobs.sort(key=lambda j: (*map(_sort_key, j["keys"]), _sort_key(j["job"])))
+    shown = jobs
+    if limit is not None and len(jobs) > limit:
+        shown = _compact(jobs, SUMMARY_COMPACT_ROWS, columns.index("model.name") if "model.name" in columns else None)
+
+    out: dict[str, list] = {_label(k): [] for k in columns}
+    served = any(j["seqs"] is not None for j in jobs)
+    for j in shown:
+        for k, v in zip(columns, j["keys"]):
+            out[_label(k)].append("" if v is None else str(v).lower() if isinstance(v, bool) else str(v))
+        for name, v in zip(formulas, j["totals"]):
+            out.setdefault(name, []).append(_gib(v, scale))
+        if backend is not None:
+            out.setdefault(f"measured ({backend})", []).append(_gib(j["measured"], scale))
+        if served:
+            out.setdefault("kv_tokens", []).append("" if j["kv_tokens"] is None else str(j["kv_tokens"]))
+            out.setdefault("concurrent seqs", []).append("" if j["seqs"] is None else str(j["seqs"]))
+        if fit is not None:
+            if len(capacities) > 1:
+                out.setdefault("capacity", []).append(_gib(j["capacity"], scale))
+            out.setdefault("headroom", []).append(_gib(j["headroom"], scale))
+            out.setdefault("fits", []).append({True: "yes", False: "no"}.get(j["fits"], ""))
+        if any(x["peak"] for x in jobs):
+            out.setdefault("peak", []).append(j["peak"] or "")
+        out.setdefault("status", []).append(j["status"])
+        out.setdefault("job", []).append("" if j["job"] is None else str(j["job"]))
+    capacity = None
+    if fit is not None and len(capacities) == 1:
+        hardware = ", ".join(table["hardware"].drop_nulls().unique(maintain_order=True).to_list())
+        margins = table["margin"].drop_nulls().unique().to_list()
+        margin = f", margin {margins[0]:g}" if len(margins) == 1 else ""
+        capacity = f"capacity {_gib(next(iter(capacities)), scale)} {unit} per GPU ({hardware}{margin})"
+    return JobTable(pl.DataFrame(out, schema={k: pl.String for k in out}), unit, len(jobs), models, fit,
+                    capacity, len(shown))
+
+
+def _compact(jobs: list[dict], n: int, model_at: int | None) -> list[dict]:
+    """`n` of the jobs, in their order: each model's nearest the capacity, every job that is not
+    ok (as many as fit), then the ones nearest the capacity (where fits flips)."""
+    def nearness(j: dict) -> float:
+        return abs(j["headroom"]) if j["headroom"] is not None else float("inf")
+
+    picked: list[int] = []
+    if model_at is not None:
+        best: dict[Any, int] = {}
+        for i, j in enumerate(jobs):
+            m = j["keys"][model_at]
+            if m not in best or nearness(j) < nearness(jobs[best[m]]):
+                best[m] = i
+        picked += best.values()
+    models = len(picked)
+    picked += [i for i, j in enumerate(jobs) if j["status"] != "ok"]
+    picked += sorted(range(len(jobs)), key=lambda i: nearness(jobs[i]))
+    chosen = list(dict.fromkeys(picked))[:max(n, models)]
+    return [jobs[i] for i in sorted(chosen)]
 
 
 def summarize(collected: Collected, out=sys.stdout) -> None:
@@ -426,19 +627,21 @@ def summarize(collected: Collected, out=sys.stdout) -> None:
         names = ", ".join(techniques["formula"].unique(maintain_order=True).to_list())
         print(f"  {techniques.height} row(s) of {names}: a technique they do not model (detailed does; "
               "see the error column)", file=out)
-    errors = t.filter(~pl.col("status").is_in(["ok", "unsupported"])).unique("job_id", maintain_order=True)
+    errors = t.filter(~pl.col("status").is_in(list(FINISHED))).unique("job_id", maintain_order=True)
     for row in errors.head(5).iter_rows(named=True):
         print(f"  job {row['job_num']}: {row['status']}: {row['error']}", file=out)
-    model = summary_model(t)
-    if model is None:
+    jt = job_table(t)
+    if jt is None:
         return
-    others = [m for m in shown(t)["model"].unique(maintain_order=True).to_list() if m != model]
-    for m in [model, *others[:SUMMARY_MODELS - 1]]:  # every model of a sweep, up to a screenful
-        pivot, unit = pivot_memory(t, m)
-        print(f"total {unit} per GPU, model={m}:", file=out)
-        print(markdown_table(pivot, float_precision=2), file=out)
-    if len(others) >= SUMMARY_MODELS:
-        print(f"... and {len(others) - SUMMARY_MODELS + 1} more model(s): every row is in {collected.path}", file=out)
+    model = f", model={jt.models[0]}" if len(jt.models) == 1 else ""
+    print(f"total {jt.unit} per GPU by formula, one row per job{model}:", file=out)
+    if jt.fit_formula is not None:
+        cap = f"{jt.capacity}; " if jt.capacity else ""
+        print(f"{cap}headroom (capacity - total), fits and peak moment: {jt.fit_formula}", file=out)
+    print(markdown_table(jt.table), file=out)
+    if jt.shown_jobs < jt.jobs:
+        print(f"{jt.jobs} jobs: every row is in {collected.path} (shown: {jt.shown_jobs}: every model, "
+              f"the jobs not ok, then those nearest the capacity)", file=out)
 
 
 def markdown_table(df: pl.DataFrame, float_precision: int = 3) -> str:

@@ -669,8 +669,15 @@ class JobSpec:
     kv_dtype: str = "auto"
     """KV cache element type in inference and serving: auto (the compute dtype), or fp8 / int8
     (one byte, as vLLM's `kv_cache_dtype=fp8`), or a float dtype."""
+    margin: float = 0.05
+    """Share of the usable memory (memory less the reserve) kept free: a job fits when its total is
+    at most (memory - reserve) x (1 - margin) (`memsweep.capacity`, the planner's too)."""
 
     def __post_init__(self) -> None:
+        # imported here: memsweep.capacity imports the formulas, which import this module
+        from memsweep.capacity import check_margin
+
+        object.__setattr__(self, "margin", check_margin(self.margin))
         check_int("seq", self.seq)
         check_int("batch", self.batch)
         check_choice("dtype", self.dtype, SWEEP_DTYPES)

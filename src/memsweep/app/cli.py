@@ -19,6 +19,7 @@ from hydra.core.override_parser.overrides_parser import OverridesParser
 from hydra.core.override_parser.types import Override
 from omegaconf import OmegaConf
 
+from memsweep.capacity import check_margin
 from memsweep.errors import ConfigError
 
 GROUPS = ("model", "workload", "optimizer", "hardware", "parallel", "measure", "formula")
@@ -26,6 +27,9 @@ SWITCHES = ("resume", "add")
 """Top-level true/false keys that say how to run a grid (checked before any job)."""
 OPTIONAL_GROUPS = ("formula",)
 """Groups whose default is no option: `formula=null` spells the default out."""
+VALUE_CHECKS = {"margin": check_margin}
+"""Top-level keys every job shares a rule for, checked before any job: a bad value is one line
+instead of an error row per job."""
 
 
 def presets(conf_dir: Path, group: str) -> list[str]:
@@ -111,6 +115,16 @@ def _values(o: Override) -> list[str] | None:
         return None
 
 
+def _number(value: str) -> object:
+    """A command-line value as YAML reads a number ('0.1' -> 0.1, '2' -> 2); anything else as typed."""
+    for kind in (int, float):
+        try:
+            return kind(value)
+        except ValueError:
+            continue
+    return value
+
+
 def check_overrides(argv: list[str], conf_dir: Path) -> None:
     """Raise `ConfigError` for an unknown preset or key in the command-line overrides. A group key
     (`model.experts=16`) must exist in every preset the command selects for that group, since
@@ -145,6 +159,10 @@ def check_overrides(argv: list[str], conf_dir: Path) -> None:
                 for value in _values(o) or [override_value(o)]:
                     if str(value).lower() not in ("true", "false"):
                         raise ConfigError(key, value, "true, false")
+            if key in VALUE_CHECKS:
+                for value in _values(o) or ():
+                    if "$" not in str(value):  # an interpolation resolves per job (and is checked there)
+                        VALUE_CHECKS[key](_number(value), key)
         elif rest:
             for name in chosen.get(group) or ():
                 keys = next((k for d in (conf_dir, *user_conf_dirs(argv)) if (k := preset_keys(d, group, name))), ())

@@ -14,6 +14,7 @@ from typing import Any
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from memsweep.capacity import DEFAULT_MARGIN
 from memsweep.errors import ConfigError
 from memsweep.formulas import FORMULAS, Formula, formula_from_dict, get_formula
 from memsweep.hf_config import config_path, default_name, read_config, spec_from_config, unmodelled_spec
@@ -86,6 +87,7 @@ def to_job_spec(cfg: DictConfig | dict) -> JobSpec:
         offload=OffloadSpec(**_group(OffloadSpec, "offload", c.get("offload", {}))),
         grad_accum=c.get("grad_accum", 1),
         mixed_policy=c.get("mixed_policy", "autocast"),
+        margin=c.get("margin", DEFAULT_MARGIN),
         **{k: c[k] for k in JOB_KEYS},
     )
 

@@ -22,6 +22,7 @@ from hydra.core.hydra_config import HydraConfig
 from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
+from memsweep.app.cli import grid_of
 from memsweep.app.convert import JOB_KEYS, to_job_spec
 from memsweep.formulas import job_formulas
 from memsweep.errors import ConfigError
@@ -159,6 +160,8 @@ def run_job(cfg: DictConfig) -> int:
         "sweep_id": sweep_id(Path(hc.sweep.dir) if multirun else out_dir),
         "job_num": int(hc.job.num) if multirun else 0,
         "job_id": job_id(cfg),
+        # what this job was given (the swept values among them): the summary names a failed job by it
+        "overrides": json.dumps(grid_of(list(hc.overrides.task))),
     }
     choices = dict(hc.runtime.choices)
     code, message = 0, ""

@@ -10,7 +10,11 @@ import numpy as np
 
 from memsweep.columns import Array, Columns
 
-TERMS = ("weights", "gradients", "optimizer", "activations", "logits", "kv_cache", "overhead")
+TERMS = ("weights", "gradients", "optimizer", "activations", "logits", "kv_cache", "overhead", "optimizer_step")
+"""Every formula's terms, each a `<term>_bytes` result column. `optimizer` is the optimizer's state
+(and fp32 master weights); `optimizer_step` what `optimizer.step()` allocates beside it (foreach
+Adam's list of temporaries, ...), nonzero only in a breakdown whose peak is the step (detailed's;
+the seed formulas have none). Appended last: columns are a contract, added at the end."""
 
 
 @dataclass(frozen=True)
@@ -24,17 +28,18 @@ class Breakdown:
     logits: Array
     kv_cache: Array
     overhead: Array
+    optimizer_step: Array
 
     @classmethod
     def of(cls, like: Array, **terms: Array | float) -> Breakdown:
         """Fill missing terms with zeros and broadcast every term to the shape of `like`."""
-        zero = np.zeros_like(like, dtype=np.float64)
-        return cls(**{t: np.asarray(terms.get(t, 0.0), dtype=np.float64) + zero for t in TERMS})
+        zero = np.zeros_like(like, dtype=np.float64)  # shared by the missing terms: never written to
+        return cls(**{t: np.asarray(terms[t], dtype=np.float64) + zero if t in terms else zero for t in TERMS})
 
     @property
     def total(self) -> Array:
         return (self.weights + self.gradients + self.optimizer + self.activations + self.logits
-                + self.kv_cache + self.overhead)
+                + self.kv_cache + self.overhead + self.optimizer_step)
 
     def select(self, mask: Array, other: Breakdown) -> Breakdown:
         """Element-wise: this breakdown where `mask`, else `other`."""

@@ -10,9 +10,11 @@ KV cache), per GPU, as the largest of a few *moments*, each a sum of named terms
                                   + that layer's gradients
 - end of backward:                weights + optimizer state + gradients
 - optimizer step:                 weights + optimizer state + gradients + step temporaries
+                                  (their own term, `optimizer_step`)
 - prefill / decode (inference):   weights + KV cache + the live tensors of one layer
 
-The breakdown reported is the one of the winning moment. Model-state terms are exact parameter
+The breakdown reported is the one of the winning moment, and `peak_phase` names it (PHASES: the
+`peak_phase` result column). Model-state terms are exact parameter
 arithmetic. The saved activations are bytes per structural term (L*t*h, L*t*f, t*V, ...) taken
 from `coefficients.py`, which `scripts/derive_coefficients.py` derives exactly from the reference
 implementation; docs/formulas.md explains each. Every per-term factor is a named constant so a
@@ -62,6 +64,8 @@ class DetailedConstants:
     weights_factor: float = 1.0
     gradients_factor: float = 1.0
     optimizer_factor: float = 1.0
+    optimizer_step_factor: float = 1.0
+    """Scales `optimizer_step_temporary_bytes` (the `optimizer_step` term); the states are `optimizer_factor`'s."""
     activations_factor: float = 1.0
     logits_factor: float = 1.0
     kv_cache_factor: float = 1.0
@@ -752,8 +756,28 @@ def inference_logits_bytes(c: Columns) -> Array:
 
 # --- moments ----------------------------------------------------------------------------------
 
-def peak_breakdown(c: Columns, k: DetailedConstants) -> Breakdown:
-    """The largest moment; the breakdown reported is that moment's."""
+TRAIN_PHASES = ("forward", "loss", "head_backward", "head_grad_cast", "head_step", "backward_recompute",
+                "backward_first_block", "backward_first_block_softmax", "attention_backward",
+                "embedding_backward", "optimizer_step")
+"""The training moments `peak_breakdown` takes the largest of, by the name a result row's
+`peak_phase` gives the winner (docs/formulas.md, "Moments"): the forward's end (inside the loss,
+the logits alive); the backward's start (the logits' gradient); three moments of the LM head's
+backward (its matmul; the fp32 gradient made from the 16-bit cast's; stepped there); a recomputed
+block; the first block's backward under full recompute (at its MLP, then at its softmax); the last
+layer's eager softmax backward; a tied embedding's end of backward; the optimizer step."""
+INFERENCE_PHASES = ("prefill", "prefill_logits", "prefill_scores", "decode", "decode_gqa_repeat", "decode_dequant")
+"""Inference moments: inside a prefill layer's MLP; the LM head's logits; an eager prefill's
+scores; the last decode step growing the cache; its repeated GQA keys and values; a quantized
+model's dequantized matrix beside the whole cache."""
+SERVE_PHASE = "serve_profile"
+"""A serving engine's rows: its profile run and the paged KV cache of `batch` sequences."""
+PHASES = (*TRAIN_PHASES, *INFERENCE_PHASES, SERVE_PHASE)
+
+
+def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Breakdown], Breakdown | None]:
+    """Every moment's breakdown: the training ones (in TRAIN_PHASES' order), the inference ones
+    (INFERENCE_PHASES'), and the serving engine's (None when no row serves). `peak_breakdown`
+    and `peak_phase` both take the first largest of each list, so they agree by construction."""
     w_step = k.weights_factor * weights_bytes(c)
     w = w_step + k.weights_factor * gathered_layer_bytes(c)  # in the forward and backward
     o = k.optimizer_factor * optimizer_bytes(c)
@@ -775,7 +799,7 @@ def peak_breakdown(c: Columns, k: DetailedConstants) -> Breakdown:
     saved = act * saved_bytes
     block_now = (block[0] - offloaded, *block[1:])  # the last block's backward: two checkpoints back
     head = head_backward_bytes(c, saved_bytes)
-    moments = [
+    train = [
         Breakdown.of(w, weights=w, optimizer=o, gradients=g_acc,
                      activations=saved + act * (autocast_cache_bytes(c) + train_cache_bytes(c)
                                                 + final_hidden_bytes(c)),
@@ -795,40 +819,57 @@ def peak_breakdown(c: Columns, k: DetailedConstants) -> Breakdown:
                      gradients=g_acc, overhead=overhead),
         Breakdown.of(w, weights=w, optimizer=o, gradients=k.gradients_factor * tied_embedding_end_bytes(c, g),
                      overhead=overhead),
-        Breakdown.of(w, weights=w_step, optimizer=o + k.optimizer_factor * optimizer_step_temporary_bytes(c),
+        Breakdown.of(w, weights=w_step, optimizer=o, optimizer_step=k.optimizer_step_factor * optimizer_step_temporary_bytes(c),
                      gradients=g, activations=np.full_like(w, 1.0) * inputs, overhead=overhead),
     ]
-    train = moments[0]
-    for m in moments[1:]:
-        train = m.select(m.total > train.total, train)
     kv = k.kv_cache_factor * prefill_kv_bytes(c)
-    prefill = Breakdown.of(w, weights=w, kv_cache=kv, activations=act * prefill_activations_bytes(c),
-                           overhead=overhead)
-    head = Breakdown.of(w, weights=w, kv_cache=kv, logits=lg * inference_logits_bytes(c),
-                        activations=act * (c.batch * c.seq * c.hidden * compute_bytes(c) + inference_ids_bytes(c)),
-                        overhead=overhead)
-    prefill = head.select(head.total > prefill.total, prefill)
-    scores = Breakdown.of(w, weights=w, kv_cache=kv, activations=act * prefill_attention_bytes(c),
-                          overhead=overhead)
-    prefill = scores.select(scores.total > prefill.total, prefill)
     kv_decode = k.kv_cache_factor * kv_cache_bytes(c)
-    decode = Breakdown.of(w, weights=w, kv_cache=kv_decode + k.kv_cache_factor * decode_kv_transient_bytes(c),
-                          overhead=overhead)
-    repeat = Breakdown.of(w, weights=w, kv_cache=kv_decode, activations=act * decode_activations_bytes(c),
-                          overhead=overhead)
-    decode = repeat.select(repeat.total > decode.total, decode)
-    # a quantized model's last decode step dequantizes its largest matrix beside the whole cache
-    dq = Breakdown.of(w, weights=w, kv_cache=kv_decode, overhead=overhead,
-                      activations=act * tq.dequant_bytes(c, compute_bytes(c)) * (c.gen_tokens > 0))
-    decode = dq.select(dq.total > decode.total, decode)
-    infer = decode.select(decode.total > prefill.total, prefill)
-    out = train.select(c.training == 1, infer)
-    if not (c.serve == 1).any():
-        return out
-    serve = Breakdown.of(w, weights=w, activations=act * serve_activation_bytes(c),
-                         kv_cache=k.kv_cache_factor * serve_kv_bytes(c),
-                         overhead=overhead + c.graph_bytes)
-    return serve.select(c.serve == 1, out)
+    infer = [
+        Breakdown.of(w, weights=w, kv_cache=kv, activations=act * prefill_activations_bytes(c), overhead=overhead),
+        Breakdown.of(w, weights=w, kv_cache=kv, logits=lg * inference_logits_bytes(c),
+                     activations=act * (c.batch * c.seq * c.hidden * compute_bytes(c) + inference_ids_bytes(c)),
+                     overhead=overhead),
+        Breakdown.of(w, weights=w, kv_cache=kv, activations=act * prefill_attention_bytes(c), overhead=overhead),
+        Breakdown.of(w, weights=w, kv_cache=kv_decode + k.kv_cache_factor * decode_kv_transient_bytes(c),
+                     overhead=overhead),
+        Breakdown.of(w, weights=w, kv_cache=kv_decode, activations=act * decode_activations_bytes(c),
+                     overhead=overhead),
+        # a quantized model's last decode step dequantizes its largest matrix beside the whole cache
+        Breakdown.of(w, weights=w, kv_cache=kv_decode, overhead=overhead,
+                     activations=act * tq.dequant_bytes(c, compute_bytes(c)) * (c.gen_tokens > 0)),
+    ]
+    serve = None
+    if (c.serve == 1).any():
+        serve = Breakdown.of(w, weights=w, activations=act * serve_activation_bytes(c),
+                             kv_cache=k.kv_cache_factor * serve_kv_bytes(c), overhead=overhead + c.graph_bytes)
+    return train, infer, serve
+
+
+def _largest(moments: list[Breakdown]) -> Breakdown:
+    """Element-wise the first moment of the largest total (a later one wins only when larger)."""
+    out = moments[0]
+    for m in moments[1:]:
+        out = m.select(m.total > out.total, out)
+    return out
+
+
+def peak_breakdown(c: Columns, k: DetailedConstants) -> Breakdown:
+    """The largest moment; the breakdown reported is that moment's."""
+    train, infer, serve = _moments(c, k)
+    out = _largest(train).select(c.training == 1, _largest(infer))
+    return out if serve is None else serve.select(c.serve == 1, out)
+
+
+def peak_phase(c: Columns, k: DetailedConstants = DetailedConstants()) -> np.ndarray:
+    """Per row, the name of the moment `peak_breakdown` reports (PHASES): the first of the
+    largest total, as `_largest` picks it."""
+    train, infer, serve = _moments(c, k)
+
+    def first_largest(moments: list[Breakdown], names: tuple[str, ...]) -> np.ndarray:
+        return np.asarray(names, dtype=object)[np.argmax(np.stack([m.total for m in moments]), axis=0)]
+
+    out = np.where(c.training == 1, first_largest(train, TRAIN_PHASES), first_largest(infer, INFERENCE_PHASES))
+    return out if serve is None else np.where(c.serve == 1, SERVE_PHASE, out)
 
 
 # --- serving (vLLM) ---------------------------------------------------------------------------
