@@ -186,6 +186,7 @@ def test_the_planner_accepts_the_new_presets():
                               seqs=(2048,), workloads=("lora", "inference")))
     t = plan.table
     assert set(t["model"]) == {"mixtral-8x7b", "deepseek-v3", "gemma-2-2b"}
+    t = t.filter(pl.col("rank") == 1)  # the answers (rank 2: the runner-ups)
     gemma = t.filter((pl.col("model") == "gemma-2-2b") & (pl.col("question") == "max_batch"))
     assert gemma.height == 2 and (gemma["status"] == "ok").all() and (gemma["batch"] >= 1).all()
     # DeepSeek-V3 (1.25 TB of bf16 weights) needs many GPUs: the fewest-GPUs answer is > 8 GPUs

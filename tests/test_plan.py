@@ -459,3 +459,14 @@ def test_plan_script_ask_prints_one_sentence_and_bad_keys_exit_2():
     bad = subprocess.run([sys.executable, str(REPO / "scripts" / "plan.py"), "ask", "model=x", "hardware=a100-40g"],
                          capture_output=True, text=True, timeout=60)
     assert bad.returncode == 2 and bad.stderr.startswith("error: model='x': not allowed") and bad.stderr.count("\n") == 1
+
+
+def test_the_sweeps_fits_and_the_planners_boundary_are_one_definition():
+    # issue 14: the sweep said `fits` up to batch 26 where the planner said 24 (two capacities)
+    spec = PlanSpec(models=("llama3.2-1b",), hardware=("h100-80g",), seqs=(2048,), workloads=("train",),
+                    recompute=("none",))
+    r = rows(make_plan(spec, questions=("max_batch",), with_curves=False).table, "max_batch").row(0, named=True)
+    at, above = (estimate_rows(job("llama3.2-1b", seq=2048, batch=b, hardware="h100-80g"), [DETAILED])[0]
+                 for b in (r["batch"], r["batch"] + 1))
+    assert at["fits"] and not above["fits"]
+    assert at["capacity_bytes"] == r["capacity_bytes"] and at["headroom_bytes"] == r["capacity_bytes"] - at["total_bytes"]
