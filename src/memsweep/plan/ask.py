@@ -103,6 +103,10 @@ def _how(row: Mapping[str, Any]) -> str:
     """'4 GPUs (tp2 pp2), recompute=full'."""
     parts = layout_parts(row)
     gpus = f"{row['gpus']} GPU{'s' if row['gpus'] > 1 else ''}" + (f" ({', '.join(parts)})" if parts else "")
+    from memsweep.presets import workload_spec
+
+    if not workload_spec(row["workload"]).training:  # a forward pass has nothing to recompute
+        return gpus
     return f"{gpus}, recompute={row['recompute']}" + (f", offload={row['offload']}" if row["offload"] != "none" else "")
 
 
@@ -110,6 +114,7 @@ def answer(spec: PlanSpec) -> str:
     """The one sentence."""
     from memsweep.plan import make_plan
     from memsweep.plan.cases import precision_label
+    from memsweep.presets import workload_spec
 
     plan = make_plan(spec, questions=("min_gpus",), with_curves=False)
     t = plan.table
@@ -126,9 +131,11 @@ def answer(spec: PlanSpec) -> str:
     out = (f"{what}: fits on {_how(r)}; {per} takes {r['total_gib']:.1f} GiB per GPU, "
            f"+{r['headroom_gib']:.1f} GiB headroom")
     if not spec.global_batch:
-        out += f" (largest batch on that layout: {fmt_int(largest_batch(spec, r))}"
+        serve = workload_spec(r["workload"]).kind == "serve"  # its batch: the engine's concurrent sequences
+        what_batch = "concurrent sequences of that length" if serve else "largest batch on that layout"
+        out += f" ({what_batch}: {fmt_int(largest_batch(spec, r))}"
         most = spec.recompute[-1]  # the plan's most memory-saving recompute
-        if r["recompute"] not in (None, most) and r["offload"] is not None and most != r["recompute"]:
+        if workload_spec(r["workload"]).training and most != r["recompute"]:
             out += f"; with recompute={most}: {fmt_int(largest_batch(spec, {**r, 'recompute': most}))}"
         out += ")"
     alt = t.filter(pl.col("rank") == 2)
