@@ -197,6 +197,8 @@ def test_accuracy_script_runs_without_the_launchers_extra(tmp_path, monkeypatch,
     accuracy = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(accuracy)
     monkeypatch.setitem(sys.modules, "hydra_plugins", None)
+    # an earlier test may have imported the plugin: a None entry stands for "not installed" there too
+    monkeypatch.setitem(sys.modules, "hydra_plugins.hydra_joblib_launcher", None)
     assert accuracy.joblib_launcher_installed() is False
     accuracy.run(tmp_path, "gpt2", 2, grid=lambda models: {"analytic": [f"model={models}", "seq=128"]})
     assert "running jobs one at a time" in capsys.readouterr().out
