@@ -534,11 +534,40 @@ class Parallel:
 @dataclass(frozen=True)
 class Hardware:
     """One accelerator: its total memory (as nvidia-smi reports it) and what the CUDA context,
-    driver and library workspaces keep for themselves, both in MiB."""
+    driver and library workspaces keep for themselves, both in MiB; and its peak speeds
+    (docs/hardware.md, each preset citing its datasheet). A speed of 0 means unknown, so a
+    preset that gives only its memory still loads."""
 
     name: str
     memory_mib: int
     reserved_mib: int = 512
+    tflops_fp32: float = 0.0
+    """Peak FP32 on the CUDA cores (non-tensor, what a float32 matmul runs at with TF32 off,
+    PyTorch's default), TFLOP/s."""
+    tflops_tf32: float = 0.0
+    """Peak dense TF32 tensor-core throughput, TFLOP/s (not the 2:4 structured-sparsity figure)."""
+    tflops_bf16: float = 0.0
+    """Peak dense BF16 tensor-core throughput with FP32 accumulate, TFLOP/s."""
+    tflops_fp16: float = 0.0
+    """Peak dense FP16 tensor-core throughput with FP32 accumulate (what PyTorch's fp16 matmuls
+    use; GeForce cards run FP16 accumulate twice as fast), TFLOP/s."""
+    tflops_fp8: float = 0.0
+    """Peak dense FP8 tensor-core throughput with FP32 accumulate, TFLOP/s; 0 without FP8 units."""
+    tops_int8: float = 0.0
+    """Peak dense INT8 tensor-core throughput, TOP/s."""
+    hbm_gbs: float = 0.0
+    """Device memory bandwidth as the datasheet gives it, GB/s (1e9 bytes/s)."""
+    nvlink_gbs: float = 0.0
+    """NVLink bandwidth per GPU per direction, GB/s (NVIDIA quotes both directions together:
+    half of that); 0 without NVLink."""
+    pcie_gbs: float = 0.0
+    """Host link per direction, GB/s: PCIe Gen4 x16 about 32, Gen5 x16 about 64."""
+    network_gbs: float = 0.0
+    """Inter-node network per GPU per direction, GB/s, of the usual cluster for this GPU (DGX:
+    one 200 or 400 Gb/s NIC per GPU)."""
+    gpus_per_node: int = 8
+    """GPUs in one node: a collective among at most this many runs over NVLink (PCIe when
+    nvlink_gbs is 0), a larger one over the network."""
 
     def __post_init__(self) -> None:
         check_label("hardware.name", self.name)
@@ -547,6 +576,13 @@ class Hardware:
         if self.reserved_mib >= self.memory_mib:
             raise ConfigError("hardware.reserved_mib", self.reserved_mib,
                               f"less than hardware.memory_mib={self.memory_mib}")
+        for key in ("tflops_fp32", "tflops_tf32", "tflops_bf16", "tflops_fp16", "tflops_fp8",
+                    "tops_int8", "hbm_gbs", "nvlink_gbs", "pcie_gbs", "network_gbs"):
+            v = getattr(self, key)
+            if isinstance(v, bool) or not isinstance(v, (int, float)) or not 0 <= v < float("inf"):
+                raise ConfigError(f"hardware.{key}", v, "a number >= 0 (0 = unknown)")
+            object.__setattr__(self, key, float(v))  # a YAML integer (312) reads as 312.0
+        check_int("hardware.gpus_per_node", self.gpus_per_node)
 
     @property
     def memory_bytes(self) -> int:
