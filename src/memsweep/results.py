@@ -25,11 +25,12 @@ import polars as pl
 
 from memsweep.units import GIB, MIB
 
-SCHEMA_VERSION = 6
+SCHEMA_VERSION = 7
 PART_NAME = "rows.parquet"
 RESULTS_NAME = "results.parquet"
 
-# Column names are a contract users script against: add columns at the end, never rename.
+# Column names are a contract users script against: never rename or remove one; a new column
+# goes at the end, or beside its kin (schema 7's timings; collect aligns parts by name).
 SCHEMA: dict[str, pl.DataType] = {
     "sweep_id": pl.String(),
     "job_id": pl.String(),
@@ -90,6 +91,12 @@ SCHEMA: dict[str, pl.DataType] = {
     "device": pl.String(),
     "torch_version": pl.String(),
     "measure_wall_s": pl.Float64(),
+    # --- schema 7: each phase timed on its own (issue 15; null when untimed: fake, older parts) ---
+    "measured_forward_s": pl.Float64(),      # training: forward + loss, summed over micro-batches, per step
+    "measured_backward_s": pl.Float64(),     # its backward (recomputation and in-backward optimizer steps included)
+    "measured_optimizer_s": pl.Float64(),    # optimizer.step() + zero_grad() (~0 with optimizer.in_backward)
+    "measured_prefill_s": pl.Float64(),      # inference: the cache's allocation and the prompt's forward
+    "measured_decode_token_s": pl.Float64(), # inference: one decoded token (median over tokens)
     # --- schema 3: the whole resolved job (JobSpec.to_dict as JSON), for refitting (issue 5) ---
     "spec_json": pl.String(),
     # --- schema 4: any architecture (issue 10) ---

@@ -10,7 +10,6 @@ from __future__ import annotations
 import contextlib
 import gc
 import logging
-import statistics
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -21,6 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from memsweep.columns import Columns
 from memsweep.formulas import FORMULAS
 from memsweep.measure.autocast import cuda_policy
+from memsweep.measure.timing import TIMED_PHASES, CudaEventTimer, PerfCounterTimer, Timings, timed_steps
 from memsweep.measure.tracker import StorageTracker
 from memsweep.measure.workloads import Prepared, Unmeasurable, prepare
 from memsweep.specs import JobSpec
@@ -38,6 +38,9 @@ class Measurement:
     reserved_bytes: int | None = None
     step_time_s: float | None = None
     tokens_per_s: float | None = None
+    phase_times: dict[str, float] = field(default_factory=dict)
+    """Median seconds of each timed phase (measure/timing.py: forward, backward, optimizer per
+    optimizer step; prefill; decode_token per generated token); empty when untimed (fake)."""
     breakdown: dict[str, int] = field(default_factory=dict)
     phase_peaks: dict[str, int] = field(default_factory=dict)
     phase_breakdowns: dict[str, dict[str, int]] = field(default_factory=dict)
@@ -64,6 +67,8 @@ class Measurement:
             fields[f"measured_{cat}_bytes"] = self.breakdown.get(cat)
         for phase in PHASES:
             fields[f"measured_{phase}_peak_bytes"] = self.phase_peaks.get(phase)
+        for phase in TIMED_PHASES:
+            fields[f"measured_{phase}_s"] = self.phase_times.get(phase)
         return fields
 
 
@@ -102,20 +107,21 @@ def measure(spec: JobSpec) -> Measurement:
     return result
 
 
-def _tracked_steps(spec: JobSpec, device: str, timed: bool) -> tuple[StorageTracker, list[float], Prepared]:
-    """Build, run the warm-up steps, then the measured ones, all under a storage tracker.
+def _tracked_steps(spec: JobSpec, device: str, timed: bool) -> tuple[StorageTracker, Timings | None, Prepared]:
+    """Build, run the warm-up steps (untimed), then the measured ones, all under a storage tracker;
+    timed ones phase by phase with perf_counter (so cpu times include the tracker's per-op cost).
     Untimed (fake) runs decode only the last token: the same peak (see `prepare`)."""
     with cuda_policy() if device == "cpu" else contextlib.nullcontext(), StorageTracker() as tracker:
         prepared = prepare_for(spec)(spec, device, tracker, last_decode_only=not timed)
         for _ in range(spec.measure.warmup):
             prepared.step()
         tracker.reset_peak()
-        times = []
-        for _ in range(spec.measure.repeats if timed else 1):
-            t0 = time.perf_counter()
+        timings = None
+        if timed:
+            timings = timed_steps(prepared, PerfCounterTimer(), spec.measure.repeats)
+        else:
             prepared.step()
-            times.append(time.perf_counter() - t0)
-    return tracker, times, prepared
+    return tracker, timings, prepared
 
 
 def parameter_counts(spec: JobSpec, model: torch.nn.Module) -> tuple[int, int]:
@@ -166,9 +172,9 @@ def _cpu(spec: JobSpec) -> Measurement:
         estimate = float(FORMULAS["detailed"](Columns.from_specs([spec])).total[0])
         if estimate > limit * GIB:
             raise Unmeasurable(f"detailed estimate {estimate / GIB:.2f} GiB > measure.max_gib={limit}")
-    tracker, times, prepared = _tracked_steps(spec, "cpu", timed=True)
+    tracker, timings, prepared = _tracked_steps(spec, "cpu", timed=True)
     m = _from_tracker("cpu", tracker, "cpu", spec, prepared)
-    m.step_time_s = statistics.median(times)
+    m.step_time_s, m.phase_times = timings.step_s, timings.phases
     m.tokens_per_s = prepared.tokens_per_step / m.step_time_s
     return m
 
@@ -182,14 +188,8 @@ def _cuda(spec: JobSpec) -> Measurement:
         prepared.step()
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
-    times = []
-    for _ in range(spec.measure.repeats):
-        start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        start.record()
-        prepared.step()
-        end.record()
-        torch.cuda.synchronize()
-        times.append(start.elapsed_time(end) / 1000.0)
+    # each timed step: CUDA events around the step and each phase, one synchronize at its end
+    timings = timed_steps(prepared, CudaEventTimer(), spec.measure.repeats)
     peak, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
     # One more step under the storage tracker gives the breakdown at the tensor level.
     with StorageTracker() as tracker:
@@ -197,11 +197,11 @@ def _cuda(spec: JobSpec) -> Measurement:
         tracker.reset_peak()
         prepared.tracker = tracker
         prepared.step()
-    step_time = statistics.median(times)
     params, trainable = parameter_counts(spec, prepared.model)
     return Measurement(
-        backend="cuda", peak_bytes=peak, reserved_bytes=reserved, step_time_s=step_time,
-        tokens_per_s=prepared.tokens_per_step / step_time, breakdown=dict(tracker.peak.by_category),
+        backend="cuda", peak_bytes=peak, reserved_bytes=reserved, step_time_s=timings.step_s,
+        tokens_per_s=prepared.tokens_per_step / timings.step_s, phase_times=timings.phases,
+        breakdown=dict(tracker.peak.by_category),
         phase_peaks=dict(tracker.phase_peaks), device=torch.cuda.get_device_name(),
         params=params, trainable_params=trainable)
 

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 
 from memsweep.measure.models import ReferenceModel, build_model
+from memsweep.measure.timing import NO_TIMER, NoTimer, PhaseTimer
 from memsweep.measure.tracker import StorageTracker
 from memsweep.specs import JobSpec
 
@@ -56,7 +57,8 @@ class Prepared:
     """A built model, its optimizer and inputs, ready to `step()` any number of times.
 
     `tracker` may be swapped between steps (the cuda backend times untracked steps, then tracks
-    one); the gradient hooks and phase sections always use the current one.
+    one); the gradient hooks and phase sections always use the current one. So may `timer`
+    (measure/timing.py: timed steps only): the step wraps each phase in `timer.phase(...)`.
     """
 
     model: ReferenceModel
@@ -64,6 +66,7 @@ class Prepared:
     tokens_per_step: int
     run: Callable[[Prepared], None]
     tracker: StorageTracker | _NoTracker
+    timer: PhaseTimer | NoTimer = NO_TIMER
 
     def step(self) -> None:
         self.run(self)
@@ -192,7 +195,9 @@ def train_step(spec: JobSpec, model: torch.nn.Module, ids: torch.Tensor, tracker
                forward_loss: Callable[[Any], torch.Tensor]) -> Prepared:
     """The training loop shared by every model implementation: `forward_loss(autocast)` is the
     forward pass and loss (the only part that differs), then backward and the optimizer step,
-    each in its tracked phase; gradients are tagged as they land."""
+    each in its tracked phase; gradients are tagged as they land. Timed phases: forward (with the
+    loss) and backward once per micro-batch, optimizer once per step; what runs inside
+    `loss.backward()` (recomputation, in-backward optimizer steps) is backward's."""
     model.train()
     params = [p for p in model.parameters() if p.requires_grad]
     in_backward = spec.optimizer.in_backward
@@ -204,16 +209,16 @@ def train_step(spec: JobSpec, model: torch.nn.Module, ids: torch.Tensor, tracker
                 else nullcontext())
 
     def step(prepared: Prepared) -> None:
-        t = prepared.tracker
+        t, clock = prepared.tracker, prepared.timer
         for _ in range(spec.grad_accum):  # micro-batches: gradients accumulate in place
-            with t.section("forward", "activations"):
+            with clock.phase("forward"), t.section("forward", "activations"):
                 loss = forward_loss(autocast)
             t.mark("after_forward")  # what autograd saved for backward (+ the loss)
-            with t.section("backward", "activations"):
+            with clock.phase("backward"), t.section("backward", "activations"):
                 loss.backward()
                 del loss
             t.mark("after_backward")
-        with t.section("optimizer", "optimizer"):
+        with clock.phase("optimizer"), t.section("optimizer", "optimizer"):
             if optimizer is not None:
                 optimizer.step()
                 optimizer.zero_grad(set_to_none=True)
@@ -239,26 +244,28 @@ def _prepare_inference(spec: JobSpec, model: ReferenceModel, ids: torch.Tensor, 
 
     @torch.no_grad()
     def step(prepared: Prepared) -> None:
-        t = prepared.tracker
+        t, clock = prepared.tracker, prepared.timer
         if not spec.model.decoder:
-            with t.section("prefill", "activations"):
+            with clock.phase("prefill"), t.section("prefill", "activations"):
                 model(ids)
             return
-        with t.section("prefill", "kv_cache"):
-            cache = model.new_cache(spec.batch, spec.seq + gen)
-            cache.tracker = t  # its tensors are counted as kv_cache as they are made
-        with t.section("prefill", "activations"):
-            if spec.workload.prefill_logits == "all":
-                # older transformers: the whole prompt's logits, upcast to fp32, of which
-                # generate keeps the last position (a copy)
-                logits = model(ids, cache).float()
-                logits = logits[:, -1:].clone()  # (B, 1, V)
-            else:
-                logits = model(ids, cache, last_only=True)  # (B, 1, V)
+        with clock.phase("prefill"):  # the cache's allocation and the prompt's forward
+            with t.section("prefill", "kv_cache"):
+                cache = model.new_cache(spec.batch, spec.seq + gen)
+                cache.tracker = t  # its tensors are counted as kv_cache as they are made
+            with t.section("prefill", "activations"):
+                if spec.workload.prefill_logits == "all":
+                    # older transformers: the whole prompt's logits, upcast to fp32, of which
+                    # generate keeps the last position (a copy)
+                    logits = model(ids, cache).float()
+                    logits = logits[:, -1:].clone()  # (B, 1, V)
+                else:
+                    logits = model(ids, cache, last_only=True)  # (B, 1, V)
         with t.section("decode", "activations"):
             if last_decode_only and gen > 1:
                 cache.jump(gen - 1)  # as decoding them leaves it; the last step is the decode peak
             for _ in range(min(gen, 1) if last_decode_only else gen):
-                logits = model(logits.argmax(-1), cache, last_only=True)
+                with clock.phase("decode_token"):  # greedy pick + one forward
+                    logits = model(logits.argmax(-1), cache, last_only=True)
 
     return Prepared(model, None, spec.batch * (spec.seq + gen), step, tracker)
