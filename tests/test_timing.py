@@ -172,3 +172,14 @@ def test_cuda_times_each_phase_with_events(case):
     assert all(got[c] > 0 for c in present), got
     assert all(got[c] is None for c in TIME_COLUMNS if c not in present), got
     assert phase_sum(m) == pytest.approx(m.step_time_s, rel=0.10)
+
+
+def test_the_transformers_implementation_times_its_inference_phases_too():
+    pytest.importorskip("transformers")
+    spec = job("tiny", seq=32, batch=2, wl=workload("inference", gen_tokens=GEN),
+               measure=MeasureSpec("cpu", "cpu", impl="hf", warmup=1, repeats=2))
+    m = measure(spec)
+    assert m.status == "ok", m.error
+    got = times(m)
+    assert got["measured_prefill_s"] > 0 and got["measured_decode_token_s"] > 0
+    assert got["measured_forward_s"] is None

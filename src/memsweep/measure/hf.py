@@ -368,17 +368,18 @@ def _inference(spec: JobSpec, model, cfg, ids: torch.Tensor, tracker, tf, last_d
 
     @torch.no_grad()
     def step(prepared: Prepared) -> None:
-        t = prepared.tracker
+        t, clock = prepared.tracker, prepared.timer
         if cfg.model_type == "bert":  # an encoder: one forward, no cache
-            with t.section("prefill", "activations"):
+            with clock.phase("prefill"), t.section("prefill", "activations"):
                 model(input_ids=ids)
             return
-        cache = tf.DynamicCache(config=cfg)
-        _tag_updates(t, cache)
-        with t.section("prefill", "activations"):
-            out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
-            logits = out.logits
-            del out
+        with clock.phase("prefill"):  # the cache's allocation and the prompt's forward
+            cache = tf.DynamicCache(config=cfg)
+            _tag_updates(t, cache)
+            with t.section("prefill", "activations"):
+                out = model(input_ids=ids, past_key_values=cache, use_cache=True, logits_to_keep=1)
+                logits = out.logits
+                del out
         _retag_cache(t, cache)
         with t.section("decode", "activations"):
             steps = gen
@@ -387,10 +388,11 @@ def _inference(spec: JobSpec, model, cfg, ids: torch.Tensor, tracker, tf, last_d
                 _retag_cache(t, cache)
                 steps = 1
             for _ in range(steps):
-                out = model(input_ids=logits.argmax(-1), past_key_values=cache, use_cache=True,
-                            logits_to_keep=1)
-                logits = out.logits
-                del out
+                with clock.phase("decode_token"):  # greedy pick + one forward
+                    out = model(input_ids=logits.argmax(-1), past_key_values=cache, use_cache=True,
+                                logits_to_keep=1)
+                    logits = out.logits
+                    del out
                 _retag_cache(t, cache)
 
     return Prepared(model, None, spec.batch * (spec.seq + gen), step, tracker)
