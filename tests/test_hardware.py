@@ -100,7 +100,7 @@ REQUIRED = ("id", "source", "kind", "model", "hardware", "gpus", "tp", "pp", "dp
             "micro_batch", "dtype", "recompute", "metric", "value", "notes")
 METRICS = ("tokens_per_s_per_gpu", "mfu", "hfu", "tflops_per_gpu", "step_time_s", "output_tokens_per_s",
            "peak_memory_gb")
-OPTIONAL = ("cp", "ep", "also", "workload", "quant", "input_len", "output_len")
+OPTIONAL = ("cp", "ep", "also", "workload", "quant", "input_len", "output_len", "shape", "sequence_parallel")
 
 
 @pytest.fixture(scope="module")
@@ -146,3 +146,16 @@ def test_published_presets_exist(published):
         assert e["model"] is None or e["model"] in models, (e["id"], e["model"])
         assert e["hardware"] is None or e["hardware"] in hardwares, (e["id"], e["hardware"])
         assert e.get("workload") is None or e["workload"] in workloads, (e["id"], e["workload"])
+
+
+def test_a_shaped_entry_names_an_existing_base_and_model_fields(published):
+    from dataclasses import fields
+
+    from memsweep.specs import ModelSpec
+
+    names = {f.name for f in fields(ModelSpec)}
+    shaped = [e for e in published if e.get("shape")]
+    assert shaped
+    for e in shaped:
+        shape = dict(e["shape"])
+        assert shape.pop("base") in preset_names("model") and set(shape) <= names, e["id"]

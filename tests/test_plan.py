@@ -470,3 +470,29 @@ def test_the_sweeps_fits_and_the_planners_boundary_are_one_definition():
                  for b in (r["batch"], r["batch"] + 1))
     assert at["fits"] and not above["fits"]
     assert at["capacity_bytes"] == r["capacity_bytes"] and at["headroom_bytes"] == r["capacity_bytes"] - at["total_bytes"]
+
+
+# --- planning with time (issue 15) ---------------------------------------------------------------
+
+def test_tables_give_tokens_per_s_and_gpu_hours_for_a_token_budget():
+    spec = PlanSpec(models=("llama3.2-1b",), hardware=("h100-80g", "a100-80g"), seqs=(2048,), workloads=("train",),
+                    tokens=1e12)
+    t = rows(make_plan(spec, questions=("min_gpus",)).table, "min_gpus", status="ok")
+    assert t.height == 2 and (t["est_tokens_per_s"] > 0).all()
+    assert t.select((pl.col("gpu_hours") * 3600 * pl.col("est_tokens_per_s") / 1e12 - 1).abs().max()).item() < 1e-9
+    by = {r["hardware"]: r for r in t.iter_rows(named=True)}
+    assert by["h100-80g"]["est_tokens_per_s"] > by["a100-80g"]["est_tokens_per_s"]  # 989 vs 312 TFLOP/s
+    md = render_markdown(make_plan(spec))
+    assert "tok/s/GPU" in md and "GPU-h" in md and "GPU-hours for 1e+12 tokens" in md
+
+
+def test_fastest_within_n_gpus_uses_them_and_the_runner_up_is_the_fewest():
+    base = dict(models=("llama3-8b",), hardware=("h100-80g",), seqs=(4096,), workloads=("train",), global_batch=256)
+    fastest = _one("min_gpus", objective="fastest", max_gpus=16, **base)
+    fewest = _one("min_gpus", **base)
+    assert fastest["status"] == "ok" and fewest["gpus"] <= fastest["gpus"] <= 16
+    total = lambda r: r["est_tokens_per_s"] * r["gpus"]  # noqa: E731
+    assert total(fastest) >= total(fewest)
+    alt = _one("min_gpus", rank=2, objective="fastest", max_gpus=16, **base)
+    assert alt["gpus"] == fewest["gpus"]
+    assert _one("min_gpus", max_gpus=1, **base)["status"] == "none_fits"  # llama3-8b training: not on one GPU

@@ -102,6 +102,35 @@ def serve_fields(spec: JobSpec, cols: Columns, b) -> dict[str, Any]:
     return {**out, "kv_tokens": blocks * block, "max_concurrent_seqs": max(0, int(free // per_seq))}
 
 
+def time_fields(spec: JobSpec, cols: Columns) -> dict[str, Any]:
+    """The time model's columns (formulas/timing.py): null where the hardware preset gives no
+    speeds; a failing estimate leaves them null and never costs the memory rows."""
+    from memsweep.formulas.timing import Speeds, step_time
+
+    try:
+        with np.errstate(all="ignore"):
+            t = step_time(cols, Speeds.of([spec.hardware], [spec.dtype]))
+    except Exception:  # noqa: BLE001 (the time estimate is an extra; the memory rows must land)
+        return {}
+    tokens = spec.gen_tokens if not spec.workload.training else 0
+
+    def value(x, scale: float = 1.0) -> float | None:
+        v = float(x[0]) * scale
+        return v if math.isfinite(v) else None
+
+    training = spec.workload.training
+    return {
+        "flops": value(t.flops), "bytes_moved": value(t.bytes_moved),
+        "est_step_time_s": value(t.step_s), "est_tokens_per_s": value(t.tokens_per_s), "est_mfu": value(t.mfu),
+        "est_forward_s": value(t.forward_s) if training else None,
+        "est_backward_s": value(t.backward_s) if training else None,
+        "est_optimizer_s": value(t.optimizer_s) if training else None,
+        "est_prefill_s": None if training else value(t.prefill_s),
+        "est_decode_token_s": value(t.decode_s, 1.0 / tokens) if tokens else None,
+        "est_comm_s": value(t.comm_s),
+    }
+
+
 def model_summary(m: ModelSpec) -> dict[str, int]:
     """Total and active parameter counts of one model (no job needed)."""
     cols = Columns.from_arrays(**model_values(m))
@@ -140,7 +169,7 @@ def estimate_rows(spec: JobSpec, formulas: Sequence[Formula]) -> list[dict[str, 
         return [{**job_fields(spec, None), "formula": f.name, "status": "unsupported",
                  "error": f"formula {f.name}: {why}"} for f in formulas]
     cols = Columns.from_specs([spec])
-    base = job_fields(spec, cols)
+    base = {**job_fields(spec, cols), **time_fields(spec, cols)}
     for column in ("params", "active_params", "trainable_params", "hardware_bytes"):
         check_representable(spec, column, float(base[column]))
     rows = []

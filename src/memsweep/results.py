@@ -25,7 +25,7 @@ import polars as pl
 
 from memsweep.units import GIB, MIB
 
-SCHEMA_VERSION = 7
+SCHEMA_VERSION = 8
 PART_NAME = "rows.parquet"
 RESULTS_NAME = "results.parquet"
 
@@ -123,6 +123,18 @@ SCHEMA: dict[str, pl.DataType] = {
     "peak_phase": pl.String(),           # detailed: the moment that set the peak (docs/formulas.md, "Moments")
     "optimizer_step_bytes": pl.Int64(),  # what optimizer.step() allocates beside the states (0 unless the step is the peak)
     "overrides": pl.String(),            # the job's command-line overrides (JSON list; Hydra's, without hydra.* and switches)
+    # --- schema 8: the time model (issue 15; formulas/work.py and formulas/timing.py, per GPU) ---
+    "flops": pl.Float64(),               # matmul FLOPs of one optimizer step (inference: one request), recompute included
+    "bytes_moved": pl.Float64(),         # HBM bytes the step reads and writes at least
+    "est_step_time_s": pl.Float64(),     # estimated step (inference: request) time, uncalibrated unless `time` says so
+    "est_tokens_per_s": pl.Float64(),    # per GPU: training tokens; inference: generated tokens (prompt tokens without decode)
+    "est_mfu": pl.Float64(),             # executed model FLOPs (no recompute; causal attention for sdpa) / time / peak
+    "est_forward_s": pl.Float64(),       # the phases, as measured_* names them
+    "est_backward_s": pl.Float64(),
+    "est_optimizer_s": pl.Float64(),
+    "est_prefill_s": pl.Float64(),
+    "est_decode_token_s": pl.Float64(),
+    "est_comm_s": pl.Float64(),          # exposed communication (critical-path collectives + unhidden data-parallel ones)
 }
 
 _PY_TYPES: dict[type, tuple[type, ...]] = {
@@ -491,6 +503,10 @@ def _gib(value: float | None, scale: float) -> str:
     return f"{x:.2f}" if abs(x) >= 0.1 or x == 0 else f"{x:.3g}"
 
 
+def _seconds(value: float | None) -> str:
+    return "" if value is None else f"{value:.3g}"
+
+
 @dataclass
 class JobTable:
     """The end-of-sweep table: one row per job, as strings ready to print."""
@@ -513,9 +529,13 @@ def job_table(table: pl.DataFrame, limit: int | None = SUMMARY_ROWS) -> JobTable
     if table.height == 0:
         return None
     by_job: dict[Any, list[dict[str, Any]]] = {}
+    for name in ("est_step_time_s", "est_tokens_per_s", "step_time_s"):  # parts older than schema 8
+        if name not in table.columns:
+            table = table.with_columns(pl.lit(None, dtype=pl.Float64).alias(name))
     needed = dict.fromkeys(["job_id", "job_num", "formula", "status", "spec_json", "overrides", "total_bytes",
                             "headroom_bytes", "capacity_bytes", "fits", "peak_phase", "measured_peak_bytes",
-                            "kv_tokens", "max_concurrent_seqs", *ROW_SPEC_KEYS])  # not all ~100 columns
+                            "kv_tokens", "max_concurrent_seqs", "est_step_time_s", "est_tokens_per_s",
+                            "step_time_s", *ROW_SPEC_KEYS])  # not all ~100 columns
     for i, r in enumerate(table.select(list(needed)).iter_rows(named=True)):
         by_job.setdefault(r["job_id"] if r["job_id"] is not None else ("row", i), []).append(r)
     formulas = table.filter(pl.col("total_bytes").is_not_null())["formula"].unique(maintain_order=True).to_list()
@@ -551,6 +571,9 @@ def job_table(table: pl.DataFrame, limit: int | None = SUMMARY_ROWS) -> JobTable
             "capacity": cap, "headroom": headroom if total is not None else None,
             "fits": f.get("fits") if total is not None else None, "peak": peak, "status": status,
             "job": rows[0]["job_num"],
+            "step_s": next((r["est_step_time_s"] for r in rows if r["est_step_time_s"] is not None), None),
+            "tps": next((r["est_tokens_per_s"] for r in rows if r["est_tokens_per_s"] is not None), None),
+            "measured_s": next((r["step_time_s"] for r in rows if r["step_time_s"] is not None), None),
         })
     jobs.sort(key=lambda j: (*map(_sort_key, j["keys"]), _sort_key(j["job"])))
     shown = jobs
@@ -576,6 +599,11 @@ def job_table(table: pl.DataFrame, limit: int | None = SUMMARY_ROWS) -> JobTable
             out.setdefault("fits", []).append({True: "yes", False: "no"}.get(j["fits"], ""))
         if any(x["peak"] for x in jobs):
             out.setdefault("peak", []).append(j["peak"] or "")
+        if any(x["step_s"] is not None for x in jobs):  # the time model (formulas/timing.py)
+            out.setdefault("est step s", []).append(_seconds(j["step_s"]))
+            out.setdefault("est tok/s/GPU", []).append("" if j["tps"] is None else f"{j['tps']:,.0f}")
+        if any(x["measured_s"] is not None for x in jobs):
+            out.setdefault("measured step s", []).append(_seconds(j["measured_s"]))
         out.setdefault("status", []).append(j["status"])
         out.setdefault("job", []).append("" if j["job"] is None else str(j["job"]))
     capacity = None

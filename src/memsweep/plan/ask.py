@@ -26,7 +26,8 @@ from memsweep.units import GIB
 SINGULAR = {"model": "models", "hardware": "hardware", "workload": "workloads", "seq": "seqs",
             "precision": "precisions", "batch": "gpus_batch"}
 PASSED = ("optimizer", "recompute", "offload", "attention", "loss_chunks", "kv_dtype", "mixed_policy",
-          "formula", "margin", "reserved_mib", "max_batch", "rope_scaling", "global_batch", "min_saving")
+          "formula", "margin", "reserved_mib", "max_batch", "rope_scaling", "global_batch", "min_saving",
+          "tokens", "objective", "max_gpus")
 LAYOUT = ("tp", "pp", "dp", "zero", "ep")
 ASK_KEYS = (*SINGULAR, *PASSED, *(f"layouts.{k}" for k in LAYOUT))
 REQUIRED = ("model", "hardware")
@@ -128,7 +129,9 @@ def answer(spec: PlanSpec) -> str:
         return f"{what}: nothing searched fits: {r['reason']}."
     per = (f"a global batch of {spec.global_batch} as micro-batch {r['batch']} × {r['grad_accum']} accumulation"
            if spec.global_batch else f"batch {r['batch']} per GPU")
-    out = (f"{what}: fits on {_how(r)}; {per} takes {r['total_gib']:.1f} GiB per GPU, "
+    goal = (f"fastest within {spec.max_gpus or 'any number of'} GPUs on" if spec.objective == "fastest"
+            else "fits on")
+    out = (f"{what}: {goal} {_how(r)}; {per} takes {r['total_gib']:.1f} GiB per GPU, "
            f"+{r['headroom_gib']:.1f} GiB headroom")
     if not spec.global_batch:
         serve = workload_spec(r["workload"]).kind == "serve"  # its batch: the engine's concurrent sequences
@@ -138,10 +141,14 @@ def answer(spec: PlanSpec) -> str:
         if workload_spec(r["workload"]).training and most != r["recompute"]:
             out += f"; with recompute={most}: {fmt_int(largest_batch(spec, {**r, 'recompute': most}))}"
         out += ")"
+    if r["est_tokens_per_s"] is not None and r["est_tokens_per_s"] == r["est_tokens_per_s"]:
+        out += f"; about {r['est_tokens_per_s']:,.0f} tokens/s per GPU (MFU {r['est_mfu']:.0%}"
+        out += f", {r['gpu_hours']:,.0f} GPU-hours for {spec.tokens:.3g} tokens)" if spec.tokens else ")"
     alt = t.filter(pl.col("rank") == 2)
     if alt.height:
         a = alt.row(0, named=True)
-        out += f". Runner-up: {_how(a)}, +{a['headroom_gib']:.1f} GiB"
+        label = "Fewest GPUs" if spec.objective == "fastest" else "Runner-up"
+        out += f". {label}: {_how(a)}, +{a['headroom_gib']:.1f} GiB"
     return out + "."
 
 

@@ -73,12 +73,30 @@ def layout_text(row: Mapping[str, Any]) -> str:
     return f"{row['gpus']} ({', '.join(parts)})" if parts else str(row["gpus"])
 
 
+def speed_text(row: Mapping[str, Any]) -> str:
+    """'4.2k tok/s/GPU, 5.6k GPU-h' (formulas.timing; '' where the hardware has no speeds)."""
+    tps = row.get("est_tokens_per_s")
+    if tps is None or not tps == tps:  # null or NaN
+        return ""
+    text = f"{_si(tps)} tok/s/GPU"
+    hours = row.get("gpu_hours")
+    return text + (f", {_si(hours)} GPU-h" if hours is not None and hours == hours else "")
+
+
+def _si(v: float) -> str:
+    for unit, scale in (("M", 1e6), ("k", 1e3)):
+        if v >= scale:
+            return f"{v / scale:.3g}{unit}"
+    return f"{v:.3g}"
+
+
 def gpus_cell(row: Mapping[str, Any] | None) -> str:
     if row is None or row["status"] == "invalid":
         return INVALID
     if row["status"] != "ok":
         return NONE
-    return f"{layout_text(row)}, +{row['headroom_gib']:.1f} GiB"
+    speed = speed_text(row)
+    return f"{layout_text(row)}, +{row['headroom_gib']:.1f} GiB" + (f", {speed}" if speed else "")
 
 
 def overhead_note(formula: Formula) -> str:
@@ -147,7 +165,10 @@ def render_markdown(plan: Plan) -> str:
         lines += [f"Longest {'context of one sequence' if serve else 'sequence'} at batch "
                   f"{' / '.join(map(str, s.batches))}:", ""]
         lines += _answer_table(sec, "max_seq", "seq", "batch", plan.models, hw_names, hw_head, s.max_seq)
-        lines += [f"Fewest GPUs at {split}, and the headroom left per GPU:", ""]
+        goal = (f"Fastest layout of at most {s.max_gpus or 'any number of'} GPUs" if s.objective == "fastest"
+                else "Fewest GPUs")
+        budget = f", and the GPU-hours for {s.tokens:.3g} tokens" if s.tokens else ""
+        lines += [f"{goal} at {split}: the headroom left per GPU, the estimated tokens/s per GPU{budget}:", ""]
         grouped = _by_key(sec.filter(pl.col("question") == "min_gpus"), ("model", "seq", "hardware"))
         rows = []
         for m in plan.models:

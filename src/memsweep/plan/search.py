@@ -37,6 +37,7 @@ import polars as pl
 from memsweep.capacity import capacity_bytes
 from memsweep.columns import Array, Columns
 from memsweep.formulas import TERMS, Breakdown, Formula, get_formula
+from memsweep.formulas.timing import Speeds, production_work, step_time
 from memsweep.plan.cases import Case, Variant, cases, context_limit, model_params
 from memsweep.plan.grid import Grid, cross, evaluate, first_per_group, largest_fitting, total_bytes
 from memsweep.plan.spec import PlanSpec
@@ -84,6 +85,10 @@ PLAN_SCHEMA: dict[str, pl.DataType] = {
     "total_bytes": pl.Int64(),
     "total_gib": pl.Float64(),
     "headroom_gib": pl.Float64(),   # (capacity - total) / 2^30; negative: the shortfall
+    "est_step_time_s": pl.Float64(),  # formulas.timing: one optimizer step (inference: one request)
+    "est_tokens_per_s": pl.Float64(),  # per GPU (training tokens; inference: generated tokens)
+    "est_mfu": pl.Float64(),
+    "gpu_hours": pl.Float64(),      # the plan's `tokens` budget at est_tokens_per_s per GPU
 }
 
 
@@ -175,7 +180,42 @@ def frame(ctx: Context, question: str, b: Array, h: Array, status: Array, number
     data["total_bytes"] = total
     data["total_gib"] = total / GIB
     data["headroom_gib"] = (capacity - total) / GIB
+    data.update(time_columns(ctx, b, h, numbers, np.asarray(status) == "ok"))
     return to_frame(data)
+
+
+def _answer_grid(ctx: Context, b: Array, numbers: Mapping[str, Array]) -> Grid:
+    """The rows' own configurations: the base rows with each answer's numbers (NaN: the base's)."""
+    values = {}
+    for key in ("seq", "batch", "grad_accum", "tp", "pp", "dp", "zero", "ep"):
+        if key in numbers:
+            x = np.asarray(numbers[key], dtype=np.float64)
+            values[key] = np.where(np.isfinite(x), x, getattr(ctx.base, key)[b])
+    return Grid(ctx.base, b, values)
+
+
+def speeds(ctx: Context, b: Array, h: Array) -> Speeds:
+    dtypes = [ctx.cases[i].dtype for i in ctx.row_case[b]]
+    return Speeds.of([ctx.hardware[i] for i in h], dtypes)
+
+
+def time_columns(ctx: Context, b: Array, h: Array, numbers: Mapping[str, Array], ok: Array) -> dict[str, Array]:
+    """Estimated step time, tokens/s per GPU, MFU and GPU-hours for the plan's `tokens` at each
+    answer (formulas.timing; null where nothing fits or a hardware preset has no speeds)."""
+    n = len(b)
+    if not n or ctx.base is None or not ok.any():
+        return {k: np.full(n, np.nan) for k in ("est_step_time_s", "est_tokens_per_s", "est_mfu", "gpu_hours")}
+    rows = np.flatnonzero(ok)
+    t = step_time(_answer_grid(ctx, b[rows], {k: np.asarray(v)[rows] for k, v in numbers.items()
+                                              if np.ndim(v)}).columns(), speeds(ctx, b[rows], h[rows]))
+    out = {k: np.full(n, np.nan) for k in ("est_step_time_s", "est_tokens_per_s", "est_mfu", "gpu_hours")}
+    out["est_step_time_s"][rows] = t.step_s
+    out["est_tokens_per_s"][rows] = t.tokens_per_s
+    out["est_mfu"][rows] = t.mfu
+    if ctx.spec.tokens is not None:
+        with np.errstate(divide="ignore", invalid="ignore"):
+            out["gpu_hours"][rows] = ctx.spec.tokens / t.tokens_per_s / 3600.0
+    return out
 
 
 def to_frame(data: Mapping[str, Any]) -> pl.DataFrame:
@@ -384,16 +424,33 @@ def min_gpus_rows(ctx: Context) -> pl.DataFrame:
     gpus = tp * pp * dp
     cost = ctx.cost[b]
     n = len(b)
+    most = float(spec.max_gpus) if spec.max_gpus else np.inf
+    fastest = spec.objective == "fastest"
+    if fastest:  # the work of every candidate, once; its time per hardware below
+        cols = grid.columns()
+        work = production_work(cols)
     out_rows, out_h, out_rank = [], [], []
     for hi in range(nh):
         cap = ctx.capacity(b, np.full(n, hi))
         saving = np.where(ref >= 0, total[np.maximum(ref, 0)] - total, np.inf)
         earns = (ref < 0) | (saving >= spec.min_saving * cap)
-        fits = seq_ok & layout_ok & earns & (total <= cap)
+        fits = seq_ok & layout_ok & earns & (total <= cap) & (gpus <= most)
         head = cap - total
         group = ctx.row_case[b] * ns + s
         _, answer = first_per_group(group, ~fits, ~layout_ok, np.where(fits, gpus, 0), np.where(fits, cost, 0),
                                     np.where(fits, -micro, 0), np.where(fits, pp, 0), -head)
+        if fastest:  # the most tokens/s over all the layout's GPUs; the runner-up: the fewest GPUs
+            rate = step_time(cols, speeds(ctx, b, np.full(n, hi)), work=work).tokens_per_s * gpus
+            rate = np.where(np.isfinite(rate), rate, 0.0)
+            fewest = answer
+            fits = fits | (seq_ok & layout_ok & (total <= cap) & (gpus <= most))  # more dp buys speed here
+            _, answer = first_per_group(group, ~fits, ~layout_ok, np.where(fits, -rate, 0), np.where(fits, gpus, 0),
+                                        np.where(fits, cost, 0), -head)
+            alt = fewest[fits[fewest] & (fewest != answer)]
+            out_rows += [answer, alt]
+            out_h += [np.full(len(answer), hi), np.full(len(alt), hi)]
+            out_rank += [np.ones(len(answer)), np.full(len(alt), 2.0)]
+            continue
         g_of = np.zeros(group.max() + 1, dtype=np.int64)
         g_of[group[answer]] = answer
         a = g_of[group]  # each row's group answer
@@ -412,7 +469,8 @@ def min_gpus_rows(ctx: Context) -> pl.DataFrame:
     rank = np.concatenate(out_rank)
     r_cap = ctx.capacity(b[rows], h)
     r_saving_ok = (ref[rows] < 0) | (total[np.maximum(ref[rows], 0)] - total[rows] >= spec.min_saving * r_cap)
-    ok = seq_ok[rows] & layout_ok[rows] & r_saving_ok & (total[rows] <= r_cap)
+    r_saving_ok = r_saving_ok | fastest  # the fastest layout may add GPUs for speed alone
+    ok = seq_ok[rows] & layout_ok[rows] & r_saving_ok & (total[rows] <= r_cap) & (gpus[rows] <= most)
     no_layout = ~_any_layout(layout_ok, ctx.row_case[b] * ns + s)[ctx.row_case[b[rows]] * ns + s[rows]]
     status = np.where(~seq_ok[rows] | no_layout, "invalid", np.where(ok, "ok", "none_fits"))
     reason = np.where(seq_ok[rows], None, _seq_reason(limit[rows])).astype(object)

@@ -24,6 +24,7 @@ checkpoints, with recompute=full), `optimizer` (ZeRO-Offload / FSDP CPUOffload: 
 master, gradients), `params` (the 16-bit weights too)."""
 
 ZEROS = (0, 1, 2, 3)
+OBJECTIVES = ("fewest_gpus", "fastest")
 
 
 @dataclass(frozen=True)
@@ -92,6 +93,13 @@ class PlanSpec:
     """A data-parallel layout is only worth its GPUs when doubling dp saves at least this share of
     the capacity per GPU (LoRA's ZeRO shards are tiny: no dp=64 for a 0.0 GiB saving)."""
     layouts: Layouts = field(default_factory=Layouts)
+    objective: str = "fewest_gpus"
+    """fewest_gpus: the fewest-GPUs table answers by the stated order; fastest: the layout of at
+    most `max_gpus` GPUs that trains (or serves) fastest, by estimated tokens/s over all its GPUs."""
+    max_gpus: int | None = None
+    """At most this many GPUs per answer (null: the largest layout)."""
+    tokens: float | None = None
+    """A token budget (e.g. 1e12): tables give the GPU-hours it takes at each answer's speed."""
     results: str | None = None
     """A results.parquet with measure=cuda rows to compare the predicted boundary with."""
 
@@ -137,6 +145,12 @@ class PlanSpec:
             values, limit = getattr(self, key), getattr(self, bound)
             if values is not None and max(values if isinstance(values, tuple) else (values,)) > limit:
                 raise ConfigError(key, _show(values), f"integers from 1 to {bound}={limit:,}")
+        check_choice("objective", self.objective, OBJECTIVES)
+        if self.max_gpus is not None:
+            check_int("max_gpus", self.max_gpus)
+        if self.tokens is not None and (isinstance(self.tokens, bool) or not isinstance(self.tokens, (int, float))
+                                        or not 1 <= self.tokens < 1e18):
+            raise ConfigError("tokens", self.tokens, "null or a number of tokens from 1 to 1e18, e.g. 1e12")
         if not isinstance(self.layouts, Layouts):
             raise ConfigError("layouts", self.layouts, "a mapping with tp, pp, dp, zero, ep")
         if self.results is not None and not (isinstance(self.results, str) and Path(self.results).is_file()):
@@ -208,6 +222,11 @@ def plan_spec_from_dict(values: Mapping[str, Any]) -> PlanSpec:
     for key in ("seqs", "batches"):  # tables read left to right, shortest first
         if key in d and all(isinstance(v, int) and not isinstance(v, bool) for v in d[key]):
             d[key] = tuple(sorted(d[key]))
+    if isinstance(d.get("tokens"), str):  # YAML reads 1e12 (no dot) as a string
+        try:
+            d["tokens"] = float(d["tokens"])
+        except ValueError:
+            pass  # PlanSpec names it in one line
     if "layouts" in d:
         lay = d["layouts"]
         if not isinstance(lay, Mapping):
