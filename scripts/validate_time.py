@@ -32,7 +32,7 @@ from memsweep.columns import Columns  # noqa: E402
 from memsweep.errors import ConfigError  # noqa: E402
 from memsweep.formulas import get_formula  # noqa: E402
 from memsweep.formulas.timing import Speeds, step_time  # noqa: E402
-from memsweep.presets import job_spec, model_spec, preset_names  # noqa: E402
+from memsweep.presets import job_spec, model_spec, preset_names, workload_spec  # noqa: E402
 from memsweep.results import write_text_atomic  # noqa: E402
 from memsweep.specs import Parallel  # noqa: E402
 
@@ -77,7 +77,9 @@ def rebuild(e: dict):
     micro = int(e.get("micro_batch") or 1)
     glob = e.get("global_batch")
     accum = max(1, int(glob) // (dp * micro)) if glob else 1
-    wl = e.get("workload") or ("train" if e["kind"] == "train" else "inference")
+    wl = workload_spec(e.get("workload") or ("train" if e["kind"] == "train" else "inference"))
+    if e.get("quant"):  # the frozen base's format (Qwen's Q-LoRA: GPTQ int4)
+        wl = dataclasses.replace(wl, quant=e["quant"])
     try:
         spec = job_spec(model, wl=wl, hardware=e["hardware"], seq=int(e["seq"]), batch=micro,
                         dtype=e.get("dtype") or "bf16", recompute=e.get("recompute") or "none",
