@@ -102,14 +102,15 @@ def serve_fields(spec: JobSpec, cols: Columns, b) -> dict[str, Any]:
     return {**out, "kv_tokens": blocks * block, "max_concurrent_seqs": max(0, int(free // per_seq))}
 
 
-def time_fields(spec: JobSpec, cols: Columns) -> dict[str, Any]:
-    """The time model's columns (formulas/timing.py): null where the hardware preset gives no
-    speeds; a failing estimate leaves them null and never costs the memory rows."""
-    from memsweep.formulas.timing import Speeds, step_time
+def time_fields(spec: JobSpec, cols: Columns, constants=None) -> dict[str, Any]:
+    """The time model's columns (formulas/timing.py) with `constants` (a TimeConstants; None: the
+    built-in defaults; the sweep's `time` key selects a calibrated set): null where the hardware
+    preset gives no speeds; a failing estimate leaves them null and never costs the memory rows."""
+    from memsweep.formulas.timing import Speeds, TimeConstants, step_time
 
     try:
         with np.errstate(all="ignore"):
-            t = step_time(cols, Speeds.of([spec.hardware], [spec.dtype]))
+            t = step_time(cols, Speeds.of([spec.hardware], [spec.dtype]), constants or TimeConstants())
     except Exception:  # noqa: BLE001 (the time estimate is an extra; the memory rows must land)
         return {}
     tokens = spec.gen_tokens if not spec.workload.training else 0
@@ -160,16 +161,17 @@ def check_representable(spec: JobSpec, column: str, value: float) -> None:
                                       f"{value:.3g}{unit}; at most 2^63-1 = 8 EiB)")
 
 
-def estimate_rows(spec: JobSpec, formulas: Sequence[Formula]) -> list[dict[str, Any]]:
+def estimate_rows(spec: JobSpec, formulas: Sequence[Formula], time=None) -> list[dict[str, Any]]:
     """Evaluate every formula on one job. A formula that raises becomes an error row of its own;
     a count no row can hold is a ConfigError for the whole job. A model no formula models gets a
-    row per formula with status `unsupported` and the reason, and no estimate."""
+    row per formula with status `unsupported` and the reason, and no estimate. `time`: the time
+    model's constants (None: the built-in defaults)."""
     if spec.model.unmodelled:
         why = f"no formula models this config.json ({spec.model.unmodelled}); measured by transformers only"
         return [{**job_fields(spec, None), "formula": f.name, "status": "unsupported",
                  "error": f"formula {f.name}: {why}"} for f in formulas]
     cols = Columns.from_specs([spec])
-    base = {**job_fields(spec, cols), **time_fields(spec, cols)}
+    base = {**job_fields(spec, cols), **time_fields(spec, cols, time)}
     for column in ("params", "active_params", "trainable_params", "hardware_bytes"):
         check_representable(spec, column, float(base[column]))
     rows = []

@@ -27,7 +27,16 @@ SWITCHES = ("resume", "add")
 """Top-level true/false keys that say how to run a grid (checked before any job)."""
 OPTIONAL_GROUPS = ("formula",)
 """Groups whose default is no option: `formula=null` spells the default out."""
-VALUE_CHECKS = {"margin": check_margin}
+
+
+def check_time(value: object, key: str = "time") -> None:
+    """`time=`: null or a time_calibrated.yaml that loads (formulas.timing.constants_option)."""
+    from memsweep.formulas.timing import constants_option  # numpy: only when `time` is given
+
+    constants_option(value, key)
+
+
+VALUE_CHECKS = {"margin": check_margin, "time": check_time}
 """Top-level keys every job shares a rule for, checked before any job: a bad value is one line
 instead of an error row per job."""
 

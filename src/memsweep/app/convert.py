@@ -92,6 +92,15 @@ def to_job_spec(cfg: DictConfig | dict) -> JobSpec:
     )
 
 
+def time_constants_of(cfg: DictConfig | dict):
+    """The `time` key: null (the time model's built-in constants) or the path of a
+    time_calibrated.yaml (`scripts/fit.py --calibrate`); a bad one is a ConfigError naming `time`."""
+    from memsweep.formulas.timing import constants_option
+
+    value = OmegaConf.select(cfg, "time", default=None) if isinstance(cfg, DictConfig) else cfg.get("time")
+    return constants_option(value, key="time")
+
+
 def measured_by_transformers(measure: Any) -> bool:
     return isinstance(measure, dict) and measure.get("impl") == "hf" and measure.get("backend") not in (None, "none")
 

@@ -4,12 +4,19 @@
     memsweep fit outputs/multirun/2026-11-25_10-00-00            # error tables + plots
     memsweep fit SWEEP1 SWEEP2 results.parquet --calibrate        # + calibrated YAMLs
     memsweep fit SWEEP --calibrate detailed seed_korthikanti --out /tmp/formulas
+    memsweep fit SWEEP --calibrate time --time-backend cpu       # the time model only, cpu-timed rows
 
 PATHs are sweep directories or results Parquet files with measured rows (measure=fake|cpu|cuda).
 It writes, into --report (default: <first sweep>/fit), `fit_errors.parquet` (every formula, overall
 and by model, precision, workload, recompute and seq bucket: count, mean signed error, MAPE,
 median, p90, worst and where), `fit_summary.md` (also printed) and three PNGs. Rows whose
 measurement failed (oom, skipped, error) are listed, not dropped silently.
+
+Step time (docs/time.md, "Calibrating the time model"): whenever rows were timed (measure=cuda;
+`--time-backend cpu` or `cuda,cpu` takes measure=cpu rows instead or too: real times, but no
+GPU's), fit_summary.md gains a "Step time" section, signed % error of each estimated phase (step,
+forward, backward, optimizer, prefill, decode_token) by phase, model, workload and hardware, and
+`time_errors.parquet` holds every (job, phase) row. Without timed rows it says so in one line.
 
 --calibrate [FORMULA ...] refits each formula's calibratable constants by non-negative least
 squares on relative error. Constants the data cannot inform (their column is zero, constant or
@@ -21,6 +28,15 @@ than the formula it came from is not written. `<formula>_calibrated.yaml` goes b
     memsweep fit --install REPORT/detailed_calibrated.yaml --into ~/memsweep-conf
     memsweep --config-dir ~/memsweep-conf formula=detailed_calibrated     # or python sweep.py ...
     memsweep plan formula=REPORT/detailed_calibrated.yaml                 # or python scripts/plan.py ...
+
+With timed rows, --calibrate (no names, or the name `time` among them) also refits the time
+model's constants that the rows can tell apart (log-ratio error of every phase, each job weighing
+the same; held out: leave-one-model-out, or 5-fold with fewer than three models) into
+`time_calibrated.yaml` beside the report (or --out), written only when it lowers the held-out
+error. It needs no install, the path is the selection:
+
+    memsweep time=REPORT/time_calibrated.yaml model=llama3-8b           # or python sweep.py ...
+    memsweep plan time=REPORT/time_calibrated.yaml tokens=1e12           # or python scripts/plan.py ...
 """
 
 from __future__ import annotations
@@ -42,7 +58,14 @@ from memsweep.fit import (
 )
 from memsweep.formulas import FORMULAS, get_formula, load_calibrated
 from memsweep.presets import CONF_DIR
+from memsweep.formulas.timing import CONSTANTS_KEY, TimeConstants, constants_to_dict, dump_constants
 from memsweep.results import OutputError, markdown_table, write_parquet_atomic, write_text_atomic
+from memsweep.time_fit import (
+    FIT_BOUNDS, IDENTIFY_REL, calibrate_time, error_tables as time_error_tables, held_out as time_held_out,
+    parse_backends, time_data, time_errors, timed_elsewhere, timed_jobs,
+)
+
+TIME_YAML = "time_calibrated.yaml"
 
 
 def errors_report(table: pl.DataFrame, report: Path, heatmap: str) -> list[str]:
@@ -118,6 +141,89 @@ def calibrate_all(table: pl.DataFrame, names: list[str], out_dir: Path, sources:
     return ["## Calibration (MAPE %, in sample and held out)", "", markdown_table(pl.DataFrame(rows)), ""]
 
 
+def time_report(table: pl.DataFrame, backends: tuple[str, ...], report: Path) -> tuple[list[str], pl.DataFrame]:
+    """The "Step time" section (and time_errors.parquet): estimated vs measured phase times of
+    the timed jobs; one line when there are none. Returns the lines and the timed jobs."""
+    jobs = timed_jobs(table, backends)
+    which = "/".join(backends)
+    lines = ["## Step time", ""]
+    if not jobs.height:
+        others = timed_elsewhere(table, backends)
+        hint = (f" ({', '.join(f'{n} timed by {b}' for b, n in others.items())}: --time-backend "
+                f"{','.join(others)} takes them)" if others else " (measure=cuda times every phase)")
+        return [*lines, f"No rows timed by {which}{hint}.", ""], jobs
+    errors = time_errors(jobs)
+    write_parquet_atomic(errors, report / "time_errors.parquet")
+    plural = "s" if jobs.height != 1 else ""
+    lines += [f"{jobs.height} job{plural} timed by {which}, {errors.height} phase rows; error = (estimated - "
+              f"measured) / measured, % (est_* as the sweep recorded them; decode_token: one decoded token).", ""]
+    if "cpu" in backends:
+        lines += ["cpu times are real, but no GPU's: each estimate is for its job's hardware preset.", ""]
+    for grouping, t in time_error_tables(errors).items():
+        shown = t.drop("worst_signed_pct", *(["worst_config"] if grouping != "phase" else []))
+        lines += [f"### By {grouping}", "", markdown_table(shown), ""]
+    return lines, jobs
+
+
+def calibrate_time_report(jobs: pl.DataFrame, out_dir: Path, sources: list[str],
+                          backends: tuple[str, ...]) -> tuple[list[str], Path | None]:
+    """Refit the time model's constants on the timed jobs; `time_calibrated.yaml` only when the
+    refit lowers the held-out error (and not the in-sample one's opposite)."""
+    check_out_dir(out_dir)
+    data = time_data(jobs)
+    cal = calibrate_time(data)
+    held = time_held_out(data, cal.start)
+    before, after = constants_to_dict(cal.start), constants_to_dict(cal.constants)
+    kept = [n for n in before if n not in cal.fitted]
+    one_gpu = bool((jobs["tp"].fill_null(1) * jobs["pp"].fill_null(1) * jobs["dp"].fill_null(1) == 1).all())
+    why = (f"no estimated phase time moves by more than {IDENTIFY_REL:.1%} when they change"
+           + ("; every row is one GPU's, which never communicates" if one_gpu else ""))
+    judged = "held_out_after_pct" in held
+    better = judged and held["held_out_after_pct"] < held["held_out_before_pct"] - 1e-9
+    path: Path | None = None
+    if not cal.fitted:
+        verdict = "not written: the rows inform none of the constants"
+    elif cal.mape_after_pct > cal.mape_before_pct + 1e-9 and not better:
+        verdict = "not written: the refit does not lower the error"
+    elif not judged:
+        verdict = f"not written: no held-out error to judge it ({held['held_out']})"
+    elif not better:
+        verdict = (f"not written: held-out error does not drop ({held['held_out_before_pct']:.2f} -> "
+                   f"{held['held_out_after_pct']:.2f} %)")
+    else:
+        models = sorted(set(jobs["model"]))
+        provenance = {
+            "fitted": list(cal.fitted), "kept": kept,
+            **({"kept_why": why} if kept else {}),
+            **({"at_bound": list(cal.at_bound)} if cal.at_bound else {}),
+            "bounds": {n: list(FIT_BOUNDS[n]) for n in cal.fitted},
+            "data": sources, "backends": list(backends), "jobs": cal.jobs, "rows": cal.rows,
+            "models": models, "hardware": sorted(set(jobs["hardware"].drop_nulls())),
+            "date": dt.datetime.now(dt.timezone.utc).isoformat(timespec="seconds"),
+            "mape_before_pct": round(cal.mape_before_pct, 4), "mape_after_pct": round(cal.mape_after_pct, 4),
+            "held_out": held["held_out"], "held_out_before_pct": round(held["held_out_before_pct"], 4),
+            "held_out_after_pct": round(held["held_out_after_pct"], 4),
+        }
+        header = (f"# Calibrated by scripts/fit.py from {cal.jobs} jobs timed by {'/'.join(backends)}. Select it "
+                  f"with `python sweep.py time=THIS` or `python scripts/plan.py time=THIS` (no install needed).\n")
+        path = out_dir / TIME_YAML
+        constants = TimeConstants(**{n: round(v, 6) for n, v in after.items()})
+        write_text_atomic(dump_constants(constants, provenance, header), path)
+        verdict = str(path)
+    rows = [{"constant": n, "before": before[n], "after": after[n],
+             "fitted": "yes" if n in cal.fitted else "no: the rows cannot tell"} for n in before]
+    summary = {"jobs": cal.jobs, "rows": cal.rows, "mape_before_pct": cal.mape_before_pct,
+               "mape_after_pct": cal.mape_after_pct, **held, "yaml": verdict}
+    lines = ["## Step time calibration (MAPE % of the phase rows, in sample and held out)", "",
+             markdown_table(pl.DataFrame([summary])), "", markdown_table(pl.DataFrame(rows), float_precision=4), ""]
+    if kept:
+        lines += [f"Kept at their defaults, as these rows cannot tell them: {', '.join(kept)} ({why}).", ""]
+    if cal.at_bound:
+        lines += [f"At a bound of its range: {', '.join(cal.at_bound)} (the rows want a value beyond it: "
+                  f"another hardware than the rows' preset, or cpu times?).", ""]
+    return lines, path
+
+
 def check_out_dir(out: Path, key: str = "--out") -> None:
     """A directory memsweep may write calibrated formulas into: not the package's own conf/."""
     if out.exists() and not out.is_dir():
@@ -134,6 +240,13 @@ def install(yaml_path: Path, into: Path, force: bool) -> str:
     `python sweep.py --config-dir DIR formula=NAME` puts on Hydra's search path."""
     if not yaml_path.is_file():
         raise ConfigError("--install", str(yaml_path), "a calibrated formula YAML written by --calibrate")
+    try:
+        doc = yaml.safe_load(yaml_path.read_text())
+    except (OSError, yaml.YAMLError, UnicodeDecodeError):
+        doc = None
+    if isinstance(doc, dict) and CONSTANTS_KEY in doc:
+        raise ConfigError("--install", str(yaml_path), f"a calibrated formula YAML ({yaml_path.name} needs no "
+                          f"install: select it with python sweep.py time={yaml_path} or scripts/plan.py time=...)")
     try:
         formula = load_calibrated(yaml_path)
     except (OSError, ValueError, AttributeError) as exc:
@@ -155,7 +268,11 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
                                      epilog="\n".join(__doc__.splitlines()[2:]))
     parser.add_argument("paths", nargs="*", type=Path, help="sweep directories or results Parquet files")
     parser.add_argument("--calibrate", nargs="*", metavar="FORMULA",
-                        help="refit these formulas (default: every built-in formula)")
+                        help="refit these formulas, `time` for the time model's constants (default: every "
+                             "built-in formula, and the time model when rows were timed)")
+    parser.add_argument("--time-backend", default="cuda", metavar="BACKEND",
+                        help="whose timed rows the Step time section and its calibration use: cuda (default), "
+                             "cpu, or cuda,cpu")
     parser.add_argument("--out", type=Path, help="where calibrated YAMLs go (default: the report directory)")
     parser.add_argument("--install", type=Path, metavar="YAML", help="copy a calibrated YAML into --into DIR/formula/")
     parser.add_argument("--into", type=Path, metavar="DIR", help="a user config folder for --install")
@@ -171,22 +288,45 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
             return 0
         if not args.paths:
             raise ConfigError("PATH", None, "one or more sweep directories or results Parquet files")
+        backends = parse_backends(args.time_backend)
         table = load_tables(args.paths)
         measured_rows = with_errors(table).height if table.height else 0
-        if not measured_rows:
+        timed = timed_jobs(table, backends)
+        if not measured_rows and not timed.height:
             raise ConfigError("PATH", ", ".join(map(str, args.paths)),
                               "sweeps with measured rows (run them with measure=fake|cpu|cuda)")
         first = args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent
         report = args.report or first / "fit"
         check_out_dir(report, "--report")
         report.mkdir(parents=True, exist_ok=True)
-        lines = errors_report(table, report, args.heatmap)
-        written = sorted(p.name for p in report.glob("*.png"))
+        written = []
+        if measured_rows:
+            lines = errors_report(table, report, args.heatmap)
+            written += ["fit_errors.parquet"]
+        else:
+            lines = ["# Fit errors (no measured peaks)", "",
+                     "No row has a measured peak: no memory errors (measure=fake|cpu|cuda measure them).", ""]
+        written += sorted(p.name for p in report.glob("*.png")) if measured_rows else []
+        time_lines, timed = time_report(table, backends, report)
+        lines += time_lines
+        written += ["time_errors.parquet"] if timed.height else []
         if args.calibrate is not None:
-            names = args.calibrate or list(FORMULAS)
+            wanted = args.calibrate or [*FORMULAS, "time"]
+            names = [n for n in wanted if n != "time"]
             for n in names:
                 get_formula(n, key="--calibrate")
-            lines += calibrate_all(table, names, args.out or report, [str(p) for p in args.paths])
+            sources = [str(p) for p in args.paths]
+            if names and (measured_rows or args.calibrate):
+                lines += calibrate_all(table, names, args.out or report, sources)
+            elif names:
+                lines += ["## Calibration", "", "No measured peaks: no formula calibrated.", ""]
+            if "time" in wanted and timed.height:
+                time_cal, path = calibrate_time_report(timed, args.out or report, sources, backends)
+                lines += time_cal
+                written += [str(path)] if path is not None else []
+            elif "time" in args.calibrate:
+                raise ConfigError("--calibrate", "time", f"rows timed by {'/'.join(backends)} (measure=cuda; "
+                                  "--time-backend cpu for measure=cpu rows)")
         text = "\n".join(lines)
         write_text_atomic(text + "\n", report / "fit_summary.md")
     except ConfigError as exc:
@@ -196,5 +336,5 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         print(f"error: {exc.strerror if isinstance(exc, OutputError) else exc}", file=sys.stderr)
         return 1
     print(text)
-    print(f"\nwritten: {report}/fit_errors.parquet, fit_summary.md" + "".join(f", {p}" for p in written))
+    print(f"\nwritten: {report}/fit_summary.md" + "".join(f", {p}" for p in written))
     return 0

@@ -23,7 +23,7 @@ from hydra.types import RunMode
 from omegaconf import DictConfig, OmegaConf
 
 from memsweep.app.cli import grid_of
-from memsweep.app.convert import JOB_KEYS, to_job_spec
+from memsweep.app.convert import JOB_KEYS, time_constants_of, to_job_spec
 from memsweep.formulas import job_formulas
 from memsweep.errors import ConfigError
 from memsweep.estimate import estimate_rows
@@ -45,6 +45,8 @@ def job_id(cfg: DictConfig) -> str:
         if isinstance(payload, dict):
             payload.pop("resume", None)
             payload.pop("add", None)
+            if payload.get("time") is None:  # the default constants: ids of sweeps before the key stay
+                payload.pop("time", None)
     except Exception:  # an unresolvable config still gets a stable id from its raw text
         payload = OmegaConf.to_yaml(cfg)
     text = json.dumps(payload, sort_keys=True, default=str)
@@ -172,7 +174,7 @@ def run_job(cfg: DictConfig) -> int:
                 print(f"[job {meta['job_num']}] resume: rows exist, skipped", flush=True)
                 return 0
         spec = to_job_spec(cfg)
-        rows = estimate_rows(spec, job_formulas(spec))
+        rows = estimate_rows(spec, job_formulas(spec), time=time_constants_of(cfg))
         if spec.measure.backend != "none":
             rows = with_measurement(spec, rows, meta["job_num"])
     except ConfigError as exc:

@@ -29,7 +29,9 @@ network. Data-parallel collectives hide under the forward and backward (`dp_over
 others are exposed.
 
 The efficiency constants are named and calibratable (`scripts/fit.py --calibrate` on cuda-timed
-rows); their defaults are what well-tuned kernels reach on A100 / H100, each with its source.
+rows, memsweep.time_fit); their defaults are what well-tuned kernels reach on A100 / H100, each
+with its source. A calibration's YAML (`time_calibrated.yaml`) is read by `load_constants` and
+selected with the sweep's and the planner's `time=PATH` (`constants_option`).
 Pure numpy; no torch.
 """
 
@@ -37,10 +39,12 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 from dataclasses import dataclass
+from pathlib import Path
 
 import numpy as np
 
 from memsweep.columns import Array, Columns
+from memsweep.errors import ConfigError
 
 GB = 1e9
 TERA = 1e12
@@ -68,6 +72,79 @@ class TimeConstants:
 
 
 CALIBRATABLE = ("compute_efficiency", "memory_efficiency", "comm_efficiency", "dp_overlap")
+
+BOUNDS: dict[str, tuple[float, float]] = {
+    "compute_efficiency": (0.0, 1.0), "memory_efficiency": (0.0, 1.0),
+    "comm_efficiency": (0.0, 1.0), "dp_overlap": (0.0, 1.0),
+}
+"""What a constant may be: an efficiency in (0, 1] (a fraction of a peak), dp_overlap in [0, 1]."""
+
+CONSTANTS_KEY = "time_constants"
+"""The mapping of a time_calibrated.yaml that holds the constants (the rest is provenance)."""
+
+
+def constants_to_dict(k: TimeConstants) -> dict[str, float]:
+    return {name: float(getattr(k, name)) for name in CALIBRATABLE}
+
+
+def constants_from_dict(values: object) -> TimeConstants:
+    """TimeConstants from a mapping of some of their names (the others keep their defaults);
+    ValueError naming the first unknown name or out-of-range value."""
+    if not isinstance(values, dict):
+        raise ValueError(f"a mapping of {', '.join(CALIBRATABLE)}")
+    out = {}
+    for name, value in values.items():
+        if name not in BOUNDS:
+            raise ValueError(f"unknown constant {name!r} (known: {', '.join(CALIBRATABLE)})")
+        lo, hi = BOUNDS[name]
+        open_low = name != "dp_overlap"
+        if (isinstance(value, bool) or not isinstance(value, (int, float)) or not np.isfinite(value)
+                or value > hi or value < lo or (open_low and value <= lo)):
+            raise ValueError(f"{name}={value!r} is outside {'(' if open_low else '['}{lo:g}, {hi:g}]")
+        out[name] = float(value)
+    return TimeConstants(**out)
+
+
+def load_constants(path: str | Path) -> TimeConstants:
+    """The constants of a time_calibrated.yaml (its `time_constants` mapping), or of a YAML that
+    is only such a mapping. OSError, yaml.YAMLError or ValueError when it is not one."""
+    import yaml
+
+    doc = yaml.safe_load(Path(path).expanduser().read_text())
+    if isinstance(doc, dict) and CONSTANTS_KEY in doc:
+        doc = doc[CONSTANTS_KEY]
+    elif isinstance(doc, dict) and set(doc) - set(BOUNDS):
+        formula = " (a calibrated formula: select it with formula=)" if "constants" in doc else ""
+        raise ValueError(f"no {CONSTANTS_KEY} mapping{formula}")
+    return constants_from_dict(doc)
+
+
+def dump_constants(k: TimeConstants, provenance: dict | None = None, header: str = "",
+                   name: str = "time_calibrated") -> str:
+    """The YAML text `load_constants` reads back: name, time_constants, provenance."""
+    import yaml
+
+    doc = {"name": name, CONSTANTS_KEY: constants_to_dict(k), **({"provenance": provenance} if provenance else {})}
+    return header + yaml.safe_dump(doc, sort_keys=False)
+
+
+def constants_option(value: object, key: str = "time") -> TimeConstants:
+    """The sweep's and the planner's `time` key: null (the built-in defaults above) or the path
+    of a time_calibrated.yaml. Anything else is a one-line ConfigError naming the key."""
+    if value is None or value == "null":
+        return TimeConstants()
+    allowed = "null (the built-in constants) or the path of a time_calibrated.yaml (scripts/fit.py --calibrate)"
+    if not isinstance(value, str) or not value.endswith((".yaml", ".yml")):
+        raise ConfigError(key, value, allowed)
+    if not Path(value).expanduser().is_file():
+        raise ConfigError(key, value, f"{allowed}; no such file")
+    import yaml
+
+    try:
+        return load_constants(value)
+    except (OSError, ValueError, yaml.YAMLError) as exc:
+        why = str(exc).splitlines()[0] if isinstance(exc, ValueError) and str(exc) else type(exc).__name__
+        raise ConfigError(key, value, f"{allowed} ({why})") from None
 
 
 @dataclass(frozen=True)

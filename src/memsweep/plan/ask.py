@@ -27,7 +27,7 @@ SINGULAR = {"model": "models", "hardware": "hardware", "workload": "workloads", 
             "precision": "precisions", "batch": "gpus_batch"}
 PASSED = ("optimizer", "recompute", "offload", "attention", "loss_chunks", "kv_dtype", "mixed_policy",
           "formula", "margin", "reserved_mib", "max_batch", "rope_scaling", "global_batch", "min_saving",
-          "tokens", "objective", "max_gpus")
+          "tokens", "objective", "max_gpus", "time")
 LAYOUT = ("tp", "pp", "dp", "zero", "ep")
 ASK_KEYS = (*SINGULAR, *PASSED, *(f"layouts.{k}" for k in LAYOUT))
 REQUIRED = ("model", "hardware")

@@ -37,7 +37,7 @@ import polars as pl
 from memsweep.capacity import capacity_bytes
 from memsweep.columns import Array, Columns
 from memsweep.formulas import TERMS, Breakdown, Formula, get_formula
-from memsweep.formulas.timing import Speeds, production_work, step_time
+from memsweep.formulas.timing import Speeds, TimeConstants, production_work, step_time
 from memsweep.plan.cases import Case, Variant, cases, context_limit, model_params
 from memsweep.plan.grid import Grid, cross, evaluate, first_per_group, largest_fitting, total_bytes
 from memsweep.plan.spec import PlanSpec
@@ -103,6 +103,7 @@ class Context:
     row_variant: list[Variant]   # base row -> its variant
     base: Columns | None         # one row per valid case x variant; None when there is none
     hardware: list[Hardware]
+    time: TimeConstants = TimeConstants()  # the time model's constants (the plan's `time` key)
 
     @property
     def rows(self) -> int:
@@ -136,7 +137,7 @@ def context(spec: PlanSpec) -> Context:
             jobs.append(j)
     base = Columns.from_specs(jobs) if jobs else None
     return Context(spec, get_formula(spec.formula, key="formula"), all_cases, np.asarray(row_case, dtype=np.int64),
-                   row_variant, base, spec.hardware_specs())
+                   row_variant, base, spec.hardware_specs(), spec.time_constants())
 
 
 # --- rows of the plan table ----------------------------------------------------------------------
@@ -207,7 +208,7 @@ def time_columns(ctx: Context, b: Array, h: Array, numbers: Mapping[str, Array],
         return {k: np.full(n, np.nan) for k in ("est_step_time_s", "est_tokens_per_s", "est_mfu", "gpu_hours")}
     rows = np.flatnonzero(ok)
     t = step_time(_answer_grid(ctx, b[rows], {k: np.asarray(v)[rows] for k, v in numbers.items()
-                                              if np.ndim(v)}).columns(), speeds(ctx, b[rows], h[rows]))
+                                              if np.ndim(v)}).columns(), speeds(ctx, b[rows], h[rows]), ctx.time)
     out = {k: np.full(n, np.nan) for k in ("est_step_time_s", "est_tokens_per_s", "est_mfu", "gpu_hours")}
     out["est_step_time_s"][rows] = t.step_s
     out["est_tokens_per_s"][rows] = t.tokens_per_s
@@ -440,7 +441,7 @@ def min_gpus_rows(ctx: Context) -> pl.DataFrame:
         _, answer = first_per_group(group, ~fits, ~layout_ok, np.where(fits, gpus, 0), np.where(fits, cost, 0),
                                     np.where(fits, -micro, 0), np.where(fits, pp, 0), -head)
         if fastest:  # the most tokens/s over all the layout's GPUs; the runner-up: the fewest GPUs
-            rate = step_time(cols, speeds(ctx, b, np.full(n, hi)), work=work).tokens_per_s * gpus
+            rate = step_time(cols, speeds(ctx, b, np.full(n, hi)), ctx.time, work=work).tokens_per_s * gpus
             rate = np.where(np.isfinite(rate), rate, 0.0)
             fewest = answer
             fits = fits | (seq_ok & layout_ok & (total <= cap) & (gpus <= most))  # more dp buys speed here

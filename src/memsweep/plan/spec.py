@@ -102,6 +102,9 @@ class PlanSpec:
     """A token budget (e.g. 1e12): tables give the GPU-hours it takes at each answer's speed."""
     results: str | None = None
     """A results.parquet with measure=cuda rows to compare the predicted boundary with."""
+    time: str | None = None
+    """The time model's constants: None (the built-in defaults) or the path of a
+    time_calibrated.yaml (scripts/fit.py --calibrate), as the sweep's `time`."""
 
     def __post_init__(self) -> None:
         for key, group in (("models", "model"), ("hardware", "hardware"), ("workloads", "workload")):
@@ -155,7 +158,14 @@ class PlanSpec:
             raise ConfigError("layouts", self.layouts, "a mapping with tp, pp, dp, zero, ep")
         if self.results is not None and not (isinstance(self.results, str) and Path(self.results).is_file()):
             raise ConfigError("results", self.results, "null or the path of an existing results.parquet")
+        self.time_constants()
         self.hardware_specs()  # a reserve larger than a GPU's memory fails here, not later
+
+    def time_constants(self):
+        """The `time` key's TimeConstants (a one-line ConfigError naming `time` when it is bad)."""
+        from memsweep.formulas.timing import constants_option
+
+        return constants_option(self.time, key="time")
 
     def hardware_specs(self) -> list[Hardware]:
         if self.reserved_mib is None:
