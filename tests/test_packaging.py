@@ -83,8 +83,12 @@ def test_the_wheel_ships_the_presets_and_runs_without_the_checkout(tmp_path):
     shipped = sorted(n.removeprefix("memsweep/conf/") for n in names if n.startswith("memsweep/conf/"))
     assert shipped == presets(CONF)  # every preset, config.yaml, plan.yaml, the launchers; no more
     for must in ("model/llama3-8b.yaml", "config.yaml", "plan.yaml", "hydra/launcher/local.yaml",
-                 "hydra/launcher/slurm.yaml", "hydra/launcher/submitit.yaml"):
+                 "hydra/launcher/slurm.yaml", "hydra/launcher/submitit.yaml", "hydra/launcher/batched.yaml",
+                 "hydra/sweeper/memsweep.yaml"):
         assert f"memsweep/conf/{must}" in names, must
+    # the batched launcher, in Hydra's plugin namespace (no __init__.py of its own: shared with others)
+    assert "hydra_plugins/memsweep_batched_launcher/batched_launcher.py" in names
+    assert "hydra_plugins/__init__.py" not in names
     entry = next(n for n in names if n.endswith(".dist-info/entry_points.txt"))
     assert "memsweep = memsweep.app.main:cli" in zipfile.ZipFile(wheel).read(entry).decode()
 
@@ -111,6 +115,7 @@ sys.stdout.flush()
 code = main(["model=gpt2", "seq=128", "hydra.run.dir=run"])
 code = code or main(["plan", "models=[gpt2]", "hardware=[a100-80g]", "seqs=[512]", "workloads=[inference]",
                      "hydra.run.dir=plan"])
+code = code or main(["-m", "model=gpt2", "seq=128,256", "hydra/launcher=batched", "hydra.sweep.dir=multi"])
 sys.exit(code)
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
@@ -124,6 +129,7 @@ sys.exit(code)
     assert set(t["model"]) == {"gpt2"} and set(t["seq"]) == {128} and set(t["hardware"]) == {"h100-80g"}
     assert (cwd / "run" / "sweep.log").is_file()
     assert (cwd / "plan" / "plan.parquet").is_file() and (cwd / "plan" / "plan.log").is_file()
+    assert pl.read_parquet(cwd / "multi" / "batch-0-1" / "rows.parquet")["job_num"].unique().sort().to_list() == [0, 1]
 
 
 # --- the command ------------------------------------------------------------------------------

@@ -28,6 +28,10 @@ from memsweep.units import GIB, MIB
 SCHEMA_VERSION = 8
 PART_NAME = "rows.parquet"
 RESULTS_NAME = "results.parquet"
+BATCH_PREFIX = "batch-"
+"""The batched launcher's directories: `batch-<first>-<last>/` holds one part for those job numbers."""
+BATCH_RECORD = Path(".hydra") / "jobs.jsonl"
+"""Beside a batch's part: one JSON line per job (job_num, job_id, overrides, the resolved config)."""
 
 # Column names are a contract users script against: never rename or remove one; a new column
 # goes at the end, or beside its kin (schema 7's timings; collect aligns parts by name).
@@ -265,6 +269,24 @@ def write_part(rows: Iterable[Mapping[str, Any]], job_dir: Path) -> Path:
     return write_parquet_atomic(frame(rows), Path(job_dir) / PART_NAME)
 
 
+def merge_part(rows: pl.DataFrame, job_dir: Path) -> Path:
+    """Write `rows` (a frame of the schema) into a batch's part, atomically, keeping the rows the
+    part holds of other jobs: a job that runs again replaces its rows (those of its id, and those
+    of its job number, as a job's own part is replaced). An unreadable part holds nothing to keep."""
+    part = Path(job_dir) / PART_NAME
+    if part.is_file():
+        try:
+            old = align(pl.read_parquet(part))
+        except Exception:  # corrupt, or of a conflicting schema: collect would skip it anyway
+            old = None
+        if old is not None:
+            ids, nums = rows["job_id"].drop_nulls().unique(), rows["job_num"].drop_nulls().unique()
+            old = old.filter(~(pl.col("job_id").is_in(ids) | pl.col("job_num").is_in(nums)).fill_null(False))
+            if old.height:
+                rows = pl.concat([old, rows], how="vertical").sort("job_num", nulls_last=True, maintain_order=True)
+    return write_parquet_atomic(rows, part)
+
+
 class SchemaConflict(ValueError):
     """A part whose column types contradict the schema (not merely older: wrong)."""
 
@@ -306,8 +328,72 @@ def find_parts(root: Path) -> list[Path]:
 
 
 def job_dirs(root: Path) -> list[Path]:
-    """Hydra job directories: each holds a `.hydra/` folder written when the job starts."""
+    """Hydra job directories: each holds a `.hydra/` folder written when the job starts (a batch
+    of the batched launcher, its record of the batch's jobs)."""
     return sorted(p.parent for p in Path(root).rglob(".hydra") if p.is_dir())
+
+
+@dataclass
+class Held:
+    """Where a job's rows are."""
+
+    part: Path
+    done: bool
+    """Every row of the job is ok (or unsupported): `resume=true` skips it."""
+
+
+def held_rows(parts: list[Path]) -> dict[str, Held]:
+    """Job id -> the part that holds its rows. A part that cannot be read holds nothing."""
+    if not parts:
+        return {}
+    try:
+        t = pl.scan_parquet(parts, include_file_paths="part").select("job_id", "status", "part").collect()
+    except Exception:  # a corrupt part, or parts of different schema versions: one by one
+        frames = []
+        for p in parts:
+            try:
+                frames.append(pl.read_parquet(p, columns=["job_id", "status"]).with_columns(part=pl.lit(str(p))))
+            except Exception:
+                continue
+        if not frames:
+            return {}
+        t = pl.concat(frames, how="vertical_relaxed")
+    done = t.group_by("job_id", "part").agg(pl.col("status").is_in(list(FINISHED)).fill_null(False).all().alias("done"))
+    out: dict[str, Held] = {}
+    for jid, part, ok in done.sort("part").iter_rows():
+        if jid is not None and (jid not in out or ok):
+            out[jid] = Held(Path(part), bool(ok))
+    return out
+
+
+_batches_seen: dict[Path, tuple[tuple, dict[str, Held]]] = {}
+
+
+def held_in_batch(job_dir: Path, jid: str) -> Held | None:
+    """For a job run on its own (the basic launcher, a measured job): the batch part beside its
+    directory that holds its rows, where the batched launcher wrote them (read again only when
+    a batch part changed)."""
+    grid_dir = Path(job_dir).resolve().parent
+    parts = sorted(grid_dir.glob(f"{BATCH_PREFIX}*/{PART_NAME}"))
+    if not parts:
+        return None
+    try:
+        stamp = tuple((str(p), p.stat().st_mtime_ns) for p in parts)
+    except OSError:  # one went meanwhile: read them again
+        stamp = ()
+    seen = _batches_seen.get(grid_dir)
+    if seen is None or seen[0] != stamp or not stamp:
+        seen = _batches_seen[grid_dir] = (stamp, held_rows(parts))
+    return seen[1].get(jid)
+
+
+def jobs_in(job_dir: Path) -> int:
+    """The jobs a job directory stands for: a batch's, as its record lists them; otherwise one."""
+    try:
+        with open(Path(job_dir) / BATCH_RECORD, "rb") as fh:
+            return max(1, sum(1 for line in fh if line.strip()))
+    except OSError:
+        return 1
 
 
 def _read_parts(parts: list[Path]) -> tuple[list[pl.DataFrame], list[tuple[Path, str]], set[Path]]:
@@ -353,6 +439,13 @@ def would_lose(old_path: Path, table: pl.DataFrame) -> str | None:
             f"nothing written (move it away to rebuild it from the parts)")
 
 
+def _job_nums(part: Path) -> list[int]:
+    try:
+        return pl.read_parquet(part, columns=["job_num"])["job_num"].drop_nulls().to_list()
+    except Exception:  # reported with the part's other troubles
+        return []
+
+
 def collect(root: Path, write: bool = True) -> Collected:
     """Merge every part under `root` into one table and (atomically) `root/results.parquet`.
     An existing results.parquet is never replaced by a table that lacks any of its jobs or ok
@@ -364,7 +457,11 @@ def collect(root: Path, write: bool = True) -> Collected:
     table = pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=SCHEMA)
     # Within a job, rows keep the order the job wrote them in (the formula registry's order).
     table = table.sort(["job_num", "job_id"], nulls_last=True, maintain_order=True)
-    missing = [d for d in job_dirs(root) if d not in with_rows and d != root]
+    # a job directory whose job's rows a batch part beside it holds (a batched sweep resumed by
+    # the basic launcher, which writes .hydra/ for every job) has its rows
+    in_batches = {(p.parent.parent, n) for p in parts if p.parent.name.startswith(BATCH_PREFIX) for n in _job_nums(p)}
+    missing = [d for d in job_dirs(root) if d not in with_rows and d != root
+               and not (d.name.isdigit() and (d.parent, int(d.name)) in in_batches)]
     path, kept = None, None
     if write:
         target = root / RESULTS_NAME
@@ -536,7 +633,12 @@ def job_table(table: pl.DataFrame, limit: int | None = SUMMARY_ROWS) -> JobTable
                             "headroom_bytes", "capacity_bytes", "fits", "peak_phase", "measured_peak_bytes",
                             "kv_tokens", "max_concurrent_seqs", "est_step_time_s", "est_tokens_per_s",
                             "step_time_s", *ROW_SPEC_KEYS])  # not all ~100 columns
-    for i, r in enumerate(table.select(list(needed)).iter_rows(named=True)):
+    needed = {name: pl.col(name) for name in needed}
+    # a job's spec_json is the same on each of its rows: only its first is read (thousands of jobs)
+    first_spec = pl.col("spec_json").is_not_null() & (
+        pl.col("job_id").is_null() | (pl.col("spec_json").is_not_null().cast(pl.Int64).cum_sum().over("job_id") == 1))
+    needed["spec_json"] = pl.when(first_spec).then(pl.col("spec_json")).alias("spec_json")
+    for i, r in enumerate(table.select(list(needed.values())).iter_rows(named=True)):
         by_job.setdefault(r["job_id"] if r["job_id"] is not None else ("row", i), []).append(r)
     formulas = table.filter(pl.col("total_bytes").is_not_null())["formula"].unique(maintain_order=True).to_list()
     fit = FIT_FORMULA if FIT_FORMULA in formulas else (formulas[0] if formulas else None)
@@ -651,7 +753,7 @@ def summarize(collected: Collected, out=sys.stdout) -> None:
     for part, why in collected.skipped:
         print(f"skipped part: {part}: {why}", file=out)
     if collected.jobs_without_rows:
-        print(f"jobs without rows (interrupted?): {len(collected.jobs_without_rows)}", file=out)
+        print(f"jobs without rows (interrupted?): {sum(map(jobs_in, collected.jobs_without_rows))}", file=out)
     unsupported = t.filter(pl.col("status") == "unsupported")
     unmodelled = unsupported.filter(pl.col("family") == "hf").unique("job_id", maintain_order=True)
     if unmodelled.height:

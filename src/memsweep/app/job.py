@@ -27,7 +27,9 @@ from memsweep.app.convert import JOB_KEYS, time_constants_of, to_job_spec
 from memsweep.formulas import job_formulas
 from memsweep.errors import ConfigError
 from memsweep.estimate import estimate_rows
-from memsweep.results import PART_NAME, OutputError, clean_stale_temps, write_part
+from memsweep.results import (
+    BATCH_PREFIX, PART_NAME, OutputError, clean_stale_temps, frame, held_in_batch, merge_part, write_part,
+)
 from memsweep.specs import JobSpec
 from memsweep.units import GIB
 
@@ -37,11 +39,12 @@ log = logging.getLogger("memsweep")
 last_exit_code = 0
 
 
-def job_id(cfg: DictConfig) -> str:
+def job_id(cfg: DictConfig | dict) -> str:
     """A stable id: a hash of the resolved job configuration (same config, same id); the
-    `resume` switch itself is left out, so a resumed job keeps its id."""
+    `resume` switch itself is left out, so a resumed job keeps its id. A dict is that resolved
+    configuration already (the batched launcher's): the same config, the same id."""
     try:
-        payload: Any = OmegaConf.to_container(cfg, resolve=True)
+        payload: Any = dict(cfg) if isinstance(cfg, dict) else OmegaConf.to_container(cfg, resolve=True)
         if isinstance(payload, dict):
             payload.pop("resume", None)
             payload.pop("add", None)
@@ -166,11 +169,13 @@ def run_job(cfg: DictConfig) -> int:
         "overrides": json.dumps(grid_of(list(hc.overrides.task))),
     }
     choices = dict(hc.runtime.choices)
-    code, message = 0, ""
+    code, message, held = 0, "", None
     try:
+        # rows the batched launcher wrote into a batch part (a sweep resumed with another launcher)
+        held = held_in_batch(out_dir, meta["job_id"]) if multirun else None
         if check_switch(cfg, "resume"):
             clean_stale_temps(out_dir)
-            if finished(out_dir, meta["job_id"]):
+            if finished(out_dir, meta["job_id"]) or (held is not None and held.done):
                 print(f"[job {meta['job_num']}] resume: rows exist, skipped", flush=True)
                 return 0
         spec = to_job_spec(cfg)
@@ -184,7 +189,9 @@ def run_job(cfg: DictConfig) -> int:
         code, message = 1, f"{type(exc).__name__}: {exc}".splitlines()[0]
         log.debug("job failed:\n%s", traceback.format_exc())
         rows = [error_row(cfg, choices, message)]
-    code, message = _write_rows(rows, meta, out_dir, cfg, choices, code, message)
+    # a job's rows are in one part: held in a batch's, its new rows replace them there
+    into = held.part.parent if held is not None else out_dir
+    code, message = _write_rows(rows, meta, into, cfg, choices, code, message)
     if code:
         label = f"job {meta['job_num']}: " if multirun else ""
         print(f"error: {label}{message}", file=sys.stderr)
@@ -195,16 +202,23 @@ def run_job(cfg: DictConfig) -> int:
 
 def _write_rows(rows: list[dict[str, Any]], meta: dict[str, Any], out_dir: Path, cfg: DictConfig,
                 choices: dict[str, str], code: int, message: str) -> tuple[int, str]:
-    """Write the job's part; rows that cannot be written become one error row saying why; a
-    directory that cannot be written to is the job's error (its message names the path)."""
+    """Write the job's part (into a batch's part: beside its other jobs); rows that cannot be
+    written become one error row saying why; a directory that cannot be written to is the job's
+    error (its message names the path)."""
+    def write(rows: list[dict[str, Any]]) -> None:
+        if out_dir.name.startswith(BATCH_PREFIX):
+            merge_part(frame(rows), out_dir)
+        else:
+            write_part(rows, out_dir)
+
     try:
         try:
-            write_part([{**r, **meta} for r in rows], out_dir)
+            write([{**r, **meta} for r in rows])
         except OutputError:
             raise
         except Exception as exc:  # a value no column can hold: the job still leaves a row
             code, message = 1, f"rows not writable: {type(exc).__name__}: {exc}".splitlines()[0]
-            write_part([{**error_row(cfg, choices, message), **meta}], out_dir)
+            write([{**error_row(cfg, choices, message), **meta}])
     except OutputError as exc:
         return 1, str(exc.strerror)
     return code, message

@@ -31,6 +31,21 @@ def hydra_main(cfg: DictConfig) -> int:
     return job.run_job(cfg)
 
 
+def register_plugins() -> None:
+    """memsweep's Hydra plugins (hydra/launcher=batched, hydra/sweeper=memsweep), registered by
+    hand too: Hydra finds plugins by listing the `hydra_plugins` namespace, and in an editable
+    install setuptools' import hook lists none of its modules there."""
+    from hydra.core.plugins import Plugins
+
+    plugins = Plugins.instance()  # first: its scan re-runs the module of the basic sweeper ours extends
+    try:
+        from hydra_plugins.memsweep_batched_launcher import batched_launcher as plugin
+    except ImportError:  # no hydra_plugins at all: Hydra says which config it cannot load
+        return
+    for cls in (plugin.BatchedLauncher, plugin.MemsweepSweeper):
+        plugins.register(cls)
+
+
 def run(argv: list[str]) -> int:
     """Run the sweep (or one job, without -m) for a command line of Hydra overrides and flags."""
     try:
@@ -41,6 +56,7 @@ def run(argv: list[str]) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     job.last_exit_code, callbacks.failed_jobs = 0, 0  # a second run in one process starts clean
+    register_plugins()
     sys.argv = [sys.argv[0], *argv, *grid_subdir(argv)]
     os.environ[job.SWEEP_PID_ENV] = str(os.getpid())  # workers exit when this process is gone
     user_full_error = "HYDRA_FULL_ERROR" in os.environ
