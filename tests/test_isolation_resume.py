@@ -81,9 +81,9 @@ def test_resume_reruns_failed_jobs(tmp_path):
     args = [sys.executable, str(REPO / "sweep.py"), "-m", "model=tiny", "seq=64,128", f"hydra.sweep.dir={tmp_path}"]
     first = subprocess.run(args, capture_output=True, text=True, timeout=300)
     assert first.returncode == 0
-    broken = tmp_path / "1" / PART_NAME
-    t = pl.read_parquet(broken).with_columns(status=pl.lit("error"))
-    t.write_parquet(broken)
+    (broken,) = [p for p in tmp_path.glob(f"*/{PART_NAME}") if 1 in pl.read_parquet(p)["job_num"]]  # any launcher's
+    t = pl.read_parquet(broken)
+    t.with_columns(status=pl.when(pl.col("job_num") == 1).then(pl.lit("error")).otherwise("status")).write_parquet(broken)
     again = subprocess.run([*args, "resume=true"], capture_output=True, text=True, timeout=300)
     assert again.stdout.count("resume: rows exist, skipped") == 1
     assert set(pl.read_parquet(tmp_path / RESULTS_NAME)["status"]) == {"ok"}

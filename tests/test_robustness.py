@@ -87,9 +87,10 @@ def test_collect_keeps_a_table_the_parts_cannot_rebuild(small_sweep, tmp_path):
 def test_collect_rewrites_when_nothing_is_lost_and_cleans_killed_writes(small_sweep, tmp_path):
     d = tmp_path / "s"
     shutil.copytree(small_sweep, d)
-    dead = d / "0" / f".{PART_NAME}~{_HOST}~999999999~abc.tmp"  # a writer that no longer exists
+    part_dir = sorted(d.glob(f"*/{PART_NAME}"))[0].parent  # a job's (or a batch's) directory
+    dead = part_dir / f".{PART_NAME}~{_HOST}~999999999~abc.tmp"  # a writer that no longer exists
     dead.write_bytes(b"half a part")
-    mine = d / "1" / f".{PART_NAME}~{_HOST}~{os.getpid()}~abc.tmp"  # a write in flight
+    mine = part_dir / f".{PART_NAME}~{_HOST}~{os.getpid()}~abc.tmp"  # a write in flight
     mine.write_bytes(b"in flight")
     c = collect(d)
     assert c.kept is None and c.table.height == 10 and c.cleaned == 1
@@ -101,10 +102,11 @@ def test_collect_rewrites_when_nothing_is_lost_and_cleans_killed_writes(small_sw
 def test_a_second_grid_is_refused_unless_added(small_sweep, tmp_path):
     d = tmp_path / "s"
     shutil.copytree(small_sweep, d)
+    before = sorted(p.name for p in d.iterdir() if p.is_dir())
     refused = run("sweep.py", "-m", "model=tiny", "batch=2,3", f"hydra.sweep.dir={d}")
     assert refused.returncode == 2
     assert "holds another grid (model=tiny seq=64,128)" in one_line(refused)
-    assert sorted(p.name for p in d.iterdir() if p.is_dir()) == ["0", "1"]  # no job ran
+    assert sorted(p.name for p in d.iterdir() if p.is_dir()) == before  # no job ran
     added = run("sweep.py", "-m", "model=tiny", "batch=2,3", "add=true", f"hydra.sweep.dir={d}")
     assert added.returncode == 0, added.stderr
     resumed = run("sweep.py", "-m", "model=tiny", "seq=64,128", "resume=true", f"hydra.sweep.dir={d}")
@@ -163,12 +165,15 @@ def test_read_only_output_dir_is_one_line_before_any_job(private_mounts, tmp_pat
                               f"with free space ({m}: Read-only file system)")
 
 
-def test_disk_full_mid_sweep_is_one_line_and_parts_stay(private_mounts, tmp_path):
+@pytest.mark.parametrize("launcher", ["basic", "batched"])
+def test_disk_full_mid_sweep_is_one_line_and_parts_stay(private_mounts, tmp_path, launcher):
     m = tmp_path / "full"
     m.mkdir()
-    # room for the probe and about one job: Hydra's own config save of a later job fails
+    # room for the probe and about one job (basic: Hydra's own config save of a later job fails;
+    # batched: the one batch's part fits, the table does not)
     proc = _unshare(f"mount -t tmpfs -o size=200k tmpfs {m} && dd if=/dev/zero of={m}/fill bs=1k count=120 "
-                    f"2>/dev/null; {PY} sweep.py -m model=tiny seq=64,128,256,512,1024 hydra.sweep.dir={m}/x; "
+                    f"2>/dev/null; {PY} sweep.py -m model=tiny seq=64,128,256,512,1024 hydra/launcher={launcher} "
+                    f"hydra.sweep.dir={m}/x; "
                     f"echo rc=$?; ls {m}/x/*/{PART_NAME} | wc -l")
     rc = int(proc.stdout.split("rc=")[1].split()[0])
     assert rc == 1

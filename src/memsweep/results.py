@@ -1,7 +1,8 @@
 """The result schema (declared once), atomic part files, and collection into `results.parquet`.
 
-Each job writes `rows.parquet` into its own job directory (temp file + `os.replace`, so a crash
-never leaves a half-written part that looks finished). Collection globs the parts under a sweep
+Each job writes `rows.parquet` into its own job directory, or a batch of jobs into theirs
+(`batch-<first>-<last>/`, the batched launcher's), through a temp file + `os.replace`, so a crash
+never leaves a half-written part that looks finished. Collection globs the parts under a sweep
 directory, aligns every part to the schema (older parts missing newer columns get nulls), and
 writes `results.parquet` atomically too. It never depends on Hydra: `scripts/collect.py` runs the
 same function on any sweep directory, finished or interrupted.

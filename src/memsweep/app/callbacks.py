@@ -17,6 +17,9 @@ from memsweep.results import RESULTS_NAME, Collected, OutputError, collect, find
 
 failed_jobs = 0
 """Jobs with status=error in the table the last collection wrote (sweep.py's exit status)."""
+collect_error: str | None = None
+"""Why the last collection could not write its table (a full disk): sweep.py says so, exit 1.
+(Hydra only warns about a raising callback.)"""
 
 
 def _switch(config: DictConfig, key: str) -> bool:
@@ -84,7 +87,15 @@ class CollectResults(Callback):
 
     def on_run_end(self, config: DictConfig, **kwargs: Any) -> None:
         # Hydra has un-set HydraConfig by now; run_job recorded the run's output dir on `config`.
-        summarize(_collect(Path(config.hydra.runtime.output_dir)))
+        _finish(Path(config.hydra.runtime.output_dir))
 
     def on_multirun_end(self, config: DictConfig, **kwargs: Any) -> None:
-        summarize(_collect(Path(config.hydra.sweep.dir)))
+        _finish(Path(config.hydra.sweep.dir))
+
+
+def _finish(root: Path) -> None:
+    global collect_error
+    try:
+        summarize(_collect(root))
+    except OutputError as exc:  # the parts stay; sweep.py reports it and exits 1
+        collect_error = str(exc.strerror)

@@ -62,12 +62,12 @@ def top_level_keys(config: Path) -> list[tuple[str, str, str]]:
 
 
 def defaults(config: Path) -> dict[str, str]:
-    """The options config.yaml's defaults list chooses (`model: llama2-7b`)."""
+    """The options config.yaml's defaults list chooses (`model: llama2-7b`, `override hydra/launcher: batched`)."""
     chosen, inside = {}, False
     for line in config.read_text().splitlines():
         if re.match(r"^defaults:", line):
             inside = True
-        elif inside and (m := re.match(r"^\s*-\s*([\w/]+):\s*([\w.-]+)", line)):
+        elif inside and (m := re.match(r"^\s*-\s*(?:override\s+)?([\w/]+):\s*([\w.-]+)", line)):
             chosen[m.group(1)] = m.group(2)
         elif inside and line and not line.startswith((" ", "#")):
             break

@@ -55,7 +55,7 @@ def run(argv: list[str]) -> int:
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
-    job.last_exit_code, callbacks.failed_jobs = 0, 0  # a second run in one process starts clean
+    job.last_exit_code, callbacks.failed_jobs, callbacks.collect_error = 0, 0, None  # a second run starts clean
     register_plugins()
     sys.argv = [sys.argv[0], *argv, *grid_subdir(argv)]
     os.environ[job.SWEEP_PID_ENV] = str(os.getpid())  # workers exit when this process is gone
@@ -86,6 +86,10 @@ def run(argv: list[str]) -> int:
     finally:
         if not user_full_error:
             os.environ.pop("HYDRA_FULL_ERROR", None)
+    if callbacks.collect_error:  # the table could not be written (disk full): the parts are kept
+        print(f"error: {callbacks.collect_error}; the parts written so far are kept (memsweep collect DIR, or "
+              f"python scripts/collect.py DIR, rebuilds results.parquet)", file=sys.stderr)
+        return 1
     if job.last_exit_code:  # a single run: its own error line is out already
         return job.last_exit_code
     if callbacks.failed_jobs:
