@@ -178,6 +178,7 @@ def run_job(cfg: DictConfig) -> int:
             if finished(out_dir, meta["job_id"]) or (held is not None and held.done):
                 print(f"[job {meta['job_num']}] resume: rows exist, skipped", flush=True)
                 return 0
+        # memsweep.app.batched._evaluate takes these steps for many analytic jobs at once: keep them alike
         spec = to_job_spec(cfg)
         rows = estimate_rows(spec, job_formulas(spec), time=time_constants_of(cfg))
         if spec.measure.backend != "none":
