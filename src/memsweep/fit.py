@@ -126,16 +126,22 @@ def measured_jobs(table: pl.DataFrame) -> tuple[pl.DataFrame, Columns, np.ndarra
     """One row per measured job (ok status, a peak), its Columns and its measured peak bytes."""
     jobs = (table.filter(pl.col("status") == "ok", pl.col("measured_peak_bytes") > 0)
             .unique("job_id", keep="first", maintain_order=True))
+    return jobs, Columns.from_specs(specs_of_rows(jobs)), jobs["measured_peak_bytes"].to_numpy().astype(float)
+
+
+def specs_of_rows(jobs: pl.DataFrame) -> list[JobSpec]:
+    """Every row's JobSpec (spec_of_row); a row that is not a memsweep job is a one-line
+    ConfigError naming the row and the column (a hand-edited or foreign table)."""
     specs = []
     for r in jobs.iter_rows(named=True):
         try:
             specs.append(spec_of_row(r))
-        except Exception as exc:  # a hand-edited or foreign table: name the row and the column
+        except Exception as exc:
             raw = r.get("spec_json") or ""
             raise ConfigError("spec_json", raw[:60] + ("..." if len(raw) > 60 else ""),
                               f"the JSON of a memsweep job spec (job_id {r.get('job_id')}: "
                               f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
-    return jobs, Columns.from_specs(specs), jobs["measured_peak_bytes"].to_numpy().astype(float)
+    return specs
 
 
 def error_tables(errors: pl.DataFrame) -> dict[str, pl.DataFrame]:

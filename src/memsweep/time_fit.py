@@ -177,17 +177,9 @@ class TimeData:
 
 def time_data(jobs: pl.DataFrame) -> TimeData:
     """Rebuild every job's spec (fit.spec_of_row) into the time model's inputs."""
-    from memsweep.fit import spec_of_row
+    from memsweep.fit import specs_of_rows
 
-    specs = []
-    for r in jobs.iter_rows(named=True):
-        try:
-            specs.append(spec_of_row(r))
-        except Exception as exc:  # a hand-edited or foreign table: name the row and the column
-            raw = r.get("spec_json") or ""
-            raise ConfigError("spec_json", raw[:60] + ("..." if len(raw) > 60 else ""),
-                              f"the JSON of a memsweep job spec (job_id {r.get('job_id')}: "
-                              f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''})") from None
+    specs = specs_of_rows(jobs)
     cols = Columns.from_specs(specs)
     measured = {p: jobs[MEASURED[p]].cast(pl.Float64).fill_null(np.nan).to_numpy().astype(float) for p in PHASES}
     return TimeData(cols, production_work(cols), Speeds.of([s.hardware for s in specs], [s.dtype for s in specs]),
