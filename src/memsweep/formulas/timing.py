@@ -241,7 +241,7 @@ def _step_time(c: Columns, speeds: Speeds, k: TimeConstants, work) -> StepTime:
     # pipeline: m micro-batches in (m + pp - 1) slots of one stage's micro-batch
     m = np.maximum(c.grad_accum, 1.0)
     bubble = (fwd + bwd) / m * (c.pp - 1)
-    critical, dp = communication_s(c, speeds, k, w)
+    critical, dp = communication_s(c, speeds, k)
     exposed = critical + np.maximum(dp - k.dp_overlap * (fwd + bwd), 0.0)
     step = fwd + bwd + opt + pre + dec + bubble + exposed
 
@@ -273,7 +273,7 @@ def production_work(c: Columns):
     return replace(w, decode_flops=w.decode_flops - mla_cache_expansion_flops(c))
 
 
-def communication_s(c: Columns, speeds: Speeds, k: TimeConstants, w) -> tuple[Array, Array]:
+def communication_s(c: Columns, speeds: Speeds, k: TimeConstants) -> tuple[Array, Array]:
     """Seconds of the collectives of one step (training) or request (inference): those on the
     critical path (tensor, pipeline, expert parallel) and the data-parallel ones, before overlap."""
     act = np.where(c.dtype_bytes >= 4, 4.0, 2.0)  # activations in the compute dtype (16 or 32 bits)

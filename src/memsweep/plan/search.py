@@ -430,7 +430,7 @@ def min_gpus_rows(ctx: Context) -> pl.DataFrame:
     if fastest:  # the work of every candidate, once; its time per hardware below
         cols = grid.columns()
         work = production_work(cols)
-    out_rows, out_h, out_rank = [], [], []
+    out_rows, out_h, out_rank, out_ok = [], [], [], []
     for hi in range(nh):
         cap = ctx.capacity(b, np.full(n, hi))
         saving = np.where(ref >= 0, total[np.maximum(ref, 0)] - total, np.inf)
@@ -449,6 +449,7 @@ def min_gpus_rows(ctx: Context) -> pl.DataFrame:
                                         np.where(fits, cost, 0), -head)
             alt = fewest[fits[fewest] & (fewest != answer)]
             out_rows += [answer, alt]
+            out_ok += [fits[answer], fits[alt]]
             out_h += [np.full(len(answer), hi), np.full(len(alt), hi)]
             out_rank += [np.ones(len(answer)), np.full(len(alt), 2.0)]
             continue
@@ -463,15 +464,13 @@ def min_gpus_rows(ctx: Context) -> pl.DataFrame:
         alt = np.where(cheaper[alt1], alt1, alt2)
         alt = alt[fits[answer] & (cheaper[alt1] | other[alt2])]
         out_rows += [answer, alt]
+        out_ok += [fits[answer], fits[alt]]
         out_h += [np.full(len(answer), hi), np.full(len(alt), hi)]
         out_rank += [np.ones(len(answer)), np.full(len(alt), 2.0)]
     rows = np.concatenate(out_rows)
     h = np.concatenate(out_h)
     rank = np.concatenate(out_rank)
-    r_cap = ctx.capacity(b[rows], h)
-    r_saving_ok = (ref[rows] < 0) | (total[np.maximum(ref[rows], 0)] - total[rows] >= spec.min_saving * r_cap)
-    r_saving_ok = r_saving_ok | fastest  # the fastest layout may add GPUs for speed alone
-    ok = seq_ok[rows] & layout_ok[rows] & r_saving_ok & (total[rows] <= r_cap) & (gpus[rows] <= most)
+    ok = np.concatenate(out_ok)  # each row's own hardware's verdict, as the selection made it
     no_layout = ~_any_layout(layout_ok, ctx.row_case[b] * ns + s)[ctx.row_case[b[rows]] * ns + s[rows]]
     status = np.where(~seq_ok[rows] | no_layout, "invalid", np.where(ok, "ok", "none_fits"))
     reason = np.where(seq_ok[rows], None, _seq_reason(limit[rows])).astype(object)
