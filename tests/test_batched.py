@@ -230,3 +230,28 @@ def test_measured_jobs_in_a_batched_sweep_run_one_by_one(tmp_path):
                   "hydra/launcher=basic")
     assert again.returncode == 0 and again.stdout.count("resume: rows exist, skipped") == 2, again.stdout
     assert table(tmp_path).equals(t) and "jobs without rows" not in again.stdout
+
+
+def test_prepare_is_both_launchers_step_and_builds_shared_parts_once(composed):
+    """`job.prepare` is what run_job and the batched launcher both do to a configuration: the
+    same spec from a composed config and from its plain data, the formulas and time constants
+    built once per distinct key, and a failing key failing each of its jobs alike."""
+    from memsweep.app import job as job_mod
+
+    cache: dict = {}
+    plain = OmegaConf.to_container(composed("model=tiny", "seq=64"), resolve=True)
+    a = job_mod.prepare(plain, cache)
+    b = job_mod.prepare(composed("model=tiny", "seq=128"), cache)
+    assert a.formulas is b.formulas and a.time is b.time
+    assert a.spec == job_mod.prepare(composed("model=tiny", "seq=64")).spec and b.spec.seq == 128
+    bad = [OmegaConf.to_container(composed("model=tiny", f"seq={s}", "time=/no/such/time.yaml"), resolve=True)
+           for s in (64, 128)]
+    failures = []
+    for cfg in bad:
+        with pytest.raises(ConfigError) as err:
+            job_mod.prepare(cfg, cache)
+        failures.append(job_mod.failure(err.value))
+    assert failures[0] == failures[1] and failures[0][0] == 2 and "time='/no/such/time.yaml'" in failures[0][1]
+    with pytest.raises(ConfigError, match="resume='maybe'"):
+        job_mod.prepare({**plain, "resume": "maybe"})
+    assert job_mod.failure(ValueError("no\nmore")) == (1, "ValueError: no")

@@ -9,7 +9,7 @@ first), about 70 ms a job for an estimate that takes far less. Here, for analyti
   job's value overrides (`seq=512`, `model.layers=4`, `formulas=[detailed]`) are applied to a copy
   of it as plain data, by Hydra's rules (the key must exist). A job whose overrides need more (an
   interpolation, `+key=`, a dict value, a typed node) is composed in full and runs on its own.
-- **Validation.** Each configuration goes through `to_job_spec`, as in `job.run_job`: a bad value
+- **Validation.** Each configuration goes through `job.prepare`, as in `job.run_job`: a bad value
   is an error row with the same one-line message, never a lost sweep.
 - **Evaluation.** A batch's jobs that share their formulas and time constants are estimated
   together (`estimate.estimate_many`: the rows `estimate_rows` gives, job by job).
@@ -34,7 +34,6 @@ import os
 import pickle
 import re
 import sys
-import traceback
 from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -49,10 +48,7 @@ from omegaconf.nodes import AnyNode
 
 from memsweep.app import job
 from memsweep.app.cli import grid_of
-from memsweep.app.convert import time_constants_of, to_job_spec
-from memsweep.errors import ConfigError
 from memsweep.estimate import estimate_many
-from memsweep.formulas import job_formulas
 from memsweep.results import (
     BATCH_PREFIX, BATCH_RECORD, PART_NAME, OutputError, clean_stale_temps, frame, held_rows, merge_part,
     write_parquet_atomic, write_text_atomic,
@@ -317,50 +313,25 @@ class Reporter:
 
 
 def _evaluate(entries: list[Entry]) -> None:
-    """Each entry's rows, as job.run_job makes them: to_job_spec, job_formulas, the time
-    constants, then the estimates of every entry that shares formulas and constants at once."""
-    formulas: dict[Any, Any] = {}
-    times: dict[str, Any] = {}
-    together: dict[tuple[Any, str], list[tuple[Entry, Any]]] = {}
-
-    def once(cache: dict, key: Any, make: Any) -> Any:
-        if key not in cache:
-            try:
-                cache[key] = make()
-            except Exception as exc:  # noqa: BLE001 (every job of this key fails the same way)
-                cache[key] = exc
-        if isinstance(cache[key], Exception):
-            raise cache[key]
-        return cache[key]
-
+    """Each entry's rows, as `job.run_job` makes them: `job.prepare` (the formulas and time
+    constants built once per distinct key), then the estimates of every entry that shares
+    formulas and constants at once (`estimate_many`, which `estimate_rows` is for one job)."""
+    cache: dict[Any, Any] = {}
+    together: dict[tuple[int, int], list[tuple[Entry, job.Prepared]]] = {}
     for e in entries:
         try:
-            resume = e.cfg.get("resume", False)
-            if not isinstance(resume, bool):
-                raise ConfigError("resume", resume, "true, false")
-            spec = to_job_spec(e.cfg)
-            fkey = (spec.formulas, spec.formula_option, spec.formula_base, spec.formula_constants)
-            once(formulas, fkey, lambda: job_formulas(spec))
-            tkey = json.dumps(e.cfg.get("time"), sort_keys=True, default=str)
-            once(times, tkey, lambda: time_constants_of(e.cfg))
-            together.setdefault((fkey, tkey), []).append((e, spec))
+            ready = job.prepare(e.cfg, cache)
+            together.setdefault((id(ready.formulas), id(ready.time)), []).append((e, ready))
         except Exception as exc:  # noqa: BLE001 (each becomes the job's error row)
-            _failed(e, exc)
-    for (fkey, tkey), members in together.items():
-        results = estimate_many([spec for _, spec in members], formulas[fkey], times[tkey])
+            e.fail(*job.failure(exc, e.num))
+    for members in together.values():
+        first = members[0][1]
+        results = estimate_many([ready.spec for _, ready in members], first.formulas, first.time)
         for (e, _), got in zip(members, results):
             if isinstance(got, Exception):
-                _failed(e, got)
+                e.fail(*job.failure(got, e.num))
             else:
                 e.rows = got
-
-
-def _failed(e: Entry, exc: Exception) -> None:
-    if isinstance(exc, ConfigError):
-        e.fail(2, str(exc))
-    else:  # unexpected: the traceback to the log, the row says what
-        log.debug("job %d failed:\n%s", e.num, "".join(traceback.format_exception(exc)))
-        e.fail(1, f"{type(exc).__name__}: {exc}".splitlines()[0])
 
 
 def _frame(entries: list[Entry], meta: dict[str, Any]) -> pl.DataFrame:

@@ -14,6 +14,7 @@ import sys
 import threading
 import time
 import traceback
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
@@ -146,11 +147,63 @@ def watch_sweep_process(poll_s: float = 0.5) -> None:
     _watchdog.start()
 
 
-def check_switch(cfg: DictConfig, key: str) -> bool:
-    value = OmegaConf.select(cfg, key, default=False, throw_on_resolution_failure=False)
+def check_switch(cfg: DictConfig | dict, key: str) -> bool:
+    """A top-level true/false key (`resume`) of a composed or a plain configuration."""
+    if isinstance(cfg, dict):
+        value = cfg.get(key, False)
+    else:
+        value = OmegaConf.select(cfg, key, default=False, throw_on_resolution_failure=False)
     if not isinstance(value, bool):
         raise ConfigError(key, value, "true, false")
     return value
+
+
+@dataclass(frozen=True)
+class Prepared:
+    """What `estimate_rows` takes for a job: its validated spec, its formulas, its time constants."""
+
+    spec: JobSpec
+    formulas: Any
+    time: Any
+
+
+def prepare(cfg: DictConfig | dict, cache: dict[Any, Any] | None = None) -> Prepared:
+    """A job's configuration checked and turned into what its estimate needs: the steps of every
+    analytic job, `run_job`'s one at a time and the batched launcher's many at once. A bad value
+    raises its ConfigError. With `cache`, the formulas and time constants are built once per
+    distinct key (a sweep's jobs share a few), so jobs that share them hold the same objects,
+    and a key that failed fails every job of it with the same error."""
+    check_switch(cfg, "resume")
+    spec = to_job_spec(cfg)
+    cache = {} if cache is None else cache
+    fkey = ("formulas", spec.formulas, spec.formula_option, spec.formula_base, spec.formula_constants)
+    time_cfg = cfg.get("time") if isinstance(cfg, dict) else OmegaConf.select(cfg, "time", default=None)
+    tkey = ("time", json.dumps(OmegaConf.to_container(time_cfg) if isinstance(time_cfg, DictConfig) else time_cfg,
+                               sort_keys=True, default=str))
+    return Prepared(spec, _once(cache, fkey, lambda: job_formulas(spec)),
+                    _once(cache, tkey, lambda: time_constants_of(cfg)))
+
+
+def _once(cache: dict[Any, Any], key: Any, make: Any) -> Any:
+    if key not in cache:
+        try:
+            cache[key] = make()
+        except Exception as exc:  # noqa: BLE001 (every job of this key fails the same way)
+            cache[key] = exc
+    if isinstance(cache[key], Exception):
+        raise cache[key]
+    return cache[key]
+
+
+def failure(exc: BaseException, num: int | None = None) -> tuple[int, str]:
+    """A failed job's exit code and its row's one-line message: 2 and the message of a bad value
+    (a ConfigError), 1 and the exception's first line for anything else (its traceback goes to
+    the debug log)."""
+    if isinstance(exc, ConfigError):
+        return 2, str(exc)
+    label = "job failed" if num is None else f"job {num} failed"
+    log.debug("%s:\n%s", label, "".join(traceback.format_exception(exc)))
+    return 1, f"{type(exc).__name__}: {exc}".splitlines()[0]
 
 
 def run_job(cfg: DictConfig) -> int:
@@ -178,17 +231,12 @@ def run_job(cfg: DictConfig) -> int:
             if finished(out_dir, meta["job_id"]) or (held is not None and held.done):
                 print(f"[job {meta['job_num']}] resume: rows exist, skipped", flush=True)
                 return 0
-        # memsweep.app.batched._evaluate takes these steps for many analytic jobs at once: keep them alike
-        spec = to_job_spec(cfg)
-        rows = estimate_rows(spec, job_formulas(spec), time=time_constants_of(cfg))
-        if spec.measure.backend != "none":
-            rows = with_measurement(spec, rows, meta["job_num"])
-    except ConfigError as exc:
-        code, message = 2, str(exc)
-        rows = [error_row(cfg, choices, message)]
-    except Exception as exc:  # unexpected: keep the traceback in the job's log, the row says what
-        code, message = 1, f"{type(exc).__name__}: {exc}".splitlines()[0]
-        log.debug("job failed:\n%s", traceback.format_exc())
+        ready = prepare(cfg)  # the batched launcher's steps too (memsweep.app.batched._evaluate)
+        rows = estimate_rows(ready.spec, ready.formulas, time=ready.time)
+        if ready.spec.measure.backend != "none":
+            rows = with_measurement(ready.spec, rows, meta["job_num"])
+    except Exception as exc:  # noqa: BLE001 (a bad value, or unexpected: the row says what)
+        code, message = failure(exc)
         rows = [error_row(cfg, choices, message)]
     # a job's rows are in one part: held in a batch's, its new rows replace them there
     into = held.part.parent if held is not None else out_dir
