@@ -28,9 +28,14 @@ from memsweep.specs import LossSpec, MeasureSpec, OptimizerSpec  # noqa: E402
 
 FAKE = MeasureSpec("fake", "fake")
 TECHNIQUES = {
-    "qlora": dict(wl="qlora"),
-    "qlora, recompute full": dict(wl="qlora", recompute="full"),
+    "qlora (kbit_prepare)": dict(wl="qlora"),
+    "qlora (kbit_prepare), recompute full": dict(wl="qlora", recompute="full"),
+    "qlora (kbit_prepare), pure": dict(wl="qlora", precision="pure"),
+    "qlora (kbit_prepare), eager": dict(wl="qlora", attention="eager"),
+    "qlora, torchtune (no kbit_prepare)": dict(wl=workload_spec("qlora", kbit_prepare=False)),
+    "qlora, torchtune, recompute full": dict(wl=workload_spec("qlora", kbit_prepare=False), recompute="full"),
     "qlora, fp4 no double quant": dict(wl=workload_spec("qlora", quant="fp4", double_quant=False)),
+    "qlora, int8 base": dict(wl=workload_spec("qlora", quant="int8")),
     "adamw8bit": dict(optimizer="adamw8bit"),
     "paged_adamw8bit, pure": dict(optimizer="paged_adamw8bit", precision="pure"),
     "lion": dict(optimizer="lion"),

@@ -6,7 +6,9 @@
 For every mode (family x precision x workload x recompute x attention) it runs the reference step
 under FakeTensorMode on a design of small models (varying layers, tokens, hidden, heads, KV heads,
 FFN and vocabulary) and solves for the integer bytes that multiply each structural term (a mode with no exact fit,
-mixed-precision LoRA, keeps its least-squares fit, listed in APPROXIMATE with its residual):
+mixed-precision LoRA, keeps its least-squares fit, listed in APPROXIMATE with its residual; QLoRA
+after peft's prepare_model_for_kbit_training under autocast, `kbit`, is that mixed fit plus the
+exact difference of the two traces, when it has no exact fit of its own):
 
     L*t*h, L*t*kv*d, L*t*f, L*t*a, L*t, L*t*r, L*linear, L*lora, L*h, L*f, L*r,
     t*h, t*kv*d, t*f, t*a, t*r, t*V, t, V*h, s*d, s, h, V, L*b*a*s^2, L*s^2, 1
@@ -46,7 +48,11 @@ from memsweep.presets import job_spec, workload_spec  # noqa: E402
 from memsweep.specs import ModelSpec  # noqa: E402
 
 FAMILIES = ("gpt2", "llama", "bert")
-PRECISIONS = {"mixed": ("bf16", "mixed"), "pure16": ("bf16", "pure"), "fp32": ("fp32", "pure")}
+PRECISIONS = {"mixed": ("bf16", "mixed"), "pure16": ("bf16", "pure"), "fp32": ("fp32", "pure"),
+              "kbit": ("bf16", "mixed"), "kbit16": ("bf16", "pure")}
+# QLoRA after peft's prepare_model_for_kbit_training (an NF4 base, every other parameter fp32),
+# with and without autocast: LoRA only
+KBIT = ("kbit", "kbit16")
 # inference peaks are a max of moments: written by hand in detailed.py. LoRA saves different
 # tensors depending on which matrices carry adapters, so each common target set has its own fit.
 WORKLOADS = ("train", "lora-qv", "lora-qkvo", "lora-mlp", "lora-all")
@@ -97,7 +103,8 @@ def observe(family: str, precision: str, wl: str, recompute: str, attention: str
 
     L, s, b, h, a, kv, f, V = point
     dtype, mode = PRECISIONS[precision]
-    w = (workload_spec("lora", lora_rank=rank, lora_targets=lora_targets(family, wl.split("-")[1]))
+    kbit = {"quant": "nf4", "kbit_prepare": True} if precision in KBIT else {}
+    w = (workload_spec("lora", lora_rank=rank, lora_targets=lora_targets(family, wl.split("-")[1]), **kbit)
          if wl.startswith("lora") else workload_spec(wl))
     spec = job_spec(model(family, L, h, a, kv, f, V), wl=w, seq=s, batch=b, dtype=dtype,
                     precision=mode, recompute=recompute, attention=attention)
@@ -123,7 +130,9 @@ def solve(rows: list[list[float]], ys: list[int]) -> list[int] | None:
 
 
 def modes():
-    yield from itertools.product(FAMILIES, PRECISIONS, WORKLOADS, RECOMPUTES, ATTENTIONS)
+    for mode in itertools.product(FAMILIES, PRECISIONS, WORKLOADS, RECOMPUTES, ATTENTIONS):
+        if not (mode[1] in KBIT and mode[2] == "train"):
+            yield mode
 
 
 def observe_mode(mode: tuple[str, ...]) -> tuple[tuple[str, ...], list, dict]:
@@ -175,12 +184,29 @@ def main(argv: list[str] | None = None) -> int:
         if tuple(old.BASIS) == BASIS:
             table, approximate = dict(old.COEFFICIENTS), dict(getattr(old, "APPROXIMATE", {}))
         todo = [m for m in todo if "/".join(m) in args.modes]
+    # a mode without an exact fit starts from its neighbour without autocast: fit those first
+    # (and a k-bit-prepared mode from the mixed one of the same trace design: those before it)
+    todo.sort(key=lambda m: {"mixed": 1, "kbit": 2}.get(m[1], 0))
+    observed: dict[str, list[int]] = {}
     with Pool(args.jobs) as pool:
         for mode, rows, obs in pool.imap(observe_mode, todo):
             for quantity, ys in obs.items():
                 key = "/".join((*mode, quantity))
+                observed[key] = ys
                 coef = solve(rows, ys)
                 approximate.pop(key, None)
+                if coef is None and "/kbit/" in key and key.replace("/kbit/", "/mixed/") in observed:
+                    # the k-bit-prepared step is the mixed one plus fp32 casts: the difference of the
+                    # two traces is exact, so the mode is its neighbour's fit plus that difference
+                    plain = key.replace("/kbit/", "/mixed/")
+                    delta = solve(rows, [a - b for a, b in zip(ys, observed[plain])])
+                    if delta is not None:
+                        coef = [a + b for a, b in zip(table[plain], delta)]
+                        if plain in approximate:
+                            approximate[key] = approximate[plain]
+                        print(f"{key}: {plain} + {dict((n, v) for n, v in zip(BASIS, delta) if v)}", flush=True)
+                        table[key] = coef
+                        continue
                 if coef is None:
                     neighbour = key.replace("/mixed/", "/pure16/") if "/mixed/lora" in key else None
                     base = table.get(neighbour) if neighbour and neighbour not in approximate else None

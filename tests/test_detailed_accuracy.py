@@ -46,6 +46,10 @@ POINTS = {
         "lora", lora_targets=("q",)))),
     "gpt2-train-pure": (small("gpt2"), dict(seq=256, batch=2, precision="pure")),
     "gpt2-lora-mixed": (small("gpt2"), dict(seq=256, batch=2, wl="lora")),
+    # QLoRA after peft's prepare_model_for_kbit_training (fp32 embeddings, head, norms; fp32 stream)
+    "gpt2-qlora-kbit": (small("gpt2"), dict(seq=256, batch=2, wl=workload(
+        "qlora", lora_targets=("q", "k", "v", "o", "up", "down")))),
+    "llama-qlora-kbit-full": (small("llama"), dict(seq=256, batch=2, wl="qlora", recompute="full")),
     "gpt2-inference": (small("gpt2"), dict(seq=256, batch=2, wl=workload("inference", gen_tokens=16))),
     "bert-train-mixed-full": (small("bert"), dict(seq=256, batch=2, recompute="full")),
     "bert-inference": (small("bert"), dict(seq=256, batch=2, wl="inference")),
@@ -106,7 +110,8 @@ def test_golden_breakdowns(name):
         peak - sum(terms.values()), abs=1e5)
 
 
-@pytest.mark.parametrize("mode", ["llama/pure16/train/none/sdpa", "gpt2/mixed/train/none/sdpa"])
+@pytest.mark.parametrize("mode", ["llama/pure16/train/none/sdpa", "gpt2/mixed/train/none/sdpa",
+                                  "llama/kbit/lora-all/full/sdpa"])
 def test_coefficient_table_matches_the_reference_implementation(mode):
     """Re-derive one mode's coefficients from fresh fake runs: the table must be current."""
     sys.path.insert(0, str(REPO / "scripts"))

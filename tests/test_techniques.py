@@ -148,7 +148,10 @@ def test_prefill_logits_of_a_long_prompt():
 # --- the reference step traces each technique: fake == cpu, detailed == fake ------------------------
 
 CASES = {
-    "qlora": dict(wl="qlora"),
+    "qlora": dict(wl="qlora"),  # the HF recipe: peft's prepare_model_for_kbit_training (fp32 non-quantized)
+    "qlora-torchtune": dict(wl=workload("qlora", kbit_prepare=False)),
+    "qlora-kbit-pure": dict(wl="qlora", precision="pure"),
+    "qlora-kbit-eager": dict(wl="qlora", attention="eager", seq=64),
     # LoRA's re-run block places a few t*h tensors at another moment at the toy's shapes (h = t):
     # the recompute case runs a real model, llama3.2-1b (h = 2048), at 256 tokens
     "qlora-full-recompute": dict(model="llama3.2-1b", wl="qlora", recompute="full", seq=256, batch=1),
@@ -184,7 +187,7 @@ def test_detailed_within_one_percent_of_the_traced_step(fake_runs, name):
     assert abs(est - m.peak_bytes) <= 0.01 * m.peak_bytes, (name, est, m.peak_bytes)
 
 
-@pytest.mark.parametrize("name", ["qlora", "adamw8bit-pure", "adafactor-pure", "in-backward", "chunked-loss",
+@pytest.mark.parametrize("name", ["qlora", "qlora-kbit-pure", "adamw8bit-pure", "adafactor-pure", "in-backward", "chunked-loss",
                                   "grad-accum-recompute", "gptq-inference", "all-logits-inference"])
 def test_fake_equals_cpu(fake_runs, name):
     from memsweep.measure.backends import measure
@@ -201,6 +204,43 @@ def test_quantized_weights_are_stored_as_the_layout_says(fake_runs):
     m = fake_runs["qlora"]
     spec = tiny_job(FAKE, wl="qlora")
     assert m.breakdown["weights"] == pytest.approx(d.weights_bytes(cols(spec))[0], rel=1e-3)
+
+
+def test_kbit_prepare_is_peft_casting_the_rest_of_the_base_to_fp32(fake_runs):
+    """peft's prepare_model_for_kbit_training: every parameter not quantized (embeddings, head,
+    norms) goes from 2 to 4 bytes, in the trace and in the formula; the fp32 hidden states and the
+    head's saved 16-bit cast make the step larger than torchtune's QLoRA of the same base."""
+    hf, tt = fake_runs["qlora"], fake_runs["qlora-torchtune"]
+    spec = tiny_job(FAKE, wl="qlora")
+    c = cols(spec)
+    other = d.base_params(c)[0] - tq.matrix_sides(c)[0][0]  # what bitsandbytes leaves unquantized
+    assert hf.breakdown["weights"] - tt.breakdown["weights"] == pytest.approx(2 * other, rel=1e-6)
+    assert d.weights_bytes(c)[0] - d.weights_bytes(cols(tiny_job(FAKE, wl=workload("qlora", kbit_prepare=False))))[0] == 2 * other
+    v, h = TINY.vocab, TINY.hidden
+    assert hf.peak_bytes - tt.peak_bytes > 2 * other + 2 * v * h  # + the head's cast, fp32 activations
+    assert d.precision_class(c)[0] == 3 and d.precision_class(cols(tiny_job(FAKE, wl="qlora", precision="pure")))[0] == 4
+
+
+@pytest.mark.parametrize("kw, words", [
+    (dict(kind="lora", lora_rank=8, lora_targets=("q",), kbit_prepare=True), "quant none"),
+    (dict(kind="lora", lora_rank=8, lora_targets=("q",), quant="awq", kbit_prepare=True), "quant awq"),
+    (dict(kind="inference", quant="nf4", kbit_prepare=True), "kind inference"),
+])
+def test_kbit_prepare_needs_a_kbit_lora_base(kw, words):
+    from memsweep.specs import Workload
+
+    with pytest.raises(ConfigError) as err:
+        Workload(name="w", **kw)
+    text = str(err.value)
+    assert text.startswith("workload.kbit_prepare=True") and words in text and "\n" not in text
+
+
+def test_kbit_prepare_on_gptq_or_fp32_casts_nothing():
+    """peft leaves a GPTQ model's parameters as they are; an fp32 base has nothing 16-bit to cast."""
+    gptq = job("llama3-8b", wl=workload("qlora", quant="gptq", kbit_prepare=True))
+    plain = job("llama3-8b", wl=workload("qlora", quant="gptq", kbit_prepare=False))
+    assert total(gptq) == total(plain) and not gptq.kbit
+    assert not job("llama3-8b", wl="qlora", dtype="fp32").kbit
 
 
 def test_chunked_loss_and_8bit_states_shrink_the_step(fake_runs):

@@ -105,6 +105,7 @@ class Columns:
     offload_activations: Array  # checkpoints in pinned CPU memory
     grad_accum: Array  # micro-batches per optimizer step
     param_policy: Array  # mixed precision computes with 16-bit parameters (FSDP2 / DeepSpeed), no autocast
+    kbit: Array  # peft's prepare_model_for_kbit_training: a bitsandbytes base's other parameters fp32
     serve: Array  # a serving engine (vLLM): paged KV cache in what the rest leaves
     block_size: Array
     gpu_util: Array
@@ -229,6 +230,7 @@ def technique_values(spec: JobSpec) -> dict[str, float]:
         "offload_activations": spec.offload.activations, "grad_accum": spec.grad_accum,
         # DeepSpeed's offload runs the model in 16 bits, its fp32 master on the CPU
         "param_policy": spec.mixed and (spec.mixed_policy == "param_dtype" or spec.offload.optimizer),
+        "kbit": spec.kbit,
         "block_size": w.block_size, "gpu_util": w.gpu_util, "max_batched_tokens": w.max_batched_tokens,
         "max_seqs": w.max_seqs, "graph_bytes": w.graph_mib * 2**20,
     }

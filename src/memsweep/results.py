@@ -26,7 +26,7 @@ import polars as pl
 
 from memsweep.units import GIB, MIB
 
-SCHEMA_VERSION = 8
+SCHEMA_VERSION = 9
 PART_NAME = "rows.parquet"
 RESULTS_NAME = "results.parquet"
 BATCH_PREFIX = "batch-"
@@ -140,6 +140,8 @@ SCHEMA: dict[str, pl.DataType] = {
     "est_prefill_s": pl.Float64(),
     "est_decode_token_s": pl.Float64(),
     "est_comm_s": pl.Float64(),          # exposed communication (critical-path collectives + unhidden data-parallel ones)
+    # --- schema 9: the Hugging Face QLoRA recipe ---
+    "kbit_prepare": pl.Boolean(),        # peft's prepare_model_for_kbit_training cast the base's other parameters to fp32
 }
 
 _PY_TYPES: dict[type, tuple[type, ...]] = {

@@ -316,6 +316,11 @@ class ModelSpec:
         return sum(k == "local" for k in self.layer_kinds()) if self.sliding_window else 0
 
 
+KBIT_QUANT = ("nf4", "fp4", "int8")
+"""The bases peft's prepare_model_for_kbit_training casts around (bitsandbytes'; it leaves GPTQ's
+parameters as they are, peft/utils/other.py)."""
+
+
 @dataclass(frozen=True)
 class Workload:
     """What one job runs: a training step, LoRA fine-tuning step, prefill + decode inference, or a
@@ -339,6 +344,12 @@ class Workload:
     """Elements per scale; 0: the method's default (nf4/fp4 64, gptq/awq 128)."""
     double_quant: bool = True
     """nf4 / fp4: quantize the block scales too (QLoRA's double quantization)."""
+    kbit_prepare: bool = False
+    """LoRA on a k-bit base: peft's `prepare_model_for_kbit_training` ran. On a bitsandbytes base
+    (quant nf4 / fp4 / int8) it casts every 16-bit parameter that is not quantized (embeddings, LM
+    head, norms, biases, routers) to fp32, so the forward carries fp32 hidden states, which
+    bitsandbytes' layers cast to their compute dtype and their outputs back (`kbit` in
+    formulas/detailed.py); on a GPTQ base it casts nothing."""
     prefill_logits: str = "last"
     """Inference prefill: last (the last position's logits, transformers >= 4.45 `logits_to_keep`)
     or all (the whole prompt's, upcast to fp32: older transformers and some servers)."""
@@ -362,6 +373,11 @@ class Workload:
         check_choice("workload.quant", self.quant, QUANT_METHODS)
         check_int("workload.quant_group", self.quant_group, minimum=0)
         check_bool("workload.double_quant", self.double_quant)
+        check_bool("workload.kbit_prepare", self.kbit_prepare)
+        if self.kbit_prepare and (self.kind != "lora" or self.quant not in (*KBIT_QUANT, "gptq")):
+            raise ConfigError("workload.kbit_prepare", self.kbit_prepare,
+                              f"false unless workload kind lora on a k-bit base (quant {', '.join(KBIT_QUANT)}, "
+                              f"or gptq, whose parameters peft leaves as they are); here kind {self.kind}, quant {self.quant}")
         check_choice("workload.prefill_logits", self.prefill_logits, ("last", "all"))
         if self.kind in ("inference", "serve") and not self.use_cache:
             raise ConfigError("workload.use_cache", self.use_cache,
@@ -859,6 +875,14 @@ class JobSpec:
         if self.dtype == "int4":
             return "awq"
         return self.workload.quant
+
+    @property
+    def kbit(self) -> bool:
+        """peft's prepare_model_for_kbit_training has cast a 16-bit bitsandbytes base's other
+        parameters to fp32 (`workload.kbit_prepare`; GPTQ's are left as they are, an fp32 model's
+        already are)."""
+        w = self.workload
+        return w.kind == "lora" and w.kbit_prepare and self.quant in KBIT_QUANT and self.dtype_bytes == 2
 
     @property
     def quant_group(self) -> int:

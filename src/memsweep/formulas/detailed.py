@@ -56,7 +56,14 @@ except ImportError:  # not derived yet: the newer architectures' terms count not
 EXT_COEFFICIENTS = {key: tuple(dict(zip(FITTED_EXT_BASIS, coef)).get(n, 0.0) for n in EXT_BASIS)
                     for key, coef in _FITTED_EXT.items()}
 FAMILIES = ("gpt2", "llama", "bert")
-PRECISIONS = ("mixed", "pure16", "fp32")
+PRECISIONS = ("mixed", "pure16", "fp32", "kbit", "kbit16")
+"""How activations are stored: autocast (AMP), pure 16-bit, fp32, and QLoRA after peft's
+prepare_model_for_kbit_training (fp32 hidden states around a bitsandbytes base) with and without
+autocast."""
+KBIT_PRECISIONS = ("kbit", "kbit16")
+KBIT_FALLBACK = {"kbit": "mixed", "kbit16": "pure16"}
+"""The newer architectures' extra terms (EXT_COEFFICIENTS) of a k-bit-prepared base are read from
+the same precision without it (an approximation: those terms were not fitted with fp32 hidden states)."""
 
 
 @dataclass(frozen=True)
@@ -80,14 +87,29 @@ def compute_bytes(c: Columns) -> Array:
     return np.where(c.mixed == 1, 2.0, np.maximum(c.dtype_bytes, 2.0))
 
 
+def linear_out_bytes(c: Columns) -> Array:
+    """The element of a block matmul's output: the compute dtype's, but fp32 around a k-bit-prepared
+    bitsandbytes base, whose layers cast their output back to the fp32 hidden states' dtype
+    (`Linear4bit.forward`: `out.to(inp_dtype)`), so a block's q/k/v and MLP intermediates are fp32."""
+    return np.where(c.kbit == 1, FP32, compute_bytes(c))
+
+
+def attention_score_bytes(c: Columns) -> Array:
+    """The element of attention scores and probabilities: the compute dtype's (autocast multiplies
+    in 16 bits), but fp32 for a k-bit-prepared base without autocast (its fp32 q and k)."""
+    return np.where((c.kbit == 1) & ~autocast(c), FP32, compute_bytes(c))
+
+
 def trainable_bytes(c: Columns) -> Array:
     """Trainable parameters, their gradients and optimizer states: fp32 when mixed, else the dtype."""
     return np.where(c.mixed == 1, FP32, c.dtype_bytes)
 
 
 def precision_class(c: Columns) -> Array:
-    """0 mixed (AMP), 1 pure 16-bit, 2 fp32: the three ways activations are stored."""
-    return np.where(autocast(c), 0, np.where(compute_bytes(c) >= FP32, 2, 1))
+    """0 mixed (AMP), 1 pure 16-bit, 2 fp32, 3 / 4 a k-bit-prepared QLoRA base under autocast / in
+    pure 16-bit (`c.kbit`): the ways activations are stored (PRECISIONS)."""
+    plain = np.where(autocast(c), 0, np.where(compute_bytes(c) >= FP32, 2, 1))
+    return np.where(c.kbit == 1, np.where(autocast(c), 3, 4), plain)
 
 
 def autocast(c: Columns) -> Array:
@@ -138,8 +160,10 @@ def weights_bytes(c: Columns) -> Array:
     dtype + adapters in `trainable_bytes`. Inference: the dtype (int8 1, int4 0.5 bytes)."""
     p, p_lora = base_params(c), lora_params(c)
     full_train = (c.training == 1) & (c.lora == 0)
-    # a quantized base (QLoRA, GPTQ / AWQ / int8 inference) keeps its other parameters 16-bit
-    frozen = tq.frozen_base_bytes(c, np.where(tq.quantized(c), compute_bytes(c), c.dtype_bytes))
+    # a quantized base (QLoRA, GPTQ / AWQ / int8 inference) keeps its other parameters 16-bit;
+    # peft's prepare_model_for_kbit_training casts them to fp32 (`kbit`)
+    other = np.where(c.kbit == 1, FP32, np.where(tq.quantized(c), compute_bytes(c), c.dtype_bytes))
+    frozen = tq.frozen_base_bytes(c, other)
     # with 16-bit compute parameters (mixed_policy=param_dtype, offload) the fp32 master is the
     # optimizer's (`master_bytes`)
     trained = np.where(c.param_policy == 1, compute_bytes(c), trainable_bytes(c))
@@ -299,6 +323,8 @@ def _coefficients(fam: str, prec: str, wl: str, rc: str, att: str, quantity: str
     coef = COEFFICIENTS.get(f"{fam}/{prec}/{wl}/{rc}/{att}/{quantity}")
     if coef is not None:
         return coef
+    if prec in KBIT_PRECISIONS and (wl == "train" or os.environ.get("MEMSWEEP_DERIVING")):
+        return (0.0,) * len(BASIS)  # a k-bit base is LoRA's only: no full-training table
     if att == "sdpa" and not (prec == "mixed" and wl.startswith("lora")):  # nothing to start from
         if os.environ.get("MEMSWEEP_DERIVING"):
             return (0.0,) * len(BASIS)
@@ -365,10 +391,13 @@ def _ext_table() -> np.ndarray:
             for w, wl in enumerate(WORKLOAD_TABLES):
                 for r, rc in enumerate(("none", "full")):
                     for a, att in enumerate(ATTENTION_TABLES):
-                        for key_cls, key_wl, key_att in ((cls, wl, att), (cls, wl, "sdpa"),
-                                                         (cls, fallback_wl.get(wl, wl), "sdpa"),
-                                                         ("base", wl, att), ("base", wl, "sdpa")):
-                            coef = EXT_COEFFICIENTS.get(f"llama/{key_cls}/{prec}/{key_wl}/{rc}/{key_att}/saved")
+                        keys = [(prec, *k) for k in ((cls, wl, att), (cls, wl, "sdpa"),
+                                                     (cls, fallback_wl.get(wl, wl), "sdpa"),
+                                                     ("base", wl, att), ("base", wl, "sdpa"))]
+                        if prec in KBIT_PRECISIONS:  # no fit of their own: the same step without kbit's casts
+                            keys = [(KBIT_FALLBACK[prec], *k[1:]) for k in keys]
+                        for key_prec, key_cls, key_wl, key_att in keys:
+                            coef = EXT_COEFFICIENTS.get(f"llama/{key_cls}/{key_prec}/{key_wl}/{rc}/{key_att}/saved")
                             if coef is not None:
                                 table[k, p, w, r, a] = coef
                                 break
@@ -413,8 +442,9 @@ def fused_loss_saved_bytes(c: Columns) -> Array:
 
 def hidden_bytes(c: Columns) -> Array:
     """The hidden states' dtype (the embedding's): fp32 under mixed precision (fp32 master
-    weights), else the compute dtype (a LoRA base is stored in the dtype)."""
-    return np.where(autocast(c) & (c.lora == 0), FP32, compute_bytes(c))
+    weights) and after prepare_model_for_kbit_training (an fp32 embedding), else the compute
+    dtype (a LoRA base is stored in the dtype)."""
+    return np.where((autocast(c) & (c.lora == 0)) | (c.kbit == 1), FP32, compute_bytes(c))
 
 
 def eager_mask_bytes(c: Columns) -> Array:
@@ -437,7 +467,7 @@ def live_logits_bytes(c: Columns) -> Array:
     """Inside the loss: the LM head's output (t*V in the compute dtype) and, when that is 16-bit,
     its fp32 copy (`logits.float()`), besides the log-softmax already counted as saved."""
     t_v = c.batch * c.seq * c.vocab
-    cb = compute_bytes(c)
+    cb = attention_score_bytes(c)  # the head's output: fp32 from a k-bit base's fp32 head without autocast
     # torchtune's chunked loss: every chunk's logits (the head runs per chunk), one chunk's fp32
     # copy at a time; Liger: one chunk of logits, its gradient written in place
     chunked = t_v * (cb + np.where(cb < FP32, FP32, 0.0) / np.maximum(c.loss_chunks, 1.0))
@@ -491,10 +521,11 @@ def _recompute_block(c: Columns) -> tuple[Array, Array, Array, Array]:
     # gelu_new keeps four tensors, fp32 under autocast); an MoE block (in an MoE model) runs t*k
     # token copies (+ shared)
     n_ffn = np.where(c.gated_mlp == 1, RECOMPUTE_MLP_TENSORS[True], RECOMPUTE_MLP_TENSORS[False])
-    table = (SAVED[none_idx] * b * FFN_TERM).sum(axis=-1) / c.layers + 2.0 * c.batch * c.seq * c.ffn * compute_bytes(c) / c.tp
-    dense = np.maximum(n_ffn * c.batch * c.seq * c.ffn * compute_bytes(c) / c.tp, table)
+    ob = linear_out_bytes(c)
+    table = (SAVED[none_idx] * b * FFN_TERM).sum(axis=-1) / c.layers + 2.0 * c.batch * c.seq * c.ffn * ob / c.tp
+    dense = np.maximum(n_ffn * c.batch * c.seq * c.ffn * ob / c.tp, table)
     width = c.experts_per_token * c.expert_ffn + c.shared_ffn
-    mlp = np.where(c.moe_layers > 0, n_ffn * c.batch * c.seq * width * compute_bytes(c) / c.tp, dense)
+    mlp = np.where(c.moe_layers > 0, n_ffn * c.batch * c.seq * width * ob / c.tp, dense)
     # LoRA's re-run block at its MLP backward also holds a t*h tensor of its norm's backward
     # or, with an adapter on down, that adapter's input gradient (t*f in the adapters' dtype: peft
     # casts the input to it), under mixed precision (fp32 adapters) both; measured on the reference
@@ -574,7 +605,7 @@ def softmax_backward_bytes(c: Columns) -> Array:
     """The b*a*s^2 gradients alive at one layer's eager softmax backward: with an fp32 softmax the
     fp32 gradient of the probabilities and the 16-bit one of the scores, else
     `EAGER_BACKWARD_SCORE_TENSORS` in the compute dtype."""
-    cb = compute_bytes(c)
+    cb = attention_score_bytes(c)
     per = np.where(fp32_softmax(c), FP32 + cb, EAGER_BACKWARD_SCORE_TENSORS * cb)
     return per * c.batch * c.heads * c.seq**2 / c.tp
 
@@ -586,7 +617,8 @@ def train_cache_bytes(c: Columns) -> Array:
     precision: RoPE's fp32 tables make K fp32, V is promoted to it, attention saves 16-bit casts of
     both and the cache keeps the fp32 copies. (A 16-bit model, LoRA's 16-bit base, or learned
     positions keep 16-bit K and V: nothing extra.)"""
-    on = (c.train_cache == 1) & autocast(c) & (c.lora == 0) & (c.rope_dim > 0)
+    # (after prepare_model_for_kbit_training the k and v projections themselves are fp32)
+    on = (c.train_cache == 1) & autocast(c) & (((c.lora == 0) & (c.rope_dim > 0)) | (c.kbit == 1))
     heads = np.where(c.mla == 1, c.heads, c.kv_heads)
     width = heads * (c.head_dim + c.v_head_dim)
     return np.where(on, c.layers * c.batch * c.seq * width * FP32 / c.tp, 0.0)

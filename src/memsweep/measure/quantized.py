@@ -154,8 +154,13 @@ class QuantLinear(nn.Module):
                                              self.in_features, self.group, self.double_quant, dtype)
 
     def forward(self, x: Tensor) -> Tensor:
-        y = QuantizedMatmul.apply(x, self)
-        return y if self.bias is None else y + self.bias
+        # as bitsandbytes' Linear4bit / Linear8bitLt: the input cast to the compute dtype, the bias
+        # too, the output back to the input's dtype (fp32 hidden states after peft's
+        # prepare_model_for_kbit_training; a no-op when the two dtypes agree)
+        dtype = x.dtype
+        y = QuantizedMatmul.apply(x.to(self.compute_dtype), self)
+        y = y if self.bias is None else y + self.bias.to(self.compute_dtype)
+        return y.to(dtype)
 
 
 class QuantLoRALinear(QuantLinear):

@@ -159,6 +159,10 @@ def prepare(spec: JobSpec, device: str, tracker: StorageTracker | None = None,
             from memsweep.measure.quantized import quantize_blocks
 
             quantize_blocks(model, spec.quant, spec.quant_group, w.double_quant)
+        if spec.kbit:  # peft's prepare_model_for_kbit_training: every 16-bit parameter left to fp32
+            for p in model.base_parameters():
+                if p.dtype in (torch.float16, torch.bfloat16):
+                    p.data = p.data.to(torch.float32)
     with t.section("setup", "activations"):
         ids = torch.randint(0, spec.model.vocab, (spec.batch, spec.seq), device=device)
     if w.training:
