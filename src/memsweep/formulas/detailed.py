@@ -94,9 +94,10 @@ def linear_out_bytes(c: Columns) -> Array:
     return np.where(c.kbit == 1, FP32, compute_bytes(c))
 
 
-def attention_score_bytes(c: Columns) -> Array:
-    """The element of attention scores and probabilities: the compute dtype's (autocast multiplies
-    in 16 bits), but fp32 for a k-bit-prepared base without autocast (its fp32 q and k)."""
+def plain_matmul_bytes(c: Columns) -> Array:
+    """The element a matmul outside the quantized layers makes (attention scores and
+    probabilities, the LM head's logits): the compute dtype's (autocast multiplies in 16 bits), but
+    fp32 for a k-bit-prepared base without autocast (fp32 q and k, an fp32 head)."""
     return np.where((c.kbit == 1) & ~autocast(c), FP32, compute_bytes(c))
 
 
@@ -467,7 +468,7 @@ def live_logits_bytes(c: Columns) -> Array:
     """Inside the loss: the LM head's output (t*V in the compute dtype) and, when that is 16-bit,
     its fp32 copy (`logits.float()`), besides the log-softmax already counted as saved."""
     t_v = c.batch * c.seq * c.vocab
-    cb = attention_score_bytes(c)  # the head's output: fp32 from a k-bit base's fp32 head without autocast
+    cb = plain_matmul_bytes(c)  # the head's output
     # torchtune's chunked loss: every chunk's logits (the head runs per chunk), one chunk's fp32
     # copy at a time; Liger: one chunk of logits, its gradient written in place
     chunked = t_v * (cb + np.where(cb < FP32, FP32, 0.0) / np.maximum(c.loss_chunks, 1.0))
@@ -605,7 +606,7 @@ def softmax_backward_bytes(c: Columns) -> Array:
     """The b*a*s^2 gradients alive at one layer's eager softmax backward: with an fp32 softmax the
     fp32 gradient of the probabilities and the 16-bit one of the scores, else
     `EAGER_BACKWARD_SCORE_TENSORS` in the compute dtype."""
-    cb = attention_score_bytes(c)
+    cb = plain_matmul_bytes(c)
     per = np.where(fp32_softmax(c), FP32 + cb, EAGER_BACKWARD_SCORE_TENSORS * cb)
     return per * c.batch * c.heads * c.seq**2 / c.tp
 
