@@ -639,9 +639,11 @@ def autocast_cache_bytes(c: Columns) -> Array:
     every fp32 weight it cast until its context ends, and the loss runs inside it (PyTorch's AMP
     recipe; transformers computes it in the model's forward). Without recompute those copies are
     saved for the backward anyway (the tables hold them); with it they are not. One copy of each
-    block's matrices (the LM head's is saved, so already counted); LoRA casts only its adapters."""
-    on = autocast(c) & (c.recompute_full == 1) & (c.lora == 0) & (c.training == 1)
-    return np.where(on, c.layers * layer_params(c) * 2.0 / c.tp, 0.0)
+    block's matrices (the LM head's is saved, so already counted); LoRA casts only its fp32
+    adapters (its frozen base is stored 16-bit), one copy of each."""
+    on = autocast(c) & (c.recompute_full == 1) & (c.training == 1)
+    cast = np.where(c.lora == 1, lora_params(c), c.layers * layer_params(c))
+    return np.where(on, cast * 2.0 / c.tp, 0.0)
 
 
 def kv_token_bytes(c: Columns) -> Array:
