@@ -40,7 +40,7 @@ os.environ["MEMSWEEP_DERIVING"] = "1"  # detailed.py may import a table fitted o
 
 from memsweep.columns import Columns  # noqa: E402
 from memsweep.formulas.basis import BASIS, basis_values  # noqa: E402
-from memsweep.formulas.detailed import held_mask_bytes  # noqa: E402
+from memsweep.formulas.detailed import KBIT_PRECISIONS as KBIT, held_mask_bytes  # noqa: E402
 from memsweep.measure.autocast import cuda_policy  # noqa: E402
 from memsweep.measure.tracker import StorageTracker  # noqa: E402
 from memsweep.measure.workloads import prepare  # noqa: E402
@@ -50,9 +50,8 @@ from memsweep.specs import ModelSpec  # noqa: E402
 FAMILIES = ("gpt2", "llama", "bert")
 PRECISIONS = {"mixed": ("bf16", "mixed"), "pure16": ("bf16", "pure"), "fp32": ("fp32", "pure"),
               "kbit": ("bf16", "mixed"), "kbit16": ("bf16", "pure")}
-# QLoRA after peft's prepare_model_for_kbit_training (an NF4 base, every other parameter fp32),
-# with and without autocast: LoRA only
-KBIT = ("kbit", "kbit16")
+# kbit / kbit16 (KBIT): QLoRA after peft's prepare_model_for_kbit_training (an NF4 base, every
+# other parameter fp32), with and without autocast: LoRA only
 # inference peaks are a max of moments: written by hand in detailed.py. LoRA saves different
 # tensors depending on which matrices carry adapters, so each common target set has its own fit.
 WORKLOADS = ("train", "lora-qv", "lora-qkvo", "lora-mlp", "lora-all")

@@ -19,6 +19,19 @@ import subprocess  # noqa: E402
 import pytest  # noqa: E402
 
 
+@pytest.fixture(scope="module")
+def compose_config():
+    """Hydra's composition of conf/config.yaml, as a sweep composes a job:
+    `compose_config("model=tiny", "seq=64")` -> the job's DictConfig (hydra node included)."""
+    from hydra import compose, initialize_config_dir
+    from hydra.core.global_hydra import GlobalHydra
+
+    GlobalHydra.instance().clear()
+    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
+        yield lambda *overrides: compose("config", overrides=list(overrides))
+    GlobalHydra.instance().clear()
+
+
 def same_phases(fake, cpu) -> None:
     """Every phase peak of a fake run equals a real one's, but decode's: fake jumps the KV cache to
     its last token in one concatenation per layer (KVCache.jump, measure/hf.py's _jump) while cpu

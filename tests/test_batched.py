@@ -12,9 +12,7 @@ import sys
 import numpy as np
 import polars as pl
 import pytest
-from conftest import CONF, REPO, job
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
+from conftest import REPO, job
 from omegaconf import OmegaConf
 
 from memsweep.app import batched
@@ -101,30 +99,22 @@ def test_a_formula_that_fails_for_one_job_fails_for_that_job_only():
     assert rows[1][0]["error"] == "formula fragile: ValueError: no 128" and rows[1][1]["status"] == "ok"
 
 
-@pytest.fixture(scope="module")
-def composed():
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        yield lambda *o: compose("config", overrides=list(o))
-    GlobalHydra.instance().clear()
-
-
 @pytest.mark.parametrize("groups, values", [
     (["model=gpt2"], ["seq=512", "dtype=fp16", "batch=4"]),
     (["model=tiny", "workload=lora"], ["model.layers=3", "workload.lora_rank=4", "workload.lora_targets=[q,v]"]),
     (["model=tiny", "formula=detailed"], ["formulas=[detailed,seed_naive]", "formula.constants.overhead_bytes=1e9",
                                           "offload.optimizer=true", "margin=0.1", "time=null"]),
 ])
-def test_value_overrides_on_plain_data_are_hydras(composed, groups, values):
+def test_value_overrides_on_plain_data_are_hydras(compose_config, groups, values):
     """A job's config from its group's composition and its values applied as plain data equals
     Hydra's composition of all of them: the same dict, the same job id."""
-    full = OmegaConf.to_container(composed(*groups, *values), resolve=True)
-    base = OmegaConf.to_container(composed(*groups), resolve=True)
+    full = OmegaConf.to_container(compose_config(*groups, *values), resolve=True)
+    base = OmegaConf.to_container(compose_config(*groups), resolve=True)
     from hydra.core.override_parser.overrides_parser import OverridesParser
 
     for o in OverridesParser.create().parse_overrides(values):
         assert batched._apply(base, tuple(o.key_or_group.split(".")), o.value())
-    assert base == full and job_id(base) == job_id(composed(*groups, *values))
+    assert base == full and job_id(base) == job_id(compose_config(*groups, *values))
 
 
 def test_a_missing_key_or_a_mapping_is_left_to_hydra():
@@ -232,19 +222,19 @@ def test_measured_jobs_in_a_batched_sweep_run_one_by_one(tmp_path):
     assert table(tmp_path).equals(t) and "jobs without rows" not in again.stdout
 
 
-def test_prepare_is_both_launchers_step_and_builds_shared_parts_once(composed):
+def test_prepare_is_both_launchers_step_and_builds_shared_parts_once(compose_config):
     """`job.prepare` is what run_job and the batched launcher both do to a configuration: the
-    same spec from a composed config and from its plain data, the formulas and time constants
+    same spec from a compose_config config and from its plain data, the formulas and time constants
     built once per distinct key, and a failing key failing each of its jobs alike."""
     from memsweep.app import job as job_mod
 
     cache: dict = {}
-    plain = OmegaConf.to_container(composed("model=tiny", "seq=64"), resolve=True)
+    plain = OmegaConf.to_container(compose_config("model=tiny", "seq=64"), resolve=True)
     a = job_mod.prepare(plain, cache)
-    b = job_mod.prepare(composed("model=tiny", "seq=128"), cache)
+    b = job_mod.prepare(compose_config("model=tiny", "seq=128"), cache)
     assert a.formulas is b.formulas and a.time is b.time
-    assert a.spec == job_mod.prepare(composed("model=tiny", "seq=64")).spec and b.spec.seq == 128
-    bad = [OmegaConf.to_container(composed("model=tiny", f"seq={s}", "time=/no/such/time.yaml"), resolve=True)
+    assert a.spec == job_mod.prepare(compose_config("model=tiny", "seq=64")).spec and b.spec.seq == 128
+    bad = [OmegaConf.to_container(compose_config("model=tiny", f"seq={s}", "time=/no/such/time.yaml"), resolve=True)
            for s in (64, 128)]
     failures = []
     for cfg in bad:

@@ -4,8 +4,6 @@ from __future__ import annotations
 
 import pytest
 from conftest import CONF, load_preset, preset_names
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from memsweep.app.cli import GROUPS, check_overrides
 from memsweep.app.convert import to_job_spec
@@ -15,27 +13,19 @@ from memsweep.formulas import FORMULAS
 OPTIONS = [(g, n) for g in GROUPS for n in preset_names(g)]
 
 
-@pytest.fixture
-def hydra_compose():
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        yield lambda overrides=(): compose("config", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-
-
-def test_defaults_are_the_documented_ones(hydra_compose):
-    spec = to_job_spec(hydra_compose())
+def test_defaults_are_the_documented_ones(compose_config):
+    spec = to_job_spec(compose_config())
     assert (spec.model.name, spec.workload.kind, spec.optimizer.name, spec.precision, spec.dtype,
             spec.seq, spec.batch) == ("llama2-7b", "train", "adamw", "mixed", "bf16", 2048, 1)
     assert spec.formulas == tuple(FORMULAS)
 
 
 @pytest.mark.parametrize("group,name", OPTIONS, ids=[f"{g}={n}" for g, n in OPTIONS])
-def test_every_option_composes_and_converts(hydra_compose, group, name):
+def test_every_option_composes_and_converts(compose_config, group, name):
     overrides = [f"{group}={name}", "seq=256"]
     if group == "parallel":
         overrides.append("model=llama2-70b")  # 64 heads, 8 KV heads, 80 layers: every layout divides
-    spec = to_job_spec(hydra_compose(overrides))
+    spec = to_job_spec(compose_config(*overrides))
     if group == "formula":
         assert spec.formulas[-1] == name and spec.formulas.count(name) == 1
     else:
@@ -49,12 +39,12 @@ def test_name_equals_file_name(group):
 
 
 @pytest.mark.parametrize("dtype", ["fp32", "fp16", "bf16"])
-def test_used_by_dtypes_compose(hydra_compose, dtype):
-    assert to_job_spec(hydra_compose([f"dtype={dtype}", "seq=8192"])).dtype == dtype
+def test_used_by_dtypes_compose(compose_config, dtype):
+    assert to_job_spec(compose_config(f"dtype={dtype}", "seq=8192")).dtype == dtype
 
 
-def test_unknown_preset_key_in_a_group_is_refused(hydra_compose):
-    cfg = hydra_compose(["+model.hidden_size=5"])
+def test_unknown_preset_key_in_a_group_is_refused(compose_config):
+    cfg = compose_config("+model.hidden_size=5")
     with pytest.raises(ConfigError, match=r"^model.hidden_size=5: .*allowed: known keys: "):
         to_job_spec(cfg)
 
@@ -84,19 +74,19 @@ def test_command_line_precheck_passes_valid_overrides(argv):
     check_overrides(argv, CONF)
 
 
-def test_model_hf_composes_from_a_config_file(hydra_compose):
+def test_model_hf_composes_from_a_config_file(compose_config):
     path = CONF.parent / "tests" / "data" / "hf_configs" / "qwen3-8b.json"
-    spec = to_job_spec(hydra_compose(["model=hf", f"model.config={path}", "seq=256"]))
+    spec = to_job_spec(compose_config("model=hf", f"model.config={path}", "seq=256"))
     assert spec.model.name == "qwen3-8b" and spec.model.qk_norm == "head"
-    named = to_job_spec(hydra_compose(["model=hf", f"model.config={path}", "model.name=mine"]))
+    named = to_job_spec(compose_config("model=hf", f"model.config={path}", "model.name=mine"))
     assert named.model.name == "mine"
 
 
-def test_model_hf_without_a_readable_config_is_one_line(hydra_compose, tmp_path):
+def test_model_hf_without_a_readable_config_is_one_line(compose_config, tmp_path):
     with pytest.raises(ConfigError, match=r"^model.config="):
-        to_job_spec(hydra_compose(["model=hf", f"model.config={tmp_path / 'none.json'}"]))
+        to_job_spec(compose_config("model=hf", f"model.config={tmp_path / 'none.json'}"))
     with pytest.raises(ConfigError, match=r"^model.layers="):
-        to_job_spec(hydra_compose(["model=hf", f"model.config={tmp_path}", "+model.layers=2"]))
+        to_job_spec(compose_config("model=hf", f"model.config={tmp_path}", "+model.layers=2"))
 
 
 def test_every_model_preset_spells_out_every_field():

@@ -9,8 +9,6 @@ from __future__ import annotations
 import polars as pl
 import pytest
 from conftest import CONF
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 from hydra.errors import HydraException
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
@@ -49,23 +47,15 @@ KEYS = _keys()
 KNOWN = {f"{g}.{k}" if g else k for g, _, k in KEYS}
 
 
-@pytest.fixture(scope="module")
-def composer():
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        yield lambda overrides: compose("config", overrides=overrides)
-    GlobalHydra.instance().clear()
-
-
 @settings(max_examples=120, deadline=None, derandomize=True, database=None,
           suppress_health_check=[HealthCheck.function_scoped_fixture])
 @given(st.sampled_from(KEYS), st.sampled_from(BAD))
-def test_every_key_with_bad_values_is_one_line_naming_a_key(composer, target, value):
+def test_every_key_with_bad_values_is_one_line_naming_a_key(compose_config, target, value):
     group, preset, key = target
     full = f"{group}.{key}" if group else key
     overrides = [f"{group}={preset}"] if group else []
     try:
-        cfg = composer([*overrides, f"{full}={value}"])
+        cfg = compose_config(*overrides, f"{full}={value}")
     except HydraException:
         return  # Hydra's own refusal: sweep.py prints it in one line (test_cli_refusals below)
     try:

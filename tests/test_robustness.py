@@ -16,8 +16,6 @@ import polars as pl
 import pytest
 import yaml
 from conftest import CONF, REPO, job
-from hydra import compose, initialize_config_dir
-from hydra.core.global_hydra import GlobalHydra
 
 from memsweep.app.convert import to_job_spec
 from memsweep.calibrate import calibrate, constants_dict
@@ -44,18 +42,10 @@ def one_line(proc: subprocess.CompletedProcess) -> str:
     return lines[0]
 
 
-@pytest.fixture(scope="module")
-def compose_cfg():
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        yield lambda *overrides: compose("config", overrides=list(overrides))
-    GlobalHydra.instance().clear()
-
-
-def spec_error(compose_cfg, *overrides: str) -> str:
+def spec_error(compose_config, *overrides: str) -> str:
     """The one-line ConfigError of a job (what its error row says)."""
     with pytest.raises(ConfigError) as info:
-        spec = to_job_spec(compose_cfg(*overrides))
+        spec = to_job_spec(compose_config(*overrides))
         estimate_rows(spec, job_formulas(spec))
     message = str(info.value)
     assert "\n" not in message
@@ -124,8 +114,8 @@ def test_a_second_grid_is_refused_unless_added(small_sweep, tmp_path):
     (("model.layers=1000000000000",), "model.layers="),
     (("attention=eager", "seq=100000000"), "seq="),
 ])
-def test_unrepresentable_byte_counts_name_the_key(compose_cfg, overrides, key):
-    message = spec_error(compose_cfg, *overrides)
+def test_unrepresentable_byte_counts_name_the_key(compose_config, overrides, key):
+    message = spec_error(compose_config, *overrides)
     assert message.startswith(key) and "at most 2^63-1" in message
 
 
@@ -235,8 +225,8 @@ def test_killing_a_joblib_sweep_stops_its_workers(tmp_path):
 
 # --- 6. formula.constants overrides take effect --------------------------------------------------
 
-def test_formula_constant_overrides_take_effect_and_land_in_spec_json(compose_cfg):
-    spec = to_job_spec(compose_cfg("formula=detailed", "formula.constants.overhead_bytes=1073741824"))
+def test_formula_constant_overrides_take_effect_and_land_in_spec_json(compose_config):
+    spec = to_job_spec(compose_config("formula=detailed", "formula.constants.overhead_bytes=1073741824"))
     rows = {r["formula"]: r for r in estimate_rows(spec, job_formulas(spec))}
     plain = {r["formula"]: r for r in estimate_rows(job("llama2-7b"), list(FORMULAS.values()))}
     assert rows["detailed"]["overhead_bytes"] == 1073741824
@@ -270,8 +260,8 @@ def test_switches_are_checked_before_any_job(tmp_path, args, line):
     (("workload.gen_tokens=64",), "workload.gen_tokens=64: not allowed; allowed: 0 for workload kind train"),
     (("model=tiny", "model.head_dim=15"), "model.head_dim=15"),
 ])
-def test_silently_accepted_values_are_refused(compose_cfg, overrides, start):
-    assert spec_error(compose_cfg, *overrides).startswith(start)
+def test_silently_accepted_values_are_refused(compose_config, overrides, start):
+    assert spec_error(compose_config, *overrides).startswith(start)
 
 
 # --- 8. calibration --------------------------------------------------------------------------------
@@ -387,8 +377,8 @@ def test_skipped_jobs_are_results_not_failures(tmp_path):
     (("seq=${nosuch}",), "seq='${nosuch}': not allowed; allowed: a value, or an interpolation that resolves"),
     (("formulas=[../model/gpt2]",), "formulas='../model/gpt2': not allowed"),
 ])
-def test_messages_name_the_key(compose_cfg, overrides, start):
-    assert spec_error(compose_cfg, *overrides).startswith(start)
+def test_messages_name_the_key(compose_config, overrides, start):
+    assert spec_error(compose_config, *overrides).startswith(start)
 
 
 def test_formula_null_is_the_default_spelled_out(tmp_path):

@@ -66,16 +66,10 @@ def test_a_total_inside_the_margin_no_longer_fits():
     assert estimate_rows(dataclasses.replace(spec, hardware=hw, margin=0), DETAILED)[0]["fits"] is True
 
 
-def test_margin_flows_from_the_config_into_the_spec_and_its_rows():
-    from hydra import compose, initialize_config_dir
-    from hydra.core.global_hydra import GlobalHydra
-
+def test_margin_flows_from_the_config_into_the_spec_and_its_rows(compose_config):
     from memsweep.app.convert import to_job_spec
 
-    GlobalHydra.instance().clear()
-    with initialize_config_dir(config_dir=str(CONF), version_base="1.3"):
-        default, tight = (to_job_spec(compose("config", overrides=["model=tiny", *o])) for o in ([], ["margin=0.1"]))
-    GlobalHydra.instance().clear()
+    default, tight = (to_job_spec(compose_config("model=tiny", *o)) for o in ([], ["margin=0.1"]))
     assert default.margin == capacity.DEFAULT_MARGIN and tight.margin == 0.1
     assert json.loads(estimate_rows(tight, DETAILED)[0]["spec_json"])["margin"] == 0.1
 
