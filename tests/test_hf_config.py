@@ -16,7 +16,9 @@ from conftest import REPO, model
 
 from memsweep.columns import Columns, base_params, model_values
 from memsweep.errors import ConfigError
-from memsweep.hf_config import MODEL_TYPES, default_name, read_config, spec_from_config, spec_from_file, text_config
+from memsweep.hf_config import (
+    MODEL_TYPES, WRAPPERS, default_name, import_config, read_config, spec_from_config, spec_from_file, text_config,
+)
 from memsweep.results import RESULTS_NAME
 
 DATA = REPO / "tests" / "data" / "hf_configs"
@@ -24,7 +26,11 @@ CONFIGS = sorted(DATA.glob("*.json"))
 # The model_types issue 10 asks the importer to map; each has at least one real config in DATA.
 REQUIRED_TYPES = {"llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma", "gemma2",
                   "gemma3_text", "phi3", "gpt2", "gpt_bigcode", "gpt_neox", "falcon", "starcoder2", "cohere",
-                  "granite", "olmoe", "deepseek_v3", "gpt_oss", "bert"}
+                  "granite", "olmoe", "deepseek_v3", "gpt_oss", "bert",
+                  # issue 27: Llama-4's text model, OLMo-2, DeepSeek-V2, GLM-4, the Qwen-VL text models
+                  "llama4_text", "olmo2", "deepseek_v2", "glm4", "qwen2_vl_text", "qwen2_5_vl_text"}
+# ... and the multimodal configs whose text_config (or flat text keys) the importer reads
+REQUIRED_WRAPPERS = {"gemma3", "llama4", "mistral3", "qwen2_vl", "qwen2_5_vl"}
 # Presets written by scripts/import_model.py from these files (the rest of DATA covers other types).
 PRESETS = ("mixtral-8x7b", "qwen3-8b", "qwen3-30b-a3b", "qwen2.5-72b", "gemma-2-2b", "gemma-2-9b",
            "gemma-3-12b", "phi-3-mini", "mistral-nemo-12b", "gpt-oss-20b", "deepseek-v3", "llama3.1-405b",
@@ -38,26 +44,39 @@ def params(spec) -> int:
 def test_every_required_model_type_has_a_real_config():
     types = {text_config(read_config(p))[0]["model_type"] for p in CONFIGS}
     assert REQUIRED_TYPES <= types
+    assert REQUIRED_WRAPPERS <= {read_config(p)["model_type"] for p in CONFIGS}
     assert REQUIRED_TYPES <= set(MODEL_TYPES)
+
+
+def transformers_count(cfg: dict) -> int:
+    """num_parameters() of the real transformers model's language part, built on the meta device
+    (no memory): the causal LM of the config; of a multimodal config, the whole model built from
+    the file less its vision tower and projector (language model + lm_head, tied as transformers
+    ties them)."""
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    mt = cfg["model_type"]
+    if mt in WRAPPERS:
+        config = transformers.AutoConfig.for_model(**cfg)
+        with torch.device("meta"):
+            m = transformers.AutoModelForImageTextToText.from_config(config)
+        parts = (m.model.language_model, m.lm_head) if hasattr(m, "model") else (m.language_model,)  # Llama-4
+        params = {id(p): p for mod in parts for p in mod.parameters()}
+        return sum(p.numel() for p in params.values())
+    config = transformers.CONFIG_MAPPING[mt](**{k: v for k, v in cfg.items() if k != "model_type"})
+    with torch.device("meta"):
+        m = (transformers.BertModel(config) if mt == "bert"
+             else transformers.AutoModelForCausalLM.from_config(config))
+    return sum(p.numel() for p in m.parameters())
 
 
 @pytest.fixture(scope="module")
 def hf_count():
-    """num_parameters() of the real transformers model, built on the meta device (no memory)."""
-    torch = pytest.importorskip("torch")
-    transformers = pytest.importorskip("transformers")
-    transformers.logging.set_verbosity_error()
-
-    def count(cfg: dict) -> int:
-        inner, _ = text_config(cfg)
-        mt = inner["model_type"]
-        config = transformers.CONFIG_MAPPING[mt](**{k: v for k, v in inner.items() if k != "model_type"})
-        with torch.device("meta"):
-            m = (transformers.BertModel(config) if mt == "bert"
-                 else transformers.AutoModelForCausalLM.from_config(config))
-        return sum(p.numel() for p in m.parameters())
-
-    return count
+    pytest.importorskip("torch")
+    pytest.importorskip("transformers")
+    return transformers_count
 
 
 @pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
@@ -94,15 +113,11 @@ def _cfg(name: str, **changes) -> dict:
 
 @pytest.mark.parametrize("cfg,key", [
     (_cfg("llama3.2-1b", model_type="mamba"), "model_type"),
-    (_cfg("llama3.2-1b", attention_kind="linear"), "attention_kind"),
     (_cfg("falcon-7b", alibi=True), "alibi"),
     (_cfg("llama3.2-1b", hidden_act="relu"), "hidden_act"),
     (_cfg("deepseek-v3", attention_bias=True), "attention_bias"),
     (_cfg("starcoder2-15b", mlp_type="moe"), "mlp_type"),
-    ({k: v for k, v in _cfg("llama3.2-1b").items() if k != "hidden_size"}, "hidden_size"),
     (_cfg("gemma-2-9b", layer_types=["full_attention"] * 3), "layer_types"),
-    (_cfg("gemma-3-12b", text_config={"model_type": "gemma3_text", "window_kind": "chunked"}),
-     "text_config.window_kind"),
 ])
 def test_what_the_importer_cannot_map_is_a_one_line_error_naming_the_key(cfg, key):
     with pytest.raises(ConfigError) as err:
@@ -192,3 +207,118 @@ def test_the_planner_accepts_the_new_presets():
     # DeepSeek-V3 (1.25 TB of bf16 weights) needs many GPUs: the fewest-GPUs answer is > 8 GPUs
     ds = t.filter((pl.col("model") == "deepseek-v3") & (pl.col("question") == "max_batch"))
     assert (ds["status"] == "none_fits").all()
+
+
+# --- issue 27: every real config.json, in both forms a user meets --------------------------------
+FULL = DATA / "full"
+COUNTS = json.loads((DATA.parent / "hf_config_counts.json").read_text())
+
+
+def test_the_corpus_has_forty_real_configs_each_in_both_forms_with_a_count():
+    assert len(CONFIGS) >= 40
+    assert {p.name for p in FULL.glob("*.json")} == {p.name for p in CONFIGS}
+    assert set(COUNTS) == {p.stem for p in CONFIGS}
+    sources = (DATA / "SOURCES.md").read_text()
+    assert all(f"| {p.name} |" in sources for p in CONFIGS)  # each file's provenance is stated
+
+
+@pytest.mark.parametrize("path", CONFIGS, ids=[p.stem for p in CONFIGS])
+def test_both_forms_import_to_the_transformers_count_and_the_full_one_adds_no_unknown_key(path):
+    """The hub file and transformers' to_dict() of it (generic keys, every class key at its
+    default, derived keys written out) give one spec, whose count is transformers' own
+    (hf_config_counts.json, written by scripts/hf_corpus.py from the meta-device model). The
+    full form's unknown keys are the hub file's own (remote-code extras transformers keeps)."""
+    hub, hub_unknown = import_config(read_config(path), path.stem)
+    full, unknown = import_config(read_config(FULL / path.name), path.stem)
+    assert hub == full and unknown == hub_unknown
+    assert params(hub) == COUNTS[path.stem]
+
+
+def test_the_key_table_is_what_transformers_says(hf_count):
+    """src/memsweep/data/hf_keys.json regenerated from the installed transformers is the file."""
+    from memsweep.hf_keys import build_table, load_table
+
+    assert build_table() == load_table()
+
+
+def test_the_key_table_covers_every_supported_type_and_reads_every_derived_key():
+    from memsweep.hf_keys import load_table
+
+    table = load_table()
+    assert set(table["types"]) == set(MODEL_TYPES) | set(WRAPPERS)
+    for mt, keys in table["types"].items():
+        for key, row in keys.items():
+            assert row["kind"] in ("read", "neutral", "dropout", "vision", "memory"), (mt, key)
+            if "saved" in row:  # __post_init__ derives it: the importer must read it, not compare it
+                assert row["kind"] in ("read", "neutral", "dropout", "vision"), (mt, key)
+
+
+def test_unknown_keys_are_one_warning_line_and_the_import_goes_on():
+    lines = []
+    cfg = _cfg("llama3.2-1b", attention_kind="linear", unsloth_fixed=True)
+    spec = spec_from_config(cfg, "x", warn=lines.append)
+    assert spec == spec_from_config(_cfg("llama3.2-1b"), "x")
+    assert len(lines) == 1 and "\n" not in lines[0]
+    assert "attention_kind" in lines[0] and "unsloth_fixed" in lines[0] and lines[0].startswith("warning:")
+
+
+@pytest.mark.parametrize("name,changes", [
+    ("llama3.2-1b", dict(id2label={"0": "A"}, label2id={"A": 0}, problem_type="regression",
+                         output_hidden_states=True, return_dict=False, torchscript=False,
+                         chunk_size_feed_forward=0, is_encoder_decoder=False, attention_dropout=0.1,
+                         router_jitter_noise=0.2, use_cache=False, max_length=77, pruned_heads={})),
+    ("mixtral-8x7b", dict(router_jitter_noise=0.01, output_router_logits=True)),
+    ("deepseek-v3", dict(qk_head_dim=192)),
+    ("gpt-oss-20b", dict(swiglu_alpha=1.702)),
+    ("falcon-7b", dict(activation="gelu")),
+    ("gemma-3-12b", dict(text_config={**read_config(DATA / "gemma-3-12b.json")["text_config"],
+                                      "use_bidirectional_attention": None})),
+])
+def test_memory_neutral_keys_and_class_defaults_are_accepted(name, changes):
+    assert import_config(_cfg(name, **changes), "x") == import_config(_cfg(name), "x")
+
+
+@pytest.mark.parametrize("cfg,key", [
+    (_cfg("bert-base-uncased", chunk_size_feed_forward=64), "chunk_size_feed_forward"),
+    (_cfg("llama3.2-1b", is_encoder_decoder=True), "is_encoder_decoder"),
+    (_cfg("gpt2", add_cross_attention=True), "add_cross_attention"),
+    (_cfg("llama3.2-1b", pruned_heads={"0": [1, 2]}), "pruned_heads"),
+    (_cfg("deepseek-v3", qk_head_dim=128), "qk_head_dim"),
+    (_cfg("falcon-7b", activation="relu"), "activation"),
+    (_cfg("llama3.2-1b", num_key_value_heads=0), "num_key_value_heads"),
+    (_cfg("qwen3-8b", head_dim=0), "head_dim"),
+    (_cfg("llama3.2-1b", num_hidden_layers=32.5), "num_hidden_layers"),
+    (_cfg("llama3.2-1b", num_hidden_layers="32"), "num_hidden_layers"),
+    (_cfg("llama3.2-1b", num_hidden_layers=None), "num_hidden_layers"),
+    (_cfg("llama3.2-1b", num_hidden_layers=1e12), "num_hidden_layers"),
+    (_cfg("llama3.2-1b", num_hidden_layers=10**12), "num_hidden_layers"),
+    (_cfg("llama3.2-1b", hidden_size=True), "hidden_size"),
+    (_cfg("mixtral-8x7b", num_experts_per_tok=9), "num_experts_per_tok"),
+    (_cfg("gemma-2-2b", final_logit_softcapping=-1), "final_logit_softcapping"),
+    (_cfg("qwen2-vl-7b", text_config=[1]), "text_config"),
+])
+def test_a_value_that_changes_memory_unmodelled_or_broken_is_a_one_line_error(cfg, key):
+    with pytest.raises(ConfigError) as err:
+        import_config(cfg, "x")
+    assert err.value.key == key and "\n" not in str(err.value)
+
+
+def test_deeply_nested_json_is_a_one_line_error(tmp_path):
+    (tmp_path / "config.json").write_text('{"model_type": "llama", "x": ' + "[" * 100_000 + "]" * 100_000 + "}")
+    with pytest.raises(ConfigError, match=r"^model.config=.*RecursionError"):
+        spec_from_file(tmp_path)
+
+
+def test_multimodal_configs_size_their_language_model():
+    scout = spec_from_file(DATA / "llama4-scout-17b-16e.json")
+    maverick = spec_from_file(DATA / "llama4-maverick-17b-128e.json")
+    assert (scout.experts, scout.dense_layers, scout.shared_experts, scout.qk_norm) == (16, 0, 1, "l2")
+    assert (maverick.experts, maverick.dense_layers) == (128, 24)  # MoE every other layer
+    assert scout.layer_pattern == ("local",) * 3 + ("global",) and scout.sliding_window == 8192  # chunked
+    assert spec_from_file(DATA / "qwen2.5-vl-7b.json") == replace(  # the flat hub file's text model
+        spec_from_file(DATA / "qwen2-7b.json"), name="qwen2.5-vl-7b", max_positions=128000)
+    assert spec_from_file(DATA / "glm4-32b-0414.json").block_norms == 4
+    assert spec_from_file(DATA / "olmo2-7b.json").qk_norm == "full"
+    assert spec_from_file(DATA / "deepseek-v2-lite.json").q_lora_rank == 0
+    g2 = spec_from_file(DATA / "gemma-2-9b.json")
+    assert (g2.attn_softcap, g2.final_softcap) == (50.0, 30.0)

@@ -45,7 +45,7 @@ class Columns:
     v_head_dim: Array  # value head size (head_dim but in MLA)
     parallel_block: Array  # 1: attention and MLP read the same input (GPT-NeoX, Falcon, Cohere)
     block_norms: Array  # norms per block: 1, 2 or 4
-    qk_norm: Array  # 0 none, 1 per head (head_dim weights each), 2 over all heads
+    qk_norm: Array  # 0 none, 1 per head (head_dim weights each), 2 over all heads, 3 l2 (no weights)
     attention_sinks: Array  # 1: a learned sink logit per head and layer (gpt-oss)
     local_layers: Array  # layers with sliding-window attention
     window: Array  # their window, tokens

@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import json
 import re
+import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,117 +26,142 @@ from typing import Any
 from memsweep.errors import ConfigError
 from memsweep.specs import ModelSpec
 
-# Keys that change neither the parameters nor the memory of a step.
-HARMLESS = frozenset("""
+# Keys that change neither the parameters nor the memory of a step: token ids, labels, epsilons,
+# RoPE bases and scaling, initialisation, output and generation settings, router losses and
+# jitter (a loss term and a multiplicative noise on the router input during training), value
+# clamps and scalars (soft-capping is not among them: it keeps tensors, see SOFTCAP).
+NEUTRAL = frozenset("""
 _name_or_path architectures auto_map model_type transformers_version torch_dtype dtype use_cache
 bos_token_id eos_token_id pad_token_id sep_token_id cls_token_id mask_token_id decoder_start_token_id
-unk_token_id image_token_index boi_token_index eoi_token_index image_token_id
+unk_token_id image_token_index boi_token_index eoi_token_index image_token_id video_token_id
+vision_start_token_id vision_end_token_id vision_token_id
 initializer_range initializer_factor init_std embedding_init_std rms_norm_eps layer_norm_eps
-layer_norm_epsilon norm_eps norm_epsilon rope_theta rope_scaling rope_parameters rotary_emb_base rope_type
-attention_dropout hidden_dropout hidden_dropout_prob attention_probs_dropout_prob attn_pdrop
-resid_pdrop embd_pdrop summary_first_dropout classifier_dropout dropout embedding_dropout
-output_router_logits router_aux_loss_coef router_z_loss_coef aux_loss_alpha seq_aux
+layer_norm_epsilon norm_eps norm_epsilon rope_theta rope_scaling rope_type rotary_emb_base
+output_router_logits router_aux_loss_coef router_z_loss_coef aux_loss_alpha seq_aux router_jitter_noise
 pretraining_tp quantization_config model_max_length initial_context_length
-attn_logit_softcapping final_logit_softcapping query_pre_attn_scalar logit_scale
-embedding_multiplier residual_multiplier attention_multiplier logits_scaling
-scale_attn_weights scale_attention_softmax_in_fp32 attention_softmax_in_fp32
+query_pre_attn_scalar logit_scale embedding_multiplier residual_multiplier attention_multiplier
+logits_scaling scale_attn_weights scale_attention_softmax_in_fp32 attention_softmax_in_fp32
 scale_attn_by_inverse_layer_idx reorder_and_upcast_attn summary_activation summary_proj_to_labels
-summary_type summary_use_proj task_specific_params gradient_checkpointing position_embedding_type
-is_decoder use_return_dict return_dict output_attentions output_hidden_states
-tokenizer_class prefix bad_words_ids num_nextn_predict_layers topk_method routed_scaling_factor
-scoring_func norm_topk_prob topk_group n_group ep_size moe_layer_freq swiglu_limit
-rope_local_base_freq cache_implementation runner_max_sequence_length bias_dropout_fusion
-use_flash_attn apply_residual_connection_post_layernorm clip_qkv max_window_layers
-use_sliding_window layer_types sliding_window_pattern _sliding_window_pattern
-rope_interleave qk_layernorm use_qk_norm vision_config text_config mm_tokens_per_image
-n_ctx original_max_position_embeddings use_mrope residual_dropout expert_interval
-embd_pdrop attention_probs_dropout_prob classifier_dropout
+summary_type summary_use_proj summary_first_dropout task_specific_params gradient_checkpointing
+position_embedding_type is_decoder use_return_dict return_dict output_attentions output_hidden_states
+output_scores return_dict_in_generate tokenizer_class prefix bad_words_ids num_nextn_predict_layers num_mtp_layers
+topk_method routed_scaling_factor scoring_func norm_topk_prob topk_group n_group ep_size moe_layer_freq
+swiglu_limit swiglu_alpha rope_local_base_freq cache_implementation runner_max_sequence_length
+bias_dropout_fusion use_flash_attn apply_residual_connection_post_layernorm clip_qkv
+rope_interleave mm_tokens_per_image n_ctx original_max_position_embeddings use_mrope expert_interval
+id2label label2id problem_type finetuning_task use_bfloat16 tf_legacy_loss tie_encoder_decoder
+max_length min_length do_sample early_stopping num_beams num_beam_groups diversity_penalty temperature
+top_k top_p typical_p repetition_penalty length_penalty no_repeat_ngram_size
+encoder_no_repeat_ngram_size num_return_sequences forced_bos_token_id forced_eos_token_id
+remove_invalid_values exponential_decay_length_penalty suppress_tokens begin_suppress_tokens
+use_bidirectional_attention attn_temperature_tuning floor_scale attn_scale
+projector_hidden_act vision_feature_layer vision_feature_select_strategy spatial_merge_size
+multimodal_projector_bias text_config_dict vision_config_dict
 """.split())
 # n_ctx: GPT-2's context, equal to n_positions; expert_interval: an unused Qwen1.5-MoE key (HF's
-# Qwen2MoeConfig reads decoder_sparse_step); use_mrope: Qwen2-VL position ids, not shapes.
+# Qwen2MoeConfig reads decoder_sparse_step); num_nextn_predict_layers / num_mtp_layers: DeepSeek's
+# multi-token-prediction layers, which transformers does not build; use_mrope: Qwen2-VL position ids, not shapes;
+# use_bidirectional_attention: Gemma-3's mask for embedding models (the same tensors);
+# attn_temperature_tuning / floor_scale / attn_scale: Llama-4 scales the queries of its no-RoPE
+# layers by a scalar per position (one query-sized product, as RoPE makes one on the other layers).
+DROPOUT = frozenset("""
+attention_dropout hidden_dropout hidden_dropout_prob attention_probs_dropout_prob attn_pdrop resid_pdrop
+embd_pdrop classifier_dropout dropout embedding_dropout residual_dropout projector_dropout lora_dropout
+activation_dropout ffn_dropout
+""".split())
+# Dropout probabilities: accepted at any value; dropout's masks are not modelled yet (issue 25).
+VISION = frozenset({"vision_config"})
+# A multimodal config's vision tower: memsweep sizes the language model (text_config) only.
+SOFTCAP = frozenset({"attn_logit_softcapping", "final_logit_softcapping"})
+# Gemma-2's soft-capping (tanh(x / cap) * cap on the scores and on the logits) keeps the capped
+# tensors for backward: read by the importer (ModelSpec.attn_softcap, final_softcap).
 
-# transformers 5.23.0 configuration-class defaults of the keys read below, per model_type.
-DEFAULTS: dict[str, dict[str, Any]] = {
-    "llama": dict(num_key_value_heads=None, tie_word_embeddings=False, attention_bias=False,
-                  mlp_bias=False, hidden_act="silu", max_position_embeddings=2048, vocab_size=32000),
-    "mistral": dict(num_key_value_heads=8, tie_word_embeddings=False, hidden_act="silu",
-                    sliding_window=4096, max_position_embeddings=131072, vocab_size=32000),
-    "mixtral": dict(num_key_value_heads=8, tie_word_embeddings=False, hidden_act="silu",
-                    sliding_window=None, num_local_experts=8, num_experts_per_tok=2,
-                    max_position_embeddings=131072, vocab_size=32000),
-    "qwen2": dict(num_key_value_heads=32, tie_word_embeddings=False, hidden_act="silu",
-                  use_sliding_window=False, sliding_window=None, max_window_layers=28,
-                  max_position_embeddings=32768, vocab_size=151936),
-    "qwen2_moe": dict(num_key_value_heads=16, tie_word_embeddings=False, hidden_act="silu",
-                      use_sliding_window=False, sliding_window=None, max_window_layers=28,
-                      num_experts=60, num_experts_per_tok=4, moe_intermediate_size=1408,
-                      shared_expert_intermediate_size=5632, decoder_sparse_step=1, mlp_only_layers=[],
-                      max_position_embeddings=32768, vocab_size=151936),
-    "qwen3": dict(num_key_value_heads=32, head_dim=128, tie_word_embeddings=False, attention_bias=False,
-                  hidden_act="silu", use_sliding_window=False, sliding_window=None, max_window_layers=28,
-                  max_position_embeddings=32768, vocab_size=151936),
-    "qwen3_moe": dict(num_key_value_heads=4, head_dim=None, tie_word_embeddings=False, attention_bias=False,
-                      hidden_act="silu", use_sliding_window=False, sliding_window=None,
-                      num_experts=128, num_experts_per_tok=8, moe_intermediate_size=768,
-                      decoder_sparse_step=1, mlp_only_layers=[], max_position_embeddings=32768,
-                      vocab_size=151936),
-    "gemma": dict(num_key_value_heads=16, head_dim=256, tie_word_embeddings=True, attention_bias=False,
-                  hidden_act="gelu_pytorch_tanh", max_position_embeddings=8192, vocab_size=256000),
-    "gemma2": dict(num_key_value_heads=4, head_dim=256, tie_word_embeddings=True, attention_bias=False,
-                   hidden_activation="gelu_pytorch_tanh", sliding_window=4096,
-                   max_position_embeddings=8192, vocab_size=256000, hidden_size=2304,
-                   intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8),
-    "gemma3_text": dict(num_key_value_heads=4, head_dim=256, tie_word_embeddings=True, attention_bias=False,
-                        hidden_activation="gelu_pytorch_tanh", sliding_window=4096, sliding_window_pattern=6,
-                        max_position_embeddings=131072, vocab_size=262208, hidden_size=2304,
-                        intermediate_size=9216, num_hidden_layers=26, num_attention_heads=8),
-    "phi3": dict(num_key_value_heads=None, tie_word_embeddings=False, hidden_act="silu",
-                 sliding_window=None, partial_rotary_factor=1.0, max_position_embeddings=4096,
-                 vocab_size=32064),
-    "granite": dict(num_key_value_heads=None, tie_word_embeddings=False, attention_bias=False,
-                    mlp_bias=False, hidden_act="silu", max_position_embeddings=2048, vocab_size=32000),
-    "cohere": dict(num_key_value_heads=None, tie_word_embeddings=True, attention_bias=False,
-                   hidden_act="silu", use_qk_norm=False, max_position_embeddings=8192, vocab_size=256000),
-    "olmoe": dict(num_key_value_heads=None, tie_word_embeddings=False, attention_bias=False,
-                  hidden_act="silu", num_experts=64, num_experts_per_tok=8, max_position_embeddings=4096,
-                  vocab_size=50304, clip_qkv=None),
-    "starcoder2": dict(num_key_value_heads=2, tie_word_embeddings=True, use_bias=True,
-                       hidden_act="gelu_pytorch_tanh", sliding_window=None,
-                       max_position_embeddings=4096, vocab_size=49152),
-    "deepseek_v3": dict(num_key_value_heads=128, tie_word_embeddings=False, attention_bias=False,
-                        hidden_act="silu", n_routed_experts=256, num_experts_per_tok=8, n_shared_experts=1,
-                        first_k_dense_replace=3, moe_intermediate_size=2048, q_lora_rank=1536,
-                        kv_lora_rank=512, qk_rope_head_dim=64, qk_nope_head_dim=128, v_head_dim=128,
-                        max_position_embeddings=4096, vocab_size=129280),
-    "gpt_oss": dict(num_key_value_heads=8, head_dim=64, tie_word_embeddings=False, attention_bias=True,
-                    hidden_act="silu", num_local_experts=128, num_experts_per_tok=4, sliding_window=128,
-                    max_position_embeddings=131072, vocab_size=201088),
-    "gpt2": dict(n_inner=None, n_positions=1024, vocab_size=50257, tie_word_embeddings=True,
-                 activation_function="gelu_new"),
-    "gpt_bigcode": dict(n_inner=None, n_positions=1024, vocab_size=50257, tie_word_embeddings=True,
-                        multi_query=True, activation_function="gelu_pytorch_tanh"),
-    "gpt_neox": dict(tie_word_embeddings=False, attention_bias=True, use_parallel_residual=True,
-                     rotary_pct=0.25, hidden_act="gelu", max_position_embeddings=2048, vocab_size=50432),
-    "falcon": dict(tie_word_embeddings=True, parallel_attn=True, new_decoder_architecture=False,
-                   multi_query=True, bias=False, num_kv_heads=None, alibi=False, ffn_hidden_size=None,
-                   num_ln_in_parallel_attn=None, max_position_embeddings=2048, vocab_size=65024),
-    "bert": dict(type_vocab_size=2, max_position_embeddings=512, vocab_size=30522, hidden_act="gelu",
-                 tie_word_embeddings=True),
+# transformers 4.x saved these generic PretrainedConfig keys too; 5.x no longer has them.
+# Their 4.x defaults; each changes memory when set (heads pruned, cross-attention added, the
+# feed-forward chunked, an encoder-decoder, TorchScript's untied copy of the embeddings).
+LEGACY_GENERIC = {"add_cross_attention": False, "cross_attention_hidden_size": None, "pruned_heads": {},
+                  "torchscript": False}
+
+# Multimodal configs: the outer model_type, its text tower's model_type when text_config does not
+# say, and whether transformers reads the text keys from the top level when text_config is absent
+# (Qwen2-VL's hub configs are flat).
+WRAPPERS: dict[str, tuple[str, bool]] = {
+    "gemma3": ("gemma3_text", False), "llama4": ("llama4_text", False), "mistral3": ("mistral", False),
+    "qwen2_vl": ("qwen2_vl_text", True), "qwen2_5_vl": ("qwen2_5_vl_text", True),
 }
-MODEL_TYPES = tuple(DEFAULTS)
+
 LLAMA_LIKE = ("llama", "mistral", "mixtral", "qwen2", "qwen2_moe", "qwen3", "qwen3_moe", "gemma",
               "gemma2", "gemma3_text", "phi3", "granite", "cohere", "olmoe", "starcoder2",
-              "deepseek_v3", "gpt_oss")
+              "deepseek_v3", "gpt_oss", "llama4_text", "olmo2", "deepseek_v2", "glm4", "qwen2_vl_text",
+              "qwen2_5_vl_text")
+MODEL_TYPES = LLAMA_LIKE + ("gpt2", "gpt_bigcode", "gpt_neox", "falcon", "bert")
+QWEN2_LIKE = ("qwen2", "qwen2_moe", "qwen2_vl_text", "qwen2_5_vl_text")
+SLIDING_QWEN = QWEN2_LIKE + ("qwen3", "qwen3_moe")
 GATED_ACTS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu": "geglu",
               "gelu_new": "geglu", "gelu_fast": "geglu"}
 PLAIN_GELU = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python")
+MAX_LAYERS = 1 << 16
+"""The most layers a config may have: the largest published models have a few hundred, and each
+layer is a list entry here; a config past this is a typo, refused before anything is built."""
+
+
+def _table() -> dict[str, Any]:
+    from memsweep.hf_keys import load_table
+
+    return load_table()
+
+
+def declared(model_type: str) -> dict[str, Any]:
+    """{key: declared default} of a model type's configuration class in transformers (the table)."""
+    return {k: row["default"] for k, row in _table()["types"].get(model_type, {}).items()}
+
+
+def kind_of_generic(key: str) -> str:
+    if key in NEUTRAL:
+        return "neutral"
+    return "memory"  # chunk_size_feed_forward, is_encoder_decoder
+
+
+def kind_of(model_type: str, key: str, reads: set[str]) -> str:
+    """A key's kind in the table (hf_keys.py explains them)."""
+    if key in reads or key in SOFTCAP:
+        return "read"
+    if key in NEUTRAL:
+        return "neutral"
+    if key in DROPOUT:
+        return "dropout"
+    if key in VISION:
+        return "vision"
+    return "memory"
+
+
+def keys_read(model_type: str, cfg: dict[str, Any]) -> set[str]:
+    """The keys the importer reads of `cfg` (a default-constructed config's to_dict())."""
+    if model_type in WRAPPERS:
+        return {"text_config", "tie_word_embeddings"}
+    cfg = dict(cfg)
+    for _ in range(8):  # a class default the mapper needs set (DeepSeek-V2's top-k is null): 1
+        r = _Reader(cfg, model_type, "")
+        try:
+            MAPPERS[model_type](r)
+            return r.used
+        except ConfigError as exc:
+            cfg[exc.key] = 1
+    raise RuntimeError(f"{model_type}: the importer cannot read the class's default config")
+
+
+class Unknown(UserWarning):
+    """Keys no configuration class of transformers has: listed in one line, then ignored."""
 
 
 class _Reader:
-    """Reads keys of one config with the model type's defaults, remembering which it used."""
+    """Reads keys of one config with the model type's declared defaults (the table), remembering
+    which it used; `finish` then sorts the rest: neutral keys pass, a memory-changing key it does
+    not read passes at its default only, and keys transformers does not know are collected."""
 
     def __init__(self, cfg: dict[str, Any], model_type: str, key_prefix: str) -> None:
         self.cfg, self.model_type, self.prefix = cfg, model_type, key_prefix
+        self.defaults = declared(model_type)
         self.used: set[str] = {"model_type"}
 
     def has(self, key: str) -> bool:
@@ -147,24 +173,71 @@ class _Reader:
         for k in (key, *aliases):
             if k in self.cfg:
                 return self.cfg[k]
-        defaults = DEFAULTS[self.model_type]
         for k in (key, *aliases):
-            if k in defaults:
-                return defaults[k]
+            if self.defaults.get(k) is not None:
+                return self.defaults[k]
         if required:
             raise ConfigError(f"{self.prefix}{key}", "missing",
                               f"a value in a {self.model_type} config.json")
         return None
 
-    def fail(self, key: str, allowed: str) -> ConfigError:
-        return ConfigError(f"{self.prefix}{key}", self.cfg.get(key, DEFAULTS[self.model_type].get(key)), allowed)
+    def key_of(self, key: str, *aliases: str) -> str:
+        """The name under which the config holds `key` (an alias when that is what it has)."""
+        return self.prefix + next((k for k in (key, *aliases) if k in self.cfg), key)
 
-    def check_unused(self) -> None:
+    def int(self, key: str, *aliases: str, minimum: int = 1, required: bool = True,
+            maximum: int = (1 << 31) - 1) -> int | None:
+        """An integer in [minimum, maximum]: JSON floats, strings, booleans and null are refused
+        (transformers would build nothing sensible of them). The maximum is int32's: every
+        dimension of a published model is far below it, and tensors index with it."""
+        value = self.get(key, *aliases, required=required)
+        if value is None and not required:
+            return None
+        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+            raise ConfigError(self.key_of(key, *aliases), value, f"an integer in [{minimum}, {maximum}]")
+        return value
+
+    def bool(self, key: str, *aliases: str) -> bool:
+        value = self.get(key, *aliases)
+        if value is None:
+            return False
+        if not isinstance(value, bool):
+            raise ConfigError(self.key_of(key, *aliases), value, "true or false")
+        return value
+
+    def fail(self, key: str, allowed: str) -> ConfigError:
+        return ConfigError(f"{self.prefix}{key}", self.cfg.get(key, self.defaults.get(key)), allowed)
+
+    def finish(self) -> list[str]:
+        """Refuse a key that changes memory, is not read and is not at its default; return the
+        keys no configuration class has (the caller lists them in one warning line)."""
+        generic = _table()["generic"]
+        unknown = []
         for key, value in self.cfg.items():
-            if key not in self.used and key not in HARMLESS and not key.startswith("_"):
+            if key in self.used or key in NEUTRAL or key in DROPOUT or key in VISION or key.startswith("_"):
+                continue
+            if key in self.defaults or key in generic or key in LEGACY_GENERIC:
+                default = (self.defaults[key] if key in self.defaults
+                           else generic[key]["default"] if key in generic else LEGACY_GENERIC[key])
+                if generic.get(key, {}).get("kind") == "neutral":
+                    continue
+                if _same(value, default):
+                    continue
                 raise ConfigError(f"{self.prefix}{key}", value,
-                                  f"a key the {self.model_type} importer knows (memsweep does not model "
-                                  "it, so it will not guess: file an issue or remove the key)")
+                                  f"{default!r}, the {self.model_type} default (another value changes the "
+                                  "architecture or its memory in a way memsweep does not model)")
+            unknown.append(self.prefix + key)
+        return unknown
+
+
+def _same(value: Any, default: Any) -> bool:
+    """Equal as JSON values (a tuple default equals a list; 0 equals 0.0; {} equals null)."""
+    if value in (None, {}, []) and default in (None, {}, []):
+        return True
+    try:
+        return json.loads(json.dumps(value)) == json.loads(json.dumps(default))
+    except (TypeError, ValueError):
+        return False
 
 
 def _pattern(kinds: list[str]) -> tuple[str, ...]:
@@ -176,12 +249,28 @@ def _pattern(kinds: list[str]) -> tuple[str, ...]:
     return tuple(kinds)
 
 
+LOCAL_TYPES = ("sliding_attention", "chunked_attention")
+"""Layer types attending within a span: a sliding window (Mistral, Gemma-2/3, gpt-oss) or fixed
+chunks (Llama-4's chunked attention: a token sees its own chunk of attention_chunk_size). Both
+keep at most that many tokens of keys and values per layer in the cache, which is what a local
+layer is to memsweep (ModelSpec.sliding_window)."""
+
+
 def _layer_kinds(r: _Reader, layers: int) -> tuple[tuple[str, ...], int]:
     """(layer_pattern, sliding_window) from `layer_types`, the type's pattern rule, or one window."""
     mt = r.model_type
-    window = r.get("sliding_window", "sliding_window_size") or 0
+    if mt == "llama4_text":
+        window = r.int("attention_chunk_size", required=False) or 0
+        r.used.update({"sliding_window"})
+    else:
+        window = r.get("sliding_window", "sliding_window_size") or 0
+        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
+            raise ConfigError(r.key_of("sliding_window", "sliding_window_size"), window,
+                              "an integer >= 0, or null (no sliding window)")
     types = r.get("layer_types")
-    if mt in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe") and types is None:
+    if mt in SLIDING_QWEN:
+        r.get("max_window_layers", "use_sliding_window")
+    if mt in SLIDING_QWEN and types is None:
         # Qwen: sliding attention only with use_sliding_window, from layer max_window_layers on.
         first = r.get("max_window_layers") or 0
         types = ["sliding_attention" if r.get("use_sliding_window") and window and i >= first
@@ -191,26 +280,43 @@ def _layer_kinds(r: _Reader, layers: int) -> tuple[tuple[str, ...], int]:
     elif mt == "gemma3_text" and types is None:
         every = r.get("sliding_window_pattern", "_sliding_window_pattern") or 6
         types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(layers)]
-    elif mt in ("qwen2", "qwen2_moe", "qwen3", "qwen3_moe") and not r.get("use_sliding_window"):
+    elif mt == "llama4_text" and types is None:
+        # transformers: chunked attention on the layers that use RoPE (no_rope_layers[i] == 1)
+        nope = _no_rope_layers(r, layers)
+        types = ["chunked_attention" if rope else "full_attention" for rope in nope]
+    elif mt in SLIDING_QWEN and not r.get("use_sliding_window"):
         types = ["full_attention"] * layers  # layer_types lists sliding layers only when enabled
     elif types is None:
         types = ["sliding_attention" if window else "full_attention"] * layers
+    else:
+        r.get("sliding_window_pattern", "_sliding_window_pattern", "max_window_layers", "use_sliding_window")
     if not isinstance(types, list) or len(types) != layers:
         raise r.fail("layer_types", f"a list of {layers} entries (one per layer)")
     kinds = []
     for t in types:
-        if t not in ("full_attention", "sliding_attention"):
-            raise ConfigError(f"{r.prefix}layer_types", t, "full_attention, sliding_attention")
-        kinds.append("local" if t == "sliding_attention" else "global")
+        if t not in ("full_attention",) + LOCAL_TYPES:
+            raise ConfigError(f"{r.prefix}layer_types", t, ", ".join(("full_attention",) + LOCAL_TYPES))
+        kinds.append("local" if t in LOCAL_TYPES else "global")
     if "local" not in kinds or not window:
         return ("global",), 0
     return _pattern(kinds), int(window)
 
 
+def _no_rope_layers(r: _Reader, layers: int) -> list[int]:
+    """Llama-4: 1 where a layer uses RoPE; by default every no_rope_layer_interval-th is NoPE."""
+    nope = r.get("no_rope_layers")
+    every = r.int("no_rope_layer_interval", required=False) or 4
+    if not nope:
+        nope = [int((i + 1) % every != 0) for i in range(layers)]
+    if not isinstance(nope, list) or len(nope) != layers or any(v not in (0, 1) for v in nope):
+        raise r.fail("no_rope_layers", f"a list of {layers} entries of 0 or 1")
+    return nope
+
+
 def _gated(r: _Reader) -> str:
+    key = "hidden_activation" if r.model_type.startswith("gemma") and r.has("hidden_activation") else "hidden_act"
     act = r.get("hidden_activation", "hidden_act") if r.model_type.startswith("gemma") else r.get("hidden_act")
-    if act not in GATED_ACTS:
-        key = "hidden_activation" if r.has("hidden_activation") else "hidden_act"
+    if not isinstance(act, str) or act not in GATED_ACTS:
         raise r.fail(key, ", ".join(GATED_ACTS))
     return GATED_ACTS[act]
 
@@ -221,146 +327,224 @@ def _plain_gelu(r: _Reader, key: str) -> str:
     return "gelu"
 
 
+def _heads(r: _Reader, h: int) -> tuple[int, int, int | None]:
+    """(heads, kv_heads, head_dim or None when hidden / heads): 0 is refused, not taken as unset."""
+    heads = r.int("num_attention_heads")
+    kv = r.int("num_key_value_heads", minimum=1, required=False)
+    head_dim = r.int("head_dim", required=False)
+    return heads, kv or heads, head_dim if head_dim and head_dim * heads != h else None
+
+
+def _rotary_fraction(r: _Reader, key: str = "partial_rotary_factor", default: float = 1.0) -> float | None:
+    """The rotated fraction of each head: `key` at the top level (a hub file's), or inside
+    rope_parameters (where transformers 5 moves it, and a to_dict() writes it), or `default`.
+    None when it is 1 (every dimension rotates)."""
+    fraction = r.get(key)
+    rope = r.get("rope_parameters")
+    if fraction is None and isinstance(rope, dict):
+        fraction = rope.get("partial_rotary_factor")
+    if fraction is None:
+        fraction = default
+    if fraction in (1, 1.0):
+        return None
+    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
+        raise r.fail(key, "a number in (0, 1]")
+    return float(fraction)
+
+
+def _softcap(r: _Reader, key: str) -> float:
+    value = r.get(key)
+    if value is None:
+        return 0.0
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
+        raise ConfigError(r.key_of(key), value, "a number >= 0, or null (no soft-capping)")
+    return float(value)
+
+
 def _llama_like(r: _Reader) -> dict[str, Any]:
     mt = r.model_type
-    h = r.get("hidden_size", required=True)
-    layers = r.get("num_hidden_layers", required=True)
-    heads = r.get("num_attention_heads", required=True)
-    kv = r.get("num_key_value_heads") or heads
-    head_dim = r.get("head_dim")
-    bias = bool(r.get("attention_bias")) if mt not in ("qwen2", "qwen2_moe", "starcoder2") else None
+    h = r.int("hidden_size")
+    layers = r.int("num_hidden_layers", maximum=MAX_LAYERS)
+    heads, kv, head_dim = _heads(r, h)
+    bias = r.bool("attention_bias") if mt not in QWEN2_LIKE + ("starcoder2",) else None
+    ffn_key = "intermediate_size_mlp" if mt == "llama4_text" else "intermediate_size"
     d: dict[str, Any] = dict(
         family="llama", layers=layers, hidden=h, heads=heads, kv_heads=kv,
-        ffn=r.get("intermediate_size", required=mt not in ("qwen3_moe", "olmoe", "gpt_oss")) or 0,
-        vocab=r.get("vocab_size"), max_positions=r.get("max_position_embeddings"),
+        ffn=r.int(ffn_key, required=mt not in ("qwen3_moe", "olmoe", "gpt_oss")) or 0,
+        vocab=r.int("vocab_size"), max_positions=r.int("max_position_embeddings"),
         norm="rmsnorm", mlp=_gated(r) if mt != "starcoder2" else _plain_gelu(r, "hidden_act"),
         position="rope", qkv_bias=bool(bias), out_bias=bool(bias), mlp_bias=False,
-        tied_embeddings=bool(r.get("tie_word_embeddings")),
-        head_dim=head_dim if head_dim and head_dim * heads != h else None,
+        tied_embeddings=r.bool("tie_word_embeddings"), head_dim=head_dim,
     )
-    if mt in ("llama", "granite"):
-        d["mlp_bias"] = bool(r.get("mlp_bias"))
-    if mt in ("qwen2", "qwen2_moe"):
+    if mt in ("llama", "granite", "deepseek_v2"):
+        d["mlp_bias"] = r.bool("mlp_bias")
+    if mt in QWEN2_LIKE:
         d["qkv_bias"] = True  # Qwen2 q, k, v always carry a bias; o_proj none
         d["out_bias"] = False
         r.get("qkv_bias")
+    if mt == "glm4":  # GLM-4: q, k, v biased by attention_bias, o_proj never; 4 norms per block
+        d.update(out_bias=False, block_norms=4)
     if mt == "starcoder2":
         if r.get("mlp_type") not in (None, "default"):
             raise r.fail("mlp_type", "default")
         if r.get("norm_type") not in (None, "layer_norm"):
             raise r.fail("norm_type", "layer_norm")
-        use_bias = bool(r.get("use_bias"))
+        use_bias = r.bool("use_bias")
         d.update(norm="layernorm" if use_bias else "layernorm_nobias", qkv_bias=use_bias,
                  out_bias=use_bias, mlp_bias=use_bias)
-    fraction = r.get("partial_rotary_factor")
-    if fraction not in (None, 1, 1.0):
-        d["rotary_fraction"] = float(fraction)
+    fraction = _rotary_fraction(r, default=0.5 if mt == "glm4" else 1.0)
+    if fraction is not None:
+        d["rotary_fraction"] = fraction
     if mt in ("gemma2", "gemma3_text"):
         d["block_norms"] = 4
     if mt in ("qwen3", "qwen3_moe", "gemma3_text"):
         d["qk_norm"] = "head"
-    if mt == "olmoe":
+    if mt in ("olmoe", "olmo2"):
         d["qk_norm"] = "full"  # (clip_qkv clips values, not shapes)
+    if mt == "llama4_text":
+        if r.bool("use_qk_norm"):
+            d["qk_norm"] = "l2"  # Llama4TextL2Norm: per head, no weight
+        _no_rope_layers(r, layers)
     if mt == "cohere":
         d.update(norm="layernorm_nobias", block="parallel", block_norms=1,
-                 qk_norm="full" if r.get("use_qk_norm") else "none")
+                 qk_norm="full" if r.bool("use_qk_norm") else "none")
     if mt == "gpt_oss":
         d.update(attention_sinks=True, mlp_bias=True, router_bias=True)
+    if mt in ("gemma2", "gemma3_text"):
+        d.update(attn_softcap=_softcap(r, "attn_logit_softcapping"),
+                 final_softcap=_softcap(r, "final_logit_softcapping"))
     d["layer_pattern"], d["sliding_window"] = _layer_kinds(r, layers)
     d.update(_moe(r, layers))
-    if mt == "deepseek_v3":
+    if mt in ("deepseek_v2", "deepseek_v3"):
         d.update(_mla(r, heads))
     if not d["ffn"]:
         d["ffn"] = d.get("expert_ffn") or 1
     return d
 
 
+MOE_TYPES = ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v2", "deepseek_v3", "gpt_oss", "llama4_text")
+
+
 def _moe(r: _Reader, layers: int) -> dict[str, Any]:
     mt = r.model_type
-    if mt not in ("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "deepseek_v3", "gpt_oss"):
+    if mt not in MOE_TYPES:
         return {}
-    experts = r.get("num_local_experts", "num_experts", "n_routed_experts")
-    d: dict[str, Any] = dict(experts=experts, experts_per_token=r.get("num_experts_per_tok", "experts_per_token"))
-    if mt in ("qwen2_moe", "qwen3_moe", "deepseek_v3"):
-        d["expert_ffn"] = r.get("moe_intermediate_size")
-    elif mt == "gpt_oss":
-        d["expert_ffn"] = r.get("intermediate_size")
+    experts = r.int("num_local_experts", "num_experts", "n_routed_experts", minimum=1)
+    d: dict[str, Any] = dict(experts=experts,
+                             experts_per_token=r.int("num_experts_per_tok", "experts_per_token", minimum=1))
+    if d["experts_per_token"] > experts:
+        raise ConfigError(r.key_of("num_experts_per_tok", "experts_per_token"), d["experts_per_token"],
+                          f"at most the {experts} experts")
+    if mt in ("qwen2_moe", "qwen3_moe", "deepseek_v2", "deepseek_v3"):
+        d["expert_ffn"] = r.int("moe_intermediate_size")
+    elif mt in ("gpt_oss", "llama4_text"):
+        d["expert_ffn"] = r.int("intermediate_size")
     if mt in ("qwen2_moe", "qwen3_moe"):
-        step, only = r.get("decoder_sparse_step") or 1, r.get("mlp_only_layers") or []
+        step, only = r.int("decoder_sparse_step", required=False) or 1, r.get("mlp_only_layers") or []
+        if not isinstance(only, list):
+            raise r.fail("mlp_only_layers", "a list of layer numbers")
         # Qwen-MoE: layer i is sparse when i is not in mlp_only_layers and (i + 1) % step == 0
         d["dense_layers"] = sum(1 for i in range(layers) if i in only or (i + 1) % step)
     if mt == "qwen2_moe":
-        shared = r.get("shared_expert_intermediate_size")
+        shared = r.int("shared_expert_intermediate_size", minimum=0, required=False)
         if shared:
             d.update(shared_experts=1, shared_ffn=shared, shared_expert_gate=True)
-    if mt == "deepseek_v3":
-        d["dense_layers"] = r.get("first_k_dense_replace") or 0
-        n_shared = r.get("n_shared_experts") or 0
-        if n_shared:
+    if mt in ("deepseek_v2", "deepseek_v3"):
+        d["dense_layers"] = min(r.int("first_k_dense_replace", minimum=0, required=False) or 0, layers)
+        n_shared = r.int("n_shared_experts", minimum=0, required=False) or 0
+        if n_shared:  # DeepSeek-V2 runs them as one MLP n_shared times as wide: the same weights
             d.update(shared_experts=n_shared, shared_ffn=d["expert_ffn"])
+    if mt == "llama4_text":
+        # Llama-4: MoE layers listed, or every interleave_moe_layer_step-th; the others a dense MLP
+        # of intermediate_size_mlp; each MoE layer adds one shared expert of intermediate_size.
+        moe = r.get("moe_layers")
+        if moe is None:
+            step = r.int("interleave_moe_layer_step", required=False) or 1
+            moe = list(range(step - 1, layers, step))
+        else:
+            r.get("interleave_moe_layer_step")
+        if not isinstance(moe, list) or any(not isinstance(i, int) or not 0 <= i < layers for i in moe):
+            raise r.fail("moe_layers", f"a list of layer numbers in [0, {layers})")
+        d.update(dense_layers=layers - len(set(moe)), shared_experts=1, shared_ffn=d["expert_ffn"])
     return d
 
 
 def _mla(r: _Reader, heads: int) -> dict[str, Any]:
-    nope, rope = r.get("qk_nope_head_dim"), r.get("qk_rope_head_dim")
+    nope, rope = r.int("qk_nope_head_dim"), r.int("qk_rope_head_dim")
     r.get("head_dim")  # DeepSeek's head_dim is the rope part; q/k heads are nope + rope
+    qk = r.get("qk_head_dim")  # transformers derives it; a saved to_dict() writes it
+    if qk is not None and qk != nope + rope:
+        raise r.fail("qk_head_dim", f"qk_nope_head_dim + qk_rope_head_dim = {nope + rope}")
     if r.get("attention_bias"):
         raise r.fail("attention_bias", "false (MLA projections without biases)")
-    return dict(head_dim=nope + rope, rope_head_dim=rope, kv_lora_rank=r.get("kv_lora_rank"),
-                q_lora_rank=r.get("q_lora_rank") or 0, v_head_dim=r.get("v_head_dim"), kv_heads=heads)
+    return dict(head_dim=nope + rope, rope_head_dim=rope, kv_lora_rank=r.int("kv_lora_rank"),
+                q_lora_rank=r.int("q_lora_rank", required=False) or 0, v_head_dim=r.int("v_head_dim"),
+                kv_heads=heads)
 
 
 def _gpt2(r: _Reader) -> dict[str, Any]:
     mt = r.model_type
-    h, heads = r.get("n_embd", "hidden_size"), r.get("n_head", "num_attention_heads")
+    h, heads = r.int("n_embd", "hidden_size"), r.int("n_head", "num_attention_heads")
     _plain_gelu(r, "activation_function")
-    mqa = mt == "gpt_bigcode" and r.get("multi_query")
-    return dict(family="gpt2", layers=r.get("n_layer", "num_hidden_layers"), hidden=h, heads=heads,
-                kv_heads=1 if mqa else heads, ffn=r.get("n_inner") or 4 * h, vocab=r.get("vocab_size"),
-                max_positions=r.get("n_positions", "max_position_embeddings"), norm="layernorm", mlp="gelu",
-                position="learned", qkv_bias=True, out_bias=True, mlp_bias=True,
-                tied_embeddings=bool(r.get("tie_word_embeddings")))
+    mqa = mt == "gpt_bigcode" and r.bool("multi_query")
+    if mt == "gpt_bigcode":  # transformers derives it from multi_query; a to_dict() writes it
+        kv = r.get("num_key_value_heads")
+        if kv is not None and kv != (1 if mqa else heads):
+            raise r.fail("num_key_value_heads", f"{1 if mqa else heads} (multi_query={str(mqa).lower()})")
+    return dict(family="gpt2", layers=r.int("n_layer", "num_hidden_layers", maximum=MAX_LAYERS), hidden=h,
+                heads=heads, kv_heads=1 if mqa else heads, ffn=r.int("n_inner", required=False) or 4 * h,
+                vocab=r.int("vocab_size"), max_positions=r.int("n_positions", "max_position_embeddings"),
+                norm="layernorm", mlp="gelu", position="learned", qkv_bias=True, out_bias=True, mlp_bias=True,
+                tied_embeddings=r.bool("tie_word_embeddings"))
 
 
 def _encoder_or_neox(r: _Reader, family: str) -> dict[str, Any]:
     """The multi-head attention models with a plain GELU MLP and LayerNorms (BERT, GPT-NeoX)."""
     if r.get("hidden_act") not in PLAIN_GELU:
         raise r.fail("hidden_act", ", ".join(PLAIN_GELU))
-    heads = r.get("num_attention_heads", required=True)
-    return dict(family=family, layers=r.get("num_hidden_layers", required=True),
-                hidden=r.get("hidden_size", required=True), heads=heads, kv_heads=heads,
-                ffn=r.get("intermediate_size", required=True), vocab=r.get("vocab_size"),
-                max_positions=r.get("max_position_embeddings"), norm="layernorm", mlp="gelu",
-                qkv_bias=True, out_bias=True, mlp_bias=True, tied_embeddings=bool(r.get("tie_word_embeddings")))
+    heads = r.int("num_attention_heads")
+    return dict(family=family, layers=r.int("num_hidden_layers", maximum=MAX_LAYERS),
+                hidden=r.int("hidden_size"), heads=heads, kv_heads=heads,
+                ffn=r.int("intermediate_size"), vocab=r.int("vocab_size"),
+                max_positions=r.int("max_position_embeddings"), norm="layernorm", mlp="gelu",
+                qkv_bias=True, out_bias=True, mlp_bias=True, tied_embeddings=r.bool("tie_word_embeddings"))
 
 
 def _gpt_neox(r: _Reader) -> dict[str, Any]:
-    bias = bool(r.get("attention_bias"))
+    bias = r.bool("attention_bias")
+    fraction = _rotary_fraction(r, "rotary_pct", default=0.25)  # GPTNeoXConfig's default
     return dict(_encoder_or_neox(r, "llama"), position="rope", qkv_bias=bias, out_bias=bias,
-                rotary_fraction=float(r.get("rotary_pct")),
-                block="parallel" if r.get("use_parallel_residual") else "sequential")
+                rotary_fraction=fraction or 1.0,
+                block="parallel" if r.bool("use_parallel_residual") else "sequential")
 
 
 def _falcon(r: _Reader) -> dict[str, Any]:
     if r.get("alibi"):
         raise r.fail("alibi", "false (memsweep models rotary positions)")
-    h, heads = r.get("hidden_size", required=True), r.get("num_attention_heads", required=True)
-    new_arch, parallel = bool(r.get("new_decoder_architecture")), bool(r.get("parallel_attn"))
+    if _rotary_fraction(r) is not None:
+        raise r.fail("partial_rotary_factor", "1 (Falcon rotates every dimension)")
+    if r.get("activation") not in PLAIN_GELU:
+        raise r.fail("activation", ", ".join(PLAIN_GELU))
+    h, heads = r.int("hidden_size"), r.int("num_attention_heads")
+    new_arch, parallel = r.bool("new_decoder_architecture"), r.bool("parallel_attn")
+    r.get("num_kv_heads", "num_ln_in_parallel_attn")  # read by the new architecture only
     if new_arch:  # Falcon-40B/180B: grouped KV heads, a norm for attention and one for the MLP
-        kv, norms = r.get("num_kv_heads") or heads, r.get("num_ln_in_parallel_attn") or 2
+        kv = r.int("num_kv_heads", required=False) or heads
+        norms = r.int("num_ln_in_parallel_attn", required=False) or 2
     else:  # Falcon-7B: multi-query, one norm shared by the parallel attention and MLP
-        kv, norms = (1 if r.get("multi_query") else heads), (1 if parallel else 2)
-    bias = bool(r.get("bias"))
-    return dict(family="llama", layers=r.get("num_hidden_layers", required=True), hidden=h, heads=heads,
-                kv_heads=kv, ffn=r.get("ffn_hidden_size") or 4 * h, vocab=r.get("vocab_size"),
-                max_positions=r.get("max_position_embeddings"), norm="layernorm", mlp="gelu",
+        kv, norms = (1 if r.bool("multi_query") else heads), (1 if parallel else 2)
+    bias = r.bool("bias")
+    return dict(family="llama", layers=r.int("num_hidden_layers", maximum=MAX_LAYERS), hidden=h, heads=heads,
+                kv_heads=kv, ffn=r.int("ffn_hidden_size", required=False) or 4 * h, vocab=r.int("vocab_size"),
+                max_positions=r.int("max_position_embeddings"), norm="layernorm", mlp="gelu",
                 position="rope", qkv_bias=bias, out_bias=bias, mlp_bias=bias,
-                tied_embeddings=bool(r.get("tie_word_embeddings")),
+                tied_embeddings=r.bool("tie_word_embeddings"),
                 block="parallel" if (parallel or new_arch) else "sequential", block_norms=norms)
 
 
 def _bert(r: _Reader) -> dict[str, Any]:
-    return dict(_encoder_or_neox(r, "bert"), position="learned", type_vocab=r.get("type_vocab_size"), pooler=True)
+    return dict(_encoder_or_neox(r, "bert"), position="learned",
+                type_vocab=r.int("type_vocab_size", minimum=0), pooler=True)
 
 
 MAPPERS: dict[str, Callable[[_Reader], dict[str, Any]]] = {
@@ -370,24 +554,68 @@ MAPPERS: dict[str, Callable[[_Reader], dict[str, Any]]] = {
 
 
 def text_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], str]:
-    """The language model's config and its key prefix: multimodal configs (Gemma-3) nest it."""
-    if cfg.get("model_type") == "gemma3" and isinstance(cfg.get("text_config"), dict):
-        return {"model_type": "gemma3_text", **cfg["text_config"]}, "text_config."
-    return cfg, ""
+    """The language model's config and its key prefix: a multimodal config (Gemma-3, Llama-4,
+    Mistral-3, Qwen2-VL / Qwen2.5-VL) nests it in text_config, or (Qwen's hub files) keeps the
+    text keys at the top level. Tying is the outer config's (transformers 5 ties the whole
+    model's lm_head by it; Qwen-VL also honours a text_config that ties, as transformers does)."""
+    outer = cfg.get("model_type")
+    if outer not in WRAPPERS:
+        return cfg, ""
+    inner_type, flat = WRAPPERS[outer]
+    text = cfg.get("text_config")
+    if isinstance(text, dict):
+        inner, prefix = {"model_type": inner_type, **text}, "text_config."
+    elif text is None and flat:
+        own = set(_table()["types"].get(outer, {})) | NEUTRAL | VISION
+        inner, prefix = {k: v for k, v in cfg.items() if k not in own or k in declared(inner_type)}, ""
+        inner["model_type"] = inner_type
+    elif text is None:
+        inner, prefix = {"model_type": inner_type}, "text_config."
+    else:
+        raise ConfigError("text_config", type(text).__name__, "a JSON object (the language model's config)")
+    tie = cfg.get("tie_word_embeddings", declared(outer).get("tie_word_embeddings"))
+    if outer in ("qwen2_vl", "qwen2_5_vl"):
+        tie = bool(tie) or bool(inner.get("tie_word_embeddings"))
+    inner["tie_word_embeddings"] = tie
+    return inner, prefix
 
 
-def spec_from_config(cfg: dict[str, Any], name: str) -> ModelSpec:
-    """The ModelSpec of one config.json's contents (the language model of a multimodal one)."""
+def import_config(cfg: dict[str, Any], name: str) -> tuple[ModelSpec, list[str]]:
+    """The ModelSpec of one config.json's contents (the language model of a multimodal one), and
+    the keys no configuration class of transformers has (ignored, as transformers ignores them)."""
     if not isinstance(cfg, dict):
         raise ConfigError("model.config", type(cfg).__name__, "a JSON object (a config.json)")
     inner, prefix = text_config(cfg)
     model_type = inner.get("model_type")
     if model_type not in MAPPERS:
-        raise ConfigError(f"{prefix}model_type", model_type, ", ".join(sorted(MAPPERS)))
+        key = "model_type" if not prefix or "model_type" not in inner else f"{prefix}model_type"
+        raise ConfigError(key, model_type, ", ".join(sorted(set(MAPPERS) | set(WRAPPERS))))
     r = _Reader(inner, model_type, prefix)
     fields = MAPPERS[model_type](r)
-    r.check_unused()
-    return ModelSpec(name=name, **fields)
+    unknown = r.finish()
+    if prefix and cfg.get("model_type") in WRAPPERS:  # the outer keys of a multimodal config
+        outer = _Reader({k: v for k, v in cfg.items() if k != "text_config"}, cfg["model_type"], "")
+        outer.used |= {"text_config", "tie_word_embeddings"}
+        unknown = outer.finish() + unknown
+    return ModelSpec(name=name, **fields), unknown
+
+
+_WARNED: set[tuple[str, ...]] = set()
+
+
+def spec_from_config(cfg: dict[str, Any], name: str, warn: Callable[[str], None] | None = None) -> ModelSpec:
+    """`import_config`'s spec; unknown keys are listed in one line through `warn` (default: once
+    per set of keys, on stderr), and the import goes on."""
+    spec, unknown = import_config(cfg, name)
+    if unknown:
+        line = (f"warning: {name}: {len(unknown)} key(s) no transformers {cfg.get('model_type')} config has, "
+                f"ignored: {', '.join(unknown)}")
+        if warn is not None:
+            warn(line)
+        elif (name, *unknown) not in _WARNED:
+            _WARNED.add((name, *unknown))
+            print(line, file=sys.stderr)
+    return spec
 
 
 # The common keys of configs no mapper reads, for the record of an unmodelled model's spec
@@ -441,7 +669,7 @@ def read_config(path: str | Path) -> dict[str, Any]:
     p = config_path(path)
     try:
         return json.loads(p.read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError, RecursionError) as exc:
         raise ConfigError("model.config", str(path), f"a readable JSON file ({type(exc).__name__})") from None
 
 

@@ -24,7 +24,7 @@ FAMILIES = ("gpt2", "llama", "bert")
 NORMS = ("layernorm", "rmsnorm", "layernorm_nobias")
 MLPS = ("gelu", "swiglu", "geglu")
 BLOCKS = ("sequential", "parallel")
-QK_NORMS = ("none", "head", "full")
+QK_NORMS = ("none", "head", "full", "l2")
 MLA_CACHES = ("latent", "expanded")
 LAYER_KINDS = ("global", "local")
 GATED_MLPS = ("swiglu", "geglu")
@@ -117,7 +117,8 @@ class ModelSpec:
     """Norms per block: 2 (pre-attention, pre-MLP), 1 (one shared norm of a parallel block: Falcon-7B,
     Cohere), 4 (Gemma-2/3: also a norm after attention and after the MLP)."""
     qk_norm: Literal["none", "head", "full"] = "none"
-    """Norms on queries and keys: per head over head_dim (Qwen3, Gemma-3) or over all heads (OLMoE)."""
+    """Norms on queries and keys: per head over head_dim (Qwen3, Gemma-3), over all heads (OLMoE,
+    OLMo-2), or l2: per head without a weight (Llama-4's L2 norm; no parameters)."""
     # --- mixture of experts -------------------------------------------------------------------
     experts: int = 0
     """Routed experts per MoE layer; 0 is a dense model."""
@@ -143,6 +144,10 @@ class ModelSpec:
     gpt-oss (local, global), Gemma-3 (5 x local, global)."""
     attention_sinks: bool = False
     """gpt-oss: one learned sink logit per head, in every layer's softmax."""
+    attn_softcap: float = 0.0
+    """Gemma-2: attention scores soft-capped, tanh(scores / cap) * cap (attn_logit_softcapping); 0: none."""
+    final_softcap: float = 0.0
+    """Gemma-2: the logits soft-capped the same way (final_logit_softcapping); 0: none."""
     q_lora_rank: int = 0
     """Multi-head latent attention (DeepSeek-V2/V3): rank of the query compression; 0: a plain q."""
     kv_lora_rank: int = 0
@@ -206,6 +211,10 @@ class ModelSpec:
                 "model.kv_heads", self.kv_heads,
                 f"a divisor of model.heads={self.heads}: {', '.join(map(str, divisors))}",
             )
+        for key in ("attn_softcap", "final_softcap"):
+            value = getattr(self, key)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
+                raise ConfigError(f"model.{key}", value, "a number >= 0 (0: no soft-capping)")
         if (isinstance(self.rotary_fraction, bool) or not isinstance(self.rotary_fraction, (int, float))
                 or not 0 < self.rotary_fraction <= 1):
             raise ConfigError("model.rotary_fraction", self.rotary_fraction, "a number in (0, 1]")

@@ -96,7 +96,9 @@ def ext_basis_values(c: Columns) -> np.ndarray:
     E, k, fe, r = c.experts, c.experts_per_token, c.expert_ffn, c.lora_rank
     P = moe_padding(c)
     mla, qkn = c.mla, (c.qk_norm > 0).astype(float)
-    qkh, qkf = (c.qk_norm == 1).astype(float), (c.qk_norm == 2).astype(float)
+    # Llama-4's weightless L2 norm (3) saves what a per-head norm saves, less the weight's product:
+    # counted as a per-head norm (an approximation, docs/models.md)
+    qkh, qkf = ((c.qk_norm == 1) | (c.qk_norm == 3)).astype(float), (c.qk_norm == 2).astype(float)
     nx = c.block_norms - 2
     par = c.parallel_block
     ln, gelu = c.layer_norm, 1 - c.gated_mlp

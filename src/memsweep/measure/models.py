@@ -85,6 +85,19 @@ class RMSNorm(nn.Module):
         return self.weight * x32.to(x.dtype)
 
 
+class L2Norm(nn.Module):
+    """x / rms(x) in fp32, cast back, no weight: Llama-4's per-head query/key norm
+    (transformers' Llama4TextL2Norm)."""
+
+    def __init__(self, eps: float = 1e-5) -> None:
+        super().__init__()
+        self.eps = eps
+
+    def forward(self, x: Tensor) -> Tensor:
+        x32 = x.float()
+        return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
+
+
 def _norm(spec: ModelSpec, opts: _Options, width: int | None = None) -> nn.Module:
     """The spec's norm over `width` features (hidden by default)."""
     width = width or spec.hidden
@@ -160,6 +173,8 @@ class Attention(nn.Module):
             self.q_norm, self.k_norm = _norm(spec, opts, self.head_dim), _norm(spec, opts, self.head_dim)
         elif spec.qk_norm == "full":  # OLMoE, Cohere: over all heads at once
             self.q_norm, self.k_norm = _norm(spec, opts, q_dim), _norm(spec, opts, kv_dim)
+        elif spec.qk_norm == "l2":  # Llama-4: per head, no weight, after the rotation
+            self.q_norm = self.k_norm = L2Norm()
         # gpt-oss: a learned logit per head joins every softmax (eager; sdpa has no such input).
         self.sinks = (nn.Parameter(torch.zeros(spec.heads, dtype=opts.dtype, device=opts.device))
                       if spec.attention_sinks else None)
@@ -195,6 +210,8 @@ class Attention(nn.Module):
             v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
             if rope is not None:
                 q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+            if self.qk_norm == "l2":
+                q, k = self.q_norm(q), self.k_norm(k)
             if kv_cache is not None:
                 k, v = self._cache(kv_cache, k, v, start)
         if self.cache_sink is not None:
