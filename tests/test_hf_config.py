@@ -170,6 +170,36 @@ def test_import_script_writes_a_preset_and_keeps_an_existing_one(tmp_path):
     assert bad.returncode == 2 and bad.stderr.startswith("error: model.config=")
 
 
+@pytest.mark.parametrize("args,key", [
+    (["--name", "../../x"], "--name"),
+    (["--name", "a/b"], "--name"),
+    (["--name", ""], "--name"),
+    (["--conf-dir", "/proc/memsweep"], "--conf-dir"),
+])
+def test_import_never_writes_outside_its_folder_and_fails_in_one_line(tmp_path, args, key, capsys):
+    from memsweep.app.main import main
+
+    cwd = tmp_path / "work"
+    cwd.mkdir()
+    extra = [] if "--conf-dir" in args else ["--conf-dir", str(cwd / "conf")]
+    assert main(["import", str(DATA / "llama3.2-1b.json"), *extra, *args]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith(f"error: {key}=") and err.count("\n") == 1
+    assert not any(p.suffix == ".yaml" for p in tmp_path.rglob("*"))
+
+
+def test_import_warns_once_of_unknown_keys(tmp_path, capsys):
+    from memsweep.app.main import main
+
+    cfg = {**read_config(DATA / "phi-4-mini.json")}
+    path = _write(tmp_path / "phi", "phi-4-mini")
+    assert main(["import", str(path), "--print"]) == 0
+    captured = capsys.readouterr()
+    assert captured.out.startswith("# Imported from ") and "name: phi" in captured.out
+    warning = [line for line in captured.err.splitlines() if line.startswith("warning:")]
+    assert len(warning) == 1 and "lm_head_bias" in warning[0] and cfg["lm_head_bias"] is False
+
+
 def test_sweep_model_hf_reads_config_files_at_run_time(tmp_path):
     a = _write(tmp_path / "ckpt-a", "qwen3-30b-a3b")
     b = _write(tmp_path / "ckpt-b", "gemma-2-2b")

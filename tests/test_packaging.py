@@ -116,6 +116,10 @@ code = main(["model=gpt2", "seq=128", "hydra.run.dir=run"])
 code = code or main(["plan", "models=[gpt2]", "hardware=[a100-80g]", "seqs=[512]", "workloads=[inference]",
                      "hydra.run.dir=plan"])
 code = code or main(["-m", "model=gpt2", "seq=128,256", "hydra/launcher=batched", "hydra.sweep.dir=multi"])
+# issue 27: `memsweep import PATH` writes ./conf/model/NAME.yaml (never into the package) ...
+code = code or main(["import", {str(REPO / "tests" / "data" / "hf_configs" / "olmo2-7b.json")!r}, "--name", "olmo2"])
+# ... which the sweep reads beside the shipped presets
+code = code or main(["--config-dir", "conf", "model=olmo2", "seq=256", "hydra.run.dir=imported"])
 sys.exit(code)
 """
     proc = subprocess.run([sys.executable, "-c", code], cwd=cwd, env=env, capture_output=True, text=True,
@@ -130,6 +134,10 @@ sys.exit(code)
     assert (cwd / "run" / "sweep.log").is_file()
     assert (cwd / "plan" / "plan.parquet").is_file() and (cwd / "plan" / "plan.log").is_file()
     assert pl.read_parquet(cwd / "multi" / "batch-0-1" / "rows.parquet")["job_num"].unique().sort().to_list() == [0, 1]
+    assert (cwd / "conf" / "model" / "olmo2.yaml").is_file() and not (site / "memsweep" / "conf" / "model" / "olmo2.yaml").exists()
+    assert "memsweep --config-dir" in proc.stdout and "7,298,617,344 parameters" in proc.stdout
+    imported = pl.read_parquet(cwd / "imported" / RESULTS_NAME)
+    assert set(imported["model"]) == {"olmo2"} and set(imported["params"]) == {7_298_617_344}
 
 
 # --- the command ------------------------------------------------------------------------------

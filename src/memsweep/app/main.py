@@ -4,6 +4,7 @@
     memsweep plan KEY=VALUE ...    capacity planning, exactly `python scripts/plan.py ...`
     memsweep fit PATH ...          error tables and calibration, exactly `python scripts/fit.py ...`
     memsweep collect DIR ...       re-collect a sweep, exactly `python scripts/collect.py ...`
+    memsweep import PATH ...       a config.json as a preset, exactly `python scripts/import_model.py ...`
     memsweep --help                the config groups, their options and the top-level keys
 
 Exit status: 0 ok, 1 failed jobs (their rows are in the table), 2 bad input (one `error:` line).
@@ -41,7 +42,14 @@ def _collect(argv: list[str]) -> int:
     return collect_cli.main(argv, prog="memsweep collect")
 
 
-SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"plan": _plan, "fit": _fit, "collect": _collect}
+def _import(argv: list[str]) -> int:
+    from memsweep.app import import_cli
+
+    return import_cli.main(argv, prog="memsweep import")
+
+
+SUBCOMMANDS: dict[str, Callable[[list[str]], int]] = {"plan": _plan, "fit": _fit, "collect": _collect,
+                                                      "import": _import}
 
 
 def sweep(argv: list[str], prog: str = "memsweep") -> int:
