@@ -50,7 +50,7 @@ def varied_specs() -> list:
                            wl=pick(["train", "inference", "lora", "qlora", "serve"]),
                            optimizer=pick(["adamw", "sgd", "adamw8bit", "adafactor"]),
                            parallel=pick(["single", "tp2", "zero3"]), hardware=pick(["h100-80g", "rtx3050-4g"]),
-                           seq=pick([64, 2048, 32768, 10**12]), batch=pick([1, 4]), dtype=pick(["fp32", "bf16", "int4"]),
+                           seq=pick([64, 2048, 32768, 2**31 - 1]), batch=pick([1, 4, 2**31 - 1]), dtype=pick(["fp32", "bf16", "int4"]),
                            recompute=pick(["none", "full"]), kv_dtype=pick(["auto", "fp8"]),
                            loss=LossSpec(chunks=pick([1, 8]))))
         except ConfigError:

@@ -8,6 +8,7 @@ import importlib.util
 import json
 import os
 import shutil
+import re
 import subprocess
 import sys
 import tomllib
@@ -146,14 +147,15 @@ def test_help_lists_every_group_option_and_top_level_key(capsys):
     assert main(["--help"]) == 0
     out = capsys.readouterr().out
     lines = out.splitlines()
-    assert lines[0].startswith("usage: memsweep ") and "plan|fit|collect" in lines[1]
+    assert lines[0].startswith("usage: memsweep ") and "plan|fit|collect|import" in lines[1]
     assert all(len(line) <= 140 for line in lines)
     for group in GROUPS:
         assert f"\n  {group}" in out, group
         for p in sorted((CONF / group).glob("*.yaml")):
             line = next((x for x in lines if x.split()[:1] == [p.stem]), None)
             assert line is not None, f"{group}={p.stem} missing"
-    llama = next(x for x in lines if x.split()[:1] == ["llama3-8b"])
+    m = re.search(r"^    llama3-8b +(.+(?:\n {5,}\S.*)*)", out, re.M)  # an entry may wrap onto indented lines
+    llama = " ".join(m.group(1).split())
     assert "Llama 3 8B" in llama and "8,030,261,248 parameters" in llama
     assert first_comment(CONF / "model" / "llama3-8b.yaml").startswith("Llama 3 8B (HF ")
     assert "  model   (default: llama2-7b)" in lines and "  formula   (default: none)" in lines

@@ -108,15 +108,19 @@ def test_a_second_grid_is_refused_unless_added(small_sweep, tmp_path):
 
 # --- 3. values whose byte counts int64 cannot hold ----------------------------------------------
 
-@pytest.mark.parametrize("overrides, key", [
-    (("seq=1000000000000",), "seq="),
-    (("batch=1000000000000",), "batch="),
-    (("model.layers=1000000000000",), "model.layers="),
-    (("attention=eager", "seq=100000000"), "seq="),
+@pytest.mark.parametrize("overrides, key, bound", [
+    (("seq=1000000000000",), "seq=", "2^31 - 1"),  # past any count a key takes (issue 27)
+    (("batch=1000000000000",), "batch=", "2^31 - 1"),
+    (("model.layers=1000000000000",), "model.layers=", "65536"),
+    (("grad_accum=9223372036854775808",), "grad_accum=", "2^31 - 1"),
+    (("loss.chunks=" + str(10**30),), "loss.chunks=", "2^31 - 1"),
+    (("parallel=zero3", "parallel.dp=" + str(2**63)), "parallel.dp=", "2^31 - 1"),
+    (("seq=2147483647", "batch=2147483647"), "batch=", "at most 2^63-1"),  # each in range, the bytes not
+    (("attention=eager", "seq=100000000"), "seq=", "at most 2^63-1"),
 ])
-def test_unrepresentable_byte_counts_name_the_key(compose_config, overrides, key):
+def test_unrepresentable_byte_counts_name_the_key(compose_config, overrides, key, bound):
     message = spec_error(compose_config, *overrides)
-    assert message.startswith(key) and "at most 2^63-1" in message
+    assert message.startswith(key) and bound in message
 
 
 def test_an_overflowing_job_is_an_error_row_and_the_sweep_is_collected(tmp_path):
@@ -352,7 +356,7 @@ def test_fit_bad_spec_json_and_report_paths(measured_sweep, tmp_path):
 
 @pytest.mark.parametrize("arg, start", [
     ("formula=[1,2]", "error: formula=[1, 2]: not allowed"),
-    ("gpus_batch=1000000000000", "error: gpus_batch=1000000000000: not allowed; allowed: integers from 1 to max_batch"),
+    ("gpus_batch=1000000000000", "error: gpus_batch=1000000000000: not allowed; allowed: an integer >= 1 and <= 2147483647"),
     ("precisions=[int4-mixed]", "error: precisions='int4-mixed': not allowed"),
 ])
 def test_plan_bad_values_are_one_line(tmp_path, arg, start):

@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Any
 
 from memsweep.errors import ConfigError
-from memsweep.specs import ModelSpec
+from memsweep.specs import MAX_LAYERS, ModelSpec
 
 # Keys that change neither the parameters nor the memory of a step: token ids, labels, epsilons,
 # RoPE bases and scaling, initialisation, output and generation settings, router losses and
@@ -100,9 +100,6 @@ SLIDING_QWEN = QWEN2_LIKE + ("qwen3", "qwen3_moe")
 GATED_ACTS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu", "gelu": "geglu",
               "gelu_new": "geglu", "gelu_fast": "geglu"}
 PLAIN_GELU = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python")
-MAX_LAYERS = 1 << 16
-"""The most layers a config may have: the largest published models have a few hundred, and each
-layer is a list entry here; a config past this is a typo, refused before anything is built."""
 
 
 def _table() -> dict[str, Any]:

@@ -54,9 +54,18 @@ KV_DTYPES = ("auto", "fp32", "fp16", "bf16", "fp8", "int8")
 MIXED_POLICIES = ("autocast", "param_dtype")
 
 
-def check_int(key: str, value: object, minimum: int = 1) -> None:
-    if isinstance(value, bool) or not isinstance(value, int) or value < minimum:
-        raise ConfigError(key, value, f"an integer >= {minimum}")
+MAX_LAYERS = 1 << 16
+"""The most layers a model may have (published ones have a few hundred; per-layer lists are built)."""
+MAX_INT = (1 << 31) - 1
+"""The largest count a key takes (int32's): every size, count and layout of a real job is far
+below it, and products of a few such counts stay inside the int64 result columns' range, where
+an integer past int64 used to become a null column of an `ok` row."""
+
+
+def check_int(key: str, value: object, minimum: int = 1, maximum: int = MAX_INT) -> None:
+    if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
+        raise ConfigError(key, value, f"an integer >= {minimum}" + (
+            f" and <= {maximum} (2^31 - 1)" if maximum == MAX_INT else f" and <= {maximum}"))
 
 
 def check_choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
@@ -178,7 +187,7 @@ class ModelSpec:
             return
         check_choice("model.family", self.family, FAMILIES)
         for key in ("layers", "hidden", "heads", "kv_heads", "ffn", "vocab", "max_positions"):
-            check_int(f"model.{key}", getattr(self, key))
+            check_int(f"model.{key}", getattr(self, key), maximum=MAX_LAYERS if key == "layers" else MAX_INT)
         for key in ("type_vocab", "experts", "experts_per_token", "expert_ffn", "shared_experts",
                     "shared_ffn", "dense_layers", "sliding_window", "q_lora_rank", "kv_lora_rank",
                     "rope_head_dim", "v_head_dim"):
@@ -188,6 +197,14 @@ class ModelSpec:
         check_choice("model.position", self.position, POSITIONS)
         check_choice("model.block", self.block, BLOCKS)
         check_choice("model.qk_norm", self.qk_norm, QK_NORMS)
+        if self.family in ("gpt2", "bert") and (self.position, self.mlp, self.norm) != ("learned", "gelu", "layernorm"):
+            # the gpt2 / bert code paths are those architectures: another family's preset relabelled
+            # (model.family=bert on a llama preset) would be estimated as one thing, named another
+            raise ConfigError("model.family", self.family,
+                              f"llama for position={self.position}, mlp={self.mlp}, norm={self.norm} "
+                              f"({self.family} is learned positions, a GELU MLP and LayerNorm)")
+        if self.family == "llama" and self.position != "rope":
+            raise ConfigError("model.position", self.position, "rope for model.family=llama")
         check_choice("model.mla_cache", self.mla_cache, MLA_CACHES)
         for key in ("qkv_bias", "out_bias", "mlp_bias", "tied_embeddings", "pooler",
                     "shared_expert_gate", "router_bias", "attention_sinks"):
@@ -655,7 +672,7 @@ class MeasureSpec:
                 raise ConfigError(f"measure.{key}", v, "null or a number > 0")
         check_int("measure.warmup", self.warmup, minimum=1)
         check_int("measure.repeats", self.repeats)
-        check_int("measure.seed", self.seed, minimum=0)
+        check_int("measure.seed", self.seed, minimum=0, maximum=(1 << 63) - 1)
         if self.max_gib is not None and (isinstance(self.max_gib, bool)
                                          or not isinstance(self.max_gib, (int, float)) or self.max_gib <= 0):
             raise ConfigError("measure.max_gib", self.max_gib, "null or a number of GiB > 0")

@@ -23,6 +23,32 @@ from memsweep.specs import (
 )
 
 JOB_KEYS = ("seq", "batch", "dtype", "precision", "recompute", "attention")
+GROUP_KEYS = ("model", "workload", "optimizer", "hardware", "parallel", "measure", "formula")
+OTHER_KEYS = ("kv_dtype", "grad_accum", "mixed_policy", "margin", "offload", "loss", "resume", "add", "formulas",
+              "time", "hydra")
+"""Every top-level key a job reads (conf/config.yaml's); any other (`+foo=1`) is refused, not ignored."""
+SHIPPED_WORKLOADS = {"train": "train", "lora": "lora", "qlora": "lora", "qlora-torchtune": "lora",
+                     "inference": "inference", "serve": "serve"}
+"""conf/workload/'s presets and their kind: overriding `workload.kind` under one of these names
+would label a prefill `train`; a kind of one's own is a preset of one's own (any other name)."""
+
+
+def precision_of(c: dict) -> str:
+    """`precision`: auto (the default) is mixed for 16-bit training and pure otherwise; an explicit
+    `mixed` where it cannot apply (fp32, inference, serving) is refused rather than run as pure
+    under a `mixed` label."""
+    value = c["precision"]
+    workload = c.get("workload") if isinstance(c.get("workload"), dict) else {}
+    training = workload.get("kind") in ("train", "lora")
+    sixteen = c.get("dtype") in ("fp16", "bf16")
+    if value == "auto":
+        return "mixed" if training and sixteen else "pure"
+    if value == "mixed" and not (training and sixteen):
+        why = (f"dtype={c.get('dtype')}" if training else f"workload={workload.get('name')} "
+               f"(kind {workload.get('kind')})")
+        raise ConfigError("precision", value, f"pure or auto for {why} (mixed precision is 16-bit training "
+                                              "over fp32 master weights)")
+    return value
 
 
 def _group(cls: type, group: str, values: Any) -> dict:
@@ -54,8 +80,16 @@ def resolved(cfg: DictConfig) -> dict:
 
 def to_job_spec(cfg: DictConfig | dict) -> JobSpec:
     c = resolved(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
+    for key in c:
+        if key not in JOB_KEYS + GROUP_KEYS + OTHER_KEYS:
+            raise ConfigError(key, c[key], f"top-level keys: {', '.join(JOB_KEYS + OTHER_KEYS[:-1])} "
+                                           f"and the groups {', '.join(GROUP_KEYS)}")
     model = model_of(c.get("model"), c.get("measure"))
     w = dict(_group(Workload, "workload", c.get("workload")))
+    shipped = SHIPPED_WORKLOADS.get(w.get("name"))
+    if shipped is not None and w.get("kind") != shipped:
+        raise ConfigError("workload.kind", w.get("kind"), f"{shipped} under workload={w['name']} (for another "
+                                                         f"kind choose its preset: workload=inference, ...)")
     targets = w.get("lora_targets", ())
     if isinstance(targets, str) or not isinstance(targets, (list, tuple)):
         raise ConfigError("workload.lora_targets", targets, "a list of q, k, v, o, gate, up, down")
@@ -88,7 +122,8 @@ def to_job_spec(cfg: DictConfig | dict) -> JobSpec:
         grad_accum=c.get("grad_accum", 1),
         mixed_policy=c.get("mixed_policy", "autocast"),
         margin=c.get("margin", DEFAULT_MARGIN),
-        **{k: c[k] for k in JOB_KEYS},
+        **{k: c[k] for k in JOB_KEYS if k != "precision"},
+        precision=precision_of(c),
     )
 
 
@@ -145,6 +180,9 @@ def formulas_of(c: dict) -> list[Formula]:
             names = [names]
         if not isinstance(names, (list, tuple)) or not names:
             raise ConfigError("formulas", names, f"a list of {', '.join(FORMULAS)} (or all)")
+        duplicate = next((n for i, n in enumerate(names) if n in names[:i]), None)
+        if duplicate is not None:
+            raise ConfigError("formulas", names, f"each formula once ({duplicate} is listed twice)")
         chosen = [get_formula(n) for n in names]
     option = c.get("formula")
     if isinstance(option, dict):

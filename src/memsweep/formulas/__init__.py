@@ -57,9 +57,14 @@ def formula_from_dict(data: dict, key: str = "formula") -> Formula:
     for const, value in constants.items():
         if const not in known:
             raise ConfigError(f"{key}.constants.{const}", value, known)
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-            raise ConfigError(f"{key}.constants.{const}", value, "a finite number")
-    return FORMULAS[base].with_constants(name, **{k: float(v) for k, v in constants.items()})
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) or value < 0:
+            # every constant scales a memory term or is one (calibration fits them >= 0, NNLS)
+            raise ConfigError(f"{key}.constants.{const}", value, "a finite number >= 0 (it scales a memory term)")
+    formula = FORMULAS[base].with_constants(name, **{k: float(v) for k, v in constants.items()})
+    if all(getattr(formula.constants, c) == 0 for c in known):
+        raise ConfigError(f"{key}.constants", constants, "at least one constant > 0 (with every one 0 the formula "
+                                                         "predicts no memory at all)")
+    return formula
 
 
 def load_calibrated(path: Path) -> Formula:
