@@ -9,7 +9,7 @@ from conftest import job
 from memsweep.estimate import estimate_rows
 from memsweep.formulas import FORMULAS, TERMS
 from memsweep.results import (
-    PART_NAME, RESULTS_NAME, SCHEMA, collect, coerce_row, frame, write_part,
+    PART_NAME, RESULTS_NAME, SCHEMA, NotASweep, collect, coerce_row, frame, write_part,
 )
 
 CONTRACT = (
@@ -92,9 +92,15 @@ def test_collect_reads_parts_with_fewer_columns_as_nulls(tmp_path):
     assert t.filter(pl.col("job_num") == 1)["total_gib"].null_count() == len(FORMULAS)
 
 
-def test_collect_of_an_empty_directory_gives_an_empty_table(tmp_path):
-    got = collect(tmp_path)
+def test_collect_of_a_sweep_without_parts_gives_an_empty_table_and_of_an_empty_folder_nothing(tmp_path):
+    (tmp_path / "sweep").mkdir()
+    (tmp_path / "sweep" / "multirun.yaml").write_text("hydra: {}\n")  # what Hydra leaves first
+    got = collect(tmp_path / "sweep")
     assert got.table.height == 0 and list(got.table.columns) == list(SCHEMA)
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(NotASweep):
+        collect(tmp_path / "empty")
+    assert not list((tmp_path / "empty").iterdir())
 
 
 def test_collect_refuses_a_part_whose_types_conflict(tmp_path):

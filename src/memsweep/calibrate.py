@@ -120,7 +120,7 @@ def calibrate(formula: Formula, c: Columns, measured: np.ndarray, name: str | No
     """Refit `formula`'s calibratable constants on rows `c` with measured peaks (bytes)."""
     measured = np.asarray(measured, dtype=float)
     offset, A, names = design(formula, c)
-    informative = identifiable(A * (1.0 / measured)[:, None])
+    informative = identifiable(A * (1.0 / measured)[:, None])  # as the fit weighs the rows
     # what the constants the data cannot inform contribute stays, at their current values
     theta = np.array([getattr(formula.constants, n) for n in names], dtype=float)
     offset = offset + A[:, ~informative] @ theta[~informative]
@@ -142,6 +142,48 @@ def calibrate(formula: Formula, c: Columns, measured: np.ndarray, name: str | No
     if mape(refit, c, measured) > mape(formula, c, measured):
         return Calibration(formula.with_constants(new_name), fitted_names, improved=False)
     return Calibration(refit, fitted_names)
+
+
+MIN_MODELS = 2
+"""Leave-one-model-out, the held-out check a refit must pass, fits on the other models' jobs and
+predicts the one held out: it needs jobs of two models at least."""
+
+
+def informed(formula: Formula, c: Columns, measured: np.ndarray) -> tuple[str, ...]:
+    """The constants of `formula` these rows can inform (what `calibrate` would fit)."""
+    _, A, names = design(formula, c)
+    keep = identifiable(A * (1.0 / np.asarray(measured, dtype=float))[:, None])
+    return tuple(n for n, i in zip(names, keep) if i)
+
+
+def too_few_models(models: Sequence[str]) -> str | None:
+    """Why jobs of these models cannot judge any refit (fewer than MIN_MODELS models), or None."""
+    names = sorted(set(models))
+    if len(names) >= MIN_MODELS:
+        return None
+    return (f"measured jobs of at least {MIN_MODELS} models (leave-one-model-out, the held-out check, fits "
+            f"on the other models and predicts the one held out); these are {len(models)} job(s) of "
+            f"{len(names)} model{'s' if len(names) != 1 else ''}{' (' + ', '.join(names) + ')' if names else ''}")
+
+
+def too_few_rows(formula: Formula, c: Columns, measured: np.ndarray, models: Sequence[str]) -> str | None:
+    """Why these rows cannot identify `formula`'s constants, or None. With any one model held out,
+    the jobs left must outnumber the constants the fit moves: with as many jobs as constants (or
+    fewer) every held-out fit is exact, whatever the constants, and judges nothing."""
+    why = too_few_models(models)
+    if why:
+        return why
+    fitted = informed(formula, c, measured)
+    counts: dict[str, int] = {}
+    for m in models:
+        counts[m] = counts.get(m, 0) + 1
+    largest = max(counts, key=lambda m: (counts[m], m))
+    left = len(models) - counts[largest]
+    if not fitted or left > len(fitted):
+        return None
+    return (f"more measured jobs outside each model than the {len(fitted)} constant(s) the fit moves "
+            f"({', '.join(fitted)}), so that every leave-one-model-out fit is over-determined; holding out "
+            f"{largest} leaves {left} job(s) of {len(models)}")
 
 
 def constants_dict(formula: Formula) -> dict[str, float]:

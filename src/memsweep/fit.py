@@ -78,13 +78,24 @@ GROUPINGS = ("model", "precision", "workload", "recompute", "seq_bucket")
 
 
 def load_tables(paths: Sequence[Path | str]) -> pl.DataFrame:
-    """Sweep directories (their results.parquet, or their parts) or Parquet files, concatenated."""
-    from memsweep.results import RESULTS_NAME, align, collect
+    """Sweep directories (their results.parquet, or their parts) or Parquet files, concatenated.
+    A directory memsweep did not write adds nothing (the caller says no rows were measured); one
+    holding several sweeps is a ConfigError: each is its own PATH (several PATHs are merged)."""
+    from memsweep.results import RESULTS_NAME, SCHEMA, NotASweep, SeveralSweeps, align, collect
 
     tables = []
     for p in map(Path, paths):
         if p.is_dir():
-            t = pl.read_parquet(p / RESULTS_NAME) if (p / RESULTS_NAME).is_file() else collect(p, write=False).table
+            if (p / RESULTS_NAME).is_file():
+                t = pl.read_parquet(p / RESULTS_NAME)
+            else:
+                try:
+                    t = collect(p, write=False, merge=False).table
+                except NotASweep:  # never walked
+                    t = pl.DataFrame(schema=SCHEMA)
+                except SeveralSweeps as exc:
+                    raise ConfigError("PATH", str(p), f"one sweep per PATH (it {exc.why}: give each as a PATH, "
+                                      f"or `memsweep collect --merge {p}` first)") from None
             tables.append(align(t))
         elif p.is_file():
             try:

@@ -148,16 +148,27 @@ def _save(fig: Figure, path: Path) -> Path:
         _plt().close(fig)
 
 
+LEGEND_ENTRY_IN = 1.4   # width of one legend column (marker and a model name at 8 pt), inches
+
+
 def _legend(fig: Figure, model_colours: dict[str, str], workload_markers: dict[str, str] | None) -> None:
-    """Models by colour (and workloads by marker), to the right of every panel."""
+    """Models by colour (and workloads by marker), below every panel, in as many columns as the
+    figure's width holds. (To the right, its top sat beside the title and covered a title wider
+    than the panels.)"""
     from matplotlib.lines import Line2D
 
     handles = [Line2D([], [], ls="", marker="o", color=c, label=m) for m, c in model_colours.items()]
     if workload_markers:
         handles += [Line2D([], [], ls="", marker=mk, color="0.3", mfc="none", label=w)
                     for w, mk in workload_markers.items()]
-    fig.legend(handles=handles, loc="outside right upper", fontsize=8,
+    ncols = max(1, min(len(handles), int(fig.get_figwidth() / LEGEND_ENTRY_IN)))
+    fig.legend(handles=handles, loc="outside lower center", ncols=ncols, fontsize=8,
                title="model" + (" / workload" if workload_markers else ""), title_fontsize=8, frameon=False)
+
+
+def _title_width_in(title: str, fontsize: float) -> float:
+    """Inches a figure needs for `title`'s longest line (DejaVu Sans averages about 0.6 em a character)."""
+    return max(len(line) for line in title.splitlines()) * fontsize * 0.6 / 72 + 0.4
 
 
 def _empty(ax, title: str) -> None:
@@ -173,8 +184,11 @@ def predicted_vs_measured_figure(errors: pl.DataFrame) -> Figure:
     plt = _plt()
     formulas, workloads = _formulas(errors), ordered_workloads(errors["workload"])
     cmap, mk = colours(errors["model"]), markers(workloads)
+    title = (f"Predicted vs measured peak memory per workload: {_describe(errors)}\n"
+             "one row per formula, one column per workload; dashed: predicted = measured")
     fig, axes = plt.subplots(len(formulas), len(workloads), squeeze=False, layout="constrained",
-                             figsize=(3.1 * len(workloads), 3.0 * len(formulas) + 0.6))
+                             figsize=(max(3.1 * len(workloads), _title_width_in(title, 10)),
+                                      3.0 * len(formulas) + 1.0))
     for i, f in enumerate(formulas):
         for j, w in enumerate(workloads):
             ax = axes[i][j]
@@ -207,8 +221,7 @@ def predicted_vs_measured_figure(errors: pl.DataFrame) -> Figure:
                 ax.set_xlabel("measured GiB", fontsize=8)
             if j == 0:
                 ax.set_ylabel("predicted GiB", fontsize=8)
-    fig.suptitle(f"Predicted vs measured peak memory per workload: {_describe(errors)}\n"
-                 "one row per formula, one column per workload; dashed: predicted = measured", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     _legend(fig, cmap, None)
     return fig
 
@@ -227,7 +240,11 @@ def error_vs_seq_figure(errors: pl.DataFrame) -> Figure:
     seqs = sorted(set(errors["seq"]))
     ncols = min(3, len(formulas))
     nrows = -(-len(formulas) // ncols)
-    fig, axes = plt.subplots(nrows, ncols, squeeze=False, layout="constrained", figsize=(4.2 * ncols, 3.3 * nrows + 0.6))
+    title = (f"Signed error vs sequence length: {_describe(errors)}\n"
+             "error = (predicted − measured) / measured, y axes symmetric around 0 per formula\n"
+             "one point per job; lines join each model × workload's median")
+    fig, axes = plt.subplots(nrows, ncols, squeeze=False, layout="constrained",
+                             figsize=(max(4.2 * ncols, _title_width_in(title, 10)), 3.3 * nrows + 1.2))
     for ax, f in zip(axes.ravel(), formulas):
         d = errors.filter(pl.col("formula") == f)
         for m, w in groups:
@@ -257,9 +274,7 @@ def error_vs_seq_figure(errors: pl.DataFrame) -> Figure:
         ax.set_ylabel("error %", fontsize=8)
     for ax in axes.ravel()[len(formulas):]:
         ax.set_visible(False)
-    fig.suptitle(f"Signed error vs sequence length: {_describe(errors)}\n"
-                 "error = (predicted − measured) / measured, y axes symmetric around 0 per formula\n"
-                 "one point per job; lines join each model × workload's median", fontsize=10)
+    fig.suptitle(title, fontsize=10)
     _legend(fig, cmap, mk)
     return fig
 

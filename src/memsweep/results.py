@@ -5,14 +5,19 @@ Each job writes `rows.parquet` into its own job directory, or a batch of jobs in
 never leaves a half-written part that looks finished. Collection globs the parts under a sweep
 directory, aligns every part to the schema (older parts missing newer columns get nulls), and
 writes `results.parquet` atomically too. It never depends on Hydra: `scripts/collect.py` runs the
-same function on any sweep directory, finished or interrupted.
+same function on any sweep directory, finished or interrupted, and only there: a directory is
+recognised by what a sweep leaves in it or right under it (`sweep_markers`), a part without
+memsweep's columns is skipped, and the only files ever deleted are memsweep's own temp files of
+killed writes, where memsweep writes them (`clean_stale_temps`).
 """
 
 from __future__ import annotations
 
+import glob
 import io
 import json
 import os
+import re
 import socket
 import sys
 import tempfile
@@ -230,29 +235,82 @@ def _alive(pid: int) -> bool:
         return False
     except PermissionError:  # someone else's process: alive
         return True
+    except (OverflowError, ValueError):  # no process can have that id
+        return False
     return True
 
 
 STALE_AFTER_S = 3600.0
 """A temp file of another host is left alone for this long (its writer may still be running)."""
 
+GRIDS_NAME = "grids.json"
+"""A sweep's (or run's) record of its grids, written by the app (app.cli.GRID_NAME)."""
+SWEEP_FILES = ("multirun.yaml", GRIDS_NAME)
+"""What a sweep or run leaves in its own directory: Hydra's multirun.yaml, memsweep's grids.json."""
+
+_TEMP_NAME = re.compile(r"\.(?P<target>[^~/]+)~(?P<host>[^~/]+)~(?P<pid>[0-9]+)~[a-z0-9_]+\.tmp")
+"""`_temp_prefix` + mkstemp's random part + `.tmp`: the only temp names memsweep ever writes."""
+_GRID_SUBDIR = re.compile(r"grid-[0-9a-f]{8}")
+"""A grid added with add=true (app.cli.grid_tag): its jobs and batches go one level down."""
+
+
+def _is_job_dir(d: Path) -> bool:
+    """A directory a job or a batch writes its part into: Hydra's `.hydra/` is in it, or it is
+    named like one (`<job num>`, `batch-<first>-<last>`: a first write may have been killed)."""
+    return d.name.isdigit() or d.name.startswith(BATCH_PREFIX) or (d / ".hydra").is_dir()
+
+
+def _subdirs(d: Path) -> list[Path]:
+    try:
+        return [Path(e.path) for e in os.scandir(d) if e.is_dir(follow_symlinks=False)]
+    except OSError:
+        return []
+
+
+def _write_places(root: Path) -> list[tuple[Path, frozenset[str]]]:
+    """Where memsweep writes which files under `root` (a sweep, run, grid, job or batch directory),
+    without walking anything else: root itself (results.parquet, grids.json, a run's or a job's
+    part), its job and batch directories and those of its added grids (their part), and a batch's
+    `.hydra/` (its record of the batch's jobs)."""
+    part, record = frozenset({PART_NAME}), frozenset({BATCH_RECORD.name})
+    places = [(root, frozenset({RESULTS_NAME, GRIDS_NAME, PART_NAME})), (root / BATCH_RECORD.parent, record)]
+    level = _subdirs(root)
+    level += [d for g in level if _GRID_SUBDIR.fullmatch(g.name) for d in _subdirs(g)]
+    for d in level:
+        if _is_job_dir(d):
+            places += [(d, part), (d / BATCH_RECORD.parent, record)]
+    return places
+
 
 def clean_stale_temps(root: Path) -> list[Path]:
-    """Delete temp files of killed writes under `root`: this host's whose process is gone, any
-    other host's older than STALE_AFTER_S, and unnamed ones (older memsweep) as old as that."""
+    """Delete temp files of killed writes: only memsweep's (`.NAME~HOST~PID~XXXXXXXX.tmp`), only
+    of a file memsweep writes there (`_write_places`), and only stale ones: this host's whose
+    process is gone, another host's older than STALE_AFTER_S. Anything else is left alone: a
+    user's `.draft.tmp`, a temp in a folder memsweep does not write, an unnamed temp of an older
+    memsweep (nothing proves it is ours)."""
     removed = []
-    for tmp in Path(root).rglob(".*.tmp"):
-        parts = tmp.name.split("~")
-        try:
-            if len(parts) == 4 and parts[1] == _HOST:
-                stale = not _alive(int(parts[2]))
-            else:
-                stale = time.time() - tmp.stat().st_mtime > STALE_AFTER_S
-            if stale:
-                tmp.unlink()
-                removed.append(tmp)
-        except (OSError, ValueError):  # gone meanwhile, or not ours to read: leave it
-            continue
+    for where, targets in _write_places(Path(root)):
+        for name in targets:
+            try:
+                found = sorted(where.glob(f".{glob.escape(name)}~*.tmp"))
+            except OSError:
+                continue
+            for tmp in found:
+                m = _TEMP_NAME.fullmatch(tmp.name)
+                if m is None or m["target"] != name:
+                    continue
+                try:
+                    if not tmp.is_file() or tmp.is_symlink():
+                        continue
+                    if m["host"] == _HOST:
+                        stale = not _alive(int(m["pid"]))
+                    else:
+                        stale = time.time() - tmp.stat().st_mtime > STALE_AFTER_S
+                    if stale:
+                        tmp.unlink()
+                        removed.append(tmp)
+                except (OSError, ValueError):  # gone meanwhile, or not ours to read: leave it
+                    continue
     return removed
 
 
@@ -292,6 +350,41 @@ def merge_part(rows: pl.DataFrame, job_dir: Path) -> Path:
 
 class SchemaConflict(ValueError):
     """A part whose column types contradict the schema (not merely older: wrong)."""
+
+
+REQUIRED_COLUMNS = ("sweep_id", "job_id", "model", "formula", "status")
+"""Columns every part and table memsweep ever wrote has (the first contract's), job_id and status
+never null: a Parquet file without them is not memsweep's, whatever its name."""
+
+
+class NotMemsweep(ValueError):
+    """A Parquet file named like memsweep's that memsweep did not write (other columns, no job ids)."""
+
+
+def foreign_columns(columns: Iterable[str]) -> str | None:
+    """Why a file with these columns is not memsweep's, or None."""
+    missing = [c for c in REQUIRED_COLUMNS if c not in set(columns)]
+    return f"no column{'s' if len(missing) > 1 else ''} {', '.join(missing)}" if missing else None
+
+
+def check_ours(df: pl.DataFrame) -> pl.DataFrame:
+    """`df` when it is a part (or table) memsweep wrote; `NotMemsweep` saying why otherwise."""
+    why = foreign_columns(df.columns)
+    if why is None:
+        nulls = [c for c in ("job_id", "status") if df[c].null_count()]
+        why = f"rows without {' or '.join(nulls)}" if nulls else None
+    if why:
+        raise NotMemsweep(why)
+    return df
+
+
+def foreign_file(path: Path) -> str | None:
+    """Why the Parquet file at `path` is not memsweep's (its columns, read from the footer
+    only), or None; a file that cannot be read says nothing either way."""
+    try:
+        return foreign_columns(pl.read_parquet_schema(path))
+    except Exception:
+        return None
 
 
 def _compatible(found: pl.DataType, wanted: pl.DataType) -> bool:
@@ -401,17 +494,19 @@ def jobs_in(job_dir: Path) -> int:
 
 def _read_parts(parts: list[Path]) -> tuple[list[pl.DataFrame], list[tuple[Path, str]], set[Path]]:
     """Every part at once when they agree (one multi-file read, the common case); otherwise part
-    by part, so one corrupt or conflicting part is reported and the rest still land."""
+    by part, so one corrupt, conflicting or foreign part is reported and the rest still land."""
     if parts:
         try:
-            return [align(pl.read_parquet(parts))], [], {p.parent for p in parts}
+            return [align(check_ours(pl.read_parquet(parts)))], [], {p.parent for p in parts}
         except Exception:  # a bad part, or parts of different schema versions: go one by one
             pass
     frames, skipped, with_rows = [], [], set()
     for part in parts:
         try:
-            frames.append(align(pl.read_parquet(part)))
+            frames.append(align(check_ours(pl.read_parquet(part))))
             with_rows.add(part.parent)
+        except NotMemsweep as exc:  # a rows.parquet memsweep did not write: never merged
+            skipped.append((part, f"not memsweep's: {exc}"))
         except SchemaConflict as exc:  # refused, with the reason
             skipped.append((part, f"type conflict: {exc}"))
         except Exception as exc:  # a corrupt or truncated part is reported, never fatal
@@ -449,15 +544,100 @@ def _job_nums(part: Path) -> list[int]:
         return []
 
 
-def collect(root: Path, write: bool = True) -> Collected:
-    """Merge every part under `root` into one table and (atomically) `root/results.parquet`.
-    An existing results.parquet is never replaced by a table that lacks any of its jobs or ok
-    rows: it is kept, and `kept` says why. Temp files of killed writes are removed first."""
+class CollectRefused(ValueError):
+    """A directory collect will not merge. The message is one line, `DIR='...': why; allowed: ...`;
+    `why` and `allowed` are there for a caller that names the directory another way (fit's PATH)."""
+
+    def __init__(self, root: Path, why: str, allowed: str, key: str = "DIR"):
+        self.root, self.why, self.allowed = Path(root), why, allowed
+        super().__init__(f"{key}={str(root)!r}: {why}; allowed: {allowed}")
+
+
+class NotASweep(CollectRefused):
+    """Nothing memsweep or Hydra leaves is in the directory or right under it (`/`, a home folder)."""
+
+
+class SeveralSweeps(CollectRefused):
+    """The directory holds several sweeps (or runs): merged only when asked for."""
+
+
+class NoRows(CollectRefused):
+    """A sweep or run directory without a part of memsweep's (and without a table): nothing to collect."""
+
+
+def _listed(names: list[str], shown: int = 3) -> str:
+    more = f", +{len(names) - shown} more" if len(names) > shown else ""
+    return ", ".join(names[:shown]) + more
+
+
+def _is_ours(path: Path) -> bool:
+    """A Parquet file whose columns (its footer alone is read) are memsweep's."""
+    try:
+        return path.is_file() and foreign_columns(pl.read_parquet_schema(path)) is None
+    except Exception:
+        return False
+
+
+def sweep_markers(root: Path) -> dict[str, list[str]]:
+    """What marks `root` as a directory memsweep wrote, from it and the folders right under it,
+    never deeper: Hydra's multirun.yaml and .hydra/, memsweep's grids.json, a rows.parquet or
+    results.parquet of memsweep's columns. {"": root's own markers} when it has any, else
+    {subfolder: its markers}; {} for any other folder (`/`, a home folder: never walked)."""
+    def markers(d: Path) -> list[str]:
+        found = [n for n in SWEEP_FILES if (d / n).is_file()]
+        found += [".hydra/"] if (d / ".hydra").is_dir() else []
+        if not found:  # a Parquet footer is read only where nothing cheaper says so
+            found = [n for n in (PART_NAME, RESULTS_NAME) if _is_ours(d / n)]
+        return found
+
     root = Path(root)
-    cleaned = len(clean_stale_temps(root)) if write else 0
+    own = markers(root)
+    if own:
+        return {"": own}
+    return {d.name: found for d in sorted(_subdirs(root)) if (found := markers(d))}
+
+
+def check_collectable(root: Path, merge: bool = True) -> dict[str, list[str]]:
+    """Refuse `root` before anything under it is walked: a folder memsweep did not write
+    (`NotASweep`), and one holding several sweep or run directories side by side unless `merge`
+    (`SeveralSweeps`). Returns its markers (`sweep_markers`)."""
+    found = sweep_markers(root)
+    if not found:
+        raise NotASweep(root, "not a sweep or run directory (no multirun.yaml, grids.json, .hydra/ or "
+                        "memsweep rows.parquet in it or a folder right under it)",
+                        "a directory a memsweep sweep or run wrote (its hydra.sweep.dir or hydra.run.dir)")
+    sweeps = [name for name, marks in found.items() if name and set(marks) & set(SWEEP_FILES)]
+    if len(sweeps) > 1 and not merge:
+        raise SeveralSweeps(root, f"holds {len(sweeps)} sweep or run directories ({_listed(sweeps)})",
+                            "one of them, or --merge to collect them into one table")
+    return found
+
+
+def collect(root: Path, write: bool = True, merge: bool = True, need_rows: bool = False) -> Collected:
+    """Merge every part under `root` into one table and (atomically) `root/results.parquet`.
+
+    `root` must be a directory memsweep wrote (`check_collectable`: `NotASweep` otherwise, before
+    anything is walked); rows of several sweeps (sweep_id) are merged only with `merge`, else
+    `SeveralSweeps` and nothing is written (the end of a sweep merges: a sweep directory moved and
+    resumed holds two ids). With `need_rows`, a directory with no part memsweep wrote and no table
+    is `NoRows` (nothing written). A part memsweep did not write is skipped and reported. An existing
+    results.parquet is never replaced by a table that lacks any of its jobs or ok rows, nor when
+    memsweep did not write it: it is kept, and `kept` says why. Temp files of killed writes are
+    removed (`clean_stale_temps`)."""
+    root = Path(root)
+    check_collectable(root, merge)
     parts = find_parts(root)
     frames, skipped, with_rows = _read_parts(parts)
     table = pl.concat(frames, how="vertical") if frames else pl.DataFrame(schema=SCHEMA)
+    ids = sorted(table["sweep_id"].drop_nulls().unique().to_list())
+    if len(ids) > 1 and not merge:
+        raise SeveralSweeps(root, f"holds the rows of {len(ids)} sweeps (sweep_id {_listed(ids)})",
+                            "the directory of one sweep, or --merge to collect them into one table")
+    if need_rows and not frames and not (root / RESULTS_NAME).is_file():
+        foreign = f" ({len(skipped)} skipped: {skipped[0][1]})" if skipped else ""
+        raise NoRows(root, f"holds no part memsweep wrote ({PART_NAME}){foreign}",
+                     "a sweep or run directory where a job finished")
+    cleaned = len(clean_stale_temps(root)) if write else 0
     # Within a job, rows keep the order the job wrote them in (the formula registry's order).
     table = table.sort(["job_num", "job_id"], nulls_last=True, maintain_order=True)
     # a job directory whose job's rows a batch part beside it holds (a batched sweep resumed by
@@ -468,11 +648,16 @@ def collect(root: Path, write: bool = True) -> Collected:
     path, kept = None, None
     if write:
         target = root / RESULTS_NAME
-        kept = would_lose(target, table)
-        if kept:
-            path, table = target, align(pl.read_parquet(target))
+        foreign = foreign_file(target) if target.is_file() else None
+        if foreign:  # a user's file of that name: never overwritten
+            path, kept = target, (f"kept {target}: memsweep did not write it ({foreign}); nothing written "
+                                  f"(move it away to collect here)")
         else:
-            path = write_parquet_atomic(table, target)
+            kept = would_lose(target, table)
+            if kept:
+                path, table = target, align(pl.read_parquet(target))
+            else:
+                path = write_parquet_atomic(table, target)
     return Collected(table=table, path=path, parts=len(parts), skipped=skipped,
                      jobs_without_rows=missing, kept=kept, cleaned=cleaned)
 

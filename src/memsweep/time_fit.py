@@ -22,7 +22,8 @@ moves. Efficiencies stay in [0.02, 1], dp_overlap in [0, 1]. A constant moves on
 can tell: halving or doubling it (dp_overlap: 0 or 1) must change some estimated phase time by
 more than 0.1 % (one GPU's rows never see comm_efficiency or dp_overlap). Held out:
 leave-one-model-out with three models or more, else 5-fold over jobs; the calibrated constants
-are written (`time_calibrated.yaml`) only when they lower that held-out error.
+are written (`time_calibrated.yaml`) only when they lower that held-out error, and only when every
+held-out fit has more jobs than the constants it moves (`too_few_jobs`).
 """
 
 from __future__ import annotations
@@ -343,20 +344,48 @@ def calibrate_time(data: TimeData, start: TimeConstants = TimeConstants()) -> Ti
                            problem.rows, problem.mape(start), problem.mape(fitted), at_bound)
 
 
+def held_out_groups(data: TimeData, folds: int = 5, seed: int = 0) -> tuple[np.ndarray, str] | None:
+    """Each job's held-out group and how they were made: leave-one-model-out with 3 models or
+    more, else `folds`-fold over jobs (a seeded shuffle); None with fewer than two jobs."""
+    n = len(data)
+    if len(np.unique(data.models)) >= 3:
+        return data.models, "leave-one-model-out"
+    k = min(folds, n)
+    if k < 2:
+        return None
+    return np.random.default_rng(seed).permutation(n) % k, f"{k}-fold"
+
+
+def too_few_jobs(data: TimeData, start: TimeConstants = TimeConstants(), folds: int = 5,
+                 seed: int = 0) -> str | None:
+    """Why these timed jobs cannot identify the constants the fit would move, or None: with any
+    held-out group left out, the jobs left must outnumber those constants (else each held-out fit
+    can match its jobs whatever the constants, and judges nothing)."""
+    problem = Problem.of(data, start)
+    fitted = [n for n, ok in identifiable(problem, start).items() if ok] if problem.rows else []
+    if not fitted:
+        return None
+    grouping = held_out_groups(data, folds, seed)
+    if grouping is None:
+        return (f"more timed jobs than the {len(fitted)} constant(s) the fit moves ({', '.join(fitted)}) once "
+                f"a held-out group is left out; these are {len(data)} job(s)")
+    groups, how = grouping
+    _, sizes = np.unique(groups, return_counts=True)
+    left = len(data) - int(sizes.max())
+    if left > len(fitted):
+        return None
+    return (f"more timed jobs than the {len(fitted)} constant(s) the fit moves ({', '.join(fitted)}) in every "
+            f"{how} fit, so that each is over-determined; the smallest leaves {left} job(s) of {len(data)}")
+
+
 def held_out(data: TimeData, start: TimeConstants = TimeConstants(), folds: int = 5,
              seed: int = 0) -> dict[str, object]:
     """MAPE of the held-out jobs' phase rows, before (start) and after (fitted on the others):
     leave-one-model-out with 3 models or more, else `folds`-fold over jobs (a seeded shuffle)."""
-    n = len(data)
-    models = np.unique(data.models)
-    if len(models) >= 3:
-        groups, how = data.models, "leave-one-model-out"
-    else:
-        k = min(folds, n)
-        if k < 2:
-            return {"held_out": "none (one job)"}
-        groups = np.random.default_rng(seed).permutation(n) % k
-        how = f"{k}-fold"
+    grouping = held_out_groups(data, folds, seed)
+    if grouping is None:
+        return {"held_out": "none (one job)"}
+    groups, how = grouping
     before, after = [], []
     for g in np.unique(groups):
         test = groups == g

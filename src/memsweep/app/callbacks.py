@@ -13,7 +13,7 @@ from hydra.experimental.callback import Callback
 from omegaconf import DictConfig, OmegaConf
 
 from memsweep.app.cli import GRID_NAME, grid_of, grid_tag, recorded_grids
-from memsweep.results import RESULTS_NAME, Collected, OutputError, collect, find_parts, summarize, write_text_atomic
+from memsweep.results import RESULTS_NAME, Collected, CollectRefused, OutputError, collect, find_parts, summarize, write_text_atomic
 
 failed_jobs = 0
 """Jobs with status=error in the table the last collection wrote (sweep.py's exit status)."""
@@ -99,3 +99,5 @@ def _finish(root: Path) -> None:
         summarize(_collect(root))
     except OutputError as exc:  # the parts stay; sweep.py reports it and exits 1
         collect_error = str(exc.strerror)
+    except CollectRefused as exc:  # never at a sweep's own end (it has multirun.yaml); a safety net
+        collect_error = str(exc)

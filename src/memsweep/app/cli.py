@@ -21,6 +21,7 @@ from omegaconf import OmegaConf
 
 from memsweep.capacity import check_margin
 from memsweep.errors import ConfigError
+from memsweep.results import GRIDS_NAME
 
 GROUPS = ("model", "workload", "optimizer", "hardware", "parallel", "measure", "formula")
 SWITCHES = ("resume", "add")
@@ -218,8 +219,8 @@ def check_writable(key: str, path: Path, probe_bytes: int = 64 * 1024) -> None:
         raise ConfigError(key, str(path), f"a writable directory with free space ({base}: {exc.strerror or exc})") from None
 
 
-GRID_NAME = "grids.json"
-"""A sweep directory's record of the grids run into it (see callbacks.check_grid)."""
+GRID_NAME = GRIDS_NAME
+"""A sweep directory's record of the grids run into it (see callbacks.check_grid); results' name."""
 
 
 def grid_of(overrides: list[str]) -> list[str]:

@@ -22,7 +22,10 @@ forward, backward, optimizer, prefill, decode_token) by phase, model, workload a
 squares on relative error. Constants the data cannot inform (their column is zero, constant or
 collinear with others in the design) keep their values. The refit is judged on held-out rows
 (leave-one-model-out and a random 70/30 split) before it is written: one that does worse there
-than the formula it came from is not written. `<formula>_calibrated.yaml` goes beside the report
+than the formula it came from is not written. The rows must be able to tell: jobs of one model
+are refused (one `error:` line, nothing written), and so is a formula named with --calibrate when,
+with any one model held out, the jobs left are no more than the constants it fits (a plain
+--calibrate reports such a formula as not written). `<formula>_calibrated.yaml` goes beside the report
 (or --out; never into the package's conf/), with its provenance. Nothing joins a sweep by itself:
 
     memsweep fit --install REPORT/detailed_calibrated.yaml --into ~/memsweep-conf
@@ -51,7 +54,7 @@ import polars as pl
 import yaml
 
 from memsweep import plots
-from memsweep.calibrate import calibrate, constants_dict, held_out, mape
+from memsweep.calibrate import calibrate, constants_dict, held_out, mape, too_few_models, too_few_rows
 from memsweep.errors import ConfigError
 from memsweep.fit import (
     error_tables, load_tables, measured_jobs, unmeasured, with_errors,
@@ -62,7 +65,7 @@ from memsweep.formulas.timing import CONSTANTS_KEY, TimeConstants, constants_to_
 from memsweep.results import OutputError, markdown_table, write_parquet_atomic, write_text_atomic
 from memsweep.time_fit import (
     FIT_BOUNDS, IDENTIFY_REL, calibrate_time, error_tables as time_error_tables, held_out as time_held_out,
-    parse_backends, time_data, time_errors, timed_elsewhere, timed_jobs,
+    parse_backends, time_data, time_errors, timed_elsewhere, timed_jobs, too_few_jobs,
 )
 
 TIME_YAML = "time_calibrated.yaml"
@@ -92,7 +95,32 @@ def errors_report(table: pl.DataFrame, report: Path, heatmap: str) -> list[str]:
     return lines
 
 
-def calibrate_all(table: pl.DataFrame, names: list[str], out_dir: Path, sources: list[str]) -> list[str]:
+def check_calibration(table: pl.DataFrame, names: list[str], named: bool, sources: list[str]) -> dict[str, str]:
+    """Before anything is written: can these measured jobs identify the constants? Jobs of one
+    model (or none) judge no refit: a ConfigError. A formula with as many constants to fit as the
+    jobs left when a model is held out (or more) is one too: when named (`--calibrate NAME`), else
+    its row says why it was not written. Returns {formula: why} for those rows."""
+    jobs, cols, measured = measured_jobs(table)
+    if not len(measured):
+        raise ConfigError("PATH", ", ".join(sources), "sweeps with measured rows (measure=fake|cpu|cuda)")
+    models = jobs["model"].to_list()
+    why = too_few_models(models)
+    if why:
+        raise ConfigError("PATH", ", ".join(sources), f"for --calibrate, {why}; nothing written")
+    skip = {}
+    for name in names:
+        why = too_few_rows(get_formula(name), cols, measured, models)
+        if why and named:
+            raise ConfigError("--calibrate", name, f"{why}; nothing written")
+        if why:
+            skip[name] = why
+    return skip
+
+
+def calibrate_all(table: pl.DataFrame, names: list[str], out_dir: Path, sources: list[str],
+                  skip: dict[str, str] | None = None) -> list[str]:
+    """Refit each formula; written only when judged better on held-out rows. `skip`: formulas the
+    rows cannot identify (check_calibration) and why: reported, not fitted."""
     jobs, cols, measured = measured_jobs(table)
     if not len(measured):
         raise ConfigError("PATH", ", ".join(sources), "sweeps with measured rows (measure=fake|cpu|cuda)")
@@ -100,6 +128,10 @@ def calibrate_all(table: pl.DataFrame, names: list[str], out_dir: Path, sources:
     rows = []
     for name in names:
         formula = get_formula(name)
+        if skip and name in skip:
+            rows.append({"formula": name, "rows": len(measured), "mape_before_pct": mape(formula, cols, measured),
+                         "yaml": f"not written: too few jobs: needs {skip[name]}"})
+            continue
         result = calibrate(formula, cols, measured)
         before, after = mape(formula, cols, measured), mape(result.formula, cols, measured)
         held = held_out(formula, cols, measured, jobs["model"].to_list())
@@ -138,7 +170,9 @@ def calibrate_all(table: pl.DataFrame, names: list[str], out_dir: Path, sources:
         write_text_atomic(header + yaml.safe_dump(doc, sort_keys=False), path)
         rows.append({"formula": name, "rows": len(measured), "mape_before_pct": before,
                      "mape_after_pct": after, **held, "yaml": str(path)})
-    return ["## Calibration (MAPE %, in sample and held out)", "", markdown_table(pl.DataFrame(rows)), ""]
+    table = pl.DataFrame(rows)
+    table = table.select(*[c for c in table.columns if c != "yaml"], "yaml")  # rows differ in their held-out keys
+    return ["## Calibration (MAPE %, in sample and held out)", "", markdown_table(table), ""]
 
 
 def time_report(table: pl.DataFrame, backends: tuple[str, ...], report: Path) -> tuple[list[str], pl.DataFrame]:
@@ -172,6 +206,7 @@ def calibrate_time_report(jobs: pl.DataFrame, out_dir: Path, sources: list[str],
     check_out_dir(out_dir)
     data = time_data(jobs)
     cal = calibrate_time(data)
+    too_few = too_few_jobs(data)
     held = time_held_out(data, cal.start)
     before, after = constants_to_dict(cal.start), constants_to_dict(cal.constants)
     kept = [n for n in before if n not in cal.fitted]
@@ -183,6 +218,8 @@ def calibrate_time_report(jobs: pl.DataFrame, out_dir: Path, sources: list[str],
     path: Path | None = None
     if not cal.fitted:
         verdict = "not written: the rows inform none of the constants"
+    elif too_few:
+        verdict = f"not written: too few jobs: needs {too_few}"
     elif cal.mape_after_pct > cal.mape_before_pct + 1e-9 and not better:
         verdict = "not written: the refit does not lower the error"
     elif not judged:
@@ -224,6 +261,30 @@ def calibrate_time_report(jobs: pl.DataFrame, out_dir: Path, sources: list[str],
     return lines, path
 
 
+def precheck_calibration(args: argparse.Namespace, table: pl.DataFrame, measured_rows: int, timed: pl.DataFrame,
+                         backends: tuple[str, ...]) -> dict[str, str]:
+    """--calibrate's refusals, before the report is written (one line, nothing written): formula
+    names, too few measured jobs or models (check_calibration), `time` without timed rows or with
+    too few. Returns the formulas a plain --calibrate reports as not identifiable."""
+    if args.calibrate is None:
+        return {}
+    wanted = args.calibrate or [*FORMULAS, "time"]
+    names = [n for n in wanted if n != "time"]
+    for n in names:
+        get_formula(n, key="--calibrate")
+    skip = {}
+    if names and (measured_rows or args.calibrate):
+        skip = check_calibration(table, names, bool(args.calibrate), [str(p) for p in args.paths])
+    if "time" in args.calibrate:
+        if not timed.height:
+            raise ConfigError("--calibrate", "time", f"rows timed by {'/'.join(backends)} (measure=cuda; "
+                              "--time-backend cpu for measure=cpu rows)")
+        why = too_few_jobs(time_data(timed))
+        if why:
+            raise ConfigError("--calibrate", "time", f"{why}; nothing written")
+    return skip
+
+
 def check_out_dir(out: Path, key: str = "--out") -> None:
     """A directory memsweep may write calibrated formulas into: not the package's own conf/."""
     if out.exists() and not out.is_dir():
@@ -238,8 +299,14 @@ def check_out_dir(out: Path, key: str = "--out") -> None:
 def install(yaml_path: Path, into: Path, force: bool) -> str:
     """Copy a calibrated formula into a user config folder (DIR/formula/NAME.yaml), which
     `python sweep.py --config-dir DIR formula=NAME` puts on Hydra's search path."""
+    if not yaml_path.exists():
+        summary = yaml_path.parent / "fit_summary.md"
+        where = f"its row in {summary}" if summary.is_file() else "the Calibration table of fit_summary.md"
+        raise ConfigError("--install", str(yaml_path), f"an existing file; this one does not exist (--calibrate writes "
+                          f"<formula>_calibrated.yaml only when the refit lowers the held-out error: {where} says "
+                          f"why it was not written)")
     if not yaml_path.is_file():
-        raise ConfigError("--install", str(yaml_path), "a calibrated formula YAML written by --calibrate")
+        raise ConfigError("--install", str(yaml_path), "a calibrated formula YAML written by --calibrate (a file)")
     try:
         doc = yaml.safe_load(yaml_path.read_text())
     except (OSError, yaml.YAMLError, UnicodeDecodeError):
@@ -298,6 +365,9 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         first = args.paths[0] if args.paths[0].is_dir() else args.paths[0].parent
         report = args.report or first / "fit"
         check_out_dir(report, "--report")
+        skip = precheck_calibration(args, table, measured_rows, timed, backends)  # before anything is written
+        if args.calibrate is not None and args.out is not None:
+            check_out_dir(args.out)
         report.mkdir(parents=True, exist_ok=True)
         written = []
         if measured_rows:
@@ -313,20 +383,15 @@ def main(argv: list[str] | None = None, prog: str | None = None) -> int:
         if args.calibrate is not None:
             wanted = args.calibrate or [*FORMULAS, "time"]
             names = [n for n in wanted if n != "time"]
-            for n in names:
-                get_formula(n, key="--calibrate")
             sources = [str(p) for p in args.paths]
             if names and (measured_rows or args.calibrate):
-                lines += calibrate_all(table, names, args.out or report, sources)
+                lines += calibrate_all(table, names, args.out or report, sources, skip)
             elif names:
                 lines += ["## Calibration", "", "No measured peaks: no formula calibrated.", ""]
             if "time" in wanted and timed.height:
                 time_cal, path = calibrate_time_report(timed, args.out or report, sources, backends)
                 lines += time_cal
                 written += [str(path)] if path is not None else []
-            elif "time" in args.calibrate:
-                raise ConfigError("--calibrate", "time", f"rows timed by {'/'.join(backends)} (measure=cuda; "
-                                  "--time-backend cpu for measure=cpu rows)")
         text = "\n".join(lines)
         write_text_atomic(text + "\n", report / "fit_summary.md")
     except ConfigError as exc:

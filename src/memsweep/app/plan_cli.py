@@ -19,11 +19,12 @@ from hydra.core.config_store import ConfigStore
 from hydra.core.hydra_config import HydraConfig
 from omegaconf import DictConfig, OmegaConf
 
-from memsweep.app.cli import override_value, parse_overrides
+from memsweep.app.cli import check_writable, override_value, parse_overrides
 from memsweep.errors import ConfigError
 from memsweep.plan import PLAN_KEYS, make_plan, plan_spec_from_dict, render_markdown, write_outputs
 from memsweep.plan.spec import LAYOUT_KEYS
 from memsweep.presets import CONF_DIR
+from memsweep.results import OutputError
 
 CONFIG_NAME = "plan"
 CONFIG_FILE = CONF_DIR / "plan.yaml"
@@ -48,6 +49,19 @@ def check_overrides(argv: list[str]) -> None:
             raise ConfigError(key, override_value(o), f"plan keys: {', '.join(allowed)}")
 
 
+def output_dir(argv: list[str]) -> tuple[str, Path]:
+    """The key and the directory the plan is written to: hydra.run.dir as given, else what is fixed
+    of it (the part before its first `${`: outputs/plan/ from conf/plan.yaml, whose leaf is a timestamp)."""
+    key = "hydra.run.dir"
+    given = [o for o in parse_overrides(argv) if o.key_or_group == key and not o.is_delete()]
+    if given and "${" not in given[-1].input_line:
+        value = given[-1].value()
+        return key, Path(value if isinstance(value, str) else override_value(given[-1]))
+    value = given[-1].input_line.split("=", 1)[-1] if given else str(
+        OmegaConf.to_container(OmegaConf.load(CONFIG_FILE).hydra.run)["dir"])
+    return key, Path(value.split("${", 1)[0] or ".")
+
+
 def run(cfg: DictConfig) -> int:
     """Plan, write plan.parquet / plan.md / plan.png into the run directory, print plan.md."""
     global last_exit_code
@@ -61,6 +75,10 @@ def run(cfg: DictConfig) -> int:
         print(f"error: {exc}", file=sys.stderr)
         last_exit_code = 2
         return 2
+    except OutputError as exc:  # disk full or read-only meanwhile: one line naming the file
+        print(f"error: {exc.strerror}", file=sys.stderr)
+        last_exit_code = 1
+        return 1
     print(render_markdown(plan))
     for p in paths.values():
         print(f"wrote {p}")
@@ -94,6 +112,7 @@ def main(argv: list[str] | None = None, prog: str = "memsweep plan") -> int:
         return 0
     try:
         check_overrides(argv)
+        check_writable(*output_dir(argv))  # the sweep's check: Hydra would fail later with a traceback
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

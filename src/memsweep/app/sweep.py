@@ -11,16 +11,21 @@ function, so a run's log stays `sweep.log` whichever entry started it.
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import sys
+from pathlib import Path
 
 import hydra
 from hydra.errors import HydraException
-from omegaconf import DictConfig
+from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
 from memsweep.app import callbacks, job
-from memsweep.app.cli import check_overrides, check_writable, grid_subdir, output_dir, without_null_options
+from memsweep.app.cli import (
+    check_overrides, check_writable, default_choices, grid_subdir, output_dir, override_value, parse_overrides,
+    split_argv, user_conf_dirs, without_null_options,
+)
 from memsweep.errors import ConfigError
 from memsweep.presets import CONF_DIR
 from memsweep.results import OutputError
@@ -46,11 +51,53 @@ def register_plugins() -> None:
         plugins.register(cls)
 
 
+def measure_backends(argv: list[str], conf_dir: Path = CONF_DIR) -> list[tuple[str, str]]:
+    """(what the command line says, backend) for every measure option its jobs may run: the
+    `measure=` choices (a sweep's every value; else config.yaml's default) with their presets'
+    `backend`, or `measure.backend=` itself. [] where Hydra alone can tell (a glob, a range)."""
+
+    def values(o) -> list[str]:
+        try:
+            return [str(v) for v in o.sweep_string_iterator()] if o.is_sweep_override() else [override_value(o)]
+        except Exception:  # glob(), range(): Hydra expands them
+            return []
+
+    overrides = [o for o in parse_overrides(argv) if not o.is_delete()]
+    backend = next((o for o in overrides if o.key_or_group == "measure.backend"), None)
+    if backend is not None:
+        return [(f"measure.backend={v}", v) for v in values(backend)]
+    group = next((o for o in overrides if o.key_or_group == "measure"), None)
+    options = values(group) if group is not None else [default_choices(conf_dir).get("measure", "none")]
+    out = []
+    for name in options:
+        path = next((d / "measure" / f"{name}.yaml" for d in (*user_conf_dirs(argv), conf_dir)
+                     if (d / "measure" / f"{name}.yaml").is_file()), None)
+        if path is not None:
+            out.append((f"measure={name}", str(OmegaConf.load(path).get("backend", name))))
+    return out
+
+
+def check_torch(argv: list[str], conf_dir: Path = CONF_DIR) -> str | None:
+    """One error line when a job of this command would measure (measure=fake|cpu|cuda) and torch is
+    not installed: said once, before any job, instead of as every job's error row. None otherwise
+    (and for `--cfg`, which prints the config and runs nothing)."""
+    if "--cfg" in split_argv(argv)[0] or importlib.util.find_spec("torch") is not None:
+        return None
+    needs = [typed for typed, backend in measure_backends(argv, conf_dir) if backend != "none"]
+    if not needs:
+        return None
+    return (f"error: {', '.join(needs)}: needs torch (pip install \"memsweep[measure]\"); allowed: measure=none "
+            "(the analytic estimates) until torch is installed")
+
+
 def run(argv: list[str]) -> int:
     """Run the sweep (or one job, without -m) for a command line of Hydra overrides and flags."""
     try:
         check_overrides(argv, CONF_DIR)
         argv = without_null_options(argv)
+        if (missing := check_torch(argv)) is not None:
+            print(missing, file=sys.stderr)
+            return 2
         check_writable(*output_dir(argv))
     except ConfigError as exc:
         print(f"error: {exc}", file=sys.stderr)

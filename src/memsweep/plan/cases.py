@@ -52,6 +52,7 @@ class Case:
     precision: str  # effective: mixed | pure
     jobs: tuple[tuple[Variant, JobSpec], ...]
     reason: str | None = None
+    error: ConfigError | None = None  # the JobSpec's refusal itself (`ask` re-raises it under its own key)
 
     @property
     def label(self) -> str:
@@ -91,7 +92,7 @@ def cases(spec: PlanSpec) -> list[Case]:
                 if key in seen:  # bf16-mixed and bf16-pure are one case for inference
                     continue
                 seen.add(key)
-                jobs, reason = [], None
+                jobs, error = [], None
                 for v in variants(spec, training):
                     try:
                         jobs.append((v, job_spec(
@@ -100,8 +101,9 @@ def cases(spec: PlanSpec) -> list[Case]:
                             recompute=v.recompute, attention=spec.attention, offload=v.offload_spec(),
                             **_technique_keys(spec, training))))
                     except ConfigError as exc:
-                        reason = reason or str(exc)
-                out.append(Case(model, wl, dtype, effective, tuple(jobs), None if jobs else reason))
+                        error = error or exc
+                bad = None if jobs else error
+                out.append(Case(model, wl, dtype, effective, tuple(jobs), None if bad is None else str(bad), bad))
     return out
 
 

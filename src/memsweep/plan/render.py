@@ -165,8 +165,13 @@ def render_markdown(plan: Plan) -> str:
         lines += [f"Longest {'context of one sequence' if serve else 'sequence'} at batch "
                   f"{' / '.join(map(str, s.batches))}:", ""]
         lines += _answer_table(sec, "max_seq", "seq", "batch", plan.models, hw_names, hw_head, s.max_seq)
-        goal = (f"Fastest layout of at most {s.max_gpus or 'any number of'} GPUs" if s.objective == "fastest"
-                else "Fewest GPUs")
+        if s.objective != "fastest":
+            goal = "Fewest GPUs"
+        elif s.max_gpus:
+            goal = f"Fastest layout of at most {s.max_gpus} GPUs (max_gpus)"
+        else:  # search.py's budget: the fewest whole nodes that fit
+            goal = ("Fastest layout on the fewest whole nodes that fit (each hardware's gpus_per_node; "
+                    "max_gpus=N allows more)")
         budget = f", and the GPU-hours for {s.tokens:.3g} tokens" if s.tokens else ""
         lines += [f"{goal} at {split}: the headroom left per GPU, the estimated tokens/s per GPU{budget}:", ""]
         grouped = _by_key(sec.filter(pl.col("question") == "min_gpus"), ("model", "seq", "hardware"))

@@ -14,6 +14,11 @@ answer is the cheapest that fits, by a stated order:
 - min_gpus: fewest GPUs, then the cheapest variant (no offload before offload, then none <
   selective < full recompute), then the largest micro-batch, then the fewest pipeline stages (a
   pipeline idles in its bubble), then the most headroom;
+- min_gpus with `objective=fastest`: the most tokens/s over all the layout's GPUs, within a GPU
+  budget: `max_gpus` when given, else the fewest whole nodes that fit (the fewest-GPUs answer
+  rounded up to the hardware's `gpus_per_node`). Unbounded, "fastest" is the largest layout
+  searched (4,096 GPUs at a few % MFU for batch 1 per GPU); GPUs beyond the nodes a job needs are
+  a cost decision the user states with `max_gpus`;
 - max_batch / max_seq: the largest answer (that is the question), then the cheapest variant.
 
 The runner-up (`rank` 2) is the cheapest alternative: for min_gpus the best layout with a cheaper
@@ -40,6 +45,7 @@ from memsweep.formulas import TERMS, Breakdown, Formula, get_formula
 from memsweep.formulas.timing import Speeds, TimeConstants, production_work, step_time
 from memsweep.plan.cases import Case, Variant, cases, context_limit, model_params
 from memsweep.plan.grid import Grid, cross, evaluate, first_per_group, largest_fitting, total_bytes
+from memsweep.plan.render import layout_parts
 from memsweep.plan.spec import PlanSpec
 from memsweep.presets import model_spec
 from memsweep.specs import Hardware
@@ -77,7 +83,7 @@ PLAN_SCHEMA: dict[str, pl.DataType] = {
     "zero": pl.Int64(),
     "ep": pl.Int64(),
     "gpus": pl.Int64(),             # tp * pp * dp; the answer of min_gpus
-    "limit": pl.Int64(),            # the search's upper bound (max_batch, seq limit, most GPUs)
+    "limit": pl.Int64(),            # the search's upper bound (max_batch, seq limit, the GPU budget)
     "capped": pl.Boolean(),         # the answer is the upper bound: the true one may be larger
     "status": pl.String(),          # ok | none_fits | invalid
     "reason": pl.String(),
@@ -260,9 +266,15 @@ def invalid_rows(ctx: Context, question: str, axis_name: str, axis: Sequence[int
     return to_frame(data)
 
 
-def _seq_reason(limit: Array) -> Array:
-    return np.array([f"seq > {int(x):,}: the model's context (max_positions; learned positions count "
-                     "the generated tokens too; rope_scaling stretches RoPE)" for x in limit], dtype=object)
+def _seq_reason(limit: Array, gen_tokens: Array, learned: Array) -> Array:
+    """'seq > 8,064: the model's context (max_positions) less the 128 generated tokens (gen_tokens);
+    rope_scaling stretches a RoPE model's' (cases.context_limit's rule, in words)."""
+    out = []
+    for x, g, pos in zip(limit, gen_tokens, learned):
+        less = f" less the {int(g):,} generated tokens (gen_tokens)" if g > 0 else ""
+        stretch = "learned positions do not stretch" if pos == 1 else "rope_scaling stretches a RoPE model's"
+        out.append(f"seq > {int(x):,}: the model's context (max_positions){less}; {stretch}")
+    return np.array(out, dtype=object)
 
 
 def with_shortfall_reason(df: pl.DataFrame, what: str) -> pl.DataFrame:
@@ -318,7 +330,8 @@ def _largest(ctx: Context, question: str, key: str, axis_name: str, axis: Sequen
     rank = np.concatenate([np.ones(len(answer)), np.full(len(alt), 2.0)])
     r_best, r_valid = best[rows], valid[rows]
     status = np.where(~r_valid, "invalid", np.where(r_best == 0, "none_fits", "ok"))
-    reason = np.where(r_valid, None, _seq_reason(ctx_limit[rows])).astype(object)
+    reason = np.where(r_valid, None, _seq_reason(ctx_limit[rows], base.gen_tokens[b[rows]],
+                                                  base.learned_positions[b[rows]])).astype(object)
     limit = np.full(len(rows), float(spec.max_batch)) if key == "batch" else hi[rows]
     numbers = {**_layout_numbers(base, b[rows]), "limit": limit, "capped": (r_best == limit) & (r_best > 0),
                key: np.where(r_best > 0, r_best, np.nan),
@@ -394,7 +407,7 @@ def layout_set(spec: PlanSpec, training: bool, moe: bool) -> LayoutSet:
 def min_gpus_rows(ctx: Context) -> pl.DataFrame:
     """The fewest GPUs at each seq on each hardware: every layout x variant of a case is evaluated
     once, then compared with each hardware's capacity. A none_fits row reports the layout closest
-    to fitting."""
+    to fitting within the GPU cap (`max_gpus`), and with a cap, what fits without it."""
     spec, base = ctx.spec, ctx.base
     parts = [invalid_rows(ctx, "min_gpus", "seq", spec.seqs)]
     if base is None:
@@ -425,67 +438,116 @@ def min_gpus_rows(ctx: Context) -> pl.DataFrame:
     gpus = tp * pp * dp
     cost = ctx.cost[b]
     n = len(b)
+    group = ctx.row_case[b] * ns + s
+    groups = int(group.max()) + 1
+    largest = np.zeros(groups)  # each group's largest layout that divides the model
+    np.maximum.at(largest, group, np.where(layout_ok, gpus, 0.0))
     most = float(spec.max_gpus) if spec.max_gpus else np.inf
+    within = gpus <= most
     fastest = spec.objective == "fastest"
     if fastest:  # the work of every candidate, once; its time per hardware below
         cols = grid.columns()
         work = production_work(cols)
-    out_rows, out_h, out_rank, out_ok = [], [], [], []
+    out_rows, out_h, out_rank, out_ok, out_limit, out_free = [], [], [], [], [], []
     for hi in range(nh):
         cap = ctx.capacity(b, np.full(n, hi))
         saving = np.where(ref >= 0, total[np.maximum(ref, 0)] - total, np.inf)
         earns = (ref < 0) | (saving >= spec.min_saving * cap)
-        fits = seq_ok & layout_ok & earns & (total <= cap) & (gpus <= most)
+        room = seq_ok & layout_ok & (total <= cap)
+        fits = room & earns & within
         head = cap - total
-        group = ctx.row_case[b] * ns + s
-        _, answer = first_per_group(group, ~fits, ~layout_ok, np.where(fits, gpus, 0), np.where(fits, cost, 0),
-                                    np.where(fits, -micro, 0), np.where(fits, pp, 0), -head)
+        # where nothing fits, the first is the layout closest to fitting within the cap
+        _, answer = first_per_group(group, ~fits, ~layout_ok, ~within, np.where(fits, gpus, 0),
+                                    np.where(fits, cost, 0), np.where(fits, -micro, 0), np.where(fits, pp, 0), -head)
+        cap_g = np.minimum(largest, most)  # each group's GPU budget
+        free = np.full(len(answer), -1)
+        if spec.max_gpus:  # what fits without the cap: the fewest GPUs, by the same order
+            _, fewest_free = first_per_group(group, ~(room & earns), gpus, cost, -micro, pp, -head)
+            free = np.where((room & earns)[fewest_free], fewest_free, -1)
         if fastest:  # the most tokens/s over all the layout's GPUs; the runner-up: the fewest GPUs
+            fewest = answer
+            if spec.max_gpus is None:  # the fewest whole nodes that fit (module docstring)
+                node = float(ctx.hardware[hi].gpus_per_node)
+                nodes = np.full(groups, np.inf)
+                nodes[group[fewest]] = np.where(fits[fewest], np.ceil(gpus[fewest] / node) * node, np.inf)
+                cap_g = np.minimum(cap_g, nodes)
+            in_budget = gpus <= cap_g[group]
             rate = step_time(cols, speeds(ctx, b, np.full(n, hi)), ctx.time, work=work).tokens_per_s * gpus
             rate = np.where(np.isfinite(rate), rate, 0.0)
-            fewest = answer
-            fits = fits | (seq_ok & layout_ok & (total <= cap) & (gpus <= most))  # more dp buys speed here
-            _, answer = first_per_group(group, ~fits, ~layout_ok, np.where(fits, -rate, 0), np.where(fits, gpus, 0),
-                                        np.where(fits, cost, 0), -head)
+            fits = room & in_budget  # more dp buys speed here: no min_saving
+            _, answer = first_per_group(group, ~fits, ~layout_ok, ~in_budget, np.where(fits, -rate, 0),
+                                        np.where(fits, gpus, 0), np.where(fits, cost, 0), -head)
             alt = fewest[fits[fewest] & (fewest != answer)]
-            out_rows += [answer, alt]
-            out_ok += [fits[answer], fits[alt]]
-            out_h += [np.full(len(answer), hi), np.full(len(alt), hi)]
-            out_rank += [np.ones(len(answer)), np.full(len(alt), 2.0)]
-            continue
-        g_of = np.zeros(group.max() + 1, dtype=np.int64)
-        g_of[group[answer]] = answer
-        a = g_of[group]  # each row's group answer
-        same_layout = (tp == tp[a]) & (pp == pp[a]) & (dp == dp[a]) & (zero == zero[a]) & (ep == ep[a])
-        cheaper = fits & (cost < cost[a])  # what more GPUs buy: less recompute or offload
-        _, alt1 = first_per_group(group, ~cheaper, gpus, cost, -micro, pp, -head)
-        other = fits & ~same_layout & (cost <= cost[a])  # else: another layout, no costlier
-        _, alt2 = first_per_group(group, ~other, gpus, cost, -micro, pp, -head)
-        alt = np.where(cheaper[alt1], alt1, alt2)
-        alt = alt[fits[answer] & (cheaper[alt1] | other[alt2])]
+        else:
+            g_of = np.zeros(groups, dtype=np.int64)
+            g_of[group[answer]] = answer
+            a = g_of[group]  # each row's group answer
+            same_layout = (tp == tp[a]) & (pp == pp[a]) & (dp == dp[a]) & (zero == zero[a]) & (ep == ep[a])
+            cheaper = fits & (cost < cost[a])  # what more GPUs buy: less recompute or offload
+            _, alt1 = first_per_group(group, ~cheaper, gpus, cost, -micro, pp, -head)
+            other = fits & ~same_layout & (cost <= cost[a])  # else: another layout, no costlier
+            _, alt2 = first_per_group(group, ~other, gpus, cost, -micro, pp, -head)
+            alt = np.where(cheaper[alt1], alt1, alt2)
+            alt = alt[fits[answer] & (cheaper[alt1] | other[alt2])]
         out_rows += [answer, alt]
         out_ok += [fits[answer], fits[alt]]
         out_h += [np.full(len(answer), hi), np.full(len(alt), hi)]
         out_rank += [np.ones(len(answer)), np.full(len(alt), 2.0)]
+        out_limit += [cap_g[group[answer]], cap_g[group[alt]]]
+        out_free += [np.where(fits[answer], -1, free), np.full(len(alt), -1)]
     rows = np.concatenate(out_rows)
     h = np.concatenate(out_h)
     rank = np.concatenate(out_rank)
     ok = np.concatenate(out_ok)  # each row's own hardware's verdict, as the selection made it
-    no_layout = ~_any_layout(layout_ok, ctx.row_case[b] * ns + s)[ctx.row_case[b[rows]] * ns + s[rows]]
+    budget = np.concatenate(out_limit)
+    no_layout = ~_any_layout(layout_ok, group)[group[rows]]
     status = np.where(~seq_ok[rows] | no_layout, "invalid", np.where(ok, "ok", "none_fits"))
-    reason = np.where(seq_ok[rows], None, _seq_reason(limit[rows])).astype(object)
+    reason = np.where(seq_ok[rows], None, _seq_reason(limit[rows], base.gen_tokens[b[rows]],
+                                                      base.learned_positions[b[rows]])).astype(object)
     lay = spec.layouts
     reason = np.where(no_layout & seq_ok[rows], f"no layout in tp={list(lay.tp)} x pp={list(lay.pp)} divides the heads, "
                       "kv heads and layers", reason).astype(object)
-    numbers = {"seq": seq[rows], "limit": np.full(len(rows), float(gpus.max())),
-               "capped": np.zeros(len(rows), dtype=bool)}
+    short = np.flatnonzero(status == "none_fits")
+    if short.size:
+        layout = {"tp": tp, "pp": pp, "dp": dp, "zero": zero, "ep": ep, "batch": micro, "grad_accum": accum}
+        free = np.concatenate(out_free)[short]
+        reason[short] = [_shortfall(ctx, b, layout, total, i, c, lim, f) for i, c, lim, f in
+                         zip(rows[short], ctx.capacity(b[rows[short]], h[short]), budget[short], free)]
+    numbers = {"seq": seq[rows], "limit": budget, "capped": np.zeros(len(rows), dtype=bool)}
     for name, values in (("tp", tp), ("pp", pp), ("dp", dp), ("zero", zero), ("ep", ep), ("batch", micro),
                          ("grad_accum", accum), ("gpus", gpus)):
         numbers[name] = np.where(ok, values[rows], np.nan)
     point = Breakdown(**{t: getattr(bd, t)[rows] for t in TERMS})
     parts.append(frame(ctx, "min_gpus", b[rows], h, status, numbers, point, reason, rank))
-    largest = max(lay.tp) * max(lay.pp) * max(lay.dp)
-    return with_shortfall_reason(pl.concat(parts), f"every layout up to {largest} GPUs (closest shown)")
+    return pl.concat(parts)
+
+
+def _shortfall(ctx: Context, b: Array, layout: Mapping[str, Array], total: Array, i: int, capacity: float,
+               budget: float, free: int) -> str:
+    """A none_fits row's reason: 'on 1 GPU (max_gpus=1): the closest (recompute=full) needs X GiB >
+    capacity Y GiB; without max_gpus it fits on 32 GPUs (tp8 zero3 dp4, recompute=full)'. `i` is
+    the closest grid row within the budget, `free` the fewest-GPUs row without the cap (-1: none)."""
+    n = int(budget)
+    where = "on 1 GPU" if n == 1 else f"on up to {n:,} GPUs"
+    if ctx.spec.max_gpus and n == ctx.spec.max_gpus:
+        where += f" (max_gpus={n})"
+    how = _layout_words(ctx, b, layout, i)
+    text = (f"{where}: the closest{f' ({how})' if how else ''} needs {total[i] / GIB:.2f} GiB > capacity "
+            f"{capacity / GIB:.2f} GiB")
+    if free >= 0:
+        gpus = int(layout["tp"][free] * layout["pp"][free] * layout["dp"][free])
+        how = _layout_words(ctx, b, layout, free)
+        text += f"; without max_gpus it fits on {gpus} GPU{'s' if gpus > 1 else ''}{f' ({how})' if how else ''}"
+    return text
+
+
+def _layout_words(ctx: Context, b: Array, layout: Mapping[str, Array], i: int) -> str:
+    """'tp8 zero3 dp4, recompute=full' for grid row i: its layout and the techniques it uses."""
+    parts = layout_parts({k: int(v[i]) for k, v in layout.items()})
+    if ctx.base is not None and ctx.base.training[int(b[i])]:
+        v = ctx.row_variant[int(b[i])]
+        parts += [f"recompute={v.recompute}"] + ([f"offload={v.offload}"] if v.offload != "none" else [])
+    return ", ".join(parts)
 
 
 def _any_layout(layout_ok: Array, group: Array) -> Array:

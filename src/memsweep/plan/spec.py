@@ -94,10 +94,13 @@ class PlanSpec:
     the capacity per GPU (LoRA's ZeRO shards are tiny: no dp=64 for a 0.0 GiB saving)."""
     layouts: Layouts = field(default_factory=Layouts)
     objective: str = "fewest_gpus"
-    """fewest_gpus: the fewest-GPUs table answers by the stated order; fastest: the layout of at
-    most `max_gpus` GPUs that trains (or serves) fastest, by estimated tokens/s over all its GPUs."""
+    """fewest_gpus: the fewest-GPUs table answers by the stated order; fastest: the layout that
+    trains (or serves) fastest, by estimated tokens/s over all its GPUs, within a GPU budget:
+    `max_gpus`, or without it the fewest whole nodes that fit (the fewest-GPUs answer rounded up to
+    the hardware's `gpus_per_node`), never the largest layout searched (search.py says why)."""
     max_gpus: int | None = None
-    """At most this many GPUs per answer (null: the largest layout)."""
+    """At most this many GPUs per answer (null: the largest layout; for fastest, the fewest whole
+    nodes that fit)."""
     tokens: float | None = None
     """A token budget (e.g. 1e12): tables give the GPU-hours it takes at each answer's speed."""
     results: str | None = None
