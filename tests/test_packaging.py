@@ -233,3 +233,53 @@ def test_a_launcher_without_its_plugin_is_one_line_exit_2(tmp_path):
     assert proc.stderr.startswith("error: In 'hydra/launcher/local': Could not load 'hydra/launcher/joblib'; "
                                   "the launchers need: pip install 'memsweep[launchers]'")
 
+
+
+# --- the house: imports go one way --------------------------------------------------------------
+
+def _module_imports(lazy: bool = False) -> dict[str, set[str]]:
+    """Each memsweep module's memsweep imports at module level (with `lazy`, inside functions too:
+    how a layer reaches up on purpose, e.g. measure's torch code)."""
+    import ast
+
+    root = REPO / "src" / "memsweep"
+    names = {".".join(("memsweep", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+             for p in root.rglob("*.py")}
+    graph = {}
+    for p in root.rglob("*.py"):
+        mod = ".".join(("memsweep", *p.relative_to(root).with_suffix("").parts)).removesuffix(".__init__")
+        deps = set()
+        tree = ast.parse(p.read_text())
+        for node in (ast.walk(tree) if lazy else tree.body):
+            if isinstance(node, ast.ImportFrom) and node.module and node.module.startswith("memsweep"):
+                deps.add(node.module)
+                deps |= {f"{node.module}.{a.name}" for a in node.names} & names
+            elif isinstance(node, ast.Import):
+                deps |= {a.name for a in node.names if a.name.startswith("memsweep")}
+        graph[mod] = deps & names
+    return graph
+
+
+def test_no_module_imports_itself_around_a_circle():
+    """Issue 27: specs -> capacity -> formulas.techniques -> columns -> specs was a circle; capacity
+    is a leaf now. Any circle among module-level imports fails here, named."""
+    graph = _module_imports()
+    state: dict[str, int] = {}
+
+    def visit(node: str, path: list[str]) -> None:
+        state[node] = 1
+        for dep in sorted(graph.get(node, ())):
+            if state.get(dep) == 1:
+                raise AssertionError(" -> ".join(path[path.index(dep):] + [dep]))
+            if dep not in state:
+                visit(dep, path + [dep])
+        state[node] = 2
+
+    for mod in sorted(graph):
+        if mod not in state:
+            visit(mod, [mod])
+    core = {"memsweep.errors", "memsweep.units", "memsweep.capacity", "memsweep.specs"}
+    anywhere = _module_imports(lazy=True)
+    for mod in core:  # the data layer imports only itself, not even lazily
+        assert anywhere[mod] <= core, (mod, anywhere[mod] - core)
+    assert anywhere["memsweep.capacity"] <= {"memsweep.errors"}

@@ -1,4 +1,4 @@
-"""Exact parameter counts for every preset, and SPEC.md F4's 12*L*h^2 table."""
+"""Exact parameter counts for every preset, and docs/formulas.md F4's 12*L*h^2 table."""
 
 from __future__ import annotations
 
@@ -97,14 +97,14 @@ def test_lora_count_matches_peft_for_llama2_7b():
 
 
 def test_lora_count_follows_r_times_din_plus_dout_for_gqa():
-    # SPEC.md F4: r*(d_in + d_out) per matrix; llama3-8b k_proj is 4096 -> 1024 (8 KV heads).
+    # docs/formulas.md F4: r*(d_in + d_out) per matrix; llama3-8b k_proj is 4096 -> 1024 (8 KV heads).
     wl = workload("lora", lora_rank=4, lora_targets=("k",))
     got = lora_params(Columns.from_specs([job("llama3-8b", wl=wl)]))[0]
     assert got == 32 * 4 * (4096 + 1024)
 
 
 def test_rule4x_llama_table():
-    # SPEC.md F4 check values: h=4096, L=32 -> 12Lh^2 = 6,442,450,944; h=5120, L=40 -> 12.58e9.
+    # docs/formulas.md F4 check values: h=4096, L=32 -> 12Lh^2 = 6,442,450,944; h=5120, L=40 -> 12.58e9.
     k = Rule4xConstants()
     c = Columns.from_specs([job("llama2-7b"), job("llama2-13b")])
     lead = rule4x_leading_params(c, k)

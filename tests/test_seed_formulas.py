@@ -1,4 +1,4 @@
-"""The seed formulas reproduce SPEC.md's worked examples and its sources' stated properties."""
+"""The seed formulas reproduce the brief's worked examples (docs/formulas.md F1-F4) and its sources' stated properties."""
 
 from __future__ import annotations
 
@@ -18,7 +18,7 @@ from memsweep.formulas.seeds import (
 from memsweep.specs import Parallel
 from memsweep.units import GIB
 
-P_QWEN = 7.7e9  # SPEC.md F2: "Qwen1.5-7B (7.7e9 params, h=4096, L=32, s=2048)"
+P_QWEN = 7.7e9  # docs/formulas.md F2: "Qwen1.5-7B (7.7e9 params, h=4096, L=32, s=2048)"
 
 
 def truncate(gib: float) -> float:
@@ -36,7 +36,7 @@ def f2_terms(trainable: float, all_params: float, states: int = 2) -> list[float
 
 
 def test_f2_lora_worked_example():
-    # SPEC.md F2: LoRA with 2% extra trainable params -> 43.88 + 0.5 + 0.57 + 1.72 = 46.67 GiB.
+    # docs/formulas.md F2: LoRA with 2% extra trainable params -> 43.88 + 0.5 + 0.57 + 1.72 = 46.67 GiB.
     terms = f2_terms(trainable=0.02 * P_QWEN, all_params=1.02 * P_QWEN)
     # The source truncates each term to 2 decimals and adds the truncated terms.
     assert [truncate(t) for t in terms] == pytest.approx([43.88, 0.5, 0.57, 1.72])
@@ -44,7 +44,7 @@ def test_f2_lora_worked_example():
 
 
 def test_f2_full_finetune_zero3_worked_example():
-    # SPEC.md F2: full fine-tune with ZeRO-3 -> 43.02 + 0.5 + 28.68 + 86.05 = 158.25 GiB.
+    # docs/formulas.md F2: full fine-tune with ZeRO-3 -> 43.02 + 0.5 + 28.68 + 86.05 = 158.25 GiB.
     # (The source truncates: 6 * 7.7e9 B = 43.027 GiB; its total is the sum of truncated terms.)
     terms = f2_terms(trainable=P_QWEN, all_params=P_QWEN)
     assert [truncate(t) for t in terms] == pytest.approx([43.02, 0.5, 28.68, 86.05], abs=0.011)
@@ -71,7 +71,7 @@ def test_f1_naive_weights_and_quadratic_growth():
     assert naive_weights(c, k)[0] == 4 * 32 * 4096**2 * 2
     acts = naive_activations(c)
     assert acts[0] == 32 * 1 * 32 * 8192 * (8192 + 2 * 128) * 2
-    # SPEC.md F1: "20x longer sequence -> ~400x activation memory" for s >> d
+    # docs/formulas.md F1: "20x longer sequence -> ~400x activation memory" for s >> d
     assert acts[1] / acts[0] == pytest.approx(400, rel=0.04)
     b = FORMULAS["seed_naive"](c)
     np.testing.assert_array_equal(b.total, naive_weights(c, k) + 2 * acts)

@@ -19,7 +19,7 @@ import numpy as np
 from memsweep.columns import Columns
 from memsweep.formulas import FORMULAS, TERMS, Formula
 
-# What a calibration may change, per base formula (SPEC.md: F1's gradient factor; F2's bytes per
+# What a calibration may change, per base formula (docs/formulas.md: F1's gradient factor; F2's bytes per
 # parameter; F3's 34 (= 10 + 24) and 5; F4's multiplier; detailed's per-term factors + overhead).
 CALIBRATABLE: dict[str, tuple[str, ...]] = {
     "seed_naive": ("weight_matrices", "gradient_factor"),

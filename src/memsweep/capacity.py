@@ -7,9 +7,10 @@
 - `margin` (config key `margin`, default 0.05): room left for allocator fragmentation and cache,
   and for what a formula misses.
 - a serving engine (`workload=serve`) takes at most its own budget, `gpu_util` of the memory less
-  the reserve (vLLM's `requested_memory`; `techniques.engine_budget_bytes`), when that is smaller.
+  the reserve (vLLM's `requested_memory`; `engine_budget_bytes`), when that is smaller.
 
-Pure numpy: the sweep calls it with scalars, the planner with arrays.
+Pure numpy, and a leaf: it imports no other memsweep module but `errors` (the specs check their
+margin with it). The sweep calls it with scalars, the planner with arrays.
 """
 
 from __future__ import annotations
@@ -17,7 +18,6 @@ from __future__ import annotations
 import numpy as np
 
 from memsweep.errors import ConfigError
-from memsweep.formulas.techniques import engine_budget_bytes
 
 DEFAULT_MARGIN = 0.05
 """Plan to fill at most 95 % of usable memory. PyTorch's caching allocator rounds blocks up
@@ -41,3 +41,10 @@ def capacity_bytes(memory_bytes, reserved_bytes, margin: float, gpu_util=None, s
         engine = engine_budget_bytes(gpu_util, memory, reserve)
         cap = np.where(np.asarray(serve, dtype=bool), np.minimum(cap, engine), cap)
     return float(cap) if np.ndim(cap) == 0 else cap
+
+
+def engine_budget_bytes(gpu_util: np.ndarray | float, memory_bytes: np.ndarray | float, reserved_bytes: np.ndarray | float) -> np.ndarray:
+    """A serving engine's memory: `gpu_util` of the GPU's (vLLM's `requested_memory`, rounded up),
+    less the reserve (CUDA context, cuBLAS, NCCL: vLLM's non-torch memory). The sweep's
+    `capacity_bytes` and the planner's capacity of a serve case are this."""
+    return np.ceil(np.asarray(gpu_util, dtype=np.float64) * memory_bytes) - reserved_bytes

@@ -21,7 +21,6 @@ from memsweep.formulas import TERMS, Formula
 from memsweep.formulas.detailed import (
     cpu_bytes, peak_breakdown, peak_phase, serve_kv_sequence_bytes, serve_kv_token_bytes,
 )
-from memsweep.formulas.techniques import engine_budget_bytes
 from memsweep.specs import JobSpec, ModelSpec
 from memsweep.units import GIB, MIB
 
@@ -85,7 +84,7 @@ def engine_bytes(spec: JobSpec) -> int:
     `requested_memory`, its non-torch memory inside it): what vLLM fills with its KV cache,
     whatever margin a plan keeps."""
     hw = spec.hardware
-    return int(engine_budget_bytes(spec.workload.gpu_util, hw.memory_bytes, hw.reserved_mib * MIB))
+    return int(capacity.engine_budget_bytes(spec.workload.gpu_util, hw.memory_bytes, hw.reserved_mib * MIB))
 
 
 def serve_fields(spec: JobSpec, value: Callable[[str], float]) -> dict[str, Any]:

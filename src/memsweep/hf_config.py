@@ -20,6 +20,8 @@ import json
 import re
 import sys
 from collections.abc import Callable
+from functools import cache
+from importlib.resources import files
 from pathlib import Path
 from typing import Any
 
@@ -102,9 +104,17 @@ GATED_ACTS = {"silu": "swiglu", "swish": "swiglu", "gelu_pytorch_tanh": "geglu",
 PLAIN_GELU = ("gelu", "gelu_new", "gelu_pytorch_tanh", "gelu_fast", "gelu_python")
 
 
-def _table() -> dict[str, Any]:
-    from memsweep.hf_keys import load_table
+TABLE_PATH = "data/hf_keys.json"
+"""Every key of the supported transformers config classes (memsweep.hf_keys builds it)."""
 
+
+@cache
+def load_table() -> dict[str, Any]:
+    """The shipped key table (package data), read without transformers."""
+    return json.loads((files("memsweep") / TABLE_PATH).read_text())
+
+
+def _table() -> dict[str, Any]:
     return load_table()
 
 

@@ -13,25 +13,19 @@ different one (`saved`), and its kind:
 - `memory`: changes parameters or memory and is not modelled: accepted at its default only.
 
 The table is generated from transformers (`python scripts/hf_keys.py`, which `build_table`
-does) and read without it (`load_table`); tests/test_hf_config.py regenerates it and compares.
+does) and read without it (`hf_config.load_table`); tests/test_hf_config.py regenerates it and compares.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
-from functools import cache
-from importlib.resources import files
 from typing import Any
 
-TABLE_PATH = "data/hf_keys.json"
+from memsweep import hf_config
+from memsweep.hf_config import TABLE_PATH, load_table  # noqa: F401  (the reader lives with the importer)
+
 TRANSFORMERS_VERSION = "5.23.0"
-
-
-@cache
-def load_table() -> dict[str, Any]:
-    """The shipped table (package data)."""
-    return json.loads((files("memsweep") / TABLE_PATH).read_text())
 
 
 def _jsonable(value: Any) -> Any:
@@ -58,8 +52,6 @@ def build_table() -> dict[str, Any]:
     """The table from the installed transformers (which must be TRANSFORMERS_VERSION)."""
     import transformers
     from transformers import CONFIG_MAPPING, PretrainedConfig
-
-    from memsweep import hf_config
 
     if transformers.__version__ != TRANSFORMERS_VERSION:
         raise RuntimeError(f"transformers {transformers.__version__} installed; the table is of "

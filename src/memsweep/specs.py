@@ -10,6 +10,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, field
 from typing import Literal
 
+from memsweep.capacity import check_margin
 from memsweep.errors import ConfigError
 from memsweep.units import DTYPE_BYTES, MIB, SWEEP_DTYPES, TRAIN_DTYPES
 
@@ -752,9 +753,6 @@ class JobSpec:
     at most (memory - reserve) x (1 - margin) (`memsweep.capacity`, the planner's too)."""
 
     def __post_init__(self) -> None:
-        # imported here: memsweep.capacity imports the formulas, which import this module
-        from memsweep.capacity import check_margin
-
         object.__setattr__(self, "margin", check_margin(self.margin))
         check_int("seq", self.seq)
         check_int("batch", self.batch)

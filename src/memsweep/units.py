@@ -6,7 +6,7 @@ GIB = 2**30
 GB = 10**9
 MIB = 2**20
 
-# SPEC.md F2: fp64 8, fp32 4, fp16 2, bf16 2, int16 2, int8 1, int4 0.5.
+# docs/formulas.md F2: fp64 8, fp32 4, fp16 2, bf16 2, int16 2, int8 1, int4 0.5.
 DTYPE_BYTES: dict[str, float] = {
     "fp64": 8.0,
     "fp32": 4.0,

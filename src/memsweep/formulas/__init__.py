@@ -18,11 +18,11 @@ from memsweep.formulas.seeds import (
 FORMULAS: dict[str, Formula] = {
     f.name: f
     for f in (
-        Formula("seed_naive", naive, NaiveConstants(), "SPEC.md F1: blog formula"),
-        Formula("seed_mixed", mixed, MixedConstants(), "SPEC.md F2: mixed-precision training bytes"),
+        Formula("seed_naive", naive, NaiveConstants(), "docs/formulas.md F1: a blog formula, kept as written"),
+        Formula("seed_mixed", mixed, MixedConstants(), "docs/formulas.md F2: mixed-precision training bytes"),
         Formula("seed_korthikanti", korthikanti, KorthikantiConstants(),
-                "SPEC.md F3: Korthikanti et al. 2022 activations + ZeRO model states"),
-        Formula("seed_rule4x", rule4x, Rule4xConstants(), "SPEC.md F4: 12Lh^2 parameters, 4x rule"),
+                "Korthikanti et al. 2022 (arXiv:2205.05198) activations + ZeRO model states (arXiv:1910.02054); docs/formulas.md F3"),
+        Formula("seed_rule4x", rule4x, Rule4xConstants(), "12Lh^2 parameters (Kaplan et al. 2020, arXiv:2001.08361), 4x rule; docs/formulas.md F4"),
         Formula("detailed", peak_breakdown, DetailedConstants(), "memsweep: phase-by-phase PyTorch model"),
     )
 }

@@ -39,7 +39,7 @@ from memsweep.formulas.basis import (
 )
 from memsweep.formulas.coefficients import BASIS as FITTED_BASIS
 from memsweep.formulas.coefficients import COEFFICIENTS
-from memsweep.formulas import techniques as tq
+import memsweep.formulas.techniques as tq
 
 FP32 = 4.0
 if FITTED_BASIS != BASIS:

@@ -1,4 +1,4 @@
-"""The four seed formulas exactly as the source documents state them (SPEC.md F1-F4).
+"""The four seed formulas exactly as the source documents state them (docs/formulas.md, F1-F4).
 
 They are kept as written, undercounts included: memsweep's job is to show how far each one is
 from measurement. Every constant a calibration may refit is a named field of a frozen dataclass.

@@ -197,9 +197,3 @@ SAMPLER_FP32_TENSORS = 2.0
 """vLLM's profile run ends with a dummy sampler step over `max_num_seqs` rows: the fp32 logits and
 the probabilities made from them ((max_seqs, V) fp32 each)."""
 
-
-def engine_budget_bytes(gpu_util: Array | float, memory_bytes: Array | float, reserved_bytes: Array | float) -> Array:
-    """A serving engine's memory: `gpu_util` of the GPU's (vLLM's `requested_memory`, rounded up),
-    less the reserve (CUDA context, cuBLAS, NCCL: vLLM's non-torch memory). The sweep's
-    `capacity_bytes` and the planner's capacity of a serve case are this."""
-    return np.ceil(np.asarray(gpu_util, dtype=np.float64) * memory_bytes) - reserved_bytes
