@@ -279,19 +279,19 @@ def _layer_kinds(r: _Reader, layers: int) -> tuple[tuple[str, ...], int]:
         r.get("max_window_layers", "use_sliding_window")
     if mt in SLIDING_QWEN and types is None:
         # Qwen: sliding attention only with use_sliding_window, from layer max_window_layers on.
-        first = r.get("max_window_layers") or 0
-        types = ["sliding_attention" if r.get("use_sliding_window") and window and i >= first
+        first = r.int("max_window_layers", minimum=0, required=False) or 0
+        types = ["sliding_attention" if r.bool("use_sliding_window") and window and i >= first
                  else "full_attention" for i in range(layers)]
     elif mt == "gemma2" and types is None:
         types = ["sliding_attention" if i % 2 == 0 else "full_attention" for i in range(layers)]
     elif mt == "gemma3_text" and types is None:
-        every = r.get("sliding_window_pattern", "_sliding_window_pattern") or 6
+        every = r.int("sliding_window_pattern", "_sliding_window_pattern", required=False) or 6
         types = ["full_attention" if (i + 1) % every == 0 else "sliding_attention" for i in range(layers)]
     elif mt == "llama4_text" and types is None:
         # transformers: chunked attention on the layers that use RoPE (no_rope_layers[i] == 1)
         nope = _no_rope_layers(r, layers)
         types = ["chunked_attention" if rope else "full_attention" for rope in nope]
-    elif mt in SLIDING_QWEN and not r.get("use_sliding_window"):
+    elif mt in SLIDING_QWEN and not r.bool("use_sliding_window"):
         types = ["full_attention"] * layers  # layer_types lists sliding layers only when enabled
     elif types is None:
         types = ["sliding_attention" if window else "full_attention"] * layers
@@ -566,7 +566,7 @@ def text_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], str]:
     text keys at the top level. Tying is the outer config's (transformers 5 ties the whole
     model's lm_head by it; Qwen-VL also honours a text_config that ties, as transformers does)."""
     outer = cfg.get("model_type")
-    if outer not in WRAPPERS:
+    if not isinstance(outer, str) or outer not in WRAPPERS:
         return cfg, ""
     inner_type, flat = WRAPPERS[outer]
     text = cfg.get("text_config")
@@ -594,7 +594,7 @@ def import_config(cfg: dict[str, Any], name: str) -> tuple[ModelSpec, list[str]]
         raise ConfigError("model.config", type(cfg).__name__, "a JSON object (a config.json)")
     inner, prefix = text_config(cfg)
     model_type = inner.get("model_type")
-    if model_type not in MAPPERS:
+    if not isinstance(model_type, str) or model_type not in MAPPERS:
         key = "model_type" if not prefix or "model_type" not in inner else f"{prefix}model_type"
         raise ConfigError(key, model_type, ", ".join(sorted(set(MAPPERS) | set(WRAPPERS))))
     r = _Reader(inner, model_type, prefix)
