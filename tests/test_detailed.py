@@ -152,3 +152,45 @@ def test_inference_and_serving_name_their_phase():
         ("decode", job("tiny", wl=workload("inference", gen_tokens=4000), seq=64)),
         ("serve", job("llama3-8b", wl="serve", seq=4096)))}
     assert phase == {"prefill": "prefill", "eager": "prefill_scores", "decode": "decode", "serve": "serve_profile"}
+
+
+# --- issue 25, part 5: a peak per measured phase ------------------------------------------------
+
+@pytest.mark.parametrize("name,top,phases", [
+    ("llama3-8b", dict(seq=2048), {"forward", "backward", "optimizer"}),
+    ("llama3-8b", dict(seq=8192, wl="lora", recompute="full"), {"forward", "backward", "optimizer"}),
+    ("mixtral-8x7b", dict(seq=4096, wl="inference"), {"prefill", "decode"}),
+    ("bert-base-uncased", dict(seq=512, wl="inference"), {"prefill"}),  # an encoder: no decode
+])
+def test_detailed_rows_carry_each_phase_peak_and_the_total_is_the_largest(name, top, phases):
+    from memsweep.estimate import estimate_rows
+    from memsweep.formulas import FORMULAS
+    from memsweep.formulas.detailed import PHASE_OF_MOMENT
+    from memsweep.results import frame
+
+    spec = job(name, **top)
+    rows = {r["formula"]: r for r in estimate_rows(spec, list(FORMULAS.values()))}
+    d = rows["detailed"]
+    got = {p for p in ("forward", "backward", "optimizer", "prefill", "decode") if d.get(f"{p}_peak_bytes") is not None}
+    assert got == phases
+    assert max(d[f"{p}_peak_bytes"] for p in got) == d["total_bytes"]
+    assert PHASE_OF_MOMENT[d["peak_phase"]] == max(got, key=lambda p: d[f"{p}_peak_bytes"])
+    assert all(rows[f].get("forward_peak_bytes") is None for f in rows if f != "detailed")
+    t = frame(list(rows.values()))  # the schema holds them
+    assert t.filter(t["formula"] == "detailed")[f"{next(iter(phases))}_peak_bytes"][0] > 0
+
+
+def test_fit_reports_each_phase_against_its_measurement():
+    import polars as pl
+
+    from memsweep.fit import phase_errors
+
+    t = pl.DataFrame({"job_id": ["a", "b"], "formula": ["detailed", "detailed"], "model": ["m", "m"],
+                      "workload": ["train", "inference"], "seq": [1, 1], "batch": [1, 1], "dtype": ["bf16"] * 2,
+                      "precision": ["mixed", "pure"], "recompute": ["none"] * 2, "status": ["ok", "ok"],
+                      "forward_peak_bytes": [110, None], "measured_forward_peak_bytes": [100, None],
+                      "backward_peak_bytes": [90, None], "measured_backward_peak_bytes": [100, None],
+                      "prefill_peak_bytes": [None, 50], "measured_prefill_peak_bytes": [None, 40]})
+    e = phase_errors(t).sort("phase")
+    assert e["phase"].to_list() == ["backward", "forward", "prefill"]
+    assert e["error_pct"].round(6).to_list() == [-10.0, 10.0, 25.0]

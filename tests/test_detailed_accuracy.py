@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import sys
 
+import numpy as np
 import pytest
 from conftest import REPO, job, workload
 
@@ -13,6 +14,7 @@ torch = pytest.importorskip("torch")
 from memsweep.columns import Columns  # noqa: E402
 from memsweep.formulas import FORMULAS, TERMS  # noqa: E402
 from memsweep.formulas.coefficients import BASIS, COEFFICIENTS  # noqa: E402
+from memsweep.formulas.detailed import phase_peaks  # noqa: E402
 from memsweep.measure.backends import measure  # noqa: E402
 from memsweep.specs import ModelSpec  # noqa: E402
 
@@ -62,8 +64,15 @@ def test_detailed_is_within_3_percent_of_fake(point):
     spec = job(model, measure="fake", **top)
     m = measure(spec)
     assert m.status == "ok", m.error
-    estimate = DETAILED(Columns.from_specs([spec])).total[0]
+    cols = Columns.from_specs([spec])
+    estimate = DETAILED(cols).total[0]
     assert abs(estimate - m.peak_bytes) / m.peak_bytes <= 0.03
+    # issue 25: moment by moment, not only the total: each measured phase's peak within 3 %
+    phases = phase_peaks(cols)
+    assert {p for p, v in phases.items() if np.isfinite(v[0])} == set(m.phase_peaks)
+    for phase, measured in m.phase_peaks.items():
+        assert abs(phases[phase][0] / measured - 1) <= 0.03, (phase, phases[phase][0], measured)
+    assert max(v[0] for v in phases.values() if np.isfinite(v[0])) == estimate  # the total is the largest
 
 
 @pytest.mark.parametrize("name, attention", [("llama3-8b", "sdpa"), ("mistral-7b", "sdpa"), ("llama3-8b", "eager")])

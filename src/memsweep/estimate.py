@@ -19,7 +19,7 @@ from memsweep.columns import Columns, active_params, base_params, model_values, 
 from memsweep.errors import ConfigError
 from memsweep.formulas import TERMS, Formula
 from memsweep.formulas.detailed import (
-    cpu_bytes, peak_breakdown, peak_phase, serve_kv_sequence_bytes, serve_kv_token_bytes,
+    cpu_bytes, peak_breakdown, peak_phase, phase_peaks, serve_kv_sequence_bytes, serve_kv_token_bytes,
 )
 from memsweep.specs import JobSpec, ModelSpec
 from memsweep.units import GIB, MIB
@@ -257,6 +257,12 @@ def _job_rows(jobs: _Jobs, j: int, formulas: Sequence[Formula]) -> list[dict[str
 
                 phases, k = jobs.at(("peak_phase", n), lambda c, job, f=formula: peak_phase(c, f.constants), j)
                 row.update(serve_fields(spec, value), peak_phase=str(phases[k]))
+                by_phase, k = jobs.at(("phase_peaks", n), lambda c, job, f=formula: phase_peaks(c, f.constants), j)
+                for phase, peaks in by_phase.items():
+                    peak = float(peaks[k])
+                    if np.isfinite(peak):
+                        check_representable(spec, f"{phase}_peak_bytes", peak)
+                        row[f"{phase}_peak_bytes"] = int(round(peak))
         except ConfigError:
             raise
         except Exception as exc:  # one broken formula must not lose the others' rows

@@ -71,6 +71,30 @@ def worst(errors: pl.DataFrame, formula: str, n: int = 3) -> pl.DataFrame:
                     "measured_optimizer_peak_bytes", "measured_prefill_peak_bytes"))
 
 
+PHASES = ("forward", "backward", "optimizer", "prefill", "decode")
+"""The phases whose peaks both a measurement (`measured_<phase>_peak_bytes`) and `detailed`
+(`<phase>_peak_bytes`, schema 10) report."""
+
+
+def phase_errors(table: pl.DataFrame) -> pl.DataFrame:
+    """One row per measured job x phase where both peaks exist (detailed's rows): the estimated and
+    measured peak of that phase and their signed % error. A total that matches while the forward is
+    wrong shows here (issue 25)."""
+    ok = table.filter(pl.col("status") == "ok")
+    parts = []
+    for phase in PHASES:
+        est, got = f"{phase}_peak_bytes", f"measured_{phase}_peak_bytes"
+        if est not in ok.columns or got not in ok.columns:
+            continue
+        rows = ok.filter(pl.col(est).is_not_null(), pl.col(got) > 0)
+        parts.append(rows.select("job_id", "formula", "model", "workload", "seq", "batch", "dtype", "precision",
+                                 "recompute", pl.lit(phase).alias("phase"), pl.col(est).alias("estimated_bytes"),
+                                 pl.col(got).alias("measured_bytes"))
+                     .with_columns((100.0 * (pl.col("estimated_bytes") - pl.col("measured_bytes"))
+                                    / pl.col("measured_bytes")).alias(ERROR)))
+    return pl.concat(parts, how="vertical_relaxed") if parts else pl.DataFrame()
+
+
 # --- loading measured sweeps ------------------------------------------------------------------
 
 SEQ_BUCKETS = ((512, "<=512"), (2048, "513-2048"), (8192, "2049-8192"))

@@ -31,7 +31,7 @@ import polars as pl
 
 from memsweep.units import GIB, MIB
 
-SCHEMA_VERSION = 9
+SCHEMA_VERSION = 10
 PART_NAME = "rows.parquet"
 RESULTS_NAME = "results.parquet"
 BATCH_PREFIX = "batch-"
@@ -147,6 +147,12 @@ SCHEMA: dict[str, pl.DataType] = {
     "est_comm_s": pl.Float64(),          # exposed communication (critical-path collectives + unhidden data-parallel ones)
     # --- schema 9: the Hugging Face QLoRA recipe ---
     "kbit_prepare": pl.Boolean(),        # peft's prepare_model_for_kbit_training cast the base's other parameters to fp32
+    # --- schema 10: detailed's peak per measured phase (issue 25), beside measured_<phase>_peak_bytes ---
+    "forward_peak_bytes": pl.Int64(),    # detailed: the largest of its moments in each phase (formulas/detailed.py,
+    "backward_peak_bytes": pl.Int64(),   #   phase_peaks); null for other formulas and where the job has no
+    "optimizer_peak_bytes": pl.Int64(),  #   such phase
+    "prefill_peak_bytes": pl.Int64(),
+    "decode_peak_bytes": pl.Int64(),
 }
 
 _PY_TYPES: dict[type, tuple[type, ...]] = {

@@ -57,7 +57,7 @@ from memsweep import plots
 from memsweep.calibrate import calibrate, constants_dict, held_out, mape, too_few_models, too_few_rows
 from memsweep.errors import ConfigError
 from memsweep.fit import (
-    error_tables, load_tables, measured_jobs, unmeasured, with_errors,
+    error_summary, error_tables, load_tables, measured_jobs, phase_errors, unmeasured, with_errors,
 )
 from memsweep.formulas import FORMULAS, get_formula, load_calibrated
 from memsweep.presets import CONF_DIR
@@ -87,6 +87,11 @@ def errors_report(table: pl.DataFrame, report: Path, heatmap: str) -> list[str]:
         parts.append(t.with_columns(pl.lit(grouping).alias("grouping"), group.alias("group"))
                      .select("grouping", "group", *[c for c in t.columns if c not in (grouping,)]))
     write_parquet_atomic(pl.concat(parts, how="vertical_relaxed"), report / "fit_errors.parquet")
+    by_phase = phase_errors(table)
+    if by_phase.height:  # issue 25: each phase's peak beside the measured one, not only the total
+        write_parquet_atomic(by_phase, report / "phase_errors.parquet")
+        lines += ["## By phase (the peak of each measured phase)", "",
+                  markdown_table(error_summary(by_phase, by=("formula", "phase")).drop("worst_signed_pct")), ""]
     if errors.height:
         plots.predicted_vs_measured(errors, report / "predicted_vs_measured.png")
         plots.error_vs_seq(errors, report / "error_vs_seq.png")

@@ -907,6 +907,42 @@ def peak_phase(c: Columns, k: DetailedConstants = DetailedConstants()) -> np.nda
     return out if serve is None else np.where(c.serve == 1, SERVE_PHASE, out)
 
 
+MEASURED_PHASES = ("forward", "backward", "optimizer", "prefill", "decode")
+"""The phases a measurement reports a peak of (`measured_<phase>_peak_bytes`: the tracker's sections
+in measure/workloads.py). Training: forward (the forward and the loss), backward (from the loss's
+backward to the last gradient: recomputation and in-backward steps included), optimizer (step
+and zero_grad); inference: prefill (the cache's allocation and the prompt), decode."""
+PHASE_OF_MOMENT = {
+    "forward": "forward", "loss": "backward", "head_backward": "backward", "head_grad_cast": "backward",
+    "head_step": "backward", "backward_recompute": "backward", "backward_first_block": "backward",
+    "backward_first_block_softmax": "backward", "attention_backward": "backward", "embedding_backward": "backward",
+    "optimizer_step": "optimizer", "prefill": "prefill", "prefill_logits": "prefill", "prefill_scores": "prefill",
+    "decode": "decode", "decode_gqa_repeat": "decode", "decode_dequant": "decode",
+}
+"""Each moment's measured phase: the "loss" moment (the logits' gradient) is the first of backward."""
+
+
+def phase_peaks(c: Columns, k: DetailedConstants = DetailedConstants()) -> dict[str, Array]:
+    """Per measured phase (MEASURED_PHASES), the largest of its moments' totals, so each phase of
+    the estimate stands next to its measured peak (a right total over a wrong forward shows);
+    NaN where a row has no such phase (training rows: prefill and decode; inference and serving
+    rows: the training phases; serving rows: every phase, their peak is the engine's profile)."""
+    train, infer, _ = _moments(c, k)
+    assert len(train) == len(TRAIN_PHASES) and len(infer) == len(INFERENCE_PHASES)  # named as peak_phase names them
+    names = (*TRAIN_PHASES, *INFERENCE_PHASES)
+    out = {phase: np.full(np.shape(c.batch), -np.inf) for phase in MEASURED_PHASES}
+    for name, moment in zip(names, [*train, *infer]):
+        phase = PHASE_OF_MOMENT[name]
+        out[phase] = np.maximum(out[phase], moment.total)
+    training, serving = c.training == 1, c.serve == 1
+    for phase, value in out.items():
+        applies = training if phase in ("forward", "backward", "optimizer") else ~training
+        if phase == "decode":
+            applies = applies & (c.gen_tokens > 0)
+        out[phase] = np.where(applies & ~serving & np.isfinite(value), value, np.nan)
+    return out
+
+
 # --- serving (vLLM) ---------------------------------------------------------------------------
 
 def serve_profile_columns(c: Columns) -> Columns:
