@@ -63,14 +63,15 @@ def sweeps(models: str) -> dict[str, list[str]]:
     for name, precision in PRECISIONS.items():
         out[f"{name}-training"] = [*common, *precision, "workload=train,lora", "recompute=none,full"]
         if name != "bf16-pure":  # inference has no mixed mode: bf16 inference is one configuration
-            out[f"{name}-inference"] = [*common, *precision, "workload=inference", "recompute=none"]
+            inference = [p.replace("precision=mixed", "precision=auto") for p in precision]  # (mixed is refused there)
+            out[f"{name}-inference"] = [*common, *inference, "workload=inference", "recompute=none"]
     return out
 
 
 def arch_sweeps(models: str) -> dict[str, list[str]]:
-    common = [f"model={models}", "seq=512,2048,8192", "batch=1,4", "measure=fake", "dtype=bf16", "precision=mixed"]
-    return {"arch-training": [*common, "workload=train,lora", "recompute=none,full"],
-            "arch-inference": [*common, "workload=inference", "recompute=none"]}
+    common = [f"model={models}", "seq=512,2048,8192", "batch=1,4", "measure=fake", "dtype=bf16"]
+    return {"arch-training": [*common, "precision=mixed", "workload=train,lora", "recompute=none,full"],
+            "arch-inference": [*common, "precision=auto", "workload=inference", "recompute=none"]}
 
 
 def hf_sweeps(models: str) -> dict[str, list[str]]:
@@ -78,7 +79,7 @@ def hf_sweeps(models: str) -> dict[str, list[str]]:
               "dtype=bf16", "attention=sdpa,eager"]
     out = {f"hf-bf16-{mode}-training": [*common, f"precision={mode}", "workload=train,lora", "recompute=none,full"]
            for mode in ("mixed", "pure")}
-    out["hf-bf16-inference"] = [*common, "precision=mixed", "workload=inference", "recompute=none"]
+    out["hf-bf16-inference"] = [*common, "precision=auto", "workload=inference", "recompute=none"]
     return out
 
 
