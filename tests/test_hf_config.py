@@ -352,3 +352,29 @@ def test_multimodal_configs_size_their_language_model():
     assert spec_from_file(DATA / "deepseek-v2-lite.json").q_lora_rank == 0
     g2 = spec_from_file(DATA / "gemma-2-9b.json")
     assert (g2.attn_softcap, g2.final_softcap) == (50.0, 30.0)
+
+
+# transformers 4.x's PretrainedConfig.to_dict() wrote these generic keys at their defaults too
+LEGACY_TO_DICT = dict(
+    return_dict=True, output_hidden_states=False, output_attentions=False, torchscript=False, torch_dtype="bfloat16",
+    use_bfloat16=False, tf_legacy_loss=False, pruned_heads={}, tie_word_embeddings=False, chunk_size_feed_forward=0,
+    is_encoder_decoder=False, is_decoder=False, cross_attention_hidden_size=None, add_cross_attention=False,
+    tie_encoder_decoder=False, max_length=20, min_length=0, do_sample=False, early_stopping=False, num_beams=1,
+    num_beam_groups=1, diversity_penalty=0.0, temperature=1.0, top_k=50, top_p=1.0, typical_p=1.0,
+    repetition_penalty=1.0, length_penalty=1.0, no_repeat_ngram_size=0, encoder_no_repeat_ngram_size=0,
+    bad_words_ids=None, num_return_sequences=1, output_scores=False, return_dict_in_generate=False,
+    forced_bos_token_id=None, forced_eos_token_id=None, remove_invalid_values=False,
+    exponential_decay_length_penalty=None, suppress_tokens=None, begin_suppress_tokens=None,
+    architectures=["LlamaForCausalLM"], finetuning_task=None, id2label={"0": "LABEL_0", "1": "LABEL_1"},
+    label2id={"LABEL_0": 0, "LABEL_1": 1}, tokenizer_class=None, prefix=None, sep_token_id=None,
+    decoder_start_token_id=None, task_specific_params=None, problem_type=None, _name_or_path="x",
+    _commit_hash=None, _attn_implementation_autoset=True, transformers_version="4.46.0",
+    rope_scaling=None, rope_theta=500000.0)
+
+
+def test_a_transformers_4_full_save_imports_without_a_warning():
+    cfg = {**LEGACY_TO_DICT, **read_config(DATA / "llama3.1-8b.json")}
+    cfg.update({k: v for k, v in LEGACY_TO_DICT.items() if k not in ("architectures", "torch_dtype", "rope_theta",
+                                                                       "rope_scaling", "tie_word_embeddings")})
+    spec, unknown = import_config(cfg, "x")
+    assert unknown == [] and spec == import_config(read_config(DATA / "llama3.1-8b.json"), "x")[0]
