@@ -134,3 +134,30 @@ def test_coefficient_table_matches_the_reference_implementation(mode):
     fitted = derive.solve(rows, ys)
     assert fitted is not None, "no exact fit: the reference implementation changed shape"
     assert dict(zip(BASIS, fitted)) == dict(zip(BASIS, COEFFICIENTS[f"{mode}/saved"]))
+
+
+@pytest.mark.parametrize("top", [dict(), dict(precision="pure"), dict(wl="lora"), dict(recompute="full"),
+                                 dict(recompute="selective")])
+def test_gemma2_soft_capping_costs_what_the_trace_says(top):
+    """Issue 25: Gemma-2's soft-capping is not memory-neutral. Eager attention keeps each layer's
+    tanh(scores / cap) (b*a*s^2), the final cap the tanh of the logits (t*V) until its backward;
+    what capping adds to each measured phase, detailed adds to the same phase (exactly: it is a
+    difference of traces, so the rest of the model's error, if any, cancels)."""
+    from dataclasses import replace
+
+    from conftest import model
+
+    base = replace(model("gemma-2-2b"), layers=2, hidden=256, heads=4, kv_heads=2, head_dim=64, ffn=512,
+                   vocab=8000)
+    peaks = {}
+    for caps in ((0.0, 0.0), (50.0, 30.0)):
+        spec = job(replace(base, attn_softcap=caps[0], final_softcap=caps[1]), measure="fake", attention="eager",
+                   seq=512, batch=2, **top)
+        m = measure(spec)
+        assert m.status == "ok", m.error
+        est = phase_peaks(Columns.from_specs([spec]))
+        peaks[caps] = {p: (v, float(est[p][0])) for p, v in m.phase_peaks.items()}
+    for phase, (capped, capped_est) in peaks[(50.0, 30.0)].items():
+        plain, plain_est = peaks[(0.0, 0.0)][phase]
+        assert capped_est - plain_est == capped - plain, phase
+    assert peaks[(50.0, 30.0)]["forward"][0] > peaks[(0.0, 0.0)]["forward"][0]

@@ -47,6 +47,8 @@ class Columns:
     block_norms: Array  # norms per block: 1, 2 or 4
     qk_norm: Array  # 0 none, 1 per head (head_dim weights each), 2 over all heads, 3 l2 (no weights)
     attention_sinks: Array  # 1: a learned sink logit per head and layer (gpt-oss)
+    attn_softcap: Array  # 1: eager attention scores soft-capped, tanh(x / cap) * cap (Gemma-2)
+    final_softcap: Array  # 1: the logits soft-capped the same way (Gemma-2)
     local_layers: Array  # layers with sliding-window attention
     window: Array  # their window, tokens
     mla: Array  # 1: multi-head latent attention (DeepSeek-V2/V3)
@@ -176,6 +178,7 @@ def model_values(m: ModelSpec) -> dict[str, float]:
         "v_head_dim": m.value_dim, "parallel_block": m.block == "parallel",
         "block_norms": m.block_norms, "qk_norm": QK_NORMS.index(m.qk_norm),
         "attention_sinks": m.attention_sinks, "local_layers": m.local_layers,
+        "attn_softcap": m.attn_softcap > 0, "final_softcap": m.final_softcap > 0,
         "window": m.sliding_window, "mla": m.mla, "q_lora_rank": m.q_lora_rank,
         "kv_lora_rank": m.kv_lora_rank, "rope_head_dim": m.rope_head_dim,
         "mla_latent_cache": m.mla and m.mla_cache == "latent",

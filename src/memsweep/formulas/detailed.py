@@ -426,7 +426,26 @@ def saved_activations_bytes(c: Columns) -> Array:
     """What autograd holds when the forward (and the loss) ends (incl. the fp32 log-softmax, t*V*4;
     with eager attention the b*a*s^2 probabilities; with recompute, the masks checkpoints hold)."""
     coef = SAVED[_mode_index(c)]
-    return (coef * basis_values(c)).sum(axis=-1) + ext_saved_bytes(c) + held_mask_bytes(c) + fused_loss_saved_bytes(c)
+    return ((coef * basis_values(c)).sum(axis=-1) + ext_saved_bytes(c) + held_mask_bytes(c) + fused_loss_saved_bytes(c)
+            + c.layers * softcap_scores_bytes(c) * (1 - c.recompute_full) * (1 - c.recompute_selective))
+
+
+def softcap_scores_bytes(c: Columns) -> Array:
+    """Gemma-2's attention soft-capping, one layer, eager training: tanh(scores / cap) * cap keeps
+    the tanh's output for its backward, b*a*s^2 in the scores' dtype (transformers'
+    gemma2 `eager_attention_forward`: the divide and the multiply by a number keep nothing).
+    Selective recompute re-runs the attention core (nothing kept); full recompute keeps it in the
+    re-run block only (`_recompute_block`)."""
+    on = (c.attn_softcap == 1) & (c.eager_attention == 1) & (c.training == 1)
+    return np.where(on, c.batch * c.heads * c.seq**2 * plain_matmul_bytes(c) / c.tp, 0.0)
+
+
+def final_softcap_bytes(c: Columns) -> Array:
+    """Gemma-2's final soft-capping, training: `logits / cap`, `tanh`, `* cap` (transformers'
+    Gemma2ForCausalLM.forward) keep the tanh's output, t*V in the logits' dtype, from the forward
+    until its backward (after the loss's); Liger's fused loss caps inside its kernel."""
+    on = (c.final_softcap == 1) & (c.training == 1) & (c.fused_loss == 0)
+    return np.where(on, c.batch * c.seq * c.vocab * plain_matmul_bytes(c) / c.tp, 0.0)
 
 
 def fused_loss_saved_bytes(c: Columns) -> Array:
@@ -514,7 +533,7 @@ def _recompute_block(c: Columns) -> tuple[Array, Array, Array, Array]:
                    + ext_saved_bytes(c, idx, EXT_LAYER_TERMS & ~EXT_HEAD_TERMS))
     none_idx = idx[:3] + (np.zeros_like(idx[3]), idx[4])
     one_layer = ((SAVED[none_idx] * b * (PER_LAYER_TERMS & ~FFN_TERM)).sum(axis=-1)
-                 + ext_saved_bytes(c, none_idx, EXT_LAYER_TERMS)) / c.layers
+                 + ext_saved_bytes(c, none_idx, EXT_LAYER_TERMS)) / c.layers + softcap_scores_bytes(c)
     eager = (c.eager_attention == 1) & (c.recompute_selective == 0)
     # the MLP backward: `RECOMPUTE_MLP_TENSORS` t*f tensors in the compute dtype (SwiGLU: gate, act
     # and up saved, and the three gradients of the product's backward, whether or not the product
@@ -838,8 +857,9 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
         Breakdown.of(w, weights=w, optimizer=o, gradients=g_acc,
                      activations=saved + act * (autocast_cache_bytes(c) + train_cache_bytes(c)
                                                 + final_hidden_bytes(c)),
-                     logits=lg * live_logits_bytes(c), overhead=overhead),
-        Breakdown.of(w, weights=w, optimizer=o, activations=saved, logits=lg * logits_gradient_bytes(c),
+                     logits=lg * (live_logits_bytes(c) + final_softcap_bytes(c)), overhead=overhead),
+        Breakdown.of(w, weights=w, optimizer=o, activations=saved,
+                     logits=lg * (logits_gradient_bytes(c) + final_softcap_bytes(c)),
                      gradients=g_acc, overhead=overhead),
         *(Breakdown.of(w, weights=w, optimizer=o, activations=act * head_acts,
                        gradients=k.gradients_factor * head_grads + g_acc, overhead=overhead)

@@ -179,6 +179,9 @@ class Attention(nn.Module):
         self.sinks = (nn.Parameter(torch.zeros(spec.heads, dtype=opts.dtype, device=opts.device))
                       if spec.attention_sinks else None)
         self.window = spec.sliding_window if local else 0
+        # Gemma-2's attention soft-capping: eager only (transformers' Gemma2 has no sdpa; a fused
+        # kernel that caps, flash-attn's softcap, keeps nothing more than it does without)
+        self.softcap = spec.attn_softcap
         self.causal = spec.decoder
         self.cache_sink: list[tuple[Tensor, Tensor]] | None = None  # set by ReferenceModel.forward
         self.eager = opts.attention == "eager"
@@ -310,6 +313,8 @@ class Attention(nn.Module):
             return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
                                                   enable_gqa=shared)
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, S)
+        if self.softcap:  # Gemma-2: tanh(scores / cap) * cap, before the mask; autograd keeps the tanh
+            scores = torch.tanh(scores / self.softcap) * self.softcap
         if mask is not None:
             scores = scores + (mask if mask.is_floating_point() else _additive(mask, self.mask_dtype))
         if self.sinks is None:
@@ -680,8 +685,18 @@ class ReferenceModel(nn.Module):
         del held  # transformers' model forward returns before its LM head runs
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight  # (V, h)
         if chunks > 1:
-            return [F.linear(part, head) for part in x.chunk(chunks, dim=1)]  # [(B, T / N, V)]
-        return F.linear(x, head)  # (B, T, V)
+            return [self._cap(F.linear(part, head)) for part in x.chunk(chunks, dim=1)]  # [(B, T / N, V)]
+        return self._cap(F.linear(x, head))  # (B, T, V)
+
+    def _cap(self, logits: Tensor) -> Tensor:
+        """Gemma-2's final soft-capping, as its ForCausalLM writes it: divide, tanh, multiply (three
+        logit-sized tensors made; autograd keeps the tanh's)."""
+        cap = self.spec.final_softcap
+        if not cap:
+            return logits
+        logits = logits / cap
+        logits = torch.tanh(logits)
+        return logits * cap
 
     def new_cache(self, batch: int, max_tokens: int) -> KVCache:
         """An empty cache for `batch` sequences of up to `max_tokens` tokens (decoders only)."""
