@@ -161,3 +161,26 @@ def test_gemma2_soft_capping_costs_what_the_trace_says(top):
         plain, plain_est = peaks[(0.0, 0.0)][phase]
         assert capped_est - plain_est == capped - plain, phase
     assert peaks[(50.0, 30.0)]["forward"][0] > peaks[(0.0, 0.0)]["forward"][0]
+
+
+@pytest.mark.parametrize("name,top", [
+    ("mixtral-8x7b", dict(wl="lora", batch=3)), ("qwen3-30b-a3b", dict(wl="lora", batch=2)),
+    ("gpt-oss-20b", dict(wl="lora")), ("gemma-2-2b", dict(attention="eager")), ("gemma-2-2b", dict(wl="lora")),
+])
+def test_pure_bf16_on_the_newer_architectures_is_within_1_percent_per_phase(name, top):
+    """Issue 25, part 2: pure-precision training and LoRA of the newer architectures (MoE, Gemma)
+    was never derived (their extra terms were fitted under mixed precision only): mixtral-8x7b
+    LoRA at batch 3 was -12 %. coefficients_ext.py now holds pure16 fits for train and q/k/v/o
+    LoRA, recompute none / full, sdpa / eager, of every class."""
+    from dataclasses import replace
+
+    from conftest import model
+
+    m0 = model(name)
+    spec = job(replace(m0, layers=2, dense_layers=min(m0.dense_layers, 1)), measure="fake", precision="pure",
+               seq=512, **{"batch": 1, **top})
+    m = measure(spec)
+    assert m.status == "ok", m.error
+    est = phase_peaks(Columns.from_specs([spec]))
+    for phase, measured in m.phase_peaks.items():
+        assert abs(est[phase][0] / measured - 1) <= 0.01, (phase, est[phase][0], measured)
