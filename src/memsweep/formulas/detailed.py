@@ -783,6 +783,10 @@ def prefill_attention_bytes(c: Columns) -> Array:
     # softmax(x, dtype=float32) of 16-bit scores first converts x to fp32 (ATen's softmax; CUDA
     # skips the copy for fp16 only, not bf16): the cast input and the fp32 output, 4 + 4 bytes
     probs = np.where(fp32_softmax(c), np.where(cb < FP32, 2 * FP32, FP32), cb)
+    # gpt-oss's sinks (transformers' gpt_oss eager_attention_forward): the scores stay referenced
+    # while the sink-extended copy less its row maximum and its softmax (in the scores' dtype) are
+    # made: three b*a*s^2 tensors in the compute dtype, not an fp32 softmax's
+    probs = np.where(c.attention_sinks == 1, 2 * cb, probs)
     eager = (t * 6.0 * c.hidden * cb + c.batch * c.heads * c.seq**2 * (cb + probs)) / c.tp + eager_mask_bytes(c)
     rope = np.where(c.learned_positions == 1, 0.0, 2.0 * c.seq * c.rope_dim * cb)
     return np.where(c.eager_attention == 1, eager + rope + inference_ids_bytes(c), 0.0)

@@ -322,8 +322,13 @@ class Attention(nn.Module):
             if self.holds_weights:
                 self.held_weights = probs  # GPT2Block keeps its attention weights to the block's end
             return probs @ v  # (B, nh, T, hs)
+        # gpt-oss (transformers' gpt_oss eager_attention_forward): the sink logit joins the masked
+        # scores, the row maximum is subtracted (a new tensor; the scores stay referenced), and the
+        # softmax runs in that dtype
         sink = self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(q.size(0), -1, T, 1)
-        probs = F.softmax(torch.cat((scores, sink), dim=-1), dim=-1)  # (B, nh, T, S + 1)
+        combined = torch.cat((scores, sink), dim=-1)  # (B, nh, T, S + 1)
+        combined = combined - combined.max(dim=-1, keepdim=True).values
+        probs = F.softmax(combined, dim=-1)
         return probs[..., :-1] @ v  # the sink takes probability mass, and adds no value
 
 
