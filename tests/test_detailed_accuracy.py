@@ -202,3 +202,17 @@ def test_gpt_oss_eager_prefill_holds_three_score_tensors_not_an_fp32_softmax(top
     assert m.status == "ok", m.error
     est = phase_peaks(Columns.from_specs([spec]))
     assert abs(est["prefill"][0] / m.phase_peaks["prefill"] - 1) <= 0.01
+
+
+def test_the_first_decode_step_of_a_sliding_window_model_is_its_decode_peak():
+    """Issue 25: after an 8k prompt, phi-3-mini's sliding layers still hold the prompt's storage
+    at the first decode step: the decode phase peaks there, not at the last step (was -17.6 %)."""
+    from dataclasses import replace
+
+    from conftest import model
+
+    spec = job(replace(model("phi-3-mini"), layers=2), measure="fake", wl="inference", seq=4096, batch=1)
+    m = measure(spec)
+    assert m.status == "ok", m.error
+    est = phase_peaks(Columns.from_specs([spec]))
+    assert abs(est["decode"][0] / m.phase_peaks["decode"] - 1) <= 0.01

@@ -714,6 +714,21 @@ def decode_kv_transient_bytes(c: Columns) -> Array:
     return np.where((c.training == 0) & (c.final_norm == 1) & (c.gen_tokens > 0), old, 0.0)
 
 
+def decode_first_step_kv_bytes(c: Columns) -> Array:
+    """The first decode step, in its first layer: every layer still holds what the prefill left
+    (`prefill_kv_bytes`: a sliding-window layer's view keeps the whole prompt's storage until its
+    own first decode step), and the first layer makes its new K and V: a local layer's of the
+    window (DynamicSlidingWindowLayer concatenates, then keeps the last window - 1 tokens), a global
+    one's keys of s + 1 tokens. With sliding-window layers and a prompt longer than the window this
+    is the decode phase's peak (phi-3-mini at 8k: the last step's was 17.6 % low); a prefill that
+    keeps activations beside the same cache is always larger in total."""
+    k_share = np.where((c.mla == 1) & (c.mla_latent_cache == 1), 1.0,
+                       c.head_dim / np.maximum(c.head_dim + c.v_head_dim, 1))
+    new = np.where(c.local_layers > 0, np.minimum(c.seq + 1, np.maximum(c.window, 1)), k_share * (c.seq + 1))
+    on = (c.training == 0) & (c.final_norm == 1) & (c.gen_tokens > 0)
+    return np.where(on, prefill_kv_bytes(c) + new * kv_token_bytes(c), 0.0)
+
+
 def inference_ids_bytes(c: Columns) -> Array:
     """int64 token ids (and learned-position ids)."""
     return 8.0 * c.batch * c.seq + c.learned_positions * 8.0 * c.seq
@@ -823,10 +838,12 @@ the logits alive); the backward's start (the logits' gradient); three moments of
 backward (its matmul; the fp32 gradient made from the 16-bit cast's; stepped there); a recomputed
 block; the first block's backward under full recompute (at its MLP, then at its softmax); the last
 layer's eager softmax backward; a tied embedding's end of backward; the optimizer step."""
-INFERENCE_PHASES = ("prefill", "prefill_logits", "prefill_scores", "decode", "decode_gqa_repeat", "decode_dequant")
+INFERENCE_PHASES = ("prefill", "prefill_logits", "prefill_scores", "decode", "decode_gqa_repeat", "decode_dequant",
+                    "decode_first_step")
 """Inference moments: inside a prefill layer's MLP; the LM head's logits; an eager prefill's
 scores; the last decode step growing the cache; its repeated GQA keys and values; a quantized
-model's dequantized matrix beside the whole cache."""
+model's dequantized matrix beside the whole cache; the first decode step, while sliding-window
+layers still hold the whole prompt's storage (`decode_first_step_kv_bytes`)."""
 SERVE_PHASE = "serve_profile"
 """A serving engine's rows: its profile run and the paged KV cache of `batch` sequences."""
 PHASES = (*TRAIN_PHASES, *INFERENCE_PHASES, SERVE_PHASE)
@@ -896,6 +913,7 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
         # a quantized model's last decode step dequantizes its largest matrix beside the whole cache
         Breakdown.of(w, weights=w, kv_cache=kv_decode, overhead=overhead,
                      activations=act * tq.dequant_bytes(c, compute_bytes(c)) * (c.gen_tokens > 0)),
+        Breakdown.of(w, weights=w, kv_cache=k.kv_cache_factor * decode_first_step_kv_bytes(c), overhead=overhead),
     ]
     serve = None
     if (c.serve == 1).any():
@@ -941,7 +959,7 @@ PHASE_OF_MOMENT = {
     "head_step": "backward", "backward_recompute": "backward", "backward_first_block": "backward",
     "backward_first_block_softmax": "backward", "attention_backward": "backward", "embedding_backward": "backward",
     "optimizer_step": "optimizer", "prefill": "prefill", "prefill_logits": "prefill", "prefill_scores": "prefill",
-    "decode": "decode", "decode_gqa_repeat": "decode", "decode_dequant": "decode",
+    "decode": "decode", "decode_gqa_repeat": "decode", "decode_dequant": "decode", "decode_first_step": "decode",
 }
 """Each moment's measured phase: the "loss" moment (the logits' gradient) is the first of backward."""
 
