@@ -5,6 +5,8 @@
     python scripts/accuracy.py --architectures      # issue 10: the 15 newer presets (MoE, MLA, Gemma, ...)
     python scripts/accuracy.py --impl hf            # issue 12: against the transformers models users run
     python scripts/accuracy.py --from outputs/accuracy/2026-11-25_02-10-00   # re-analyse
+    python scripts/accuracy.py --random 1000 --seed 0   # issue 25: configurations drawn from the whole key space
+    python scripts/accuracy.py --random 40 --seed 0 --small   # a few layers, seq <= 512 (what CI runs)
 
 The grid goes through normal Hydra multiruns of sweep.py (one per precision, since fp32 has no
 mixed mode, and inference separately, since recompute applies to training only):
@@ -224,6 +226,37 @@ def report_differences(hf: pl.DataFrame, reference: pl.DataFrame, out: Path) -> 
     write_parquet_atomic(both, out / "impl_differences.parquet")
 
 
+RANDOM_GOAL_TOTAL_PCT, RANDOM_GOAL_PHASE_PCT = 2.0, 3.0
+"""Issue 25's goal for a random draw: total worst <= 2 %, each phase's worst <= 3 %."""
+
+
+def random_draw(n: int, seed: int, small: bool, out: Path | None) -> int:
+    from memsweep.randomgrid import compare, draw, worst_by_feature
+
+    out = out or ROOT / "outputs" / "accuracy" / f"random-{n}-seed{seed}{'-small' if small else ''}"
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    errors = compare(draw(n, seed, small))
+    write_parquet_atomic(errors, out / "random_errors.parquet")
+    ok = errors.filter(pl.col("phase").is_not_null())
+    by_feature = worst_by_feature(errors)
+    totals = ok.unique("config")["total_error_pct"].abs()
+    skipped = errors.filter(pl.col("status") != "ok")
+    lines = [f"# detailed vs measure=fake on {n} random configurations (seed {seed}{', small' if small else ''})", "",
+             f"{ok['config'].n_unique()} measured, {skipped.height} not measured ({time.time() - started:.0f} s). "
+             f"Total |error|: median {totals.median():.3f} %, worst {totals.max():.2f} %; phase |error|: median "
+             f"{ok['error_pct'].abs().median():.3f} %, worst {ok['error_pct'].abs().max():.2f} % "
+             f"(goal: total <= {RANDOM_GOAL_TOTAL_PCT} %, phase <= {RANDOM_GOAL_PHASE_PCT} %).", "",
+             "## Worst per feature", "", markdown_table(by_feature), ""]
+    if skipped.height:
+        lines += ["## Not measured", "", markdown_table(skipped.select("config", "model", "workload", "error")), ""]
+    text = "\n".join(lines)
+    (out / "random.md").write_text(text)
+    print(text)
+    missed = totals.max() > RANDOM_GOAL_TOTAL_PCT or ok["error_pct"].abs().max() > RANDOM_GOAL_PHASE_PCT
+    return 1 if missed else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="output directory (default outputs/accuracy/<time>)")
@@ -238,7 +271,14 @@ def main() -> int:
                         help="what is measured: memsweep's reference models or transformers' (issue 12)")
     parser.add_argument("--against", type=Path,
                         help="with --impl hf: a reference run's directory; lists measured differences > 1 %% with causes")
+    parser.add_argument("--random", type=int, metavar="N",
+                        help="N configurations drawn from the whole key space (memsweep.randomgrid), detailed vs "
+                             "measure=fake per phase; prints the worst per feature")
+    parser.add_argument("--seed", type=int, default=0, help="with --random: the draw's seed")
+    parser.add_argument("--small", action="store_true", help="with --random: 1-2 layers, seq <= 512, batch <= 2")
     args = parser.parse_args()
+    if args.random:
+        return random_draw(args.random, args.seed, args.small, args.out)
     goal = (ARCH_GOAL_MEDIAN_PCT, ARCH_GOAL_WORST_PCT) if args.architectures else (GOAL_MEDIAN_PCT, GOAL_WORST_PCT)
     if args.source:
         out = args.source
