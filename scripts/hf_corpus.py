@@ -21,7 +21,6 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
-sys.path.insert(0, str(ROOT / "tests"))
 
 from memsweep.results import write_text_atomic  # noqa: E402
 
@@ -36,7 +35,7 @@ def full_form(cfg: dict) -> dict:
 
 
 def main() -> int:
-    from test_hf_config import transformers_count
+    from memsweep.hf_keys import transformers_count
 
     counts = {}
     (DATA / "full").mkdir(exist_ok=True)

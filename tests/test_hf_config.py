@@ -48,34 +48,12 @@ def test_every_required_model_type_has_a_real_config():
     assert REQUIRED_TYPES <= set(MODEL_TYPES)
 
 
-def transformers_count(cfg: dict) -> int:
-    """num_parameters() of the real transformers model's language part, built on the meta device
-    (no memory): the causal LM of the config; of a multimodal config, the whole model built from
-    the file less its vision tower and projector (language model + lm_head, tied as transformers
-    ties them)."""
-    import torch
-    import transformers
-
-    transformers.logging.set_verbosity_error()
-    mt = cfg["model_type"]
-    if mt in WRAPPERS:
-        config = transformers.AutoConfig.for_model(**cfg)
-        with torch.device("meta"):
-            m = transformers.AutoModelForImageTextToText.from_config(config)
-        parts = (m.model.language_model, m.lm_head) if hasattr(m, "model") else (m.language_model,)  # Llama-4
-        params = {id(p): p for mod in parts for p in mod.parameters()}
-        return sum(p.numel() for p in params.values())
-    config = transformers.CONFIG_MAPPING[mt](**{k: v for k, v in cfg.items() if k != "model_type"})
-    with torch.device("meta"):
-        m = (transformers.BertModel(config) if mt == "bert"
-             else transformers.AutoModelForCausalLM.from_config(config))
-    return sum(p.numel() for p in m.parameters())
-
-
 @pytest.fixture(scope="module")
 def hf_count():
     pytest.importorskip("torch")
     pytest.importorskip("transformers")
+    from memsweep.hf_keys import transformers_count
+
     return transformers_count
 
 

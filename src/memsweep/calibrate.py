@@ -116,11 +116,17 @@ class Calibration:
     """False when the refit did not lower the mean relative error: the constants were kept."""
 
 
+def _informative(formula: Formula, c: Columns, measured: np.ndarray):
+    """The fit's design (offset, A, constant names) and which constants the rows inform, judged on
+    the rows weighed as the fit weighs them (relative error: 1 / measured)."""
+    offset, A, names = design(formula, c)
+    return offset, A, names, identifiable(A * (1.0 / measured)[:, None])
+
+
 def calibrate(formula: Formula, c: Columns, measured: np.ndarray, name: str | None = None) -> Calibration:
     """Refit `formula`'s calibratable constants on rows `c` with measured peaks (bytes)."""
     measured = np.asarray(measured, dtype=float)
-    offset, A, names = design(formula, c)
-    informative = identifiable(A * (1.0 / measured)[:, None])  # as the fit weighs the rows
+    offset, A, names, informative = _informative(formula, c, measured)
     # what the constants the data cannot inform contribute stays, at their current values
     theta = np.array([getattr(formula.constants, n) for n in names], dtype=float)
     offset = offset + A[:, ~informative] @ theta[~informative]
@@ -151,8 +157,7 @@ predicts the one held out: it needs jobs of two models at least."""
 
 def informed(formula: Formula, c: Columns, measured: np.ndarray) -> tuple[str, ...]:
     """The constants of `formula` these rows can inform (what `calibrate` would fit)."""
-    _, A, names = design(formula, c)
-    keep = identifiable(A * (1.0 / np.asarray(measured, dtype=float))[:, None])
+    _, _, names, keep = _informative(formula, c, np.asarray(measured, dtype=float))
     return tuple(n for n, i in zip(names, keep) if i)
 
 

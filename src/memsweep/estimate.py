@@ -19,7 +19,7 @@ from memsweep.columns import Columns, active_params, base_params, model_values, 
 from memsweep.errors import ConfigError
 from memsweep.formulas import TERMS, Formula
 from memsweep.formulas.detailed import (
-    cpu_bytes, peak_breakdown, peak_phase, phase_peaks, serve_kv_sequence_bytes, serve_kv_token_bytes,
+    cpu_bytes, moment_report, peak_breakdown, serve_kv_sequence_bytes, serve_kv_token_bytes,
 )
 from memsweep.specs import JobSpec, ModelSpec
 from memsweep.units import GIB, MIB
@@ -255,9 +255,8 @@ def _job_rows(jobs: _Jobs, j: int, formulas: Sequence[Formula]) -> list[dict[str
                         lambda x: x.total - x.kv_cache)(jobs.breakdown(n, f, c, job)), j)
                     return float(got[k])
 
-                phases, k = jobs.at(("peak_phase", n), lambda c, job, f=formula: peak_phase(c, f.constants), j)
+                (phases, by_phase), k = jobs.at(("moments", n), lambda c, job, f=formula: moment_report(c, f.constants), j)
                 row.update(serve_fields(spec, value), peak_phase=str(phases[k]))
-                by_phase, k = jobs.at(("phase_peaks", n), lambda c, job, f=formula: phase_peaks(c, f.constants), j)
                 for phase, peaks in by_phase.items():
                     peak = float(peaks[k])
                     if np.isfinite(peak):

@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from memsweep.errors import ConfigError
-from memsweep.specs import MAX_LAYERS, ModelSpec
+from memsweep.specs import MAX_INT, MAX_LAYERS, ModelSpec, check_int, check_number
 
 # Keys that change neither the parameters nor the memory of a step: token ids, labels, epsilons,
 # RoPE bases and scaling, initialisation, output and generation settings, router losses and
@@ -114,13 +114,9 @@ def load_table() -> dict[str, Any]:
     return json.loads((files("memsweep") / TABLE_PATH).read_text())
 
 
-def _table() -> dict[str, Any]:
-    return load_table()
-
-
 def declared(model_type: str) -> dict[str, Any]:
     """{key: declared default} of a model type's configuration class in transformers (the table)."""
-    return {k: row["default"] for k, row in _table()["types"].get(model_type, {}).items()}
+    return {k: row["default"] for k, row in load_table()["types"].get(model_type, {}).items()}
 
 
 def kind_of_generic(key: str) -> str:
@@ -157,10 +153,6 @@ def keys_read(model_type: str, cfg: dict[str, Any]) -> set[str]:
     raise RuntimeError(f"{model_type}: the importer cannot read the class's default config")
 
 
-class Unknown(UserWarning):
-    """Keys no configuration class of transformers has: listed in one line, then ignored."""
-
-
 class _Reader:
     """Reads keys of one config with the model type's declared defaults (the table), remembering
     which it used; `finish` then sorts the rest: neutral keys pass, a memory-changing key it does
@@ -192,16 +184,19 @@ class _Reader:
         """The name under which the config holds `key` (an alias when that is what it has)."""
         return self.prefix + next((k for k in (key, *aliases) if k in self.cfg), key)
 
+    def touch(self, *keys: str) -> None:
+        """Count `keys` as read: the importer decided on them without their values (a key the
+        chosen layout ignores, as transformers does)."""
+        self.used.update(keys)
+
     def int(self, key: str, *aliases: str, minimum: int = 1, required: bool = True,
-            maximum: int = (1 << 31) - 1) -> int | None:
-        """An integer in [minimum, maximum]: JSON floats, strings, booleans and null are refused
-        (transformers would build nothing sensible of them). The maximum is int32's: every
-        dimension of a published model is far below it, and tensors index with it."""
+            maximum: int = MAX_INT) -> int | None:
+        """An integer in [minimum, maximum] (the specs' `check_int`): JSON floats, strings,
+        booleans and null are refused, named by the config's key."""
         value = self.get(key, *aliases, required=required)
         if value is None and not required:
             return None
-        if isinstance(value, bool) or not isinstance(value, int) or not minimum <= value <= maximum:
-            raise ConfigError(self.key_of(key, *aliases), value, f"an integer in [{minimum}, {maximum}]")
+        check_int(self.key_of(key, *aliases), value, minimum, maximum)
         return value
 
     def bool(self, key: str, *aliases: str) -> bool:
@@ -218,7 +213,7 @@ class _Reader:
     def finish(self) -> list[str]:
         """Refuse a key that changes memory, is not read and is not at its default; return the
         keys no configuration class has (the caller lists them in one warning line)."""
-        generic = _table()["generic"]
+        generic = load_table()["generic"]
         unknown = []
         for key, value in self.cfg.items():
             if key in self.used or key in NEUTRAL or key in DROPOUT or key in VISION or key.startswith("_"):
@@ -268,15 +263,12 @@ def _layer_kinds(r: _Reader, layers: int) -> tuple[tuple[str, ...], int]:
     mt = r.model_type
     if mt == "llama4_text":
         window = r.int("attention_chunk_size", required=False) or 0
-        r.used.update({"sliding_window"})
+        r.touch("sliding_window")
     else:
-        window = r.get("sliding_window", "sliding_window_size") or 0
-        if isinstance(window, bool) or not isinstance(window, int) or window < 0:
-            raise ConfigError(r.key_of("sliding_window", "sliding_window_size"), window,
-                              "an integer >= 0, or null (no sliding window)")
+        window = r.int("sliding_window", "sliding_window_size", minimum=0, required=False) or 0
     types = r.get("layer_types")
     if mt in SLIDING_QWEN:
-        r.get("max_window_layers", "use_sliding_window")
+        r.touch("max_window_layers", "use_sliding_window")
     if mt in SLIDING_QWEN and types is None:
         # Qwen: sliding attention only with use_sliding_window, from layer max_window_layers on.
         first = r.int("max_window_layers", minimum=0, required=False) or 0
@@ -295,8 +287,8 @@ def _layer_kinds(r: _Reader, layers: int) -> tuple[tuple[str, ...], int]:
         types = ["full_attention"] * layers  # layer_types lists sliding layers only when enabled
     elif types is None:
         types = ["sliding_attention" if window else "full_attention"] * layers
-    else:
-        r.get("sliding_window_pattern", "_sliding_window_pattern", "max_window_layers", "use_sliding_window")
+    else:  # layer_types decides; the pattern keys are transformers' defaults for it
+        r.touch("sliding_window_pattern", "_sliding_window_pattern")
     if not isinstance(types, list) or len(types) != layers:
         raise r.fail("layer_types", f"a list of {layers} entries (one per layer)")
     kinds = []
@@ -354,18 +346,14 @@ def _rotary_fraction(r: _Reader, key: str = "partial_rotary_factor", default: fl
         fraction = default
     if fraction in (1, 1.0):
         return None
-    if isinstance(fraction, bool) or not isinstance(fraction, (int, float)) or not 0 < fraction <= 1:
-        raise r.fail(key, "a number in (0, 1]")
-    return float(fraction)
+    return check_number(r.key_of(key), fraction, 0.0, 1.0, above_minimum=True)
 
 
 def _softcap(r: _Reader, key: str) -> float:
     value = r.get(key)
     if value is None:
         return 0.0
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or value < 0:
-        raise ConfigError(r.key_of(key), value, "a number >= 0, or null (no soft-capping)")
-    return float(value)
+    return check_number(r.key_of(key), value, 0.0, allowed="a number >= 0, or null (no soft-capping)")
 
 
 def _llama_like(r: _Reader) -> dict[str, Any]:
@@ -534,7 +522,7 @@ def _falcon(r: _Reader) -> dict[str, Any]:
         raise r.fail("activation", ", ".join(PLAIN_GELU))
     h, heads = r.int("hidden_size"), r.int("num_attention_heads")
     new_arch, parallel = r.bool("new_decoder_architecture"), r.bool("parallel_attn")
-    r.get("num_kv_heads", "num_ln_in_parallel_attn")  # read by the new architecture only
+    r.touch("num_kv_heads", "num_ln_in_parallel_attn")  # read by the new architecture only
     if new_arch:  # Falcon-40B/180B: grouped KV heads, a norm for attention and one for the MLP
         kv = r.int("num_kv_heads", required=False) or heads
         norms = r.int("num_ln_in_parallel_attn", required=False) or 2
@@ -573,7 +561,7 @@ def text_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], str]:
     if isinstance(text, dict):
         inner, prefix = {"model_type": inner_type, **text}, "text_config."
     elif text is None and flat:
-        own = set(_table()["types"].get(outer, {})) | NEUTRAL | VISION
+        own = set(load_table()["types"].get(outer, {})) | NEUTRAL | VISION
         inner, prefix = {k: v for k, v in cfg.items() if k not in own or k in declared(inner_type)}, ""
         inner["model_type"] = inner_type
     elif text is None:
@@ -595,8 +583,7 @@ def import_config(cfg: dict[str, Any], name: str) -> tuple[ModelSpec, list[str]]
     inner, prefix = text_config(cfg)
     model_type = inner.get("model_type")
     if not isinstance(model_type, str) or model_type not in MAPPERS:
-        key = "model_type" if not prefix or "model_type" not in inner else f"{prefix}model_type"
-        raise ConfigError(key, model_type, ", ".join(sorted(set(MAPPERS) | set(WRAPPERS))))
+        raise ConfigError(f"{prefix}model_type", model_type, ", ".join(sorted(set(MAPPERS) | set(WRAPPERS))))
     r = _Reader(inner, model_type, prefix)
     fields = MAPPERS[model_type](r)
     unknown = r.finish()

@@ -14,6 +14,8 @@ different one (`saved`), and its kind:
 
 The table is generated from transformers (`python scripts/hf_keys.py`, which `build_table`
 does) and read without it (`hf_config.load_table`); tests/test_hf_config.py regenerates it and compares.
+`transformers_count` is transformers' own parameter count of a config (what the importer's counts are
+checked against: tests/test_hf_config.py, scripts/hf_corpus.py).
 """
 
 from __future__ import annotations
@@ -82,3 +84,27 @@ def build_table() -> dict[str, Any]:
 
 def dumps(table: dict[str, Any]) -> str:
     return json.dumps(table, indent=1, sort_keys=False) + "\n"
+
+
+def transformers_count(cfg: dict) -> int:
+    """num_parameters() of the real transformers model's language part, built on the meta device
+    (no memory): the causal LM of the config; of a multimodal config, the whole model built from
+    the file less its vision tower and projector (language model + lm_head, tied as transformers
+    ties them)."""
+    import torch
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    mt = cfg["model_type"]
+    if mt in hf_config.WRAPPERS:
+        config = transformers.AutoConfig.for_model(**cfg)
+        with torch.device("meta"):
+            m = transformers.AutoModelForImageTextToText.from_config(config)
+        parts = (m.model.language_model, m.lm_head) if hasattr(m, "model") else (m.language_model,)  # Llama-4
+        params = {id(p): p for mod in parts for p in mod.parameters()}
+        return sum(p.numel() for p in params.values())
+    config = transformers.CONFIG_MAPPING[mt](**{k: v for k, v in cfg.items() if k != "model_type"})
+    with torch.device("meta"):
+        m = (transformers.BertModel(config) if mt == "bert"
+             else transformers.AutoModelForCausalLM.from_config(config))
+    return sum(p.numel() for p in m.parameters())

@@ -27,10 +27,16 @@ def conf_dir() -> Path:
     data (`memsweep/conf`, pyproject.toml maps the top-level conf/ onto it)."""
     if os.environ.get("MEMSWEEP_CONF"):
         return Path(os.environ["MEMSWEEP_CONF"])
+    return checkout_conf() or Path(str(files("memsweep") / "conf"))
+
+
+def checkout_conf() -> Path | None:
+    """The checkout's conf/ when this module runs from a checkout (plain or editable), else None
+    (a `pip install .`: its presets are package data, not a user's to change)."""
     root = Path(__file__).resolve().parents[2]
     if (root / "pyproject.toml").is_file() and (root / "conf" / "config.yaml").is_file():
         return root / "conf"
-    return Path(str(files("memsweep") / "conf"))
+    return None
 
 
 CONF_DIR = conf_dir()

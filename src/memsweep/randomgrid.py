@@ -26,7 +26,8 @@ from typing import Any
 import polars as pl
 
 from memsweep.errors import ConfigError
-from memsweep.specs import JobSpec, LossSpec, OffloadSpec
+from memsweep.presets import job_spec, load_preset, model_spec, workload_spec
+from memsweep.specs import JobSpec, LossSpec, OffloadSpec, OptimizerSpec
 
 MODELS = ("tiny", "gpt2", "bert-base-uncased", "llama3.2-1b", "llama3-8b", "mistral-7b", "qwen2.5-0.5b", "qwen3-8b",
           "phi-3-mini", "gemma-2-2b", "gemma-3-12b", "mixtral-8x7b", "qwen3-30b-a3b", "gpt-oss-20b", "deepseek-v3",
@@ -39,8 +40,6 @@ FEATURES = ("model", "family", "workload", "targets", "dtype", "precision", "rec
 
 
 def _one(rng: random.Random, small: bool) -> tuple[JobSpec, dict[str, Any]]:
-    from memsweep.presets import job_spec, model_spec, workload_spec
-
     name = rng.choice(MODELS)
     m = model_spec(name)
     layers = rng.choice((1, 2)) if small else rng.choice((2, 3, 4))
@@ -65,9 +64,6 @@ def _one(rng: random.Random, small: bool) -> tuple[JobSpec, dict[str, Any]]:
     recompute = rng.choice(("none", "none", "full", "selective")) if training else "none"
     attention = rng.choice(("sdpa", "sdpa", "eager"))
     optimizer = rng.choice(OPTIMIZERS) if training else "adamw"
-    from memsweep.presets import load_preset
-    from memsweep.specs import OptimizerSpec
-
     opt = OptimizerSpec(**load_preset("optimizer", optimizer))
     in_backward = training and rng.random() < 0.15
     if in_backward:

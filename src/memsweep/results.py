@@ -384,13 +384,13 @@ def check_ours(df: pl.DataFrame) -> pl.DataFrame:
     return df
 
 
-def foreign_file(path: Path) -> str | None:
+def foreign_file(path: Path, unreadable: str | None = None) -> str | None:
     """Why the Parquet file at `path` is not memsweep's (its columns, read from the footer
-    only), or None; a file that cannot be read says nothing either way."""
+    only), or None; a file that cannot be read says `unreadable` (by default nothing either way)."""
     try:
         return foreign_columns(pl.read_parquet_schema(path))
     except Exception:
-        return None
+        return unreadable
 
 
 def _compatible(found: pl.DataType, wanted: pl.DataType) -> bool:
@@ -576,14 +576,6 @@ def _listed(names: list[str], shown: int = 3) -> str:
     return ", ".join(names[:shown]) + more
 
 
-def _is_ours(path: Path) -> bool:
-    """A Parquet file whose columns (its footer alone is read) are memsweep's."""
-    try:
-        return path.is_file() and foreign_columns(pl.read_parquet_schema(path)) is None
-    except Exception:
-        return False
-
-
 def sweep_markers(root: Path) -> dict[str, list[str]]:
     """What marks `root` as a directory memsweep wrote, from it and the folders right under it,
     never deeper: Hydra's multirun.yaml and .hydra/, memsweep's grids.json, a rows.parquet or
@@ -593,7 +585,8 @@ def sweep_markers(root: Path) -> dict[str, list[str]]:
         found = [n for n in SWEEP_FILES if (d / n).is_file()]
         found += [".hydra/"] if (d / ".hydra").is_dir() else []
         if not found:  # a Parquet footer is read only where nothing cheaper says so
-            found = [n for n in (PART_NAME, RESULTS_NAME) if _is_ours(d / n)]
+            found = [n for n in (PART_NAME, RESULTS_NAME)
+                     if (d / n).is_file() and foreign_file(d / n, unreadable="unreadable") is None]
         return found
 
     root = Path(root)

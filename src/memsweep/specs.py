@@ -69,6 +69,17 @@ def check_int(key: str, value: object, minimum: int = 1, maximum: int = MAX_INT)
             f" and <= {maximum} (2^31 - 1)" if maximum == MAX_INT else f" and <= {maximum}"))
 
 
+def check_number(key: str, value: object, minimum: float, maximum: float = float("inf"),
+                 above_minimum: bool = False, allowed: str | None = None) -> float:
+    """A finite real number in [minimum, maximum] ((minimum, maximum] with `above_minimum`), as a float."""
+    ok = (not isinstance(value, bool) and isinstance(value, (int, float)) and value <= maximum
+          and (value > minimum if above_minimum else value >= minimum) and value != float("inf"))
+    if not ok:
+        bounds = f"{'(' if above_minimum else '['}{minimum:g}, {maximum:g}]"
+        raise ConfigError(key, value, allowed or f"a number in {bounds}")
+    return float(value)
+
+
 def check_choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(key, value, allowed)
@@ -230,12 +241,8 @@ class ModelSpec:
                 f"a divisor of model.heads={self.heads}: {', '.join(map(str, divisors))}",
             )
         for key in ("attn_softcap", "final_softcap"):
-            value = getattr(self, key)
-            if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < float("inf"):
-                raise ConfigError(f"model.{key}", value, "a number >= 0 (0: no soft-capping)")
-        if (isinstance(self.rotary_fraction, bool) or not isinstance(self.rotary_fraction, (int, float))
-                or not 0 < self.rotary_fraction <= 1):
-            raise ConfigError("model.rotary_fraction", self.rotary_fraction, "a number in (0, 1]")
+            check_number(f"model.{key}", getattr(self, key), 0.0, allowed="a number >= 0 (0: no soft-capping)")
+        check_number("model.rotary_fraction", self.rotary_fraction, 0.0, 1.0, above_minimum=True)
         if self.position == "rope" and self.rope_dim % 2:
             raise ConfigError("model.head_dim", self.dim_per_head,
                               "an even number (rotary embeddings rotate pairs of dimensions)")

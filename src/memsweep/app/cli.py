@@ -117,7 +117,7 @@ def parse_overrides(argv: list[str]) -> list[Override]:
         return []
 
 
-def _values(o: Override) -> list[str] | None:
+def override_values(o: Override) -> list[str] | None:
     """The values of an override, sweeps expanded; None for sweeps Hydra resolves itself."""
     try:
         return list(o.sweep_string_iterator()) if o.is_sweep_override() else [override_value(o)]
@@ -147,7 +147,7 @@ def check_overrides(argv: list[str], conf_dir: Path) -> None:
     for o in overrides:
         key = o.key_or_group
         if key in GROUPS:
-            values = _values(o)
+            values = override_values(o)
             allowed_presets = sorted({*presets(conf_dir, key), *(n for d in user_conf_dirs(argv) for n in presets(d, key))})
             for value in values or ():
                 if value == "null" and key in OPTIONAL_GROUPS:
@@ -166,11 +166,11 @@ def check_overrides(argv: list[str], conf_dir: Path) -> None:
             if rest and rest.split(".")[0] not in nested:
                 raise ConfigError(key, override_value(o), f"keys of {group}: {', '.join(nested) or 'none (a value)'}")
             if key in SWITCHES:
-                for value in _values(o) or [override_value(o)]:
+                for value in override_values(o) or [override_value(o)]:
                     if str(value).lower() not in ("true", "false"):
                         raise ConfigError(key, value, "true, false")
             if key in VALUE_CHECKS:
-                for value in _values(o) or ():
+                for value in override_values(o) or ():
                     if "$" not in str(value):  # an interpolation resolves per job (and is checked there)
                         VALUE_CHECKS[key](_number(value), key)
         elif rest:

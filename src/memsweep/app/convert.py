@@ -7,30 +7,40 @@ range and cross-field checks live in the spec dataclasses themselves.
 from __future__ import annotations
 
 import dataclasses
-
 from dataclasses import MISSING, fields
+from functools import cache
 from typing import Any
 
 from omegaconf import DictConfig, OmegaConf
 from omegaconf.errors import OmegaConfBaseException
 
+from memsweep.app.cli import GROUPS, top_keys
 from memsweep.capacity import DEFAULT_MARGIN
 from memsweep.errors import ConfigError
 from memsweep.formulas import FORMULAS, Formula, formula_from_dict, get_formula
 from memsweep.hf_config import config_path, default_name, read_config, spec_from_config, unmodelled_spec
+from memsweep.presets import CONF_DIR
 from memsweep.specs import (
     Hardware, JobSpec, LossSpec, MeasureSpec, OffloadSpec, ModelSpec, OptimizerSpec, Parallel, Workload, model_fields,
 )
 
 JOB_KEYS = ("seq", "batch", "dtype", "precision", "recompute", "attention")
-GROUP_KEYS = ("model", "workload", "optimizer", "hardware", "parallel", "measure", "formula")
-OTHER_KEYS = ("kv_dtype", "grad_accum", "mixed_policy", "margin", "offload", "loss", "resume", "add", "formulas",
-              "time", "hydra")
-"""Every top-level key a job reads (conf/config.yaml's); any other (`+foo=1`) is refused, not ignored."""
-SHIPPED_WORKLOADS = {"train": "train", "lora": "lora", "qlora": "lora", "qlora-torchtune": "lora",
-                     "inference": "inference", "serve": "serve"}
-"""conf/workload/'s presets and their kind: overriding `workload.kind` under one of these names
-would label a prefill `train`; a kind of one's own is a preset of one's own (any other name)."""
+
+
+@cache
+def top_level_keys() -> frozenset[str]:
+    """Every top-level key a job reads: conf/config.yaml's keys, its groups and Hydra's node; any
+    other (`+foo=1`) is refused, not ignored."""
+    return frozenset((*top_keys(CONF_DIR), *GROUPS, "hydra"))
+
+
+@cache
+def shipped_kind(workload: str) -> str | None:
+    """The kind of the shipped workload preset of that name (conf/workload/), or None: overriding
+    `workload.kind` under a shipped name would label a prefill `train`; a kind of one's own is a
+    preset of one's own (any other name)."""
+    path = CONF_DIR / "workload" / f"{workload}.yaml"
+    return OmegaConf.load(path).get("kind") if path.is_file() else None
 
 
 def precision_of(c: dict) -> str:
@@ -81,12 +91,12 @@ def resolved(cfg: DictConfig) -> dict:
 def to_job_spec(cfg: DictConfig | dict) -> JobSpec:
     c = resolved(cfg) if isinstance(cfg, DictConfig) else dict(cfg)
     for key in c:
-        if key not in JOB_KEYS + GROUP_KEYS + OTHER_KEYS:
-            raise ConfigError(key, c[key], f"top-level keys: {', '.join(JOB_KEYS + OTHER_KEYS[:-1])} "
-                                           f"and the groups {', '.join(GROUP_KEYS)}")
+        if key not in top_level_keys():
+            raise ConfigError(key, c[key], f"top-level keys: {', '.join(top_keys(CONF_DIR))} "
+                                           f"and the groups {', '.join(GROUPS)}")
     model = model_of(c.get("model"), c.get("measure"))
     w = dict(_group(Workload, "workload", c.get("workload")))
-    shipped = SHIPPED_WORKLOADS.get(w.get("name"))
+    shipped = shipped_kind(w["name"]) if isinstance(w.get("name"), str) else None
     if shipped is not None and w.get("kind") != shipped:
         raise ConfigError("workload.kind", w.get("kind"), f"{shipped} under workload={w['name']} (for another "
                                                          f"kind choose its preset: workload=inference, ...)")

@@ -27,14 +27,12 @@ NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]*$")
 
 
 def default_conf_dir() -> tuple[Path, bool]:
-    """(where presets go, whether the sweep reads it without --config-dir)."""
+    """(where presets go, whether the sweep reads it without --config-dir): the sweep's own
+    presets (`presets.conf_dir`) unless they are an installed package's, else ./conf."""
     from memsweep import presets
 
-    if os.environ.get("MEMSWEEP_CONF"):
-        return Path(os.environ["MEMSWEEP_CONF"]), True
-    root = Path(presets.__file__).resolve().parents[2]
-    if (root / "pyproject.toml").is_file() and presets.CONF_DIR == root / "conf":
-        return root / "conf", True
+    if os.environ.get("MEMSWEEP_CONF") or presets.checkout_conf():
+        return presets.conf_dir(), True
     return Path.cwd() / "conf", False
 
 

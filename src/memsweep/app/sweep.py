@@ -23,7 +23,7 @@ from omegaconf.errors import OmegaConfBaseException
 
 from memsweep.app import callbacks, job
 from memsweep.app.cli import (
-    check_overrides, check_writable, default_choices, grid_subdir, output_dir, override_value, parse_overrides,
+    check_overrides, check_writable, default_choices, grid_subdir, output_dir, override_values, parse_overrides,
     split_argv, user_conf_dirs, without_null_options,
 )
 from memsweep.errors import ConfigError
@@ -57,10 +57,7 @@ def measure_backends(argv: list[str], conf_dir: Path = CONF_DIR) -> list[tuple[s
     `backend`, or `measure.backend=` itself. [] where Hydra alone can tell (a glob, a range)."""
 
     def values(o) -> list[str]:
-        try:
-            return [str(v) for v in o.sweep_string_iterator()] if o.is_sweep_override() else [override_value(o)]
-        except Exception:  # glob(), range(): Hydra expands them
-            return []
+        return [str(v) for v in override_values(o) or ()]  # glob(), range(): Hydra expands them
 
     overrides = [o for o in parse_overrides(argv) if not o.is_delete()]
     backend = next((o for o in overrides if o.key_or_group == "measure.backend"), None)

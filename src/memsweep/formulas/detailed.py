@@ -940,13 +940,7 @@ def peak_breakdown(c: Columns, k: DetailedConstants) -> Breakdown:
 def peak_phase(c: Columns, k: DetailedConstants = DetailedConstants()) -> np.ndarray:
     """Per row, the name of the moment `peak_breakdown` reports (PHASES): the first of the
     largest total, as `_largest` picks it."""
-    train, infer, serve = _moments(c, k)
-
-    def first_largest(moments: list[Breakdown], names: tuple[str, ...]) -> np.ndarray:
-        return np.asarray(names, dtype=object)[np.argmax(np.stack([m.total for m in moments]), axis=0)]
-
-    out = np.where(c.training == 1, first_largest(train, TRAIN_PHASES), first_largest(infer, INFERENCE_PHASES))
-    return out if serve is None else np.where(c.serve == 1, SERVE_PHASE, out)
+    return moment_report(c, k)[0]
 
 
 MEASURED_PHASES = ("forward", "backward", "optimizer", "prefill", "decode")
@@ -969,20 +963,29 @@ def phase_peaks(c: Columns, k: DetailedConstants = DetailedConstants()) -> dict[
     the estimate stands next to its measured peak (a right total over a wrong forward shows);
     NaN where a row has no such phase (training rows: prefill and decode; inference and serving
     rows: the training phases; serving rows: every phase, their peak is the engine's profile)."""
-    train, infer, _ = _moments(c, k)
-    assert len(train) == len(TRAIN_PHASES) and len(infer) == len(INFERENCE_PHASES)  # named as peak_phase names them
-    names = (*TRAIN_PHASES, *INFERENCE_PHASES)
-    out = {phase: np.full(np.shape(c.batch), -np.inf) for phase in MEASURED_PHASES}
-    for name, moment in zip(names, [*train, *infer]):
+    return moment_report(c, k)[1]
+
+
+def moment_report(c: Columns, k: DetailedConstants = DetailedConstants()) -> tuple[np.ndarray, dict[str, Array]]:
+    """(`peak_phase`, `phase_peaks`) from one evaluation of the moments (a sweep reports both)."""
+    train, infer, serve = _moments(c, k)
+    assert len(train) == len(TRAIN_PHASES) and len(infer) == len(INFERENCE_PHASES)  # named in that order
+    train_totals, infer_totals = np.stack([m.total for m in train]), np.stack([m.total for m in infer])
+    names = np.where(c.training == 1, np.asarray(TRAIN_PHASES, dtype=object)[np.argmax(train_totals, axis=0)],
+                     np.asarray(INFERENCE_PHASES, dtype=object)[np.argmax(infer_totals, axis=0)])
+    if serve is not None:
+        names = np.where(c.serve == 1, SERVE_PHASE, names)
+    peaks = {phase: np.full(np.shape(c.batch), -np.inf) for phase in MEASURED_PHASES}
+    for name, total in zip((*TRAIN_PHASES, *INFERENCE_PHASES), (*train_totals, *infer_totals)):
         phase = PHASE_OF_MOMENT[name]
-        out[phase] = np.maximum(out[phase], moment.total)
+        peaks[phase] = np.maximum(peaks[phase], total)
     training, serving = c.training == 1, c.serve == 1
-    for phase, value in out.items():
+    for phase, value in peaks.items():
         applies = training if phase in ("forward", "backward", "optimizer") else ~training
         if phase == "decode":
             applies = applies & (c.gen_tokens > 0)
-        out[phase] = np.where(applies & ~serving & np.isfinite(value), value, np.nan)
-    return out
+        peaks[phase] = np.where(applies & ~serving & np.isfinite(value), value, np.nan)
+    return names, peaks
 
 
 # --- serving (vLLM) ---------------------------------------------------------------------------
