@@ -56,9 +56,8 @@ def write_plot(plan: Plan, path: Path) -> Path:
                     ax.plot(d["seq"], d["total_gib"], color=colors[m], ls=styles[b], lw=1.5)
         ax.set_xscale("log", base=2)
         ax.set_yscale("log")
-        lo, hi = ax.get_ylim()
-        top = max(hi, max(c for _, c in caps) / GIB * 1.3)
-        ax.set_ylim(lo, top)
+        lo, hi = ax.get_ylim()  # every capacity line inside the panel, below the curves too
+        ax.set_ylim(min(lo, min(c for _, c in caps) / GIB / 1.3), max(hi, max(c for _, c in caps) / GIB * 1.3))
         for _, cap in caps:
             ax.axhline(cap / GIB, color="0.45", ls=(0, (4, 3)), lw=0.8, zorder=0)
         right = ax.twinx()  # capacity names as ticks of the right-hand axis: never over a curve
