@@ -68,12 +68,32 @@ def test_fake_times_nothing():
     assert set(times(m).values()) == {None} and m.step_time_s is None
 
 
+COVER = 0.95
+"""The share of a step its phase spans cover when nothing else runs: they miss only the gaps
+between them. The best of a few steps is checked, so a preemption on a loaded machine (CI's two
+workers on two cores) does not fail a test of what is timed where."""
+
+
+def covered(step: dict[str, list[float]]) -> float:
+    """The share of one step's span its phases' spans cover (forward and backward summed over
+    micro-batches, decode over tokens)."""
+    return sum(sum(v) for name, v in step.items() if name != "step") / step["step"][0]
+
+
 def test_training_phases_add_up_to_the_step():
-    # one timed step: each median is that step's, so the phases miss only the gaps between them;
-    # forward and backward are summed over the micro-batches
-    m = measure(tiny("cpu", repeats=1, grad_accum=2))
+    # each step: forward and backward spans summed over the micro-batches, and the optimizer's,
+    # never more than the step and, at best, all of it but the gaps between them
+    spec = tiny("cpu", grad_accum=2)
+    prepared, timer = prepare(spec, "cpu"), KeepingTimer()
+    prepared.step()  # warm-up: optimizer state exists
+    timed_steps(prepared, timer, repeats=4)
+    for step in timer.steps:
+        assert len(step["forward"]) == len(step["backward"]) == 2 and len(step["optimizer"]) == 1
+        assert covered(step) <= 1.0
+    assert max(covered(step) for step in timer.steps) >= COVER
+    m = measure(tiny("cpu", repeats=1, grad_accum=2))  # the row: the same phases, each > 0
     assert m.status == "ok", m.error
-    assert phase_sum(m) == pytest.approx(m.step_time_s, rel=0.05)
+    assert 0 < phase_sum(m) <= m.step_time_s
 
 
 class KeepingTimer(PerfCounterTimer):
@@ -92,10 +112,11 @@ def test_inference_phases_add_up_to_the_step():
     spec = tiny("cpu", wl=workload("inference", gen_tokens=GEN))
     prepared, timer = prepare(spec, "cpu"), KeepingTimer()
     prepared.step()  # warm-up
-    timed = timed_steps(prepared, timer, repeats=2)
+    timed = timed_steps(prepared, timer, repeats=4)
     for step in timer.steps:
         assert len(step["prefill"]) == 1 and len(step["decode_token"]) == GEN
-        assert step["prefill"][0] + sum(step["decode_token"]) == pytest.approx(step["step"][0], rel=0.05)
+        assert covered(step) <= 1.0
+    assert max(covered(step) for step in timer.steps) >= COVER
     assert set(timed.phases) == {"prefill", "decode_token"}
     # the row's decode time is a median token's (one slow token moves it little; a sum's check
     # against the step is the spans' above)
