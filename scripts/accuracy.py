@@ -7,6 +7,7 @@
     python scripts/accuracy.py --from outputs/accuracy/2026-11-25_02-10-00   # re-analyse
     python scripts/accuracy.py --random 1000 --seed 0   # issue 25: configurations drawn from the whole key space
     python scripts/accuracy.py --random 40 --seed 0 --small   # a few layers, seq <= 512 (what CI runs)
+    python scripts/accuracy.py --families           # issue 25: every shipped family through transformers
 
 The grid goes through normal Hydra multiruns of sweep.py (one per precision, since fp32 has no
 mixed mode, and inference separately, since recompute applies to training only):
@@ -257,6 +258,35 @@ def random_draw(n: int, seed: int, small: bool, out: Path | None) -> int:
     return 1 if missed else 0
 
 
+def family_table(seqs: tuple[int, ...], out: Path | None) -> int:
+    """Issue 25: every shipped family through transformers (measure.impl=hf), detailed's total and
+    phase peaks against it (memsweep.randomgrid.family_grid)."""
+    from memsweep.randomgrid import compare, family_grid
+
+    out = out or ROOT / "outputs" / "accuracy" / "families"
+    out.mkdir(parents=True, exist_ok=True)
+    started = time.time()
+    errors = compare(family_grid(seqs))
+    write_parquet_atomic(errors, out / "family_errors.parquet")
+    ok = errors.filter(pl.col("phase").is_not_null())
+    wide = (ok.pivot(on="phase", index=["model", "workload", "seq", "total_error_pct"], values="error_pct")
+            .sort("model", "workload", "seq"))
+    totals = ok.unique("config")["total_error_pct"].abs()
+    skipped = errors.filter(pl.col("status") != "ok")
+    lines = [f"# detailed vs transformers (measure.impl=hf, fake), every shipped family, seq {seqs}", "",
+             f"{ok['config'].n_unique()} measured, {skipped.height} not measured ({time.time() - started:.0f} s). "
+             f"Total |error|: median {totals.median():.3f} %, worst {totals.max():.2f} %; phase |error|: median "
+             f"{ok['error_pct'].abs().median():.3f} %, worst {ok['error_pct'].abs().max():.2f} % (goal: 3 %).", "",
+             "Error % of the total and of each phase's peak (+: detailed above transformers).", "",
+             markdown_table(wide.with_columns(pl.exclude("model", "workload", "seq").round(2))), ""]
+    if skipped.height:
+        lines += ["## Not measured", "", markdown_table(skipped.select("model", "workload", "seq", "error")), ""]
+    text = "\n".join(lines)
+    (out / "families.md").write_text(text)
+    print(text)
+    return 1 if totals.max() > 3.0 or ok["error_pct"].abs().max() > 3.0 else 0
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--out", type=Path, help="output directory (default outputs/accuracy/<time>)")
@@ -276,7 +306,13 @@ def main() -> int:
                              "measure=fake per phase; prints the worst per feature")
     parser.add_argument("--seed", type=int, default=0, help="with --random: the draw's seed")
     parser.add_argument("--small", action="store_true", help="with --random: 1-2 layers, seq <= 512, batch <= 2")
+    parser.add_argument("--families", action="store_true",
+                        help="every shipped family through transformers (measure.impl=hf), train mixed / pure, "
+                             "LoRA, inference at seq 2048 and 8192 (issue 25)")
+    parser.add_argument("--seqs", default="2048,8192", help="with --families: the sequence lengths")
     args = parser.parse_args()
+    if args.families:
+        return family_table(tuple(int(s) for s in args.seqs.split(",")), args.out)
     if args.random:
         return random_draw(args.random, args.seed, args.small, args.out)
     goal = (ARCH_GOAL_MEDIAN_PCT, ARCH_GOAL_WORST_PCT) if args.architectures else (GOAL_MEDIAN_PCT, GOAL_WORST_PCT)

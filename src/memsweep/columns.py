@@ -13,7 +13,7 @@ from dataclasses import dataclass, fields
 
 import numpy as np
 
-from memsweep.specs import GATED_MLPS, QK_NORMS, JobSpec, ModelSpec
+from memsweep.specs import ACTIVATIONS, GATED_MLPS, QK_NORMS, JobSpec, ModelSpec
 
 Array = np.ndarray
 FAMILY_CODES = {"gpt2": 0, "llama": 1, "bert": 2}
@@ -66,6 +66,7 @@ class Columns:
     rope_dim: Array  # dimensions of each query / key head that RoPE rotates (0: learned positions)
     layer_norm: Array  # 1: LayerNorm (with or without bias) rather than RMSNorm
     geglu: Array  # 1: the gated MLP's activation is tanh-GELU (Gemma) rather than SiLU
+    gelu_ops: Array  # 0 fused GELU; 1 gelu_fast, 2 gelu_new, 3 gelu_python written out op by op
     # workload
     batch: Array
     seq: Array
@@ -188,6 +189,7 @@ def model_values(m: ModelSpec) -> dict[str, float]:
         "router_bias": m.router_bias,
         "rope_dim": m.rope_dim if m.position == "rope" else 0, "layer_norm": m.norm != "rmsnorm",
         "geglu": m.mlp == "geglu",
+        "gelu_ops": ACTIVATIONS.index(m.activation),
     }
 
 

@@ -320,6 +320,15 @@ def _gated(r: _Reader) -> str:
     return GATED_ACTS[act]
 
 
+WRITTEN_OUT = ("gelu_fast", "gelu_new", "gelu_python")
+"""hidden_act values transformers computes op by op (ModelSpec.activation); every other GELU and
+SiLU is one kernel."""
+
+
+def _activation(value: Any) -> str:
+    return value if value in WRITTEN_OUT else "fused"
+
+
 def _plain_gelu(r: _Reader, key: str) -> str:
     if r.get(key) not in PLAIN_GELU:
         raise r.fail(key, ", ".join(PLAIN_GELU))
@@ -371,6 +380,9 @@ def _llama_like(r: _Reader) -> dict[str, Any]:
         position="rope", qkv_bias=bool(bias), out_bias=bool(bias), mlp_bias=False,
         tied_embeddings=r.bool("tie_word_embeddings"), head_dim=head_dim,
     )
+    if d["mlp"] != "swiglu":
+        d["activation"] = _activation(r.get("hidden_activation", "hidden_act") if mt.startswith("gemma")
+                                      else r.get("hidden_act"))
     if mt in ("llama", "granite", "deepseek_v2"):
         d["mlp_bias"] = r.bool("mlp_bias")
     if mt in QWEN2_LIKE:
@@ -509,6 +521,7 @@ def _gpt_neox(r: _Reader) -> dict[str, Any]:
     bias = r.bool("attention_bias")
     fraction = _rotary_fraction(r, "rotary_pct", default=0.25)  # GPTNeoXConfig's default
     return dict(_encoder_or_neox(r, "llama"), position="rope", qkv_bias=bias, out_bias=bias,
+                activation=_activation(r.get("hidden_act")),
                 rotary_fraction=fraction or 1.0,
                 block="parallel" if r.bool("use_parallel_residual") else "sequential")
 
@@ -532,7 +545,7 @@ def _falcon(r: _Reader) -> dict[str, Any]:
     return dict(family="llama", layers=r.int("num_hidden_layers", maximum=MAX_LAYERS), hidden=h, heads=heads,
                 kv_heads=kv, ffn=r.int("ffn_hidden_size", required=False) or 4 * h, vocab=r.int("vocab_size"),
                 max_positions=r.int("max_position_embeddings"), norm="layernorm", mlp="gelu",
-                position="rope", qkv_bias=bias, out_bias=bias, mlp_bias=bias,
+                position="rope", qkv_bias=bias, out_bias=bias, mlp_bias=bias, activation=_activation(r.get("activation")),
                 tied_embeddings=r.bool("tie_word_embeddings"),
                 block="parallel" if (parallel or new_arch) else "sequential", block_norms=norms)
 

@@ -155,3 +155,52 @@ def worst_by_feature(errors: pl.DataFrame) -> pl.DataFrame:
         parts.append(t.select("feature", "value", "configs", "worst_total_pct", "worst_phase_pct", "worst_phase",
                               "worst_config").sort("worst_phase_pct", descending=True))
     return pl.concat(parts)
+
+
+# --- every shipped family through transformers (issue 25's first "done when") ------------------
+
+FAMILY_MODELS = ("llama3-8b", "mistral-7b", "qwen2.5-7b", "gpt2", "qwen3-8b", "mistral-nemo-12b", "phi-3-mini",
+                 "gemma-2-2b", "gemma-3-12b", "starcoder2-15b", "falcon-7b", "gpt-neox-20b", "mixtral-8x7b",
+                 "qwen3-30b-a3b", "gpt-oss-20b", "deepseek-v3")
+"""One preset per family and architecture transformers builds (measure.impl=hf)."""
+FAMILY_MODES = {
+    "train-mixed": dict(precision="mixed"),
+    "train-pure": dict(precision="pure"),
+    "lora-mixed": dict(precision="mixed", lora=True),
+    "inference": dict(precision="pure", inference=True),
+}
+NO_SDPA = ("gemma-2-2b", "gpt-oss-20b")
+"""transformers has no sdpa path for these (Gemma2 / GptOss attention classes): eager runs."""
+
+
+def family_grid(seqs: Sequence[int] = (2048, 8192), layers: int = 4) -> list[tuple[JobSpec, dict[str, Any]]]:
+    """Each of FAMILY_MODELS (cut to `layers` layers, or its local/global pattern's length; every
+    layer is alike) x FAMILY_MODES x `seqs`, batch 1, bf16, measured by transformers' model under
+    fake tensors (measure.impl=hf)."""
+    from memsweep.specs import MeasureSpec
+
+    hf = MeasureSpec(name="fake", backend="fake", impl="hf")
+    out = []
+    for name in FAMILY_MODELS:
+        m = model_spec(name)
+        n = max(layers, len(m.layer_pattern) if m.local_layers else 1)
+        m = dataclasses.replace(m, layers=n, dense_layers=min(m.dense_layers, n - 1))
+        attention = "eager" if name in NO_SDPA else "sdpa"
+        for mode, kw in FAMILY_MODES.items():
+            for seq in seqs:
+                s = min(seq, m.max_positions - (16 if kw.get("inference") else 0))
+                if kw.get("lora"):
+                    wl = workload_spec("lora", lora_rank=16, lora_targets=["q", "k", "v", "o"])
+                elif kw.get("inference"):
+                    wl = workload_spec("inference", gen_tokens=16)
+                else:
+                    wl = workload_spec("train")
+                spec = job_spec(m, wl=wl, measure=hf, seq=s, batch=1, dtype="bf16", precision=kw["precision"],
+                                attention=attention)
+                out.append((spec, dict(model=name, family=m.family, workload=mode, targets="q+k+v+o" if kw.get("lora")
+                                       else "-", dtype="bf16", precision=kw["precision"], recompute="none",
+                                       attention=attention, optimizer="adamw" if wl.training else "-",
+                                       in_backward=False, loss="chunks1" if wl.training else "-", offload="none",
+                                       grad_accum=1, batch=1, seq=s, seq_bucket="<=2048" if s <= 2048 else "<=8192",
+                                       layers=n)))
+    return out

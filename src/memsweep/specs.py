@@ -24,6 +24,9 @@ PrecisionMode = Literal["mixed", "pure"]
 FAMILIES = ("gpt2", "llama", "bert")
 NORMS = ("layernorm", "rmsnorm", "layernorm_nobias")
 MLPS = ("gelu", "swiglu", "geglu")
+ACTIVATIONS = ("fused", "gelu_fast", "gelu_new", "gelu_python")
+"""How a (Ge)GLU / GELU MLP's GELU runs: one kernel (F.gelu, F.silu), or written out op by op as
+transformers' FastGELUActivation / NewGELUActivation / GELUActivation(use_gelu_python=True)."""
 BLOCKS = ("sequential", "parallel")
 QK_NORMS = ("none", "head", "full", "l2")
 MLA_CACHES = ("latent", "expanded")
@@ -177,6 +180,11 @@ class ModelSpec:
     """MLA: the rotary part of each query/key head (qk_rope_head_dim); head_dim is nope + rope."""
     v_head_dim: int = 0
     """MLA: per-head size of values; 0 means head_dim."""
+    activation: Literal["fused", "gelu_fast", "gelu_new", "gelu_python"] = "fused"
+    """A llama-family GELU's implementation: fused (one kernel, saves its input) or one of
+    transformers' written-out forms (`hidden_act: gelu_fast` in GPT-NeoX-20B, `gelu_new`,
+    `gelu_python`), whose intermediates autograd saves (docs/formulas.md, `gelu_ops_bytes`). GPT-2
+    is always gelu_new (its family's path)."""
     mla_cache: Literal["latent", "expanded"] = "latent"
     """MLA inference: the KV cache keeps the compressed latent (kv_lora_rank + rope_head_dim per
     token, as vLLM and SGLang do) or the expanded keys and values (as a plain implementation does)."""
@@ -218,6 +226,10 @@ class ModelSpec:
         if self.family == "llama" and self.position != "rope":
             raise ConfigError("model.position", self.position, "rope for model.family=llama")
         check_choice("model.mla_cache", self.mla_cache, MLA_CACHES)
+        check_choice("model.activation", self.activation, ACTIVATIONS)
+        if self.activation != "fused" and (self.family != "llama" or self.mlp == "swiglu"):
+            raise ConfigError("model.activation", self.activation,
+                              "fused unless model.family=llama with mlp=gelu or geglu (a written-out GELU)")
         for key in ("qkv_bias", "out_bias", "mlp_bias", "tied_embeddings", "pooler",
                     "shared_expert_gate", "router_bias", "attention_sinks"):
             check_bool(f"model.{key}", getattr(self, key))

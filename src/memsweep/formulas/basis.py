@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from memsweep.columns import Array, Columns, linear_elements, lora_params
+from memsweep.columns import Array, Columns, linear_elements, lora_params, mlp_matrices
 
 BASIS = ("Lth", "Ltkvd", "Ltkv", "Ltf", "Lta", "Lt", "Ltr", "Llinear", "Llora", "Lh", "Lf", "Lr",
          "th", "tkvd", "tkv", "tf", "ta", "tr", "tV", "t", "Vh", "sd", "s", "h", "V", "Lbas2", "Ls2", "one")
@@ -68,6 +68,13 @@ masks are not among them: sdpa turns a bool mask into a float one of the query's
 and its backward keeps it.)"""
 
 
+def autocast_elements(c: Columns) -> Array:
+    """Weight elements autocast copies to 16-bit (and autograd saves): every layer's matrices but
+    the routed experts', which transformers runs with grouped_mm in the weights' own dtype, outside
+    autocast (integrations/moe.py; the reference's Experts likewise)."""
+    return linear_elements(c) - c.moe_layers * c.experts * mlp_matrices(c, c.expert_ffn)
+
+
 def newer_architecture(c: Columns) -> Array:
     """Rows whose EXT_BASIS terms can be non-zero: llama-family models with any newer feature
     (keep in step with the terms above)."""
@@ -110,7 +117,7 @@ def ext_basis_values(c: Columns) -> np.ndarray:
     gqa = ((c.kv_heads != c.heads) & (c.mla == 0)).astype(float)  # sdpa shares K/V heads unless masked
     terms = {
         "Ltq": L * t * qx, "tq": t * qx,
-        "Llinx": linear_elements(c) - L * layer_params(c),
+        "Llinx": autocast_elements(c) - L * layer_params(c),
         "Mtf": M * t * f, "Mf": M * f, "Mth": M * t * h, "Mt": M * t, "MtE": M * t * E, "Mtk": M * t * k,
         "Mtkh": M * t * k * h, "Mtkf": M * t * k * fe, "MPh": M * P * h, "MPf": M * P * fe,
         "Mtkr": M * t * k * r, "MPr": M * P * r, "Mtfs": M * t * c.shared_ffn, "Mtsg": M * t * c.shared_expert_gate,

@@ -34,7 +34,7 @@ from memsweep.columns import (
 )
 from memsweep.formulas.base import Breakdown
 from memsweep.formulas.basis import (
-    BASIS, EXT_BASIS, EXT_CLASSES, basis_values, ext_basis_values, ext_class, layer_params, moe_padding,
+    BASIS, EXT_BASIS, EXT_CLASSES, autocast_elements, basis_values, ext_basis_values, ext_class, moe_padding,
     newer_architecture,
 )
 from memsweep.formulas.coefficients import BASIS as FITTED_BASIS
@@ -446,7 +446,44 @@ def saved_activations_bytes(c: Columns) -> Array:
     with eager attention the b*a*s^2 probabilities; with recompute, the masks checkpoints hold)."""
     coef = SAVED[_mode_index(c)]
     return ((coef * basis_values(c)).sum(axis=-1) + ext_saved_bytes(c) + held_mask_bytes(c) + fused_loss_saved_bytes(c)
-            + c.layers * softcap_scores_bytes(c) * (1 - c.recompute_full) * (1 - c.recompute_selective))
+            + c.layers * softcap_scores_bytes(c) * (1 - c.recompute_full) * (1 - c.recompute_selective)
+            + gelu_layers(c) * gelu_ops_bytes(c) * (1 - c.recompute_full))
+
+
+def gelu_layers(c: Columns) -> Array:
+    """Dense layers whose GELU input needs a gradient (so autograd keeps a written-out GELU's
+    intermediates): all when the model trains; with LoRA, the first layer's only when an adapter
+    feeds its MLP (on gate or up, or on attention in a sequential block: a parallel block's MLP
+    reads the norm of the frozen embedding) or the embedding output requires grad
+    (prepare_model_for_kbit_training); every later layer once any adapter exists."""
+    first = ((c.lora_up == 1) | (c.lora_gate == 1) | (c.kbit == 1)
+             | ((c.parallel_block == 0) & ((c.lora_q + c.lora_k + c.lora_v + c.lora_o) > 0)))
+    dense = c.layers - c.moe_layers
+    return np.where(c.lora == 1, np.maximum(dense - 1, 0) + first * (dense > 0), dense)
+
+
+def gelu_ops_bytes(c: Columns, backward: bool = False) -> Array:
+    """One dense layer's GELU written out op by op (ModelSpec.activation, transformers'
+    hidden_act), training: what autograd keeps beyond the fused kernel, which keeps its input x
+    alone. gelu_fast (`0.5 * x * (1 + tanh(x * 0.79788 * (1 + 0.044715 * x * x)))`,
+    FastGELUActivation): x * 0.79788, 0.044715 x, the (1 + ...) factor, tanh(.), 0.5 x and 1 + tanh(.)
+    (x too, for 0.044715 x * x): six more t*f tensors in the compute dtype (no operator there is on
+    autocast's fp32 list). gelu_python (`x * 0.5 * (1 + erf(x / sqrt 2))`): x / sqrt 2, 0.5 x and
+    1 + erf(.), but not x itself: two more. gelu_new (NewGELUActivation): `pow(x, 3)` keeps x,
+    then tanh(.), 0.5 x and 1 + tanh(.): three more; under autocast `pow` runs in fp32 (CUDA's list),
+    so it keeps x's fp32 copy instead of x, and tanh(.) and 1 + tanh(.) are fp32: 4 + 4 + 2 + 4 - 2
+    bytes. `backward`: inside the chain's backward (the moment of a re-run block), the gradients
+    of its intermediates add one more tensor (tanh's), three for the erf form (exp(-x^2) and its
+    products). From the operators' derivatives (tools/autograd/derivatives.yaml); every count is
+    the reference step's (tests/test_detailed_accuracy.py)."""
+    cb = compute_bytes(c)
+    # (a GeGLU's product then keeps gelu_new's fp32 output instead of a 16-bit one: 2 more)
+    per = np.select([c.gelu_ops == 1, c.gelu_ops == 3, (c.gelu_ops == 2) & autocast(c), c.gelu_ops == 2],
+                    [6.0 * cb, 2.0 * cb, 4.0 + 4.0 + 2.0 + 4.0 - 2.0 + 2.0 * c.geglu, 3.0 * cb], default=0.0)
+    if backward:
+        per = per + np.select([c.gelu_ops == 3, c.gelu_ops > 0], [3.0 * cb, cb], default=0.0)
+    on = (c.training == 1) & (c.family == FAMILY_CODES["llama"])
+    return np.where(on, per * c.batch * c.seq * c.ffn / c.tp, 0.0)
 
 
 def softcap_scores_bytes(c: Columns) -> Array:
@@ -561,7 +598,8 @@ def _recompute_block(c: Columns) -> tuple[Array, Array, Array, Array]:
     # token copies (+ shared)
     n_ffn = np.where(c.gated_mlp == 1, RECOMPUTE_MLP_TENSORS[True], RECOMPUTE_MLP_TENSORS[False])
     ob = linear_out_bytes(c)
-    table = (SAVED[none_idx] * b * FFN_TERM).sum(axis=-1) / c.layers + 2.0 * c.batch * c.seq * c.ffn * ob / c.tp
+    table = ((SAVED[none_idx] * b * FFN_TERM).sum(axis=-1) / c.layers + gelu_ops_bytes(c, backward=True)
+             + 2.0 * c.batch * c.seq * c.ffn * ob / c.tp)
     dense = np.maximum(n_ffn * c.batch * c.seq * c.ffn * ob / c.tp, table)
     width = c.experts_per_token * c.expert_ffn + c.shared_ffn
     mlp = np.where(c.moe_layers > 0, n_ffn * c.batch * c.seq * width * ob / c.tp, dense)
@@ -680,7 +718,8 @@ def autocast_cache_bytes(c: Columns) -> Array:
     block's matrices (the LM head's is saved, so already counted); LoRA casts only its fp32
     adapters (its frozen base is stored 16-bit), one copy of each."""
     on = autocast(c) & (c.recompute_full == 1) & (c.training == 1)
-    cast = np.where(c.lora == 1, lora_params(c), c.layers * layer_params(c))
+    # (an MoE layer's routed experts run outside autocast in their fp32 weights: no copies)
+    cast = np.where(c.lora == 1, lora_params(c), autocast_elements(c))
     return np.where(on, cast * 2.0 / c.tp, 0.0)
 
 

@@ -182,13 +182,66 @@ def source_config(m: ModelSpec):
         return tf.AutoConfig.for_model(inner["model_type"], **fields)
 
 
+LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
+
+
+def with_layers(cfg: dict, layers: int, dense_layers: int) -> dict:
+    """A config.json's language model cut (or grown) to `layers` layers, the first
+    `dense_layers` of them dense: the layer count, the per-layer lists cut to it
+    (`layer_types`), `first_k_dense_replace` (DeepSeek) and `mlp_only_layers` (Qwen-MoE)."""
+    out = dict(cfg)
+    for key in LAYER_KEYS:
+        if key in out:
+            out[key] = layers
+    if isinstance(out.get("layer_types"), list):
+        out["layer_types"] = out["layer_types"][:layers]
+    if "first_k_dense_replace" in out:
+        out["first_k_dense_replace"] = dense_layers
+    if isinstance(out.get("mlp_only_layers"), list):
+        out["mlp_only_layers"] = [i for i in out["mlp_only_layers"] if i < layers]
+    return out
+
+
+def preset_config(m: ModelSpec):
+    """The transformers config of a shipped preset (or of one with its layers cut, as a sweep or
+    `scripts/accuracy.py --random` may): the preset's own config.json, shipped in
+    memsweep/data/hf_configs/ (the files conf/model/*.yaml were imported from), with `m`'s layer
+    count. Used only when importing that file gives back `m` exactly, so the model transformers
+    builds is the one every formula reads (None: no shipped file)."""
+    import dataclasses
+    import json
+    from importlib.resources import files
+
+    from memsweep.hf_config import spec_from_config, text_config
+
+    shipped = files("memsweep") / "data" / "hf_configs" / f"{m.name}.json"
+    if not shipped.is_file():
+        return None
+    inner, _ = text_config(json.loads(shipped.read_text()))
+    inner = with_layers(inner, m.layers, m.dense_layers)
+    imported = spec_from_config(inner, m.name, warn=lambda line: None)
+    if imported != dataclasses.replace(m, source=""):
+        differ = [f.name for f in dataclasses.fields(m)
+                  if f.name != "source" and getattr(imported, f.name) != getattr(m, f.name)]
+        raise Unmeasurable(f"measure.impl=hf: {m.name} differs from its config.json in {', '.join(differ)}; "
+                           "measure.impl=reference measures it")
+    tf = _transformers()
+    fields = {k: v for k, v in inner.items() if k != "model_type"}
+    with _outside_modes():
+        return tf.AutoConfig.for_model(inner["model_type"], **fields)
+
+
 def hf_config(m: ModelSpec):
     """The transformers config whose model has exactly `m`'s shapes (parameter counts equal):
-    the source config.json when `m` was read from one, else one built from `m`'s fields."""
+    the source config.json when `m` was read from one, a shipped preset's own, else one built
+    from `m`'s fields."""
     if m.source:
         return source_config(m)
     why = unsupported(m)
     if why:
+        cfg = preset_config(m)
+        if cfg is not None:
+            return cfg
         raise Unmeasurable(f"measure.impl=hf does not build {why} yet ({m.name}); use measure.impl=reference")
     tf = _transformers()
     if m.family == "gpt2":
@@ -215,6 +268,7 @@ def prepare_hf(spec: JobSpec, device: str, tracker: StorageTracker | None = None
     and the jump's transient (old + the block + new, of one layer) is smaller than that step's."""
     t = tracker or _NoTracker()
     w = spec.workload
+    grouped_mm_as_cuda()
     if spec.recompute == "selective":
         raise Unmeasurable("measure.impl=hf: transformers has no selective recompute; recompute=none or full")
     check_single_gpu(spec)
@@ -283,18 +337,36 @@ def _one_sequence_per_row():
         masking_utils.find_packed_sequence_indices = original
 
 
-@contextlib.contextmanager
-def _grouped_mm_needs_16_bits(spec: JobSpec):
-    """transformers' MoE experts run `grouped_mm`, which autocast does not cast and which takes
-    bf16 only (on CUDA too): with the fp32 master weights of mixed precision it fails. A fact
-    about the code users run, reported as such."""
-    try:
-        yield
-    except RuntimeError as exc:
-        if "Expected inputs of BF16 type" in str(exc):
-            raise Unmeasurable("measure.impl=hf: transformers' MoE experts (grouped_mm) take bf16 weights only, "
-                               f"and precision={spec.precision} keeps fp32 masters; precision=pure runs") from None
-        raise
+_GROUPED_MM_LIB: list = []
+
+
+def grouped_mm_as_cuda() -> None:
+    """Let fake tensors run `aten::_grouped_mm` on what CUDA runs it on. transformers' MoE experts
+    call `grouped_mm(input.to(weight.dtype), weight)` outside autocast (integrations/moe.py), so
+    mixed precision's fp32 master weights run the experts in fp32. CUDA accepts that: its kernel
+    takes the CUTLASS path for bf16 and otherwise `_grouped_mm_fallback`, a loop of `mm_out` into
+    the one output (aten/src/ATen/native/cuda/GroupedBlas.cpp, torch >= 2.9), nothing else
+    allocated; the CPU kernel accepts it too. Only the meta kernel (torch/_meta_registrations.py,
+    `_meta_grouped_mm_common`) still checks for bf16, so a fake step failed where the real one
+    runs. This registers a meta kernel with CUDA's dtype rule (a and b of one floating dtype, the
+    output of that dtype; the shapes as the stock kernel makes them), once per process."""
+    if _GROUPED_MM_LIB:
+        return
+    from torch._meta_registrations import _create_grouped_mm_output_tensor
+
+    def meta(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
+        floating = (torch.float32, torch.float16, torch.bfloat16)
+        torch._check(mat_a.dtype == mat_b.dtype and mat_a.dtype in floating,
+                     lambda: f"grouped_mm: mat_a {mat_a.dtype} and mat_b {mat_b.dtype} must be one floating dtype")
+        torch._check(mat_a.dim() in (2, 3) and mat_b.dim() in (2, 3), lambda: "grouped_mm: 2D or 3D operands")
+        return _create_grouped_mm_output_tensor(mat_a, mat_b, offs, out_dtype or mat_a.dtype)
+
+    lib = torch.library.Library("aten", "IMPL")
+    import warnings
+    with warnings.catch_warnings():  # "overriding a previously registered kernel": the point
+        warnings.simplefilter("ignore")
+        lib.impl("_grouped_mm", meta, "Meta")
+    _GROUPED_MM_LIB.append(lib)
 
 
 def _train(spec: JobSpec, model, ids: torch.Tensor, tracker) -> Prepared:
@@ -304,7 +376,7 @@ def _train(spec: JobSpec, model, ids: torch.Tensor, tracker) -> Prepared:
     cache_kw = {"use_cache": spec.workload.use_cache} if spec.model.decoder else {}
 
     def forward_loss(autocast) -> torch.Tensor:
-        with autocast, _grouped_mm_needs_16_bits(spec), _one_sequence_per_row():
+        with autocast, _one_sequence_per_row():
             # transformers shifts the labels itself; use_cache as workload.use_cache (its default: True)
             out = model(input_ids=ids, labels=ids, **cache_kw)
         return out.loss  # the logits and any cache die with `out`, as in a loop keeping only the loss

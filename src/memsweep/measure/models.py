@@ -357,14 +357,19 @@ class MLP(nn.Module):
         # form (transformers' gelu_pytorch_tanh); BERT the exact erf form.
         self.gelu_new = spec.family == "gpt2"
         self.approximate = "tanh" if spec.mlp == "geglu" else "none"
+        # a llama-family GELU written out op by op (transformers' hidden_act), or the fused kernel
+        self.written_out = WRITTEN_OUT_GELU.get(spec.activation)
+
+    def _gelu(self, t: Tensor) -> Tensor:
+        return self.written_out(t) if self.written_out else F.gelu(t, approximate=self.approximate)
 
     def forward(self, x: Tensor) -> Tensor:
         if self.gated:
-            act = F.silu if self.silu else (lambda t: F.gelu(t, approximate="tanh"))
+            act = F.silu if self.silu else self._gelu
             return self.down(act(self.gate(x)) * self.up(x))  # (B, T, h)
         if self.gelu_new:
             return self.down(gelu_new(self.up(x)))
-        return self.down(F.gelu(self.up(x), approximate=self.approximate))  # (B, T, h)
+        return self.down(self._gelu(self.up(x)))  # (B, T, h)
 
 
 def gelu_new(x: Tensor) -> Tensor:
@@ -372,6 +377,22 @@ def gelu_new(x: Tensor) -> Tensor:
     keeps x, tanh(.), 0.5x and 1 + tanh(.), and under autocast x**3 runs in fp32), Hendrycks &
     Gimpel 2016, eq. for the tanh approximation."""
     return 0.5 * x * (1.0 + torch.tanh(math.sqrt(2.0 / math.pi) * (x + 0.044715 * torch.pow(x, 3.0))))
+
+
+def gelu_fast(x: Tensor) -> Tensor:
+    """transformers' FastGELUActivation (`hidden_act: gelu_fast`, GPT-NeoX-20B), op by op as it is
+    written there: autograd keeps x * 0.79788..., 0.044715 x, 1 + 0.044715 x^2, tanh(.), 0.5 x and
+    1 + tanh(.), six t*f tensors beyond the fused kernel's input."""
+    return 0.5 * x * (1.0 + torch.tanh(x * 0.7978845608 * (1.0 + 0.044715 * x * x)))
+
+
+def gelu_python(x: Tensor) -> Tensor:
+    """transformers' GELUActivation(use_gelu_python=True) (`hidden_act: gelu_python`): the erf form
+    op by op; autograd keeps x / sqrt(2), 0.5 x and 1 + erf(.)."""
+    return x * 0.5 * (1.0 + torch.erf(x / math.sqrt(2.0)))
+
+
+WRITTEN_OUT_GELU = {"gelu_fast": gelu_fast, "gelu_new": gelu_new, "gelu_python": gelu_python}
 
 
 class Experts(nn.Module):
@@ -401,8 +422,18 @@ class Experts(nn.Module):
     def _linear(self, name: str, x: Tensor) -> Tensor:
         """x (E, C, d_in) -> (E, C, d_out)."""
         w, b = getattr(self, f"w_{name}"), getattr(self, f"b_{name}")
-        # baddbmm, so autocast casts the bias too and the output stays 16-bit
-        y = torch.bmm(x, w) if b is None else torch.baddbmm(b, x, w)
+        device = x.device.type
+        if w.dtype == torch.float32 and torch.amp.is_autocast_available(device) and torch.is_autocast_enabled(device):
+            # transformers' experts run grouped_mm(input.to(weight.dtype), weight), which autocast
+            # does not cast (integrations/moe.py, `_grouped_mm`): fp32 master weights run the
+            # experts in fp32, with no 16-bit copies of the expert weights; the bias is added
+            # after (`out.add_(bias)`)
+            with torch.autocast(device, enabled=False):
+                y = torch.bmm(x.to(w.dtype), w)
+                y = y if b is None else y + b
+        else:
+            # baddbmm, so autocast casts the bias too and the output stays 16-bit
+            y = torch.bmm(x, w) if b is None else torch.baddbmm(b, x, w)
         a = getattr(self, f"lora_a_{name}", None)
         if a is not None:
             y = y + torch.bmm(torch.bmm(x, a), getattr(self, f"lora_b_{name}")) * self.lora_scale
