@@ -266,11 +266,15 @@ def family_table(seqs: tuple[int, ...], out: Path | None) -> int:
     out = out or ROOT / "outputs" / "accuracy" / "families"
     out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    errors = compare(family_grid(seqs))
-    write_parquet_atomic(errors, out / "family_errors.parquet")
+    saved = out / "family_errors.parquet"
+    if saved.is_file() and pl.read_parquet(saved, n_rows=0).columns:  # re-analyse a finished run
+        errors = pl.read_parquet(saved)
+    else:
+        errors = compare(family_grid(seqs))
+        write_parquet_atomic(errors, saved)
     ok = errors.filter(pl.col("phase").is_not_null())
-    wide = (ok.pivot(on="phase", index=["model", "workload", "seq", "total_error_pct"], values="error_pct")
-            .sort("model", "workload", "seq"))
+    wide = (ok.pivot(on="phase", index=["config", "model", "workload", "seq", "total_error_pct"], values="error_pct")
+            .drop("config").unique(maintain_order=True).sort("model", "workload", "seq"))
     totals = ok.unique("config")["total_error_pct"].abs()
     skipped = errors.filter(pl.col("status") != "ok")
     lines = [f"# detailed vs transformers (measure.impl=hf, fake), every shipped family, seq {seqs}", "",

@@ -256,7 +256,8 @@ def test_every_model_type_from_its_config_json_fake_equals_cpu(name, mode, tmp_p
 
 @pytest.mark.parametrize("name, spec, why", [
     ("gemma-2-2b", dict(attention="sdpa"), "Gemma2ForCausalLM does not support an attention implementation"),
-    ("mixtral-8x7b", dict(precision="pure", wl=workload("lora", lora_rank=4)), "LoRA module names of model_type mixtral"),
+    ("mixtral-8x7b", dict(precision="pure", wl=workload("lora", lora_rank=4, lora_targets=("q", "v", "up"))),
+     "mixtral's up is not an nn.Linear module peft adapts"),
     ("phi-3-mini", dict(wl=workload("lora", lora_rank=4, lora_targets=("q", "v"))),
      "phi3's k, q, v are one matrix (qkv_proj)"),
 ])
@@ -430,3 +431,18 @@ def test_full_recompute_peaks_in_the_first_blocks_backward_with_every_other_grad
     assert m.breakdown["gradients"] == d.gradients[0] > 0
     assert m.phase_peaks["backward"] == m.peak_bytes
     assert abs(d.total[0] / m.peak_bytes - 1) <= 0.03
+
+
+@pytest.mark.parametrize("name", ["qwen3-30b-a3b", "deepseek-v3"])
+def test_lora_on_the_attention_of_moe_and_mla_models_is_measured_fake_equals_cpu(name, tmp_path):
+    """peft adapts MoE models' attention (q/k/v/o_proj; MLA's q_a/q_b, kv_a, kv_b, o), with
+    memsweep's adapter count; their experts are 3-D parameters, refused by name above."""
+    from memsweep.columns import Columns, lora_params
+
+    m = tiny_of(name, tmp_path)
+    wl = workload("lora", lora_rank=4, lora_targets=("q", "k", "v", "o"))
+    runs = {b: measure(job(m, seq=16, batch=2, dtype="bf16", precision="mixed", wl=wl, measure=hf(b)))
+            for b in ("fake", "cpu")}
+    assert runs["fake"].status == "ok", runs["fake"].error
+    assert runs["fake"].trainable_params == int(lora_params(Columns.from_specs([job(m, wl=wl)]))[0])
+    assert (runs["fake"].peak_bytes, runs["fake"].breakdown) == (runs["cpu"].peak_bytes, runs["cpu"].breakdown)

@@ -187,8 +187,7 @@ def family_grid(seqs: Sequence[int] = (2048, 8192), layers: int = 4) -> list[tup
         m = dataclasses.replace(m, layers=n, dense_layers=min(m.dense_layers, n - 1))
         attention = "eager" if name in NO_SDPA else "sdpa"
         for mode, kw in FAMILY_MODES.items():
-            for seq in seqs:
-                s = min(seq, m.max_positions - (16 if kw.get("inference") else 0))
+            for s in sorted({min(seq, m.max_positions - (16 if kw.get("inference") else 0)) for seq in seqs}):
                 if kw.get("lora"):
                     wl = workload_spec("lora", lora_rank=16, lora_targets=["q", "k", "v", "o"])
                 elif kw.get("inference"):

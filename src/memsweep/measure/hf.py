@@ -87,7 +87,7 @@ def _import_model_code(tf, cfg) -> None:
 # for several targets: a fused matrix, which takes one adapter)
 _LLAMA = {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj",
           "gate": "gate_proj", "up": "up_proj", "down": "down_proj"}
-LORA_MODULES: dict[str, dict[str, str]] = {
+LORA_MODULES: dict[str, dict[str, str | tuple[str, ...]]] = {
     **dict.fromkeys(("llama", "mistral", "qwen2", "qwen3", "gemma", "gemma2", "gemma3_text", "granite",
                      "cohere"), _LLAMA),
     "starcoder2": {**_LLAMA, "up": "c_fc", "down": "c_proj"},
@@ -99,6 +99,13 @@ LORA_MODULES: dict[str, dict[str, str]] = {
                  "o": "attention.dense", "up": "dense_h_to_4h", "down": "dense_4h_to_h"},
     "falcon": {"q": "query_key_value", "k": "query_key_value", "v": "query_key_value",
                "o": "self_attention.dense", "up": "dense_h_to_4h", "down": "dense_4h_to_h"},
+    # MoE models: attention only. Their routed experts are 3-D parameters (gate_up_proj, down_proj
+    # of shape (E, ., .)), not nn.Linear modules, so peft's target_modules cannot adapt them.
+    **dict.fromkeys(("mixtral", "qwen2_moe", "qwen3_moe", "olmoe", "gpt_oss"),
+                    {"q": "q_proj", "k": "k_proj", "v": "v_proj", "o": "o_proj"}),
+    # MLA (memsweep's lora_params): q adapts q_a and q_b (or q_proj), k the joint kv_a, v kv_b
+    "deepseek_v3": {"q": ("q_a_proj", "q_b_proj", "q_proj"), "k": "kv_a_proj_with_mqa", "v": "kv_b_proj",
+                    "o": "o_proj"},
 }
 
 
@@ -112,14 +119,18 @@ def peft_target_modules(model_type: str, targets: tuple[str, ...]) -> list[str]:
                            f"mapped: {', '.join(sorted(LORA_MODULES))}")
     out: list[str] = []
     for t in targets:
+        if t not in names:
+            raise Unmeasurable(f"measure.impl=hf: {model_type}'s {t} is not an nn.Linear module peft adapts "
+                               f"(its MoE experts are 3-D parameters); adaptable: {', '.join(names)}")
         module = names[t]
         together = sorted(k for k, v in names.items() if v == module)
         if not set(together) <= set(targets):
             raise Unmeasurable(f"measure.impl=hf: {model_type}'s {', '.join(together)} are one matrix ({module}), "
                                f"adapted as one; workload.lora_targets={list(targets)} names only "
                                f"{sorted(set(together) & set(targets))} of them")
-        if module not in out:
-            out.append(module)
+        for name in (module,) if isinstance(module, str) else module:
+            if name not in out:
+                out.append(name)
     return out
 
 
