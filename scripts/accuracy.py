@@ -231,6 +231,18 @@ RANDOM_GOAL_TOTAL_PCT, RANDOM_GOAL_PHASE_PCT = 2.0, 3.0
 """Issue 25's goal for a random draw: total worst <= 2 %, each phase's worst <= 3 %."""
 
 
+def measured_summary(errors: pl.DataFrame, seconds: float, goal: str) -> tuple[pl.DataFrame, pl.Series, str]:
+    """(the measured rows, each configuration's total |error|, the line saying how many were
+    measured and the median and worst |error| of the total and of a phase) of `compare`'s rows."""
+    ok = errors.filter(pl.col("phase").is_not_null())
+    totals = ok.unique("config")["total_error_pct"].abs()
+    skipped = errors.filter(pl.col("status") != "ok").height
+    line = (f"{ok['config'].n_unique()} measured, {skipped} not measured ({seconds:.0f} s). Total |error|: median "
+            f"{totals.median():.3f} %, worst {totals.max():.2f} %; phase |error|: median "
+            f"{ok['error_pct'].abs().median():.3f} %, worst {ok['error_pct'].abs().max():.2f} % (goal: {goal}).")
+    return ok, totals, line
+
+
 def random_draw(n: int, seed: int, small: bool, out: Path | None) -> int:
     from memsweep.randomgrid import compare, draw, worst_by_feature
 
@@ -239,16 +251,11 @@ def random_draw(n: int, seed: int, small: bool, out: Path | None) -> int:
     started = time.time()
     errors = compare(draw(n, seed, small))
     write_parquet_atomic(errors, out / "random_errors.parquet")
-    ok = errors.filter(pl.col("phase").is_not_null())
-    by_feature = worst_by_feature(errors)
-    totals = ok.unique("config")["total_error_pct"].abs()
+    ok, totals, line = measured_summary(errors, time.time() - started, f"total <= {RANDOM_GOAL_TOTAL_PCT} %, "
+                                        f"phase <= {RANDOM_GOAL_PHASE_PCT} %")
     skipped = errors.filter(pl.col("status") != "ok")
     lines = [f"# detailed vs measure=fake on {n} random configurations (seed {seed}{', small' if small else ''})", "",
-             f"{ok['config'].n_unique()} measured, {skipped.height} not measured ({time.time() - started:.0f} s). "
-             f"Total |error|: median {totals.median():.3f} %, worst {totals.max():.2f} %; phase |error|: median "
-             f"{ok['error_pct'].abs().median():.3f} %, worst {ok['error_pct'].abs().max():.2f} % "
-             f"(goal: total <= {RANDOM_GOAL_TOTAL_PCT} %, phase <= {RANDOM_GOAL_PHASE_PCT} %).", "",
-             "## Worst per feature", "", markdown_table(by_feature), ""]
+             line, "", "## Worst per feature", "", markdown_table(worst_by_feature(errors)), ""]
     if skipped.height:
         lines += ["## Not measured", "", markdown_table(skipped.select("config", "model", "workload", "error")), ""]
     text = "\n".join(lines)
@@ -258,37 +265,37 @@ def random_draw(n: int, seed: int, small: bool, out: Path | None) -> int:
     return 1 if missed else 0
 
 
-def family_table(seqs: tuple[int, ...], out: Path | None) -> int:
+FAMILY_GOAL_PCT = 3.0
+"""Issue 25's goal for every shipped family through transformers: total and each phase <= 3 %."""
+
+
+def family_table(seqs: tuple[int, ...], out: Path | None, source: Path | None) -> int:
     """Issue 25: every shipped family through transformers (measure.impl=hf), detailed's total and
-    phase peaks against it (memsweep.randomgrid.family_grid)."""
+    phase peaks against it (memsweep.randomgrid.family_grid); `source`: re-analyse that run."""
     from memsweep.randomgrid import compare, family_grid
 
-    out = out or ROOT / "outputs" / "accuracy" / "families"
-    out.mkdir(parents=True, exist_ok=True)
     started = time.time()
-    saved = out / "family_errors.parquet"
-    if saved.is_file() and pl.read_parquet(saved, n_rows=0).columns:  # re-analyse a finished run
-        errors = pl.read_parquet(saved)
+    if source:
+        out = source
+        errors = pl.read_parquet(source / "family_errors.parquet")
     else:
+        out = out or ROOT / "outputs" / "accuracy" / "families"
+        out.mkdir(parents=True, exist_ok=True)
         errors = compare(family_grid(seqs))
-        write_parquet_atomic(errors, saved)
-    ok = errors.filter(pl.col("phase").is_not_null())
-    wide = (ok.pivot(on="phase", index=["config", "model", "workload", "seq", "total_error_pct"], values="error_pct")
-            .drop("config").unique(maintain_order=True).sort("model", "workload", "seq"))
-    totals = ok.unique("config")["total_error_pct"].abs()
+        write_parquet_atomic(errors, out / "family_errors.parquet")
+    ok, totals, line = measured_summary(errors, time.time() - started, f"{FAMILY_GOAL_PCT} %")
+    wide = (ok.pivot(on="phase", index=["config", "model", "mode", "seq", "total_error_pct"], values="error_pct")
+            .drop("config").sort("model", "mode", "seq"))
     skipped = errors.filter(pl.col("status") != "ok")
-    lines = [f"# detailed vs transformers (measure.impl=hf, fake), every shipped family, seq {seqs}", "",
-             f"{ok['config'].n_unique()} measured, {skipped.height} not measured ({time.time() - started:.0f} s). "
-             f"Total |error|: median {totals.median():.3f} %, worst {totals.max():.2f} %; phase |error|: median "
-             f"{ok['error_pct'].abs().median():.3f} %, worst {ok['error_pct'].abs().max():.2f} % (goal: 3 %).", "",
+    lines = [f"# detailed vs transformers (measure.impl=hf, fake), every shipped family, seq {seqs}", "", line, "",
              "Error % of the total and of each phase's peak (+: detailed above transformers).", "",
-             markdown_table(wide.with_columns(pl.exclude("model", "workload", "seq").round(2))), ""]
+             markdown_table(wide.with_columns(pl.exclude("model", "mode", "seq").round(2))), ""]
     if skipped.height:
-        lines += ["## Not measured", "", markdown_table(skipped.select("model", "workload", "seq", "error")), ""]
+        lines += ["## Not measured", "", markdown_table(skipped.select("model", "mode", "seq", "error")), ""]
     text = "\n".join(lines)
     (out / "families.md").write_text(text)
     print(text)
-    return 1 if totals.max() > 3.0 or ok["error_pct"].abs().max() > 3.0 else 0
+    return 1 if totals.max() > FAMILY_GOAL_PCT or ok["error_pct"].abs().max() > FAMILY_GOAL_PCT else 0
 
 
 def main() -> int:
@@ -316,7 +323,7 @@ def main() -> int:
     parser.add_argument("--seqs", default="2048,8192", help="with --families: the sequence lengths")
     args = parser.parse_args()
     if args.families:
-        return family_table(tuple(int(s) for s in args.seqs.split(",")), args.out)
+        return family_table(tuple(int(s) for s in args.seqs.split(",")), args.out, args.source)
     if args.random:
         return random_draw(args.random, args.seed, args.small, args.out)
     goal = (ARCH_GOAL_MEDIAN_PCT, ARCH_GOAL_WORST_PCT) if args.architectures else (GOAL_MEDIAN_PCT, GOAL_WORST_PCT)

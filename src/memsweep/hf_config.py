@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from memsweep.errors import ConfigError
-from memsweep.specs import MAX_INT, MAX_LAYERS, ModelSpec, check_int, check_number
+from memsweep.specs import ACTIVATIONS, MAX_INT, MAX_LAYERS, ModelSpec, check_int, check_number
 
 # Keys that change neither the parameters nor the memory of a step: token ids, labels, epsilons,
 # RoPE bases and scaling, initialisation, output and generation settings, router losses and
@@ -320,13 +320,10 @@ def _gated(r: _Reader) -> str:
     return GATED_ACTS[act]
 
 
-WRITTEN_OUT = ("gelu_fast", "gelu_new", "gelu_python")
-"""hidden_act values transformers computes op by op (ModelSpec.activation); every other GELU and
-SiLU is one kernel."""
-
-
 def _activation(value: Any) -> str:
-    return value if value in WRITTEN_OUT else "fused"
+    """ModelSpec.activation of a hidden_act: the GELUs transformers writes out op by op keep their
+    name; every other GELU and SiLU is one kernel."""
+    return value if value in ACTIVATIONS else "fused"
 
 
 def _plain_gelu(r: _Reader, key: str) -> str:

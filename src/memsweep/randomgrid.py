@@ -48,7 +48,6 @@ def _one(rng: random.Random, small: bool) -> tuple[JobSpec, dict[str, Any]]:
         changes["dense_layers"] = min(m.dense_layers, changes["layers"] - 1)
     m = dataclasses.replace(m, **changes)
     kind = rng.choice(("train", "train", "lora", "lora", "qlora", "inference"))
-    targets: tuple[str, ...] = ()
     if kind in ("lora", "qlora"):
         targets = tuple(t for t in rng.choice(LORA_TARGETS) if t != "gate" or m.mlp != "gelu")
         wl = workload_spec("qlora" if kind == "qlora" and rng.random() < 0.5 else
@@ -83,14 +82,21 @@ def _one(rng: random.Random, small: bool) -> tuple[JobSpec, dict[str, Any]]:
     spec = job_spec(m, wl=wl, optimizer=opt, measure="fake", seq=seq, batch=batch, dtype=dtype, precision=precision,
                     recompute=recompute, attention=attention, loss=loss, offload=offload,
                     grad_accum=rng.choice((1, 1, 2)) if training else 1)
-    features = dict(model=name, family=m.family, workload=wl.name, targets="+".join(targets) or "-", dtype=dtype,
-                    precision=spec.effective_precision, recompute=recompute, attention=attention,
-                    optimizer=optimizer if training else "-", in_backward=in_backward,
-                    loss=("fused" if loss.fused else f"chunks{loss.chunks}") if training else "-",
-                    offload="optimizer" if offload.optimizer else "none", grad_accum=spec.grad_accum, batch=batch,
-                    seq=seq, seq_bucket="<=512" if seq <= 512 else "<=2048" if seq <= 2048 else "<=8192" if seq <= 8192
-                    else ">8192", layers=m.layers)
-    return spec, features
+    return spec, features(spec)
+
+
+def features(spec: JobSpec) -> dict[str, Any]:
+    """The keys a row of `compare` reports its configuration by (FEATURES, seq and layers)."""
+    m, wl, training = spec.model, spec.workload, spec.workload.training
+    seq = spec.seq
+    return dict(model=m.name, family=m.family, workload=wl.name,
+                targets="+".join(wl.lora_targets) if wl.kind == "lora" else "-", dtype=spec.dtype,
+                precision=spec.effective_precision, recompute=spec.recompute, attention=spec.attention,
+                optimizer=spec.optimizer.name if training else "-", in_backward=spec.optimizer.in_backward,
+                loss=("fused" if spec.loss.fused else f"chunks{spec.loss.chunks}") if training else "-",
+                offload="optimizer" if spec.offload.optimizer else "none", grad_accum=spec.grad_accum,
+                batch=spec.batch, seq=seq, layers=m.layers,
+                seq_bucket="<=512" if seq <= 512 else "<=2048" if seq <= 2048 else "<=8192" if seq <= 8192 else ">8192")
 
 
 def draw(n: int, seed: int, small: bool = False) -> list[tuple[JobSpec, dict[str, Any]]]:
@@ -196,10 +202,5 @@ def family_grid(seqs: Sequence[int] = (2048, 8192), layers: int = 4) -> list[tup
                     wl = workload_spec("train")
                 spec = job_spec(m, wl=wl, measure=hf, seq=s, batch=1, dtype="bf16", precision=kw["precision"],
                                 attention=attention)
-                out.append((spec, dict(model=name, family=m.family, workload=mode, targets="q+k+v+o" if kw.get("lora")
-                                       else "-", dtype="bf16", precision=kw["precision"], recompute="none",
-                                       attention=attention, optimizer="adamw" if wl.training else "-",
-                                       in_backward=False, loss="chunks1" if wl.training else "-", offload="none",
-                                       grad_accum=1, batch=1, seq=s, seq_bucket="<=2048" if s <= 2048 else "<=8192",
-                                       layers=n)))
+                out.append((spec, {**features(spec), "mode": mode}))
     return out

@@ -29,9 +29,14 @@ optional `hf` extra: without them the job is skipped and says how to install the
 from __future__ import annotations
 
 import contextlib
+import dataclasses
+import functools
+import warnings
+from importlib.resources import files
 
 import torch
 
+from memsweep.hf_config import COMMON_KEYS, read_config, spec_from_config, text_config
 from memsweep.measure.models import as_a_decode_step_leaves_it, new_tokens
 from memsweep.measure.tracker import StorageTracker
 from memsweep.measure.workloads import (
@@ -184,16 +189,16 @@ def unsupported(m: ModelSpec) -> str | None:
 def source_config(m: ModelSpec):
     """The transformers config of the config.json `m` was read from (`model=hf model.config=PATH`):
     the file itself, every key as written (the language model's part of a multimodal one)."""
-    from memsweep.hf_config import read_config, text_config
-
     inner, _ = text_config(read_config(m.source))
+    return _auto_config(inner)
+
+
+def _auto_config(inner: dict):
+    """transformers' config class of a (language model's) config.json, every key as written."""
     tf = _transformers()
     fields = {k: v for k, v in inner.items() if k != "model_type"}
     with _outside_modes():
         return tf.AutoConfig.for_model(inner["model_type"], **fields)
-
-
-LAYER_KEYS = ("num_hidden_layers", "n_layer", "num_layers")
 
 
 def with_layers(cfg: dict, layers: int, dense_layers: int) -> dict:
@@ -201,7 +206,7 @@ def with_layers(cfg: dict, layers: int, dense_layers: int) -> dict:
     `dense_layers` of them dense: the layer count, the per-layer lists cut to it
     (`layer_types`), `first_k_dense_replace` (DeepSeek) and `mlp_only_layers` (Qwen-MoE)."""
     out = dict(cfg)
-    for key in LAYER_KEYS:
+    for key in COMMON_KEYS["layers"]:
         if key in out:
             out[key] = layers
     if isinstance(out.get("layer_types"), list):
@@ -214,21 +219,16 @@ def with_layers(cfg: dict, layers: int, dense_layers: int) -> dict:
 
 
 def preset_config(m: ModelSpec):
-    """The transformers config of a shipped preset (or of one with its layers cut, as a sweep or
-    `scripts/accuracy.py --random` may): the preset's own config.json, shipped in
-    memsweep/data/hf_configs/ (the files conf/model/*.yaml were imported from), with `m`'s layer
+    """The transformers config of a shipped preset `hf_config` cannot build from fields (or of one
+    with its layers cut, as a sweep or `scripts/accuracy.py --random` may): the preset's own
+    config.json, shipped in memsweep/data/hf_configs/ (the files conf/model/*.yaml were imported
+    from, for the presets `unsupported` names), with `m`'s layer
     count. Used only when importing that file gives back `m` exactly, so the model transformers
     builds is the one every formula reads (None: no shipped file)."""
-    import dataclasses
-    import json
-    from importlib.resources import files
-
-    from memsweep.hf_config import spec_from_config, text_config
-
     shipped = files("memsweep") / "data" / "hf_configs" / f"{m.name}.json"
     if not shipped.is_file():
         return None
-    inner, _ = text_config(json.loads(shipped.read_text()))
+    inner, _ = text_config(read_config(shipped))
     inner = with_layers(inner, m.layers, m.dense_layers)
     imported = spec_from_config(inner, m.name, warn=lambda line: None)
     if imported != dataclasses.replace(m, source=""):
@@ -236,10 +236,7 @@ def preset_config(m: ModelSpec):
                   if f.name != "source" and getattr(imported, f.name) != getattr(m, f.name)]
         raise Unmeasurable(f"measure.impl=hf: {m.name} differs from its config.json in {', '.join(differ)}; "
                            "measure.impl=reference measures it")
-    tf = _transformers()
-    fields = {k: v for k, v in inner.items() if k != "model_type"}
-    with _outside_modes():
-        return tf.AutoConfig.for_model(inner["model_type"], **fields)
+    return _auto_config(inner)
 
 
 def hf_config(m: ModelSpec):
@@ -348,10 +345,8 @@ def _one_sequence_per_row():
         masking_utils.find_packed_sequence_indices = original
 
 
-_GROUPED_MM_LIB: list = []
-
-
-def grouped_mm_as_cuda() -> None:
+@functools.cache
+def grouped_mm_as_cuda() -> torch.library.Library:
     """Let fake tensors run `aten::_grouped_mm` on what CUDA runs it on. transformers' MoE experts
     call `grouped_mm(input.to(weight.dtype), weight)` outside autocast (integrations/moe.py), so
     mixed precision's fp32 master weights run the experts in fp32. CUDA accepts that: its kernel
@@ -360,9 +355,8 @@ def grouped_mm_as_cuda() -> None:
     allocated; the CPU kernel accepts it too. Only the meta kernel (torch/_meta_registrations.py,
     `_meta_grouped_mm_common`) still checks for bf16, so a fake step failed where the real one
     runs. This registers a meta kernel with CUDA's dtype rule (a and b of one floating dtype, the
-    output of that dtype; the shapes as the stock kernel makes them), once per process."""
-    if _GROUPED_MM_LIB:
-        return
+    output of that dtype; the shapes as the stock kernel makes them), once per process (the cache
+    keeps the library, and with it the registration, alive)."""
     from torch._meta_registrations import _create_grouped_mm_output_tensor
 
     def meta(mat_a, mat_b, offs=None, bias=None, out_dtype=None):
@@ -373,11 +367,10 @@ def grouped_mm_as_cuda() -> None:
         return _create_grouped_mm_output_tensor(mat_a, mat_b, offs, out_dtype or mat_a.dtype)
 
     lib = torch.library.Library("aten", "IMPL")
-    import warnings
     with warnings.catch_warnings():  # "overriding a previously registered kernel": the point
         warnings.simplefilter("ignore")
         lib.impl("_grouped_mm", meta, "Meta")
-    _GROUPED_MM_LIB.append(lib)
+    return lib
 
 
 def _train(spec: JobSpec, model, ids: torch.Tensor, tracker) -> Prepared:

@@ -353,12 +353,11 @@ class MLP(nn.Module):
             self.gate = opts.linear("gate", spec.hidden, ffn, spec.mlp_bias)
         self.up = opts.linear("up", spec.hidden, ffn, spec.mlp_bias)
         self.down = opts.linear("down", ffn, spec.hidden, spec.mlp_bias)
-        # GPT-2 uses the tanh approximation written out ("gelu_new", below); GeGLU the fused tanh
-        # form (transformers' gelu_pytorch_tanh); BERT the exact erf form.
-        self.gelu_new = spec.family == "gpt2"
+        # GPT-2 uses the tanh approximation written out ("gelu_new", below), a llama-family model
+        # what its hidden_act says (ModelSpec.activation); else the fused kernel: the tanh form in
+        # a GeGLU (transformers' gelu_pytorch_tanh), the exact erf form otherwise (BERT, Falcon)
+        self.written_out = gelu_new if spec.family == "gpt2" else WRITTEN_OUT_GELU.get(spec.activation)
         self.approximate = "tanh" if spec.mlp == "geglu" else "none"
-        # a llama-family GELU written out op by op (transformers' hidden_act), or the fused kernel
-        self.written_out = WRITTEN_OUT_GELU.get(spec.activation)
 
     def _gelu(self, t: Tensor) -> Tensor:
         return self.written_out(t) if self.written_out else F.gelu(t, approximate=self.approximate)
@@ -367,8 +366,6 @@ class MLP(nn.Module):
         if self.gated:
             act = F.silu if self.silu else self._gelu
             return self.down(act(self.gate(x)) * self.up(x))  # (B, T, h)
-        if self.gelu_new:
-            return self.down(gelu_new(self.up(x)))
         return self.down(self._gelu(self.up(x)))  # (B, T, h)
 
 
