@@ -161,7 +161,7 @@ def test_full_recompute_gives_the_same_gradients(name):
         torch.testing.assert_close(grads[1][n], g, msg=n)
 
 
-FAKE, CPU = MeasureSpec("fake", "fake"), MeasureSpec("cpu", "cpu")
+FAKE, CPU = MeasureSpec("fake", "fake", sdpa="device"), MeasureSpec("cpu", "cpu")  # fake with the CPU's kernels: equal to cpu
 CASES = {
     **{f"{n}-train-mixed": (n, dict()) for n in IDS},
     **{f"{n}-inference": (n, dict(wl="inference")) for n in IDS},

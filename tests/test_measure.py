@@ -19,7 +19,7 @@ from memsweep.measure.backends import measure  # noqa: E402
 from memsweep.results import RESULTS_NAME  # noqa: E402
 from memsweep.specs import MeasureSpec, ModelSpec, OptimizerSpec  # noqa: E402
 
-FAKE, CPU = MeasureSpec("fake", "fake"), MeasureSpec("cpu", "cpu")
+FAKE, CPU = MeasureSpec("fake", "fake", sdpa="device"), MeasureSpec("cpu", "cpu")  # fake with the CPU's kernels: equal to cpu
 GPT2_SMALL = ModelSpec(name="gpt2-small-test", family="gpt2", layers=2, hidden=64, heads=4, kv_heads=4,
                        ffn=256, vocab=128, max_positions=128, norm="layernorm", mlp="gelu",
                        position="learned", qkv_bias=True, out_bias=True, mlp_bias=True,

@@ -20,7 +20,7 @@ from memsweep.formulas import techniques as tq
 from memsweep.specs import LossSpec, MeasureSpec, OffloadSpec, OptimizerSpec
 
 GIB = 2**30
-FAKE, CPU = MeasureSpec("fake", "fake"), MeasureSpec("cpu", "cpu")
+FAKE, CPU = MeasureSpec("fake", "fake", sdpa="device"), MeasureSpec("cpu", "cpu")  # fake with the CPU's kernels: equal to cpu
 # a llama-family model small enough for a CPU run, GQA and untied (its 1-D tensors are under
 # bitsandbytes' 4096 elements: their 8-bit Adam states stay 32-bit)
 TINY = dataclasses.replace(model("llama3-8b"), name="tiny-llama", layers=2, hidden=256, heads=4, kv_heads=2,

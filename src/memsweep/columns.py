@@ -47,6 +47,7 @@ class Columns:
     block_norms: Array  # norms per block: 1, 2 or 4
     qk_norm: Array  # 0 none, 1 per head (head_dim weights each), 2 over all heads, 3 l2 (no weights)
     attention_sinks: Array  # 1: a learned sink logit per head and layer (gpt-oss)
+    sdpa_mask: Array  # 1: SDPA gets a materialised causal mask and unshared K/V heads (transformers' Falcon)
     attn_softcap: Array  # 1: eager attention scores soft-capped, tanh(x / cap) * cap (Gemma-2)
     final_softcap: Array  # 1: the logits soft-capped the same way (Gemma-2)
     local_layers: Array  # layers with sliding-window attention
@@ -119,6 +120,7 @@ class Columns:
     recompute_selective: Array
     recompute_full: Array
     eager_attention: Array
+    sm: Array  # the GPU's CUDA compute capability x 10 (80: A100, 90: H100); 0: unknown (read as 80)
     # parallel layout
     tp: Array
     pp: Array
@@ -190,6 +192,7 @@ def model_values(m: ModelSpec) -> dict[str, float]:
         "rope_dim": m.rope_dim if m.position == "rope" else 0, "layer_norm": m.norm != "rmsnorm",
         "geglu": m.mlp == "geglu",
         "gelu_ops": ACTIVATIONS.index(m.activation),
+        "sdpa_mask": m.sdpa_mask,
     }
 
 
@@ -211,9 +214,15 @@ def _spec_values(spec: JobSpec) -> dict[str, float]:
         "recompute_selective": spec.recompute == "selective",
         "recompute_full": spec.recompute == "full",
         "eager_attention": spec.attention == "eager",
+        "sm": _sm(spec.hardware.compute_capability),
         "tp": p.tp, "pp": p.pp, "dp": p.dp, "zero": p.zero,
         "sequence_parallel": p.sequence_parallel, "ep": p.ep,
     }
+
+
+def _sm(capability: str) -> float:
+    major, _, minor = capability.partition(".")
+    return 10.0 * int(major) + int(minor)
 
 
 def technique_values(spec: JobSpec) -> dict[str, float]:

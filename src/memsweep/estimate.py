@@ -19,7 +19,7 @@ from memsweep.columns import Columns, active_params, base_params, model_values, 
 from memsweep.errors import ConfigError
 from memsweep.formulas import TERMS, Formula
 from memsweep.formulas.detailed import (
-    cpu_bytes, moment_report, peak_breakdown, serve_kv_sequence_bytes, serve_kv_token_bytes,
+    attn_kernel_names, cpu_bytes, moment_report, peak_breakdown, serve_kv_sequence_bytes, serve_kv_token_bytes,
 )
 from memsweep.specs import JobSpec, ModelSpec
 from memsweep.units import GIB, MIB
@@ -256,7 +256,8 @@ def _job_rows(jobs: _Jobs, j: int, formulas: Sequence[Formula]) -> list[dict[str
                     return float(got[k])
 
                 (phases, by_phase), k = jobs.at(("moments", n), lambda c, job, f=formula: moment_report(c, f.constants), j)
-                row.update(serve_fields(spec, value), peak_phase=str(phases[k]))
+                kernels, kk = jobs.at(("attn_kernel", n), lambda c, job: attn_kernel_names(c), j)
+                row.update(serve_fields(spec, value), peak_phase=str(phases[k]), attn_kernel=kernels[kk])
                 for phase, peaks in by_phase.items():
                     peak = float(peaks[k])
                     if np.isfinite(peak):

@@ -543,7 +543,7 @@ def _falcon(r: _Reader) -> dict[str, Any]:
                 kv_heads=kv, ffn=r.int("ffn_hidden_size", required=False) or 4 * h, vocab=r.int("vocab_size"),
                 max_positions=r.int("max_position_embeddings"), norm="layernorm", mlp="gelu",
                 position="rope", qkv_bias=bias, out_bias=bias, mlp_bias=bias, activation=_activation(r.get("activation")),
-                tied_embeddings=r.bool("tie_word_embeddings"),
+                tied_embeddings=r.bool("tie_word_embeddings"), sdpa_mask=True,
                 block="parallel" if (parallel or new_arch) else "sequential", block_norms=norms)
 
 

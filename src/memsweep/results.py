@@ -31,7 +31,7 @@ import polars as pl
 
 from memsweep.units import GIB, MIB
 
-SCHEMA_VERSION = 10
+SCHEMA_VERSION = 11
 PART_NAME = "rows.parquet"
 RESULTS_NAME = "results.parquet"
 BATCH_PREFIX = "batch-"
@@ -153,6 +153,9 @@ SCHEMA: dict[str, pl.DataType] = {
     "optimizer_peak_bytes": pl.Int64(),  #   such phase
     "prefill_peak_bytes": pl.Int64(),
     "decode_peak_bytes": pl.Int64(),
+    # --- schema 11: the SDPA kernel (issue 25; measure/sdpa.py): detailed's pick on the job's GPU, the measured run's ---
+    "attn_kernel": pl.String(),          # cudnn | flash | efficient | math | eager (no SDPA); "+"-joined where layers differ
+    "measured_attn_kernel": pl.String(), # fake: CUDA's pick on the job's GPU; cpu / cuda: the device's own
 }
 
 _PY_TYPES: dict[type, tuple[type, ...]] = {

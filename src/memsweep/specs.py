@@ -168,6 +168,10 @@ class ModelSpec:
     gpt-oss (local, global), Gemma-3 (5 x local, global)."""
     attention_sinks: bool = False
     """gpt-oss: one learned sink logit per head, in every layer's softmax."""
+    sdpa_mask: bool = False
+    """transformers' Falcon: SDPA is given the model's materialised causal mask (`create_causal_mask(
+    allow_is_causal_skip=False)`) and K / V with their own head count, no `enable_gqa`; with fewer
+    K/V heads than query heads no fused kernel takes that call (the math kernel runs, on a GPU too)."""
     attn_softcap: float = 0.0
     """Gemma-2: attention scores soft-capped, tanh(scores / cap) * cap (attn_logit_softcapping); 0: none."""
     final_softcap: float = 0.0
@@ -231,7 +235,7 @@ class ModelSpec:
             raise ConfigError("model.activation", self.activation,
                               "fused unless model.family=llama with mlp=gelu or geglu (a written-out GELU)")
         for key in ("qkv_bias", "out_bias", "mlp_bias", "tied_embeddings", "pooler",
-                    "shared_expert_gate", "router_bias", "attention_sinks"):
+                    "shared_expert_gate", "router_bias", "attention_sinks", "sdpa_mask"):
             check_bool(f"model.{key}", getattr(self, key))
         allowed_norms = (1, 2) if self.block == "parallel" else (2, 4)
         if self.block_norms not in allowed_norms or isinstance(self.block_norms, bool):
@@ -630,9 +634,18 @@ class Hardware:
     gpus_per_node: int = 8
     """GPUs in one node: a collective among at most this many runs over NVLink (PCIe when
     nvlink_gbs is 0), a larger one over the network."""
+    compute_capability: str = "8.0"
+    """CUDA compute capability ("major.minor": A100 8.0, RTX 30xx 8.6, RTX 4090 8.9, H100 / H200
+    9.0): which SDPA kernel PyTorch picks on this GPU (`measure/sdpa.py`, and `detailed`)."""
 
     def __post_init__(self) -> None:
         check_label("hardware.name", self.name)
+        cc = str(self.compute_capability)
+        major, dot, minor = cc.partition(".")
+        if not (major.isdigit() and dot and minor.isdigit() and 5 <= int(major) <= 12):
+            raise ConfigError("hardware.compute_capability", self.compute_capability,
+                              'a CUDA compute capability "major.minor", 5.0 to 12.1 (H100: "9.0")')
+        object.__setattr__(self, "compute_capability", f"{int(major)}.{int(minor)}")
         check_int("hardware.memory_mib", self.memory_mib)
         check_int("hardware.reserved_mib", self.reserved_mib, minimum=0)
         if self.reserved_mib >= self.memory_mib:
@@ -680,10 +693,15 @@ class MeasureSpec:
     """isolate only: kill the child (status=error) when its resident memory exceeds this."""
     impl: Literal["reference", "hf"] = "reference"
     """What runs: memsweep's reference models, or the Hugging Face transformers model (issue 12)."""
+    sdpa: Literal["gpu", "device"] = "gpu"
+    """fake only: the SDPA kernel CUDA picks on the job's GPU (`hardware.compute_capability`,
+    measure/sdpa.py), or the measuring device's own (the CPU's: what makes fake equal cpu byte
+    for byte). cpu and cuda always run their device's pick."""
 
     def __post_init__(self) -> None:
         check_label("measure.name", self.name)
         check_choice("measure.backend", self.backend, MEASURE_BACKENDS)
+        check_choice("measure.sdpa", self.sdpa, ("gpu", "device"))
         check_choice("measure.impl", self.impl, ("reference", "hf"))
         check_bool("measure.isolate", self.isolate)
         for key in ("timeout_s", "max_rss_gib"):

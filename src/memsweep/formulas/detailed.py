@@ -440,6 +440,7 @@ def saved_activations_bytes(c: Columns) -> Array:
     with eager attention the b*a*s^2 probabilities; with recompute, the masks checkpoints hold)."""
     coef = SAVED[_mode_index(c)]
     return ((coef * basis_values(c)).sum(axis=-1) + ext_saved_bytes(c) + held_mask_bytes(c) + fused_loss_saved_bytes(c)
+            + math_attention_saved_bytes(c)
             + c.layers * softcap_scores_bytes(c) * (1 - c.recompute_full) * (1 - c.recompute_selective)
             + gelu_layers(c) * gelu_ops_bytes(c) * (1 - c.recompute_full))
 
@@ -478,6 +479,92 @@ def gelu_ops_bytes(c: Columns, backward: bool = False) -> Array:
         per = per + np.select([c.gelu_ops == 3, c.gelu_ops > 0], [3.0 * cb, cb], default=0.0)
     on = (c.training == 1) & (c.family == FAMILY_CODES["llama"])
     return np.where(on, per * c.batch * c.seq * c.ffn / c.tp, 0.0)
+
+
+SDPA_KERNELS = ("cudnn", "flash", "efficient", "math")
+"""What `sdpa_kernel` returns an index into (measure/sdpa.py picks the same, call by call)."""
+
+
+def sdpa_input_bytes(c: Columns) -> Array:
+    """The element of the q, k, v SDPA gets: autocast casts them to 16 bits (CUDA's list has
+    `scaled_dot_product_attention` as lower precision); else the projections' own."""
+    return np.where(autocast(c), 2.0, linear_out_bytes(c))
+
+
+def _sdpa_dims(c: Columns) -> tuple[Array, Array]:
+    """Query/key and value head sizes SDPA sees: the reference pads MLA's narrower values to the
+    query size (as transformers' DeepSeek does for its fused path)."""
+    dq = np.where(c.mla == 1, np.maximum(c.head_dim, c.v_head_dim), c.head_dim)
+    return dq, np.where(c.mla == 1, dq, c.v_head_dim)
+
+
+def sdpa_kernel(c: Columns, masked: Array | bool = False) -> Array:
+    """The kernel (index into SDPA_KERNELS) PyTorch picks on the job's GPU for a training or
+    prefill call of one layer: a global layer's (is_causal, no mask) or, `masked`, a sliding-window
+    layer's past its window (a mask; K/V repeated). The rules are measure/sdpa.py's `choose`
+    (torch's sdp_utils.cpp) for the calls memsweep's models and transformers make: cuDNN first on
+    sm90 / sm100, then flash (16-bit, no mask, equal head sizes <= 256, GQA by enable_gqa),
+    memory-efficient (equal head counts, sizes aligned to 8 / 4 elements), else math."""
+    sm = np.where(c.sm > 0, c.sm, 80.0)
+    half = sdpa_input_bytes(c) == 2.0
+    dq, dv = _sdpa_dims(c)
+    gqa = c.kv_heads != c.heads
+    mask = (c.sdpa_mask == 1) | np.asarray(masked, dtype=bool)
+    # K/V shared by enable_gqa (no mask, sizes <= 256), else repeated (equal heads), except
+    # Falcon's call, which keeps its one K/V head without enable_gqa
+    shared = gqa & ~mask & (dq == dv) & (dq <= 256)
+    broadcast = gqa & (c.sdpa_mask == 1)
+    sm90 = np.isin(sm, (90.0, 100.0, 103.0))
+    limit = np.where(sm90 & (dq == 192) & (dv == 128), 192.0, 128.0)
+    cudnn = sm90 & half & ~broadcast & (dq <= limit) & (dv <= limit) & (dq % 8 == 0) & (dv % 8 == 0)
+    odd_sm = ((sm >= 86) & (sm <= 89)) | (sm >= 120)
+    flash = (~mask & half & (dq == dv) & (dq <= 256) & (sm >= 80) & ~broadcast
+             & ~(odd_sm & (c.training == 1) & (dq > 192) & (dq <= 224)))
+    align = np.where(sm >= 80, np.where(half, 8.0, 4.0), np.where(half & (sm >= 70), 8.0, 1.0))
+    efficient = (~shared & ~broadcast) & (dq % align == 0) & (dv % align == 0)
+    return np.select([cudnn, flash, efficient], [0, 1, 2], default=3)
+
+
+def attn_kernel_names(c: Columns) -> list[str]:
+    """The `attn_kernel` column: the global layers' SDPA kernel, "+" the sliding-window layers'
+    where they differ; eager where no SDPA runs."""
+    glob, local = sdpa_kernel(c), sdpa_kernel(c, masked=True)
+    windowed = (c.local_layers > 0) & (c.seq > c.window)
+    out = []
+    for i in range(len(c)):
+        if c.eager_attention[i] == 1:
+            out.append("eager")
+            continue
+        name = SDPA_KERNELS[int(glob[i])] if c.local_layers[i] < c.layers[i] else ""
+        if windowed[i] and (not name or local[i] != glob[i]):
+            name = "+".join(filter(None, (name, SDPA_KERNELS[int(local[i])])))
+        out.append(name or SDPA_KERNELS[int(glob[i])])
+    return out
+
+
+def math_attention_saved_bytes(c: Columns) -> Array:
+    """What the math kernel keeps for one global layer's backward beyond what a fused kernel keeps
+    (0 where a fused kernel or eager attention runs; training without recompute).
+
+    ATen's `_scaled_dot_product_attention_math` (attention.cpp) upcasts 16-bit q, k, v to fp32
+    (`allowFP16BF16ReductionMathSDP` is off by default), repeats K and V to every head under
+    `enable_gqa`, scales q and k by sqrt(scale) each (new tensors), and autograd keeps q*, k*, the
+    fp32 probabilities (b*a*s^2) and the fp32 V (the given V itself when it is fp32 and not
+    repeated). A fused kernel keeps q, k, v, its output and the fp32 row log-sum-exp instead."""
+    on = (sdpa_kernel(c) == 3) & (c.eager_attention == 0) & (c.training == 1) & (c.recompute_full == 0) \
+        & (c.recompute_selective == 0)
+    b, t, a = c.batch, c.seq, c.heads / c.tp
+    kv = np.maximum(c.kv_heads / c.tp, 1.0)
+    dq, dv = _sdpa_dims(c)
+    cb = sdpa_input_bytes(c)
+    gqa = c.kv_heads != c.heads
+    repeated = gqa & (c.sdpa_mask == 0)  # enable_gqa: the math kernel repeat_interleaves K and V
+    k_heads = np.where(repeated, a, kv)
+    v_new = (cb != FP32) | repeated
+    math_ = FP32 * b * (a * t * dq + k_heads * t * dq + a * t * t + v_new * k_heads * t * dv)
+    fused = b * (cb * (a * t * dq + kv * t * dq + v_new * kv * t * dv + a * t * dv) + FP32 * a * t)
+    global_layers = c.layers - np.where(c.seq > c.window, c.local_layers, 0.0)
+    return np.where(on, global_layers * (math_ - fused), 0.0)
 
 
 def softcap_scores_bytes(c: Columns) -> Array:
@@ -666,10 +753,13 @@ def eager_backward_bytes(c: Columns, saved: Array | None = None) -> Array:
     log-softmax) plus the b*a*s^2 gradients alive there: `EAGER_BACKWARD_SCORE_TENSORS` in the
     compute dtype, or with an fp32 softmax the fp32 gradient of the probabilities and the
     16-bit gradient of the scores it makes. A model, not a fit."""
-    eager = (c.eager_attention == 1) & (c.recompute_selective == 0) & (c.recompute_full == 0)
-    grads = softmax_backward_bytes(c)
+    plain = (c.recompute_selective == 0) & (c.recompute_full == 0)
+    eager = (c.eager_attention == 1) & plain
+    # the math kernel's softmax backward: the fp32 gradients of its probabilities and scores
+    math_ = (c.eager_attention == 0) & plain & (sdpa_kernel(c) == 3) & (c.training == 1)
+    grads = np.where(eager, softmax_backward_bytes(c), 2 * FP32 * c.batch * c.heads * c.seq**2 / c.tp)
     saved = saved_activations_bytes(c) if saved is None else saved
-    return np.where(eager, saved - c.batch * c.seq * c.vocab * FP32 + grads, 0.0)
+    return np.where(eager | math_, saved - c.batch * c.seq * c.vocab * FP32 + grads, 0.0)
 
 
 def softmax_backward_bytes(c: Columns) -> Array:

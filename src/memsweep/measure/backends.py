@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from memsweep.columns import Columns
 from memsweep.formulas import FORMULAS
 from memsweep.measure.autocast import cuda_policy
+from memsweep.measure.sdpa import capability, cuda_sdpa, observe_sdpa
 from memsweep.measure.timing import TIMED_PHASES, CudaEventTimer, PerfCounterTimer, Timings, timed_steps
 from memsweep.measure.tracker import StorageTracker
 from memsweep.measure.workloads import Prepared, Unmeasurable, prepare
@@ -50,6 +51,9 @@ class Measurement:
     """Parameters of the measured model (a LoRA model's frozen base only), and those trained: the
     counts of a row no formula models, whose spec cannot count them (`parameter_counts`)."""
     trainable_params: int | None = None
+    attn_kernel: str | None = None
+    """The SDPA kernels the measured run used, most calls first ("cudnn", "flash+math"): fake picks
+    them as CUDA would on the job's GPU (measure/sdpa.py), cpu and cuda record their device's pick."""
 
     def row_fields(self) -> dict[str, Any]:
         """The measured columns of a result row."""
@@ -62,6 +66,7 @@ class Measurement:
             "device": self.device,
             "torch_version": torch.__version__,
             "measure_wall_s": self.wall_s,
+            "measured_attn_kernel": self.attn_kernel,
         }
         for cat in ("weights", "gradients", "optimizer", "activations", "kv_cache"):
             fields[f"measured_{cat}_bytes"] = self.breakdown.get(cat)
@@ -107,11 +112,13 @@ def measure(spec: JobSpec) -> Measurement:
     return result
 
 
-def _tracked_steps(spec: JobSpec, device: str, timed: bool) -> tuple[StorageTracker, Timings | None, Prepared]:
-    """Build, run the warm-up steps (untimed), then the measured ones, all under a storage tracker;
-    timed ones phase by phase with perf_counter (so cpu times include the tracker's per-op cost).
-    Untimed (fake) runs decode only the last token: the same peak (see `prepare`)."""
-    with cuda_policy() if device == "cpu" else contextlib.nullcontext(), StorageTracker() as tracker:
+def _tracked_steps(spec: JobSpec, device: str, timed: bool, sdpa: observe_sdpa | cuda_sdpa
+                   ) -> tuple[StorageTracker, Timings | None, Prepared]:
+    """Build, run the warm-up steps (untimed), then the measured ones, all under a storage tracker
+    and `sdpa` (which picks or records the attention kernels); timed ones phase by phase with
+    perf_counter (so cpu times include the tracker's per-op cost). Untimed (fake) runs decode only
+    the last token: the same peak (see `prepare`)."""
+    with cuda_policy() if device == "cpu" else contextlib.nullcontext(), StorageTracker() as tracker, sdpa:
         prepared = prepare_for(spec)(spec, device, tracker, last_decode_only=not timed)
         for _ in range(spec.measure.warmup):
             prepared.step()
@@ -133,9 +140,9 @@ def parameter_counts(spec: JobSpec, model: torch.nn.Module) -> tuple[int, int]:
 
 
 def _from_tracker(backend: str, tracker: StorageTracker, device: str, spec: JobSpec,
-                  prepared: Prepared) -> Measurement:
+                  prepared: Prepared, sdpa: observe_sdpa | cuda_sdpa) -> Measurement:
     params, trainable = parameter_counts(spec, prepared.model)
-    return Measurement(backend=backend, peak_bytes=tracker.peak.total,
+    return Measurement(backend=backend, peak_bytes=tracker.peak.total, attn_kernel=sdpa.summary(),
                        breakdown=dict(tracker.peak.by_category),
                        phase_peaks=dict(tracker.phase_peaks),
                        phase_breakdowns=dict(tracker.phase_breakdowns), device=device,
@@ -161,9 +168,13 @@ def _quiet(logger_name: str):
 def _fake(spec: JobSpec) -> Measurement:
     # Fake tensors on the *cpu* device: fake cuda tensors and the meta device cannot run the
     # backward pass on a CPU-only torch and fall back to math attention.
+    # SDPA runs the kernel CUDA would pick on the job's GPU, not the CPU's (measure/sdpa.py),
+    # unless measure.sdpa=device
+    gpu = spec.measure.sdpa == "gpu"
+    sdpa = cuda_sdpa(capability(spec.hardware.compute_capability)) if gpu else observe_sdpa()
     with _quiet(FAKE_LOGGER), FakeTensorMode():
-        tracker, _, prepared = _tracked_steps(spec, "cpu", timed=False)
-        return _from_tracker("fake", tracker, "fake:cpu", spec, prepared)
+        tracker, _, prepared = _tracked_steps(spec, "cpu", timed=False, sdpa=sdpa)
+        return _from_tracker("fake", tracker, "fake:cpu", spec, prepared, sdpa)
 
 
 def _cpu(spec: JobSpec) -> Measurement:
@@ -172,8 +183,9 @@ def _cpu(spec: JobSpec) -> Measurement:
         estimate = float(FORMULAS["detailed"](Columns.from_specs([spec])).total[0])
         if estimate > limit * GIB:
             raise Unmeasurable(f"detailed estimate {estimate / GIB:.2f} GiB > measure.max_gib={limit}")
-    tracker, timings, prepared = _tracked_steps(spec, "cpu", timed=True)
-    m = _from_tracker("cpu", tracker, "cpu", spec, prepared)
+    sdpa = observe_sdpa()
+    tracker, timings, prepared = _tracked_steps(spec, "cpu", timed=True, sdpa=sdpa)
+    m = _from_tracker("cpu", tracker, "cpu", spec, prepared, sdpa)
     m.step_time_s, m.phase_times = timings.step_s, timings.phases
     m.tokens_per_s = prepared.tokens_per_step / m.step_time_s
     return m
@@ -189,7 +201,8 @@ def _cuda(spec: JobSpec) -> Measurement:
     torch.cuda.synchronize()
     torch.cuda.reset_peak_memory_stats()
     # each timed step: CUDA events around the step and each phase, one synchronize at its end
-    timings = timed_steps(prepared, CudaEventTimer(), spec.measure.repeats)
+    with observe_sdpa() as sdpa:  # records torch's own pick (_fused_sdp_choice) per call
+        timings = timed_steps(prepared, CudaEventTimer(), spec.measure.repeats)
     peak, reserved = torch.cuda.max_memory_allocated(), torch.cuda.max_memory_reserved()
     # One more step under the storage tracker gives the breakdown at the tensor level.
     with StorageTracker() as tracker:
@@ -203,7 +216,7 @@ def _cuda(spec: JobSpec) -> Measurement:
         tokens_per_s=prepared.tokens_per_step / timings.step_s, phase_times=timings.phases,
         breakdown=dict(tracker.peak.by_category),
         phase_peaks=dict(tracker.phase_peaks), device=torch.cuda.get_device_name(),
-        params=params, trainable_params=trainable)
+        params=params, trainable_params=trainable, attn_kernel=sdpa.summary())
 
 
 # --- isolation: one child process per measurement ------------------------------------------

@@ -185,6 +185,8 @@ class Attention(nn.Module):
         self.causal = spec.decoder
         self.cache_sink: list[tuple[Tensor, Tensor]] | None = None  # set by ReferenceModel.forward
         self.eager = opts.attention == "eager"
+        # transformers' Falcon hands SDPA its causal mask and one K/V head, no enable_gqa
+        self.sdpa_mask = spec.sdpa_mask and not self.eager
         self.fp32_softmax = spec.family == "llama"  # eager: see _attend
         # transformers' GPT2Block names the eager attention weights the attention returns, so they
         # live to the end of the block (its MLP included; Block.forward drops them); its other
@@ -288,13 +290,13 @@ class Attention(nn.Module):
         # (start > 0) the causal diagonal is shifted, which sdpa's is_causal (top-left) is not.
         causal = self.causal and T > 1
         mask = window
-        if mask is None and causal and (start > 0 or self.eager):
+        if mask is None and causal and (start > 0 or self.eager or self.sdpa_mask):
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device)  # (T, S)
             mask = mask.tril(diagonal=start)  # query i sees keys 0..start+i
         dq, dv = q.size(-1), v.size(-1)
         gqa = self.n_kv_head != self.n_head
         shared = gqa and not self.eager and mask is None and dq == dv <= 256
-        if gqa and not shared:  # each K/V head serves n_head / n_kv_head query heads
+        if gqa and not shared and not self.sdpa_mask:  # each K/V head serves n_head / n_kv_head query heads
             n_rep = self.n_head // self.n_kv_head
             k = k.repeat_interleave(n_rep, dim=1)  # (B, nh, S, hs)
             v = v.repeat_interleave(n_rep, dim=1)  # (B, nh, S, hs)

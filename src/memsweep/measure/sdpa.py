@@ -1,0 +1,280 @@
+"""`F.scaled_dot_product_attention` as CUDA runs it, for steps traced on CPU tensors (`measure=fake`).
+
+SDPA picks its kernel at run time, and the kernels keep different tensors for the backward:
+flash, cuDNN and memory-efficient attention keep q, k, v, the output and a row log-sum-exp; the
+math fallback keeps fp32 copies of q, k and v and the fp32 s x s probabilities of every head. A
+CPU picks by CPU rules (its own flash kernel takes no dropout and no differing head sizes), so a
+fake measurement on the CPU device would measure a kernel no GPU user runs: DeepSeek-V3's 192 / 128
+heads take the CPU's math kernel (118.7 GiB at 8k prefill) where a GPU runs a fused one.
+
+`cuda_sdpa(capability)` replaces the call, while active, by CUDA's choice for a GPU of that
+compute capability and that kernel's own ATen op, whose meta kernel and autograd formula make
+and keep exactly the tensors the CUDA kernel does (`_scaled_dot_product_flash_attention`,
+`_scaled_dot_product_cudnn_attention`, `_scaled_dot_product_efficient_attention`,
+`_scaled_dot_product_attention_math`), with the pre-processing `scaled_dot_product_attention`
+does around each (aten/src/ATen/native/transformers/attention.cpp): a bool mask becomes an additive
+mask in the query's dtype; memory-efficient attention expands it to (B, H, T, S) and pads its last
+dimension to a multiple of 16 (`preprocess_mask`, which materialises it when S is not one); flash
+pads head sizes to a multiple of 8. Under autocast the inputs are cast first (CUDA autocast lists
+`scaled_dot_product_attention` as lower precision).
+
+The choice (`choose`) follows aten/src/ATen/native/transformers/cuda/sdp_utils.cpp and
+sdp_utils_cpp.h for dense inputs: the priority order (cuDNN first on sm90 / sm100, else flash,
+memory-efficient, math) and each kernel's constraints (dtypes, head sizes, masks, dropout, GQA,
+causal with T != S, alignment). Kernel-internal workspaces (flash's fp32 dq accumulator in the
+backward) are not tensors autograd sees; neither ATen's meta kernels nor this module count them.
+"""
+
+from __future__ import annotations
+
+import math
+from collections import Counter
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+KERNELS = ("cudnn", "flash", "efficient", "math")
+
+CUDNN_VERSION = 91701
+"""The cuDNN runtime assumed with torch 2.13's CUDA wheels (9.17.1; sdp_utils.cpp prefers cuDNN
+attention on sm90 / sm100 from 9.15.1 on, `check_prefer_cudnn_attention`, pytorch #169849). It
+decides the head sizes cuDNN takes: 128, or 192 / 128 (DeepSeek's MLA) on sm90 / sm100
+(>= 9.11); 256 needs > 9.22."""
+
+HALF = ("float16", "bfloat16")
+
+
+@dataclass(frozen=True)
+class Call:
+    """What SDPA's kernel choice reads from one call (dense 4-D inputs)."""
+
+    dtype: str  # "float16" | "bfloat16" | "float32" (query's; k and v share it)
+    batch: int
+    heads: int  # query heads
+    kv_heads: int
+    t: int  # query tokens
+    s: int  # key tokens
+    d_qk: int
+    d_v: int
+    mask: str = "none"  # "none" | "ok" (a 2-D or (B|1, H|1, T, S) mask) | "other" (another shape)
+    dropout: float = 0.0
+    is_causal: bool = False
+    enable_gqa: bool = False
+    requires_grad: bool = False
+    offsets: int = 0  # gcd of q, k, v storage offsets (elements): memory-efficient's alignment check
+    stride1: bool = True  # q, k, v have a last-dimension stride of 1
+
+
+def _at_least(cap: tuple[int, int], lo: tuple[int, int], hi: tuple[int, int] = (12, 1)) -> bool:
+    return lo <= cap <= hi
+
+
+def prefers_cudnn(cap: tuple[int, int]) -> bool:
+    """`check_prefer_cudnn_attention`: sm90 / sm100 (minor 0 or 3 with CUDA < 13 wheels)."""
+    return CUDNN_VERSION > 91500 and cap[0] in (9, 10) and cap[1] in (0, 3)
+
+
+def _heads_ok(c: Call, gqa: bool) -> bool:
+    if c.enable_gqa and gqa:
+        return c.heads % c.kv_heads == 0
+    return c.heads == c.kv_heads
+
+
+def flash_ok(c: Call, cap: tuple[int, int]) -> bool:
+    if c.mask != "none" or c.dtype not in HALF or not _at_least(cap, (8, 0)):
+        return False
+    if not (c.d_qk == c.d_v <= 256):
+        return False
+    if c.requires_grad and ((8, 6) <= cap <= (8, 9) or (12, 0) <= cap <= (12, 1)):
+        if not (c.d_qk <= 192 or (c.dropout == 0.0 and c.d_qk > 224)):
+            return False
+    if c.is_causal and c.t != c.s:
+        return False
+    return _heads_ok(c, gqa=True) and c.t > 0 and c.s > 0
+
+
+def efficient_ok(c: Call, cap: tuple[int, int]) -> bool:
+    if not _at_least(cap, (5, 0)):
+        return False
+    half = c.dtype in HALF
+    if not (half or c.dtype == "float32") or (c.dtype == "bfloat16" and cap < (8, 0)):
+        return False
+    # minimum_gemm_alignment: tensor cores from sm80 (sm70 for half), 128 bits per access
+    align = 4 if cap >= (8, 0) else 1
+    if cap >= (8, 0) or (cap >= (7, 0) and half):
+        align = max(align, 128 // (16 if half else 32))
+    if c.d_qk % align or c.d_v % align or not c.stride1:
+        return False
+    if cap >= (8, 0) and c.offsets % align:  # check_data_ptr_alignment_mem_efficient
+        return False
+    # torch 2.13's memory-efficient kernel takes equal head counts only (its meta kernel and the
+    # `enable_gqa` documentation: GQA "works only for Flash_attention and math kernel on CUDA")
+    return c.heads == c.kv_heads and c.t > 0 and c.s > 0 and c.mask != "other"
+
+
+def cudnn_ok(c: Call, cap: tuple[int, int]) -> bool:
+    if c.dtype not in HALF or c.mask == "other" or not _at_least(cap, (8, 0)):
+        return False
+    if c.dropout * 16.0 != math.floor(c.dropout * 16.0):
+        return False
+    if not _heads_ok(c, gqa=True) or c.batch > 65535 or c.heads > 65535:
+        return False
+    sm90 = (cap[0] == 9 and cap[1] == 0) or cap[0] == 10
+    limit = 256 if (sm90 and CUDNN_VERSION > 92200) else (
+        192 if (sm90 and CUDNN_VERSION >= 91100 and (c.d_qk, c.d_v) == (192, 128)) else 128)
+    if c.d_qk > limit or c.d_v > limit or c.d_qk % 8 or c.d_v % 8:
+        return False
+    if c.s == 1 or (c.dropout > 0.0 and c.t == 1):
+        return False
+    return c.t > 0
+
+
+def choose(c: Call, cap: tuple[int, int]) -> str:
+    """The kernel `select_sdp_backend` returns for this call on a GPU of compute capability `cap`."""
+    order = ("cudnn", "flash", "efficient", "math") if prefers_cudnn(cap) else ("flash", "efficient", "math")
+    ok = {"cudnn": cudnn_ok, "flash": flash_ok, "efficient": efficient_ok}
+    for kernel in order:
+        if kernel == "math" or ok[kernel](c, cap):
+            return kernel
+    return "math"
+
+
+def capability(text: str) -> tuple[int, int]:
+    major, _, minor = str(text).partition(".")
+    return int(major), int(minor or 0)
+
+
+def _mask_kind(mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> str:
+    if mask is None:
+        return "none"
+    if mask.requires_grad or mask.size(-2) not in (q.size(2), 1) or mask.size(-1) not in (k.size(2), 1):
+        return "other"
+    if mask.dim() == 2:
+        return "ok"
+    if mask.dim() == 4 and mask.size(0) in (1, q.size(0)) and mask.size(1) in (1, q.size(1)):
+        return "ok"
+    return "other"
+
+
+def call_of(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+            dropout: float, is_causal: bool, enable_gqa: bool) -> Call:
+    return Call(dtype=str(q.dtype).removeprefix("torch."), batch=q.size(0), heads=q.size(1), kv_heads=k.size(1),
+                t=q.size(2), s=k.size(2), d_qk=q.size(-1), d_v=v.size(-1), mask=_mask_kind(mask, q, k),
+                dropout=dropout, is_causal=is_causal, enable_gqa=enable_gqa,
+                requires_grad=torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v)),
+                offsets=math.gcd(q.storage_offset(), k.storage_offset(), v.storage_offset()),
+                stride1=all(x.stride(-1) == 1 or x.size(-1) == 1 for x in (q, k, v)))
+
+
+def _additive(mask: torch.Tensor | None, dtype: torch.dtype) -> torch.Tensor | None:
+    """`convert_boolean_attn_mask`: a bool mask as a new additive one (0 / -inf) in `dtype`."""
+    if mask is None or mask.dtype != torch.bool:
+        return mask
+    return torch.zeros_like(mask, dtype=dtype).masked_fill_(mask.logical_not(), float("-inf"))
+
+
+def _efficient_mask(mask: torch.Tensor, q: torch.Tensor, k: torch.Tensor) -> torch.Tensor:
+    """`preprocess_mask`: expanded to (B, H, T, S); S padded to a multiple of 16 (materialised)."""
+    mask = mask.expand(q.size(0), q.size(1), q.size(2), k.size(2))
+    s = mask.size(-1)
+    if s % 16:
+        return F.pad(mask, (0, 16 - s % 16))[..., :s]
+    if any(mask.stride(i) % 16 for i in range(3)):
+        return mask.contiguous()
+    return mask
+
+
+def run(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None,
+        dropout: float, is_causal: bool, scale: float | None, enable_gqa: bool) -> torch.Tensor:
+    """The output of `kernel`, through its ATen op (the tensors it makes and autograd keeps)."""
+    aten = torch.ops.aten
+    lse = torch.is_grad_enabled() and any(x.requires_grad for x in (q, k, v))
+    mask = _additive(mask, q.dtype)
+    if kernel == "cudnn":
+        return aten._scaled_dot_product_cudnn_attention(q, k, v, mask, lse, dropout, is_causal, False, scale=scale)[0]
+    if kernel == "flash":
+        d = q.size(-1)
+        scale = 1.0 / math.sqrt(d) if scale is None else scale
+        pad = (8 - d % 8) % 8
+        if pad:
+            q, k, v = (F.pad(x, (0, pad)) for x in (q, k, v))
+        out = aten._scaled_dot_product_flash_attention(q, k, v, dropout, is_causal, False, scale=scale)[0]
+        return out[..., :d] if pad else out
+    if kernel == "efficient":
+        if mask is not None:
+            mask = _efficient_mask(mask, q, k)
+        return aten._scaled_dot_product_efficient_attention(q, k, v, mask, lse, dropout, is_causal, scale=scale)[0]
+    return aten._scaled_dot_product_attention_math(q, k, v, mask, dropout, is_causal, None, scale=scale,
+                                                   enable_gqa=enable_gqa)[0]
+
+
+_AUTOCAST_CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
+
+
+class cuda_sdpa:  # noqa: N801 (a context manager)
+    """While active, `torch.nn.functional.scaled_dot_product_attention` runs the kernel CUDA would
+    pick on a GPU of compute capability `cap` (module docstring); `kernels` counts the calls per
+    kernel. The function itself is replaced, not intercepted by a thread-local mode: a checkpoint's
+    recomputation runs inside the backward, where a TorchFunctionMode is not active, and must
+    pick the same kernel as the forward did. transformers and the reference models look the
+    function up at each call."""
+
+    def __init__(self, cap: tuple[int, int]) -> None:
+        self.cap = cap
+        self.kernels: Counter[str] = Counter()
+        self._saved = None
+
+    def __enter__(self) -> cuda_sdpa:
+        self._saved = F.scaled_dot_product_attention
+        F.scaled_dot_product_attention = self.attend
+        return self
+
+    def __exit__(self, *exc) -> None:
+        F.scaled_dot_product_attention = self._saved
+
+    def attend(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+               enable_gqa=False):
+        if torch.is_autocast_enabled("cpu"):  # CUDA autocast: lower_precision_fp
+            dtype = torch.get_autocast_dtype("cpu")
+            query, key, value = (x.to(dtype) if x.is_floating_point() else x for x in (query, key, value))
+            if attn_mask is not None and attn_mask.is_floating_point():
+                attn_mask = attn_mask.to(dtype)
+        if query.dim() != 4 or key.dim() != 4 or value.dim() != 4:
+            kernel = "math"
+        else:
+            kernel = choose(call_of(query, key, value, attn_mask, dropout_p, is_causal, enable_gqa), self.cap)
+        self.kernels[kernel] += 1
+        with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_CPU):
+            return run(kernel, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+
+    def summary(self) -> str | None:
+        """The kernels used, most calls first ("cudnn", "flash+math"); None without a call."""
+        return "+".join(k for k, _ in self.kernels.most_common()) or None
+
+
+BACKEND_NAMES = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
+"""torch.nn.attention.SDPBackend's values, as `torch._fused_sdp_choice` returns them."""
+
+
+class observe_sdpa(cuda_sdpa):  # noqa: N801
+    """Counts the kernel the device's own rule picks (`torch._fused_sdp_choice`: CUDA's on a GPU,
+    the CPU's on a CPU) and runs the call unchanged (`measure=cuda`, `measure=cpu`)."""
+
+    def __init__(self) -> None:
+        super().__init__((0, 0))
+
+    def attend(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+               enable_gqa=False):
+        args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
+        cast = [query, key, value]
+        if torch.is_autocast_enabled(query.device.type):  # what the call's autocast will pass on
+            dtype = torch.get_autocast_dtype(query.device.type)
+            cast = [x.detach().to(dtype).requires_grad_(x.requires_grad)
+                    if x.is_floating_point() and x.dtype != dtype else x for x in cast]
+        choice = int(torch._fused_sdp_choice(*cast, attn_mask, dropout_p, is_causal, scale=scale,
+                                             enable_gqa=enable_gqa))
+        del cast
+        self.kernels[BACKEND_NAMES.get(choice, str(choice))] += 1
+        return self._saved(*args[:3], attn_mask=attn_mask, dropout_p=dropout_p,
+                           is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
