@@ -26,7 +26,8 @@ from memsweep.measure.hf import hf_config  # noqa: E402
 
 
 def hf(backend: str) -> MeasureSpec:
-    return MeasureSpec(name=backend, backend=backend, impl="hf")
+    # fake with the CPU's SDPA kernels, as cpu runs them: the two agree byte for byte
+    return MeasureSpec(name=backend, backend=backend, impl="hf", sdpa="device")
 
 
 @pytest.mark.parametrize("name", ["llama2-7b", "llama3-8b", "qwen2.5-7b", "mistral-7b", "gpt2", "tiny"])
@@ -108,7 +109,7 @@ def test_mixed_precision_moe_runs_its_experts_in_fp32_as_cuda_does():
     runs = {}
     for prec in ("mixed", "pure"):
         for impl in ("reference", "hf"):
-            ms = MeasureSpec(name="fake", backend="fake", impl=impl)
+            ms = MeasureSpec(name="fake", backend="fake", sdpa="device", impl=impl)
             r = measure(job(cut, seq=64, batch=1, dtype="bf16", precision=prec, measure=ms))
             assert r.status == "ok", r.error
             runs[prec, impl] = r.phase_breakdowns["forward"]["activations"]
@@ -169,7 +170,7 @@ def test_the_reference_model_keeps_what_transformers_keeps(mode):
     transformers' training KV cache (use_cache=True; docs/accuracy.md), so it is not compared."""
     runs = {}
     for impl in ("reference", "hf"):
-        ms = MeasureSpec(name="fake", backend="fake", impl=impl)
+        ms = MeasureSpec(name="fake", backend="fake", sdpa="device", impl=impl)
         m = measure(job(TINY, seq=32, batch=2, dtype="bf16", measure=ms, **ALIGNED_MODES[mode]))
         assert m.status == "ok", m.error
         runs[impl] = m
@@ -284,7 +285,7 @@ def test_the_training_kv_cache_is_what_use_cache_says_in_both_implementations():
         peaks = {}
         for use_cache in (True, False):
             spec = job("tiny", seq=32, batch=2, dtype="bf16", precision="mixed",
-                       wl=workload("train", use_cache=use_cache), measure=MeasureSpec(name="fake", backend="fake", impl=impl))
+                       wl=workload("train", use_cache=use_cache), measure=MeasureSpec(name="fake", backend="fake", sdpa="device", impl=impl))
             peaks[use_cache] = measure(spec).phase_peaks["forward"]
         delta[impl] = peaks[True] - peaks[False]
     expected = train_cache_bytes(Columns.from_specs([job("tiny", seq=32, batch=2, dtype="bf16", precision="mixed")]))[0]
@@ -390,7 +391,7 @@ def test_a_config_json_no_formula_models_without_transformers_measuring_it_is_re
             model_of({"name": "hf", "config": str(folder)}, measure_cfg)
     m, _ = unmodelled("bloom", tmp_path)  # a spec rebuilt from a row without transformers measuring it
     with pytest.raises(ConfigError, match="model.config=.*a model_type memsweep models"):
-        job(m, seq=16, measure=MeasureSpec(name="fake", backend="fake", impl="reference"))
+        job(m, seq=16, measure=MeasureSpec(name="fake", backend="fake", sdpa="device", impl="reference"))
 
 
 # --- what transformers' forward holds, in the reference too (issue 12, part 2) ------------------
@@ -405,7 +406,7 @@ def test_eager_masks_and_held_embeddings_are_what_transformers_holds():
     from memsweep.formulas.detailed import eager_mask_bytes, held_mask_bytes
 
     tiny8 = replace(TINY, layers=8)
-    ref, ours = (MeasureSpec(name="fake", backend="fake", impl=i) for i in ("hf", "reference"))
+    ref, ours = (MeasureSpec(name="fake", backend="fake", sdpa="device", impl=i) for i in ("hf", "reference"))
     train = dict(seq=256, batch=2, dtype="bf16", precision="pure", attention="eager", recompute="full")
     a, b = measure(job(tiny8, measure=ref, **train)), measure(job(tiny8, measure=ours, **train))
     # (within 0.1 %: at these sizes the two differ by one int64 index vector of the sequence)
@@ -429,7 +430,7 @@ def test_full_recompute_peaks_in_the_first_blocks_backward_with_every_other_grad
     from memsweep.formulas import FORMULAS
 
     spec = job(replace(TINY, layers=8), seq=512, batch=1, dtype="bf16", precision="pure", attention="eager",
-               recompute="full", measure=MeasureSpec(name="fake", backend="fake"))
+               recompute="full", measure=MeasureSpec(name="fake", backend="fake", sdpa="device"))
     m = measure(spec)
     d = FORMULAS["detailed"](Columns.from_specs([spec]))
     assert m.breakdown["gradients"] == d.gradients[0] > 0

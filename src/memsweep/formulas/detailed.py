@@ -542,17 +542,16 @@ def attn_kernel_names(c: Columns) -> list[str]:
     return out
 
 
-def math_attention_saved_bytes(c: Columns) -> Array:
+def math_layer_bytes(c: Columns) -> Array:
     """What the math kernel keeps for one global layer's backward beyond what a fused kernel keeps
-    (0 where a fused kernel or eager attention runs; training without recompute).
+    (0 where a fused kernel or eager attention runs, and outside training).
 
     ATen's `_scaled_dot_product_attention_math` (attention.cpp) upcasts 16-bit q, k, v to fp32
     (`allowFP16BF16ReductionMathSDP` is off by default), repeats K and V to every head under
     `enable_gqa`, scales q and k by sqrt(scale) each (new tensors), and autograd keeps q*, k*, the
     fp32 probabilities (b*a*s^2) and the fp32 V (the given V itself when it is fp32 and not
     repeated). A fused kernel keeps q, k, v, its output and the fp32 row log-sum-exp instead."""
-    on = (sdpa_kernel(c) == 3) & (c.eager_attention == 0) & (c.training == 1) & (c.recompute_full == 0) \
-        & (c.recompute_selective == 0)
+    on = (sdpa_kernel(c) == 3) & (c.eager_attention == 0) & (c.training == 1)
     b, t, a = c.batch, c.seq, c.heads / c.tp
     kv = np.maximum(c.kv_heads / c.tp, 1.0)
     dq, dv = _sdpa_dims(c)
@@ -563,8 +562,19 @@ def math_attention_saved_bytes(c: Columns) -> Array:
     v_new = (cb != FP32) | repeated
     math_ = FP32 * b * (a * t * dq + k_heads * t * dq + a * t * t + v_new * k_heads * t * dv)
     fused = b * (cb * (a * t * dq + kv * t * dq + v_new * kv * t * dv + a * t * dv) + FP32 * a * t)
+    return np.where(on, math_ - fused, 0.0)
+
+
+def math_softmax_backward_bytes(c: Columns) -> Array:
+    """The math kernel's softmax backward: the fp32 gradients of its probabilities and scores."""
+    return 2 * FP32 * c.batch * c.heads * c.seq**2 / c.tp
+
+
+def math_attention_saved_bytes(c: Columns) -> Array:
+    """`math_layer_bytes` of every global layer, kept to the backward without recompute."""
+    plain = (c.recompute_full == 0) & (c.recompute_selective == 0)
     global_layers = c.layers - np.where(c.seq > c.window, c.local_layers, 0.0)
-    return np.where(on, global_layers * (math_ - fused), 0.0)
+    return np.where(plain, global_layers * math_layer_bytes(c), 0.0)
 
 
 def softcap_scores_bytes(c: Columns) -> Array:
@@ -704,6 +714,11 @@ def full_recompute_layer_bytes(c: Columns, block: tuple[Array, ...] | None = Non
     checkpoint and the block's larger moment (`_recompute_block`), with the LM head's weight
     gradient the only one made yet (the final norm, logits and head cast are freed by then)."""
     kept, _, mlp, softmax = block or _recompute_block(c)
+    # the re-run block's math attention keeps its fp32 copies and probabilities too, and its
+    # softmax backward adds their gradients
+    math_ = math_layer_bytes(c)
+    mlp = mlp + math_
+    softmax = np.where(math_ != 0, np.maximum(softmax, mlp + math_softmax_backward_bytes(c)), softmax)
     head_grad = (1 - c.lora) * (1 - c.tied_embeddings) * c.vocab * c.hidden * trainable_bytes(c) / c.tp
     # accumulating, it is among the gradients already; stepped in the backward, it is gone
     head_grad = np.where((c.grad_accum > 1) | (c.in_backward == 1), 0.0, head_grad)
@@ -757,7 +772,7 @@ def eager_backward_bytes(c: Columns, saved: Array | None = None) -> Array:
     eager = (c.eager_attention == 1) & plain
     # the math kernel's softmax backward: the fp32 gradients of its probabilities and scores
     math_ = (c.eager_attention == 0) & plain & (sdpa_kernel(c) == 3) & (c.training == 1)
-    grads = np.where(eager, softmax_backward_bytes(c), 2 * FP32 * c.batch * c.heads * c.seq**2 / c.tp)
+    grads = np.where(eager, softmax_backward_bytes(c), math_softmax_backward_bytes(c))
     saved = saved_activations_bytes(c) if saved is None else saved
     return np.where(eager | math_, saved - c.batch * c.seq * c.vocab * FP32 + grads, 0.0)
 
@@ -946,7 +961,14 @@ def prefill_attention_bytes(c: Columns) -> Array:
     probs = np.where(c.attention_sinks == 1, 2 * cb, probs)
     eager = (t * 6.0 * c.hidden * cb + c.batch * c.heads * c.seq**2 * (cb + probs)) / c.tp + eager_mask_bytes(c)
     rope = np.where(c.learned_positions == 1, 0.0, 2.0 * c.seq * c.rope_dim * cb)
-    return np.where(c.eager_attention == 1, eager + rope + inference_ids_bytes(c), 0.0)
+    # SDPA's math kernel (fp32 GQA, transformers' Falcon), inside its softmax: the fp32 scores and
+    # probabilities (b*a*s^2 each), the causal mask it builds (bool, then its fp32 additive copy),
+    # Falcon's own bool mask (b*s^2) with its additive copy in the compute dtype
+    math_ = (c.eager_attention == 0) & (sdpa_kernel(c) == 3)
+    masks = c.seq**2 * np.where(c.sdpa_mask == 1, c.batch * (1 + cb), 1 + FP32)
+    math_bytes = (t * 6.0 * c.hidden * cb + c.batch * c.heads * c.seq**2 * 2 * FP32) / c.tp + masks
+    return np.where(c.eager_attention == 1, eager + rope + inference_ids_bytes(c),
+                    np.where(math_, math_bytes + rope + inference_ids_bytes(c), 0.0))
 
 
 def decode_activations_bytes(c: Columns) -> Array:
