@@ -15,7 +15,7 @@ from memsweep.columns import Columns  # noqa: E402
 from memsweep.errors import ConfigError  # noqa: E402
 from memsweep.formulas.detailed import attn_kernel_names, phase_peaks  # noqa: E402
 from memsweep.measure.backends import measure  # noqa: E402
-from memsweep.measure.sdpa import Call, choose  # noqa: E402
+from memsweep.sdpa_rules import Call, choose  # noqa: E402
 from memsweep.specs import Hardware  # noqa: E402
 
 H100, A100, RTX4090 = (9, 0), (8, 0), (8, 9)
@@ -88,3 +88,15 @@ def test_the_math_kernel_costs_what_the_trace_says(model, top):
     est = phase_peaks(Columns.from_specs([spec]))
     for phase in ("forward", "backward"):
         assert est[phase][0] == pytest.approx(m.phase_peaks[phase], rel=0.01), phase
+
+
+def test_detailed_picks_row_by_row_what_it_picks_for_many_rows_at_once():
+    """sdpa_kernel numbers the distinct rows of a mixed batch (a planner chunk spans models):
+    each row's kernel is the one it gets alone."""
+    specs = [job(m, seq=s, dtype=d, hardware=h) for m, d, h, s in [
+        ("llama3-8b", "bf16", "h100-80g", 1000), ("llama3-8b", "fp32", "a100-80g", 512),
+        ("falcon-7b", "bf16", "h100-80g", 256), ("deepseek-v3", "bf16", "h100-80g", 300),
+        ("gemma-3-12b", "bf16", "a100-80g", 2000), ("gpt2", "fp32", "rtx4090-24g", 64)]]
+    together = attn_kernel_names(Columns.from_specs(specs))
+    assert together == [attn_kernel_names(Columns.from_specs([s]))[0] for s in specs]
+    assert len(set(together)) >= 3  # the rows do differ

@@ -214,15 +214,10 @@ def _spec_values(spec: JobSpec) -> dict[str, float]:
         "recompute_selective": spec.recompute == "selective",
         "recompute_full": spec.recompute == "full",
         "eager_attention": spec.attention == "eager",
-        "sm": _sm(spec.hardware.compute_capability),
+        "sm": 10.0 * spec.hardware.capability[0] + spec.hardware.capability[1],
         "tp": p.tp, "pp": p.pp, "dp": p.dp, "zero": p.zero,
         "sequence_parallel": p.sequence_parallel, "ep": p.ep,
     }
-
-
-def _sm(capability: str) -> float:
-    major, _, minor = capability.partition(".")
-    return 10.0 * int(major) + int(minor)
 
 
 def technique_values(spec: JobSpec) -> dict[str, float]:

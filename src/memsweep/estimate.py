@@ -256,7 +256,7 @@ def _job_rows(jobs: _Jobs, j: int, formulas: Sequence[Formula]) -> list[dict[str
                     return float(got[k])
 
                 (phases, by_phase), k = jobs.at(("moments", n), lambda c, job, f=formula: moment_report(c, f.constants), j)
-                kernels, kk = jobs.at(("attn_kernel", n), lambda c, job: attn_kernel_names(c), j)
+                kernels, kk = jobs.at(("attn_kernel",), lambda c, job: attn_kernel_names(c), j)  # the same for every formula
                 row.update(serve_fields(spec, value), peak_phase=str(phases[k]), attn_kernel=kernels[kk])
                 for phase, peaks in by_phase.items():
                     peak = float(peaks[k])

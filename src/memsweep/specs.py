@@ -664,6 +664,12 @@ class Hardware:
         return self.memory_mib * MIB
 
     @property
+    def capability(self) -> tuple[int, int]:
+        """`compute_capability` as (major, minor): (9, 0) for an H100."""
+        major, _, minor = self.compute_capability.partition(".")
+        return int(major), int(minor)
+
+    @property
     def usable_bytes(self) -> int:
         """What a job may use: total minus the reserve (the `hardware_bytes` column)."""
         return (self.memory_mib - self.reserved_mib) * MIB

@@ -23,6 +23,7 @@ calibration can refit it.
 
 from __future__ import annotations
 
+import math
 import os
 from dataclasses import dataclass
 
@@ -40,6 +41,7 @@ from memsweep.formulas.basis import (
 from memsweep.formulas.coefficients import BASIS as FITTED_BASIS
 from memsweep.formulas.coefficients import COEFFICIENTS
 import memsweep.formulas.techniques as tq
+from memsweep.sdpa_rules import KERNELS, Call, choose
 
 FP32 = 4.0
 if FITTED_BASIS != BASIS:
@@ -435,12 +437,12 @@ def ext_saved_bytes(c: Columns, index: tuple[Array, ...] | None = None, mask: np
     return out
 
 
-def saved_activations_bytes(c: Columns) -> Array:
+def saved_activations_bytes(c: Columns, kernel: Array | None = None) -> Array:
     """What autograd holds when the forward (and the loss) ends (incl. the fp32 log-softmax, t*V*4;
     with eager attention the b*a*s^2 probabilities; with recompute, the masks checkpoints hold)."""
     coef = SAVED[_mode_index(c)]
     return ((coef * basis_values(c)).sum(axis=-1) + ext_saved_bytes(c) + held_mask_bytes(c) + fused_loss_saved_bytes(c)
-            + math_attention_saved_bytes(c)
+            + math_attention_saved_bytes(c, kernel)
             + c.layers * softcap_scores_bytes(c) * (1 - c.recompute_full) * (1 - c.recompute_selective)
             + gelu_layers(c) * gelu_ops_bytes(c) * (1 - c.recompute_full))
 
@@ -481,10 +483,6 @@ def gelu_ops_bytes(c: Columns, backward: bool = False) -> Array:
     return np.where(on, per * c.batch * c.seq * c.ffn / c.tp, 0.0)
 
 
-SDPA_KERNELS = ("cudnn", "flash", "efficient", "math")
-"""What `sdpa_kernel` returns an index into (measure/sdpa.py picks the same, call by call)."""
-
-
 def sdpa_input_bytes(c: Columns) -> Array:
     """The element of the q, k, v SDPA gets: autocast casts them to 16 bits (CUDA's list has
     `scaled_dot_product_attention` as lower precision); else the projections' own."""
@@ -498,31 +496,47 @@ def _sdpa_dims(c: Columns) -> tuple[Array, Array]:
     return dq, np.where(c.mla == 1, dq, c.v_head_dim)
 
 
+MATH_KERNEL = KERNELS.index("math")
+
+
+def _distinct_rows(*columns: Array) -> tuple[np.ndarray, np.ndarray]:
+    """(the distinct rows of these integer-valued columns, each row's index among them). A planner
+    chunk varies seq and batch, which no kernel rule reads: usually one distinct row (no sort), or
+    a few models' rows, numbered by one mixed-radix integer per row (a 1-D sort, not a row sort)."""
+    columns = np.broadcast_arrays(*columns)
+    if all(x[0] == x[-1] and (x == x[0]).all() for x in columns):
+        return np.array([[x[0] for x in columns]], dtype=np.int64), np.zeros(len(columns[0]), dtype=np.intp)
+    keys = np.stack(columns, axis=1).astype(np.int64)
+    lo = keys.min(axis=0)
+    span = tuple(int(x) for x in keys.max(axis=0) - lo + 1)
+    if math.prod(span) >= 2**62:  # too wide for one integer: sort the rows themselves
+        return np.unique(keys, axis=0, return_inverse=True)
+    codes, inverse = np.unique(np.ravel_multi_index(tuple((keys - lo).T), span), return_inverse=True)
+    return np.column_stack(np.unravel_index(codes, span)) + lo, inverse
+
+
 def sdpa_kernel(c: Columns, masked: Array | bool = False) -> Array:
-    """The kernel (index into SDPA_KERNELS) PyTorch picks on the job's GPU for a training or
-    prefill call of one layer: a global layer's (is_causal, no mask) or, `masked`, a sliding-window
-    layer's past its window (a mask; K/V repeated). The rules are measure/sdpa.py's `choose`
-    (torch's sdp_utils.cpp) for the calls memsweep's models and transformers make: cuDNN first on
-    sm90 / sm100, then flash (16-bit, no mask, equal head sizes <= 256, GQA by enable_gqa),
-    memory-efficient (equal head counts, sizes aligned to 8 / 4 elements), else math."""
+    """The kernel (index into sdpa_rules.KERNELS) PyTorch picks on the job's GPU for a training
+    or prefill call of one layer, by `sdpa_rules.choose` (torch's sdp_utils.cpp): a global
+    layer's call (is_causal, no mask) or, `masked`, a sliding-window layer's past its window (a
+    mask). As transformers calls it (and the reference model): K/V shared by `enable_gqa` when no
+    mask is passed and the head sizes are equal and <= 256, else repeated to every head, but for
+    Falcon's call (`model.sdpa_mask`: its mask and its one K/V head, no enable_gqa)."""
     sm = np.where(c.sm > 0, c.sm, 80.0)
     half = sdpa_input_bytes(c) == 2.0
     dq, dv = _sdpa_dims(c)
     gqa = c.kv_heads != c.heads
-    mask = (c.sdpa_mask == 1) | np.asarray(masked, dtype=bool)
-    # K/V shared by enable_gqa (no mask, sizes <= 256), else repeated (equal heads), except
-    # Falcon's call, which keeps its one K/V head without enable_gqa
+    falcon = c.sdpa_mask == 1
+    mask = falcon | np.asarray(masked, dtype=bool)
     shared = gqa & ~mask & (dq == dv) & (dq <= 256)
-    broadcast = gqa & (c.sdpa_mask == 1)
-    sm90 = np.isin(sm, (90.0, 100.0, 103.0))
-    limit = np.where(sm90 & (dq == 192) & (dv == 128), 192.0, 128.0)
-    cudnn = sm90 & half & ~broadcast & (dq <= limit) & (dv <= limit) & (dq % 8 == 0) & (dv % 8 == 0)
-    odd_sm = ((sm >= 86) & (sm <= 89)) | (sm >= 120)
-    flash = (~mask & half & (dq == dv) & (dq <= 256) & (sm >= 80) & ~broadcast
-             & ~(odd_sm & (c.training == 1) & (dq > 192) & (dq <= 224)))
-    align = np.where(sm >= 80, np.where(half, 8.0, 4.0), np.where(half & (sm >= 70), 8.0, 1.0))
-    efficient = (~shared & ~broadcast) & (dq % align == 0) & (dv % align == 0)
-    return np.select([cudnn, flash, efficient], [0, 1, 2], default=3)
+    kv = np.where(shared | falcon, c.kv_heads, c.heads)
+    rows, inverse = _distinct_rows(sm, half, dq, dv, c.heads, kv, mask, shared, c.training)
+    codes = np.array([KERNELS.index(choose(Call(
+        dtype="bfloat16" if r_half else "float32", batch=1, heads=int(heads), kv_heads=int(r_kv), t=2, s=2,
+        d_qk=int(r_dq), d_v=int(r_dv), mask="ok" if r_mask else "none", is_causal=not r_mask,
+        enable_gqa=bool(r_shared), requires_grad=bool(train)), (int(r_sm) // 10, int(r_sm) % 10)))
+        for r_sm, r_half, r_dq, r_dv, heads, r_kv, r_mask, r_shared, train in rows])
+    return codes[inverse]
 
 
 def attn_kernel_names(c: Columns) -> list[str]:
@@ -535,14 +549,14 @@ def attn_kernel_names(c: Columns) -> list[str]:
         if c.eager_attention[i] == 1:
             out.append("eager")
             continue
-        name = SDPA_KERNELS[int(glob[i])] if c.local_layers[i] < c.layers[i] else ""
+        name = KERNELS[int(glob[i])] if c.local_layers[i] < c.layers[i] else ""
         if windowed[i] and (not name or local[i] != glob[i]):
-            name = "+".join(filter(None, (name, SDPA_KERNELS[int(local[i])])))
-        out.append(name or SDPA_KERNELS[int(glob[i])])
+            name = "+".join(filter(None, (name, KERNELS[int(local[i])])))
+        out.append(name or KERNELS[int(glob[i])])
     return out
 
 
-def math_layer_bytes(c: Columns) -> Array:
+def math_layer_bytes(c: Columns, kernel: Array | None = None) -> Array:
     """What the math kernel keeps for one global layer's backward beyond what a fused kernel keeps
     (0 where a fused kernel or eager attention runs, and outside training).
 
@@ -551,7 +565,10 @@ def math_layer_bytes(c: Columns) -> Array:
     `enable_gqa`, scales q and k by sqrt(scale) each (new tensors), and autograd keeps q*, k*, the
     fp32 probabilities (b*a*s^2) and the fp32 V (the given V itself when it is fp32 and not
     repeated). A fused kernel keeps q, k, v, its output and the fp32 row log-sum-exp instead."""
-    on = (sdpa_kernel(c) == 3) & (c.eager_attention == 0) & (c.training == 1)
+    kernel = sdpa_kernel(c) if kernel is None else kernel
+    on = (kernel == MATH_KERNEL) & (c.eager_attention == 0) & (c.training == 1)
+    if not on.any():  # the usual case: evaluate nothing more
+        return np.zeros(len(c))
     b, t, a = c.batch, c.seq, c.heads / c.tp
     kv = np.maximum(c.kv_heads / c.tp, 1.0)
     dq, dv = _sdpa_dims(c)
@@ -570,11 +587,11 @@ def math_softmax_backward_bytes(c: Columns) -> Array:
     return 2 * FP32 * c.batch * c.heads * c.seq**2 / c.tp
 
 
-def math_attention_saved_bytes(c: Columns) -> Array:
+def math_attention_saved_bytes(c: Columns, kernel: Array | None = None) -> Array:
     """`math_layer_bytes` of every global layer, kept to the backward without recompute."""
     plain = (c.recompute_full == 0) & (c.recompute_selective == 0)
     global_layers = c.layers - np.where(c.seq > c.window, c.local_layers, 0.0)
-    return np.where(plain, global_layers * math_layer_bytes(c), 0.0)
+    return np.where(plain, global_layers * math_layer_bytes(c, kernel), 0.0)
 
 
 def softcap_scores_bytes(c: Columns) -> Array:
@@ -709,14 +726,15 @@ def _recompute_block(c: Columns) -> tuple[Array, Array, Array, Array]:
     return kept, checkpoints, one_layer + mlp + tq.dequant_bytes(c, compute_bytes(c)), softmax
 
 
-def full_recompute_layer_bytes(c: Columns, block: tuple[Array, ...] | None = None) -> Array:
+def full_recompute_layer_bytes(c: Columns, block: tuple[Array, ...] | None = None,
+                               kernel: Array | None = None) -> Array:
     """Full recompute, in the backward of the last block (the first one back-propagated): every
     checkpoint and the block's larger moment (`_recompute_block`), with the LM head's weight
     gradient the only one made yet (the final norm, logits and head cast are freed by then)."""
     kept, _, mlp, softmax = block or _recompute_block(c)
     # the re-run block's math attention keeps its fp32 copies and probabilities too, and its
     # softmax backward adds their gradients
-    math_ = math_layer_bytes(c)
+    math_ = math_layer_bytes(c, kernel)
     mlp = mlp + math_
     softmax = np.where(math_ != 0, np.maximum(softmax, mlp + math_softmax_backward_bytes(c)), softmax)
     head_grad = (1 - c.lora) * (1 - c.tied_embeddings) * c.vocab * c.hidden * trainable_bytes(c) / c.tp
@@ -763,7 +781,7 @@ def fp32_softmax(c: Columns) -> Array:
     return c.family == FAMILY_CODES["llama"]
 
 
-def eager_backward_bytes(c: Columns, saved: Array | None = None) -> Array:
+def eager_backward_bytes(c: Columns, saved: Array | None = None, kernel: Array | None = None) -> Array:
     """Eager training, softmax backward of the last layer: everything saved (but the freed
     log-softmax) plus the b*a*s^2 gradients alive there: `EAGER_BACKWARD_SCORE_TENSORS` in the
     compute dtype, or with an fp32 softmax the fp32 gradient of the probabilities and the
@@ -771,9 +789,10 @@ def eager_backward_bytes(c: Columns, saved: Array | None = None) -> Array:
     plain = (c.recompute_selective == 0) & (c.recompute_full == 0)
     eager = (c.eager_attention == 1) & plain
     # the math kernel's softmax backward: the fp32 gradients of its probabilities and scores
-    math_ = (c.eager_attention == 0) & plain & (sdpa_kernel(c) == 3) & (c.training == 1)
+    kernel = sdpa_kernel(c) if kernel is None else kernel
+    math_ = (c.eager_attention == 0) & plain & (kernel == MATH_KERNEL) & (c.training == 1)
     grads = np.where(eager, softmax_backward_bytes(c), math_softmax_backward_bytes(c))
-    saved = saved_activations_bytes(c) if saved is None else saved
+    saved = saved_activations_bytes(c, kernel) if saved is None else saved
     return np.where(eager | math_, saved - c.batch * c.seq * c.vocab * FP32 + grads, 0.0)
 
 
@@ -944,7 +963,7 @@ def moe_prefill_bytes(c: Columns) -> Array:
     return (t * 3.0 * c.hidden * cb + router + experts + shared) / c.tp
 
 
-def prefill_attention_bytes(c: Columns) -> Array:
+def prefill_attention_bytes(c: Columns, kernel: Array | None = None) -> Array:
     """Eager inference, inside one layer's softmax: the masked scores and the probabilities
     (b*a*s^2 each; a llama-family model's softmax runs in fp32 on an fp32 copy of 16-bit scores,
     so the copy and the fp32 probabilities), the model's float masks (`eager_mask_bytes`), and
@@ -964,7 +983,8 @@ def prefill_attention_bytes(c: Columns) -> Array:
     # SDPA's math kernel (fp32 GQA, transformers' Falcon), inside its softmax: the fp32 scores and
     # probabilities (b*a*s^2 each), the causal mask it builds (bool, then its fp32 additive copy),
     # Falcon's own bool mask (b*s^2) with its additive copy in the compute dtype
-    math_ = (c.eager_attention == 0) & (sdpa_kernel(c) == 3)
+    kernel = sdpa_kernel(c) if kernel is None else kernel
+    math_ = (c.eager_attention == 0) & (kernel == MATH_KERNEL)
     masks = c.seq**2 * np.where(c.sdpa_mask == 1, c.batch * (1 + cb), 1 + FP32)
     math_bytes = (t * 6.0 * c.hidden * cb + c.batch * c.heads * c.seq**2 * 2 * FP32) / c.tp + masks
     return np.where(c.eager_attention == 1, eager + rope + inference_ids_bytes(c),
@@ -1034,7 +1054,8 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
     block = _recompute_block(c)
     offloaded = offloaded_checkpoint_bytes(c, block)
     # each computed once: the planner evaluates millions of rows
-    saved_bytes = saved_activations_bytes(c) - offloaded
+    kernel = sdpa_kernel(c)  # once: several moments read it
+    saved_bytes = saved_activations_bytes(c, kernel) - offloaded
     saved = act * saved_bytes
     block_now = (block[0] - offloaded, *block[1:])  # the last block's backward: two checkpoints back
     head = head_backward_bytes(c, saved_bytes)
@@ -1051,12 +1072,12 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
                        gradients=k.gradients_factor * head_grads + g_acc, overhead=overhead)
           for head_acts, head_grads in head),
         Breakdown.of(w, weights=w, optimizer=o, gradients=g_bwd,
-                     activations=act * full_recompute_layer_bytes(c, block_now) * c.recompute_full, overhead=overhead),
+                     activations=act * full_recompute_layer_bytes(c, block_now, kernel) * c.recompute_full, overhead=overhead),
         *(Breakdown.of(w, weights=w, optimizer=o,
                        gradients=np.where(in_bwd | (c.grad_accum > 1), g_bwd, k.gradients_factor * grads) * c.recompute_full,
                        activations=act * first * c.recompute_full, overhead=overhead)
           for grads, first in full_recompute_first_block(c, block)),
-        Breakdown.of(w, weights=w, optimizer=o, activations=act * eager_backward_bytes(c, saved_bytes),
+        Breakdown.of(w, weights=w, optimizer=o, activations=act * eager_backward_bytes(c, saved_bytes, kernel),
                      gradients=g_acc, overhead=overhead),
         Breakdown.of(w, weights=w, optimizer=o, gradients=k.gradients_factor * end_grads,
                      activations=act * end_acts, overhead=overhead),
@@ -1070,7 +1091,7 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
         Breakdown.of(w, weights=w, kv_cache=kv, logits=lg * inference_logits_bytes(c),
                      activations=act * (c.batch * c.seq * c.hidden * compute_bytes(c) + inference_ids_bytes(c)),
                      overhead=overhead),
-        Breakdown.of(w, weights=w, kv_cache=kv, activations=act * prefill_attention_bytes(c), overhead=overhead),
+        Breakdown.of(w, weights=w, kv_cache=kv, activations=act * prefill_attention_bytes(c, kernel), overhead=overhead),
         Breakdown.of(w, weights=w, kv_cache=kv_decode + k.kv_cache_factor * decode_kv_transient_bytes(c),
                      overhead=overhead),
         Breakdown.of(w, weights=w, kv_cache=kv_decode, activations=act * decode_activations_bytes(c),

@@ -20,7 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from memsweep.columns import Columns
 from memsweep.formulas import FORMULAS
 from memsweep.measure.autocast import cuda_policy
-from memsweep.measure.sdpa import capability, cuda_sdpa, observe_sdpa
+from memsweep.measure.sdpa import cuda_sdpa, observe_sdpa
 from memsweep.measure.timing import TIMED_PHASES, CudaEventTimer, PerfCounterTimer, Timings, timed_steps
 from memsweep.measure.tracker import StorageTracker
 from memsweep.measure.workloads import Prepared, Unmeasurable, prepare
@@ -171,7 +171,7 @@ def _fake(spec: JobSpec) -> Measurement:
     # SDPA runs the kernel CUDA would pick on the job's GPU, not the CPU's (measure/sdpa.py),
     # unless measure.sdpa=device
     gpu = spec.measure.sdpa == "gpu"
-    sdpa = cuda_sdpa(capability(spec.hardware.compute_capability)) if gpu else observe_sdpa()
+    sdpa = cuda_sdpa(spec.hardware.capability) if gpu else observe_sdpa()
     with _quiet(FAKE_LOGGER), FakeTensorMode():
         tracker, _, prepared = _tracked_steps(spec, "cpu", timed=False, sdpa=sdpa)
         return _from_tracker("fake", tracker, "fake:cpu", spec, prepared, sdpa)

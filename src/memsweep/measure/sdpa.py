@@ -18,10 +18,7 @@ dimension to a multiple of 16 (`preprocess_mask`, which materialises it when S i
 pads head sizes to a multiple of 8. Under autocast the inputs are cast first (CUDA autocast lists
 `scaled_dot_product_attention` as lower precision).
 
-The choice (`choose`) follows aten/src/ATen/native/transformers/cuda/sdp_utils.cpp and
-sdp_utils_cpp.h for dense inputs: the priority order (cuDNN first on sm90 / sm100, else flash,
-memory-efficient, math) and each kernel's constraints (dtypes, head sizes, masks, dropout, GQA,
-causal with T != S, alignment). Kernel-internal workspaces (flash's fp32 dq accumulator in the
+The choice is `memsweep.sdpa_rules.choose` (torch's sdp_utils.cpp rules). Kernel-internal workspaces (flash's fp32 dq accumulator in the
 backward) are not tensors autograd sees; neither ATen's meta kernels nor this module count them.
 """
 
@@ -29,120 +26,11 @@ from __future__ import annotations
 
 import math
 from collections import Counter
-from dataclasses import dataclass
 
 import torch
 import torch.nn.functional as F
 
-KERNELS = ("cudnn", "flash", "efficient", "math")
-
-CUDNN_VERSION = 91701
-"""The cuDNN runtime assumed with torch 2.13's CUDA wheels (9.17.1; sdp_utils.cpp prefers cuDNN
-attention on sm90 / sm100 from 9.15.1 on, `check_prefer_cudnn_attention`, pytorch #169849). It
-decides the head sizes cuDNN takes: 128, or 192 / 128 (DeepSeek's MLA) on sm90 / sm100
-(>= 9.11); 256 needs > 9.22."""
-
-HALF = ("float16", "bfloat16")
-
-
-@dataclass(frozen=True)
-class Call:
-    """What SDPA's kernel choice reads from one call (dense 4-D inputs)."""
-
-    dtype: str  # "float16" | "bfloat16" | "float32" (query's; k and v share it)
-    batch: int
-    heads: int  # query heads
-    kv_heads: int
-    t: int  # query tokens
-    s: int  # key tokens
-    d_qk: int
-    d_v: int
-    mask: str = "none"  # "none" | "ok" (a 2-D or (B|1, H|1, T, S) mask) | "other" (another shape)
-    dropout: float = 0.0
-    is_causal: bool = False
-    enable_gqa: bool = False
-    requires_grad: bool = False
-    offsets: int = 0  # gcd of q, k, v storage offsets (elements): memory-efficient's alignment check
-    stride1: bool = True  # q, k, v have a last-dimension stride of 1
-
-
-def _at_least(cap: tuple[int, int], lo: tuple[int, int], hi: tuple[int, int] = (12, 1)) -> bool:
-    return lo <= cap <= hi
-
-
-def prefers_cudnn(cap: tuple[int, int]) -> bool:
-    """`check_prefer_cudnn_attention`: sm90 / sm100 (minor 0 or 3 with CUDA < 13 wheels)."""
-    return CUDNN_VERSION > 91500 and cap[0] in (9, 10) and cap[1] in (0, 3)
-
-
-def _heads_ok(c: Call, gqa: bool) -> bool:
-    if c.enable_gqa and gqa:
-        return c.heads % c.kv_heads == 0
-    return c.heads == c.kv_heads
-
-
-def flash_ok(c: Call, cap: tuple[int, int]) -> bool:
-    if c.mask != "none" or c.dtype not in HALF or not _at_least(cap, (8, 0)):
-        return False
-    if not (c.d_qk == c.d_v <= 256):
-        return False
-    if c.requires_grad and ((8, 6) <= cap <= (8, 9) or (12, 0) <= cap <= (12, 1)):
-        if not (c.d_qk <= 192 or (c.dropout == 0.0 and c.d_qk > 224)):
-            return False
-    if c.is_causal and c.t != c.s:
-        return False
-    return _heads_ok(c, gqa=True) and c.t > 0 and c.s > 0
-
-
-def efficient_ok(c: Call, cap: tuple[int, int]) -> bool:
-    if not _at_least(cap, (5, 0)):
-        return False
-    half = c.dtype in HALF
-    if not (half or c.dtype == "float32") or (c.dtype == "bfloat16" and cap < (8, 0)):
-        return False
-    # minimum_gemm_alignment: tensor cores from sm80 (sm70 for half), 128 bits per access
-    align = 4 if cap >= (8, 0) else 1
-    if cap >= (8, 0) or (cap >= (7, 0) and half):
-        align = max(align, 128 // (16 if half else 32))
-    if c.d_qk % align or c.d_v % align or not c.stride1:
-        return False
-    if cap >= (8, 0) and c.offsets % align:  # check_data_ptr_alignment_mem_efficient
-        return False
-    # torch 2.13's memory-efficient kernel takes equal head counts only (its meta kernel and the
-    # `enable_gqa` documentation: GQA "works only for Flash_attention and math kernel on CUDA")
-    return c.heads == c.kv_heads and c.t > 0 and c.s > 0 and c.mask != "other"
-
-
-def cudnn_ok(c: Call, cap: tuple[int, int]) -> bool:
-    if c.dtype not in HALF or c.mask == "other" or not _at_least(cap, (8, 0)):
-        return False
-    if c.dropout * 16.0 != math.floor(c.dropout * 16.0):
-        return False
-    if not _heads_ok(c, gqa=True) or c.batch > 65535 or c.heads > 65535:
-        return False
-    sm90 = (cap[0] == 9 and cap[1] == 0) or cap[0] == 10
-    limit = 256 if (sm90 and CUDNN_VERSION > 92200) else (
-        192 if (sm90 and CUDNN_VERSION >= 91100 and (c.d_qk, c.d_v) == (192, 128)) else 128)
-    if c.d_qk > limit or c.d_v > limit or c.d_qk % 8 or c.d_v % 8:
-        return False
-    if c.s == 1 or (c.dropout > 0.0 and c.t == 1):
-        return False
-    return c.t > 0
-
-
-def choose(c: Call, cap: tuple[int, int]) -> str:
-    """The kernel `select_sdp_backend` returns for this call on a GPU of compute capability `cap`."""
-    order = ("cudnn", "flash", "efficient", "math") if prefers_cudnn(cap) else ("flash", "efficient", "math")
-    ok = {"cudnn": cudnn_ok, "flash": flash_ok, "efficient": efficient_ok}
-    for kernel in order:
-        if kernel == "math" or ok[kernel](c, cap):
-            return kernel
-    return "math"
-
-
-def capability(text: str) -> tuple[int, int]:
-    major, _, minor = str(text).partition(".")
-    return int(major), int(minor or 0)
+from memsweep.sdpa_rules import Call, choose
 
 
 def _mask_kind(mask: torch.Tensor | None, q: torch.Tensor, k: torch.Tensor) -> str:
@@ -212,26 +100,40 @@ def run(kernel: str, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: to
 _AUTOCAST_CPU = torch._C.DispatchKeySet(torch._C.DispatchKey.AutocastCPU)
 
 
-class cuda_sdpa:  # noqa: N801 (a context manager)
-    """While active, `torch.nn.functional.scaled_dot_product_attention` runs the kernel CUDA would
-    pick on a GPU of compute capability `cap` (module docstring); `kernels` counts the calls per
-    kernel. The function itself is replaced, not intercepted by a thread-local mode: a checkpoint's
-    recomputation runs inside the backward, where a TorchFunctionMode is not active, and must
-    pick the same kernel as the forward did. transformers and the reference models look the
-    function up at each call."""
+class _Swapped:
+    """While active, `torch.nn.functional.scaled_dot_product_attention` is `self.attend`, and
+    `kernels` counts the calls per kernel. The function itself is replaced, not intercepted by a
+    thread-local mode: a checkpoint's recomputation runs inside the backward, where a
+    TorchFunctionMode is not active, and must pick the same kernel as the forward did.
+    transformers and the reference models look the function up at each call."""
 
-    def __init__(self, cap: tuple[int, int]) -> None:
-        self.cap = cap
+    def __init__(self) -> None:
         self.kernels: Counter[str] = Counter()
-        self._saved = None
+        self._saved = F.scaled_dot_product_attention
 
-    def __enter__(self) -> cuda_sdpa:
+    def __enter__(self):
         self._saved = F.scaled_dot_product_attention
         F.scaled_dot_product_attention = self.attend
         return self
 
     def __exit__(self, *exc) -> None:
         F.scaled_dot_product_attention = self._saved
+
+    def attend(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
+               enable_gqa=False):
+        raise NotImplementedError
+
+    def summary(self) -> str | None:
+        """The kernels used, most calls first ("cudnn", "flash+math"); None without a call."""
+        return "+".join(k for k, _ in self.kernels.most_common()) or None
+
+
+class cuda_sdpa(_Swapped):  # noqa: N801 (a context manager)
+    """SDPA runs the kernel CUDA would pick on a GPU of compute capability `cap` (module docstring)."""
+
+    def __init__(self, cap: tuple[int, int]) -> None:
+        super().__init__()
+        self.cap = cap
 
     def attend(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                enable_gqa=False):
@@ -248,25 +150,17 @@ class cuda_sdpa:  # noqa: N801 (a context manager)
         with torch._C._ExcludeDispatchKeyGuard(_AUTOCAST_CPU):
             return run(kernel, query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
 
-    def summary(self) -> str | None:
-        """The kernels used, most calls first ("cudnn", "flash+math"); None without a call."""
-        return "+".join(k for k, _ in self.kernels.most_common()) or None
-
 
 BACKEND_NAMES = {0: "math", 1: "flash", 2: "efficient", 3: "cudnn", 4: "overrideable"}
 """torch.nn.attention.SDPBackend's values, as `torch._fused_sdp_choice` returns them."""
 
 
-class observe_sdpa(cuda_sdpa):  # noqa: N801
+class observe_sdpa(_Swapped):  # noqa: N801
     """Counts the kernel the device's own rule picks (`torch._fused_sdp_choice`: CUDA's on a GPU,
     the CPU's on a CPU) and runs the call unchanged (`measure=cuda`, `measure=cpu`)."""
 
-    def __init__(self) -> None:
-        super().__init__((0, 0))
-
     def attend(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                enable_gqa=False):
-        args = (query, key, value, attn_mask, dropout_p, is_causal, scale, enable_gqa)
         cast = [query, key, value]
         if torch.is_autocast_enabled(query.device.type):  # what the call's autocast will pass on
             dtype = torch.get_autocast_dtype(query.device.type)
@@ -276,5 +170,5 @@ class observe_sdpa(cuda_sdpa):  # noqa: N801
                                              enable_gqa=enable_gqa))
         del cast
         self.kernels[BACKEND_NAMES.get(choice, str(choice))] += 1
-        return self._saved(*args[:3], attn_mask=attn_mask, dropout_p=dropout_p,
+        return self._saved(query, key, value, attn_mask=attn_mask, dropout_p=dropout_p,
                            is_causal=is_causal, scale=scale, enable_gqa=enable_gqa)
