@@ -273,7 +273,7 @@ def test_unknown_keys_are_one_warning_line_and_the_import_goes_on():
 @pytest.mark.parametrize("name,changes", [
     ("llama3.2-1b", dict(id2label={"0": "A"}, label2id={"A": 0}, problem_type="regression",
                          output_hidden_states=True, return_dict=False, torchscript=False,
-                         chunk_size_feed_forward=0, is_encoder_decoder=False, attention_dropout=0.1,
+                         chunk_size_feed_forward=0, is_encoder_decoder=False, classifier_dropout=0.1,
                          router_jitter_noise=0.2, use_cache=False, max_length=77, pruned_heads={})),
     ("mixtral-8x7b", dict(router_jitter_noise=0.01, output_router_logits=True)),
     ("deepseek-v3", dict(qk_head_dim=192)),

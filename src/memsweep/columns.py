@@ -68,6 +68,9 @@ class Columns:
     layer_norm: Array  # 1: LayerNorm (with or without bias) rather than RMSNorm
     geglu: Array  # 1: the gated MLP's activation is tanh-GELU (Gemma) rather than SiLU
     gelu_ops: Array  # 0 fused GELU; 1 gelu_fast, 2 gelu_new, 3 gelu_python written out op by op
+    attn_dropout: Array  # training: the attention probabilities' dropout p (SDPA's kernel choice reads p)
+    hidden_dropout: Array  # training: dropout p on each block's attention and MLP outputs
+    embedding_dropout: Array  # training: dropout p on the embeddings
     # workload
     batch: Array
     seq: Array
@@ -83,6 +86,7 @@ class Columns:
     lora_gate: Array
     lora_up: Array
     lora_down: Array
+    lora_dropout: Array  # peft's lora_dropout p (each adapter drops its input)
     # precision
     dtype_bytes: Array
     mixed: Array
@@ -193,6 +197,8 @@ def model_values(m: ModelSpec) -> dict[str, float]:
         "geglu": m.mlp == "geglu",
         "gelu_ops": ACTIVATIONS.index(m.activation),
         "sdpa_mask": m.sdpa_mask,
+        "attn_dropout": m.attention_dropout, "hidden_dropout": m.hidden_dropout,
+        "embedding_dropout": m.embedding_dropout,
     }
 
 
@@ -208,6 +214,7 @@ def _spec_values(spec: JobSpec) -> dict[str, float]:
         "train_cache": w.training and w.use_cache and spec.recompute != "full" and m.decoder,
         "lora_rank": w.lora_rank if w.kind == "lora" else 0,
         **{f"lora_{t}": t in targets for t in ("q", "k", "v", "o", "gate", "up", "down")},
+        "lora_dropout": w.lora_dropout if w.kind == "lora" else 0.0,
         "dtype_bytes": spec.dtype_bytes, "mixed": spec.mixed,
         "optimizer_states": o.states_per_param, "foreach": o.impl == "foreach",
         **technique_values(spec),

@@ -71,7 +71,28 @@ attention_dropout hidden_dropout hidden_dropout_prob attention_probs_dropout_pro
 embd_pdrop classifier_dropout dropout embedding_dropout residual_dropout projector_dropout lora_dropout
 activation_dropout ffn_dropout
 """.split())
-# Dropout probabilities: accepted at any value; dropout's masks are not modelled yet (issue 25).
+# Dropout probabilities: those transformers' model reads (DROPOUT_KEYS) become ModelSpec's
+# attention / hidden / embedding dropout; the rest (classifier heads, vision projectors) are
+# accepted at any value, as the causal LM transformers builds does not read them.
+DROPOUT_KEYS: dict[str, dict[str, tuple[str, ...]]] = {
+    # ModelSpec field -> the keys whose probability it takes (the modeling code's own reads, 5.x)
+    "gpt2": {"attention_dropout": ("attn_pdrop",), "hidden_dropout": ("resid_pdrop",),
+             "embedding_dropout": ("embd_pdrop",)},
+    "gpt_bigcode": {"attention_dropout": ("attn_pdrop",), "hidden_dropout": ("resid_pdrop",),
+                    "embedding_dropout": ("embd_pdrop",)},
+    "bert": {"attention_dropout": ("attention_probs_dropout_prob",), "hidden_dropout": ("hidden_dropout_prob",),
+             "embedding_dropout": ("hidden_dropout_prob",)},  # BertEmbeddings' dropout
+    "starcoder2": {"attention_dropout": ("attention_dropout",), "hidden_dropout": ("residual_dropout",),
+                   "embedding_dropout": ("embedding_dropout",)},
+    # GPTNeoXModel.emb_dropout, post_attention_dropout, post_mlp_dropout: all hidden_dropout
+    "gpt_neox": {"attention_dropout": ("attention_dropout",), "hidden_dropout": ("hidden_dropout",),
+                 "embedding_dropout": ("hidden_dropout",)},
+    # FalconDecoderLayer: one dropout_add of (attention + MLP) in a parallel block, where memsweep
+    # counts one mask per branch (a t*h bool more per layer: the safe side)
+    "falcon": {"attention_dropout": ("attention_dropout",), "hidden_dropout": ("hidden_dropout",)},
+    "phi3": {"attention_dropout": ("attention_dropout",), "hidden_dropout": ("resid_pdrop",)},
+}
+"""Per model_type; every other one reads `attention_dropout` alone (its attention interface's)."""
 VISION = frozenset({"vision_config"})
 # A multimodal config's vision tower: memsweep sizes the language model (text_config) only.
 SOFTCAP = frozenset({"attn_logit_softcapping", "final_logit_softcapping"})
@@ -558,6 +579,19 @@ MAPPERS: dict[str, Callable[[_Reader], dict[str, Any]]] = {
 }
 
 
+def _dropouts(r: _Reader) -> dict[str, float]:
+    """ModelSpec's dropout probabilities from the keys transformers' model reads (DROPOUT_KEYS)."""
+    out = {}
+    for field, keys in DROPOUT_KEYS.get(r.model_type, {"attention_dropout": ("attention_dropout",)}).items():
+        value = r.get(*keys)
+        if value is None:
+            continue
+        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
+            raise ConfigError(r.key_of(*keys), value, "a probability in [0, 1)")
+        out[field] = float(value)
+    return out
+
+
 def text_config(cfg: dict[str, Any]) -> tuple[dict[str, Any], str]:
     """The language model's config and its key prefix: a multimodal config (Gemma-3, Llama-4,
     Mistral-3, Qwen2-VL / Qwen2.5-VL) nests it in text_config, or (Qwen's hub files) keeps the
@@ -596,6 +630,7 @@ def import_config(cfg: dict[str, Any], name: str) -> tuple[ModelSpec, list[str]]
         raise ConfigError(f"{prefix}model_type", model_type, ", ".join(sorted(set(MAPPERS) | set(WRAPPERS))))
     r = _Reader(inner, model_type, prefix)
     fields = MAPPERS[model_type](r)
+    fields.update(_dropouts(r))
     unknown = r.finish()
     if prefix and cfg.get("model_type") in WRAPPERS:  # the outer keys of a multimodal config
         outer = _Reader({k: v for k, v in cfg.items() if k != "text_config"}, cfg["model_type"], "")

@@ -30,6 +30,8 @@ transformers' FastGELUActivation / NewGELUActivation / GELUActivation(use_gelu_p
 BLOCKS = ("sequential", "parallel")
 QK_NORMS = ("none", "head", "full", "l2")
 MLA_CACHES = ("latent", "expanded")
+DROPOUTS = ("attention_dropout", "hidden_dropout", "embedding_dropout")
+"""ModelSpec's dropout probabilities (training only; the attention's, each block output's, the embeddings')."""
 LAYER_KINDS = ("global", "local")
 GATED_MLPS = ("swiglu", "geglu")
 POSITIONS = ("learned", "rope")
@@ -189,6 +191,17 @@ class ModelSpec:
     transformers' written-out forms (`hidden_act: gelu_fast` in GPT-NeoX-20B, `gelu_new`,
     `gelu_python`), whose intermediates autograd saves (docs/formulas.md, `gelu_ops_bytes`). GPT-2
     is always gelu_new (its family's path)."""
+    attention_dropout: float = 0.0
+    """Training: dropout on the attention probabilities (config.json `attention_dropout`, GPT-2's
+    `attn_pdrop`, BERT's `attention_probs_dropout_prob`): eager attention keeps the dropped copy
+    and a bool mask (b*a*s^2 each); a fused SDPA kernel draws it inside (nothing kept)."""
+    hidden_dropout: float = 0.0
+    """Training: dropout on each block's attention output and MLP output before the residual add
+    (`resid_pdrop`, `residual_dropout`, `hidden_dropout`, BERT's `hidden_dropout_prob`): a bool
+    t*h mask per site is kept."""
+    embedding_dropout: float = 0.0
+    """Training: dropout on the embeddings (`embd_pdrop`, `embedding_dropout`; BERT's
+    `hidden_dropout_prob` after its embedding LayerNorm)."""
     mla_cache: Literal["latent", "expanded"] = "latent"
     """MLA inference: the KV cache keeps the compressed latent (kv_lora_rank + rope_head_dim per
     token, as vLLM and SGLang do) or the expanded keys and values (as a plain implementation does)."""
@@ -259,6 +272,11 @@ class ModelSpec:
         for key in ("attn_softcap", "final_softcap"):
             check_number(f"model.{key}", getattr(self, key), 0.0, allowed="a number >= 0 (0: no soft-capping)")
         check_number("model.rotary_fraction", self.rotary_fraction, 0.0, 1.0, above_minimum=True)
+        for key in DROPOUTS:
+            check_number(f"model.{key}", getattr(self, key), 0.0, 1.0,
+                         allowed="a probability in [0, 1) (0: no dropout)")
+            if getattr(self, key) == 1.0:
+                raise ConfigError(f"model.{key}", 1.0, "a probability in [0, 1) (0: no dropout)")
         if self.position == "rope" and self.rope_dim % 2:
             raise ConfigError("model.head_dim", self.dim_per_head,
                               "an even number (rotary embeddings rotate pairs of dimensions)")
@@ -319,6 +337,11 @@ class ModelSpec:
             for key in ("q_lora_rank", "rope_head_dim", "v_head_dim"):
                 if getattr(self, key):
                     raise ConfigError(f"model.{key}", getattr(self, key), "0 without MLA (model.kv_lora_rank=0)")
+
+    @property
+    def dropout(self) -> bool:
+        """Any dropout in training (the model's config; `Workload.lora_dropout` is the adapters')."""
+        return any(getattr(self, key) > 0 for key in DROPOUTS)
 
     @property
     def dim_per_head(self) -> int:
@@ -386,6 +409,9 @@ class Workload:
     """Training: the forward also fills a KV cache, held until the loss is computed (transformers'
     default, `use_cache=True`; it is off under gradient checkpointing). False: a model with
     `config.use_cache=False`. Inference always uses one."""
+    lora_dropout: float = 0.0
+    """peft's `LoraConfig.lora_dropout` (0 by default; 0.05 or 0.1 in most recipes): each adapter
+    drops its input (a copy and a bool mask kept per adapted matrix, in training)."""
     quant: str = "none"
     """The frozen weights' format (inference, serve, and LoRA's base: QLoRA): none (the dtype),
     nf4 / fp4 (bitsandbytes 4-bit), int8 (LLM.int8()), gptq / awq (int4 checkpoints). Block
@@ -455,6 +481,13 @@ class Workload:
             if self.lora_targets:
                 raise ConfigError("workload.lora_targets", list(self.lora_targets),
                                   f"[] for workload kind {self.kind} (adapters belong to a lora workload: workload=lora)")
+        check_number("workload.lora_dropout", self.lora_dropout, 0.0, 1.0,
+                     allowed="a probability in [0, 1) (0: no dropout)")
+        if self.lora_dropout == 1.0:
+            raise ConfigError("workload.lora_dropout", 1.0, "a probability in [0, 1) (0: no dropout)")
+        if self.kind != "lora" and self.lora_dropout:
+            raise ConfigError("workload.lora_dropout", self.lora_dropout,
+                              f"0 for workload kind {self.kind} (adapters belong to a lora workload: workload=lora)")
         if self.kind == "lora":
             check_int("workload.lora_rank", self.lora_rank)
             if not self.lora_targets:

@@ -444,7 +444,101 @@ def saved_activations_bytes(c: Columns, kernel: Array | None = None) -> Array:
     return ((coef * basis_values(c)).sum(axis=-1) + ext_saved_bytes(c) + held_mask_bytes(c) + fused_loss_saved_bytes(c)
             + math_attention_saved_bytes(c, kernel)
             + c.layers * softcap_scores_bytes(c) * (1 - c.recompute_full) * (1 - c.recompute_selective)
-            + gelu_layers(c) * gelu_ops_bytes(c) * (1 - c.recompute_full))
+            + gelu_layers(c) * gelu_ops_bytes(c) * (1 - c.recompute_full) + dropout_saved_bytes(c, kernel))
+
+
+def dropout_layer_bytes(c: Columns, first: bool = False, kernel: Array | None = None) -> Array:
+    """Training: what one layer's dropouts keep for the backward (a later layer's, or with `first`
+    the first layer's, where a LoRA step's frozen embedding leaves some inputs without a gradient).
+    CUDA's dropout (`native_dropout`, aten/src/ATen/native/Dropout.cpp) keeps a bool mask, one byte
+    an element, whenever its input needs a gradient; the dropped copy is new, and kept when an op
+    saves it in place of its input:
+
+    - the attention's and the MLP's outputs (`model.hidden_dropout`): one t*h mask each (the
+      residual add keeps nothing);
+    - eager attention's probabilities (`model.attention_dropout`; a fused SDPA kernel draws the mask
+      inside and keeps a seed): a b*a*s^2 mask, and the dropped copy where no cast stood between the
+      softmax and the matmul (the copy then replaces nothing): pure GPT-2 / BERT, fp32, gpt-oss's
+      sinks in their own dtype; a llama-family model's fp32 softmax is cast first (the cast copy is
+      replaced by the dropped one). Selective recompute re-runs the attention core: nothing kept;
+    - LoRA's `lora_dropout` (peft's Linear: `lora_A(dropout(x))`): each adapter drops its input.
+      Under autocast its dropped copy is cast again (the 16-bit copy is kept either way): the mask
+      only. Without autocast the dropped copy replaces the shared input `lora_A` kept: every
+      adapter's copy and mask, less one input per group of adapters that read the same tensor
+      (q, k, v read one norm's output; gate, up the other's, or the same in a one-norm parallel
+      block; o reads a view of a fused SDPA kernel's output, which the kernel keeps anyway, but a
+      copy after eager attention, the math kernel or MLA's sliced values). In the first layer of
+      a LoRA step the inputs of adapters with no adapter upstream need no gradient: no mask.
+      Routed experts get no dropout (peft cannot adapt them; memsweep's expert adapters have none);
+      shared experts do."""
+    t = c.batch * c.seq
+    cb = compute_bytes(c)
+    lora = c.lora == 1
+    grad_in = ~lora | (c.kbit == 1) | (not first)  # the layer's input needs a gradient
+    att_targets = (c.lora_q + c.lora_k + c.lora_v + c.lora_o) > 0
+    mlp_targets = (c.lora_gate + c.lora_up + c.lora_down) > 0
+    # hidden: the attention output's mask needs a gradient there (an adapter in the attention, or
+    # one upstream); the MLP's, an adapter in the MLP or (a sequential block) in its attention
+    att_out = grad_in | att_targets
+    mlp_out = grad_in | mlp_targets | ((c.parallel_block == 0) & att_targets)
+    hidden = np.where(c.hidden_dropout > 0, (att_out + 0.0 + mlp_out) * t * c.hidden, 0.0)
+    # eager attention probabilities (every layer attends s keys; the window is a mask)
+    sinks = c.attention_sinks == 1
+    no_cast = np.where(sinks, ~(autocast(c) & ~lora),
+                       np.where(fp32_softmax(c), cb == FP32, ~autocast(c) | (cb == FP32)))
+    probs_on = ((c.attn_dropout > 0) & (c.eager_attention == 1) & (c.recompute_selective == 0)
+                & (grad_in | (c.lora_q + c.lora_k > 0)))
+    probs = np.where(probs_on, c.batch * c.heads * c.seq**2 * (1.0 + no_cast * cb), 0.0)
+    # LoRA dropout: each adapter's input width, and the distinct inputs they read
+    q_in = np.where(c.mla == 1, c.hidden + c.q_lora_rank * (c.q_lora_rank > 0), c.hidden)
+    v_in = np.where(c.mla == 1, c.kv_lora_rank, c.hidden)
+    dense = np.where(first, (c.moe_layers < c.layers) + 0.0, 1.0 - c.moe_layers / c.layers)  # a dense MLP
+    ffn_w = dense * c.ffn + (1.0 - dense) * c.shared_ffn
+    has_mlp = (dense > 0) | (c.shared_ffn > 0)
+    widths = (c.lora_q * q_in + c.lora_k * c.hidden + c.lora_v * v_in + c.lora_o * c.heads * c.v_head_dim
+              + has_mlp * ((c.lora_gate + c.lora_up) * c.hidden + c.lora_down * ffn_w))
+    attn_x = (c.lora_q + c.lora_k + ((c.lora_v == 1) & (c.mla == 0))) > 0  # the attention norm's output
+    mlp_x = ((c.lora_gate + c.lora_up) > 0) & has_mlp
+    one_norm = (c.parallel_block == 1) & (c.block_norms == 1)
+    shared_x = np.where(one_norm, (attn_x | mlp_x) + 0.0, attn_x + 0.0 + mlp_x) * c.hidden
+    qkv = (c.lora_q + c.lora_k + c.lora_v) > 0
+    # (selective recompute keeps no kernel output, nor the first layer of a LoRA step without
+    # q/k/v adapters: o's input is then its adapter's alone)
+    o_copy = ((c.eager_attention == 1) | (c.mla == 1) | (c.recompute_selective == 1)
+              | (first & lora & ~qkv & (c.kbit == 0)))
+    if (c.lora_o * c.lora_dropout > 0).any():
+        o_copy = o_copy | ((kernel if kernel is not None else sdpa_kernel(c)) == MATH_KERNEL)
+    distinct = (shared_x + o_copy * c.lora_o * c.heads * c.v_head_dim + has_mlp * c.lora_down * ffn_w
+                + (c.mla == 1) * (c.lora_q * c.q_lora_rank * (c.q_lora_rank > 0) + c.lora_v * v_in))
+    ab = trainable_bytes(c)
+    recast = autocast(c) | (c.kbit == 1)
+    # the first layer's norm outputs need no gradient (a frozen embedding): no mask for the adapters
+    # reading them; the MLP norm's in a sequential block does when the attention has an adapter
+    mlp_frozen = (c.parallel_block == 1) | ~att_targets
+    no_mask = ((c.lora_q + c.lora_k + (c.mla == 0) * c.lora_v) * c.hidden
+               + ~qkv * c.lora_o * c.heads * c.v_head_dim
+               + has_mlp * mlp_frozen * (c.lora_gate + c.lora_up) * c.hidden
+               + has_mlp * (mlp_frozen & ((c.lora_gate + c.lora_up) == 0)) * c.lora_down * ffn_w)
+    masked = np.where(first & lora & (c.kbit == 0), widths - no_mask, widths)
+    lora_bytes = np.where(recast, masked, widths * ab + masked - distinct * ab)
+    lora_bytes = np.where(lora & (c.lora_dropout > 0), t * lora_bytes, 0.0)
+    out = np.where(c.training == 1, hidden + probs + lora_bytes, 0.0)
+    return out / c.tp
+
+
+def embedding_dropout_bytes(c: Columns) -> Array:
+    """Training with `model.embedding_dropout`, when the embedding's output needs a gradient (full
+    training, or a k-bit-prepared LoRA base): its t*h mask. (The dropped copy replaces the
+    embeddings as the hidden state; the undropped ones a decoder's forward holds die with it.)"""
+    on = (c.embedding_dropout > 0) & (c.training == 1) & ((c.lora == 0) | (c.kbit == 1))
+    return np.where(on, c.batch * c.seq * c.hidden, 0.0) / c.tp
+
+
+def dropout_saved_bytes(c: Columns, kernel: Array | None = None) -> Array:
+    """Every layer's dropout masks and copies (`dropout_layer_bytes`) and the embedding's, at the
+    end of the forward; with full recompute only the embedding's (the re-run block holds one layer's)."""
+    layers = dropout_layer_bytes(c, True, kernel) + (c.layers - 1) * dropout_layer_bytes(c, kernel=kernel)
+    return np.where(c.recompute_full == 1, 0.0, layers) + embedding_dropout_bytes(c)
 
 
 def gelu_layers(c: Columns) -> Array:
@@ -530,12 +624,16 @@ def sdpa_kernel(c: Columns, masked: Array | bool = False) -> Array:
     mask = falcon | np.asarray(masked, dtype=bool)
     shared = gqa & ~mask & (dq == dv) & (dq <= 256)
     kv = np.where(shared | falcon, c.kv_heads, c.heads)
-    rows, inverse = _distinct_rows(sm, half, dq, dv, c.heads, kv, mask, shared, c.training)
+    # training passes the attention dropout (transformers: `dropout=0.0 if not self.training`);
+    # cuDNN takes only multiples of 1/16 (sdp_utils.cpp), so p itself is read, in 1/1024 steps
+    drop = np.where(c.training == 1, np.round(c.attn_dropout * 1024.0), 0.0)
+    rows, inverse = _distinct_rows(sm, half, dq, dv, c.heads, kv, mask, shared, c.training, drop)
     codes = np.array([KERNELS.index(choose(Call(
         dtype="bfloat16" if r_half else "float32", batch=1, heads=int(heads), kv_heads=int(r_kv), t=2, s=2,
         d_qk=int(r_dq), d_v=int(r_dv), mask="ok" if r_mask else "none", is_causal=not r_mask,
-        enable_gqa=bool(r_shared), requires_grad=bool(train)), (int(r_sm) // 10, int(r_sm) % 10)))
-        for r_sm, r_half, r_dq, r_dv, heads, r_kv, r_mask, r_shared, train in rows])
+        enable_gqa=bool(r_shared), requires_grad=bool(train), dropout=float(r_drop) / 1024.0),
+        (int(r_sm) // 10, int(r_sm) % 10)))
+        for r_sm, r_half, r_dq, r_dv, heads, r_kv, r_mask, r_shared, train, r_drop in rows])
     return codes[inverse]
 
 
@@ -720,8 +818,8 @@ def _recompute_block(c: Columns) -> tuple[Array, Array, Array, Array]:
     th = np.where(compute_bytes(c) < FP32, t * c.hidden * compute_bytes(c), 0.0)
     tf_ = t * c.ffn * trainable_bytes(c)
     extra = np.where((c.lora_down == 1) & (c.mixed == 1), tf_ + th, np.maximum(th, c.lora_down * tf_))
-    mlp = mlp + c.lora * extra / c.tp
-    softmax = np.where(eager, one_layer + softmax_backward_bytes(c), 0.0)
+    mlp = mlp + c.lora * extra / c.tp + dropout_layer_bytes(c)
+    softmax = np.where(eager, one_layer + softmax_backward_bytes(c) + dropout_layer_bytes(c), 0.0)
     # a quantized base dequantizes the weight of the matmul running (QLoRA)
     return kept, checkpoints, one_layer + mlp + tq.dequant_bytes(c, compute_bytes(c)), softmax
 

@@ -254,9 +254,15 @@ def hf_config(m: ModelSpec):
     tf = _transformers()
     if m.family == "gpt2":
         return tf.GPT2Config(n_embd=m.hidden, n_layer=m.layers, n_head=m.heads, n_inner=m.ffn,
-                             vocab_size=m.vocab, n_positions=m.max_positions, resid_pdrop=0.0,
-                             embd_pdrop=0.0, attn_pdrop=0.0, bos_token_id=None, eos_token_id=None)
+                             vocab_size=m.vocab, n_positions=m.max_positions, resid_pdrop=m.hidden_dropout,
+                             embd_pdrop=m.embedding_dropout, attn_pdrop=m.attention_dropout,
+                             bos_token_id=None, eos_token_id=None)
+    if m.hidden_dropout or m.embedding_dropout:
+        raise Unmeasurable(f"measure.impl=hf: {m.name}'s hidden / embedding dropout: the llama-family "
+                           "classes read attention_dropout alone; a config.json (model=hf model.config=PATH) "
+                           "of a family that has them is measured")
     common = dict(hidden_size=m.hidden, intermediate_size=m.ffn, num_hidden_layers=m.layers,
+                  attention_dropout=m.attention_dropout,
                   num_attention_heads=m.heads, num_key_value_heads=m.kv_heads, head_dim=m.dim_per_head,
                   vocab_size=m.vocab, max_position_embeddings=m.max_positions, rms_norm_eps=1e-5,
                   tie_word_embeddings=m.tied_embeddings, bos_token_id=None, eos_token_id=None)
@@ -299,7 +305,7 @@ def prepare_hf(spec: JobSpec, device: str, tracker: StorageTracker | None = None
                 raise Unmeasurable(f"measure.impl=hf: {first} (attention=eager runs)") from None
             raise
         if peft is not None:
-            lora = peft.LoraConfig(r=w.lora_rank, lora_alpha=2 * w.lora_rank, lora_dropout=0.0,
+            lora = peft.LoraConfig(r=w.lora_rank, lora_alpha=2 * w.lora_rank, lora_dropout=w.lora_dropout,
                                    target_modules=targets, bias="none")
             model = peft.get_peft_model(model, lora, autocast_adapter_dtype=False)
             for p in model.parameters():

@@ -39,20 +39,29 @@ class _Options:
     lora_targets: frozenset[str]
     dtype: torch.dtype
     device: torch.device | str
+    lora_dropout: float = 0.0
 
     def linear(self, name: str, d_in: int, d_out: int, bias: bool) -> nn.Linear:
         """A linear layer, with a LoRA adapter when `name` is one of the targets."""
         factory = {"dtype": self.dtype, "device": self.device}
         if self.lora_rank > 0 and name in self.lora_targets:
-            return LoRALinear(d_in, d_out, bias, self.lora_rank, **factory)
+            return LoRALinear(d_in, d_out, bias, self.lora_rank, self.lora_dropout, **factory)
         return nn.Linear(d_in, d_out, bias=bias, **factory)
 
 
-class LoRALinear(nn.Linear):
-    """y = W x + b + (alpha / r) * B A x, the low-rank update of Hu et al. 2021 (no dropout)."""
+def dropout(x: Tensor, p: float, training: bool) -> Tensor:
+    """`F.dropout` as transformers and peft call it; p = 0 (or eval) returns `x` itself, as ATen's
+    dropout does (no op runs). measure=fake runs CUDA's kernel for it (measure/sdpa.py)."""
+    return F.dropout(x, p, training) if p > 0 and training else x
 
-    def __init__(self, d_in: int, d_out: int, bias: bool, rank: int, **factory) -> None:
+
+class LoRALinear(nn.Linear):
+    """y = W x + b + (alpha / r) * B A dropout(x), the low-rank update of Hu et al. 2021 as peft's
+    LoRA Linear runs it (`lora_dropout`: nn.Dropout, or nn.Identity when 0)."""
+
+    def __init__(self, d_in: int, d_out: int, bias: bool, rank: int, p_dropout: float = 0.0, **factory) -> None:
         super().__init__(d_in, d_out, bias=bias, **factory)
+        self.p_dropout = p_dropout
         self.lora_a = nn.Parameter(torch.empty(rank, d_in, **factory))  # (r, d_in)
         self.lora_b = nn.Parameter(torch.empty(d_out, rank, **factory))  # (d_out, r)
         alpha = LORA_ALPHA_PER_RANK * rank
@@ -64,7 +73,9 @@ class LoRALinear(nn.Linear):
     def forward(self, x: Tensor) -> Tensor:
         # as peft's LoRA Linear: x is cast to the adapters' dtype first (fp32 adapters of a 16-bit
         # base under autocast: a transient fp32 copy, which autocast casts back to 16 bits and saves)
-        update = F.linear(F.linear(x.to(self.lora_a.dtype), self.lora_a), self.lora_b)  # (..., r) -> (..., d_out)
+        # with lora_dropout the cast input is dropped first: a copy and a bool mask, kept for A's grad
+        x_a = dropout(x.to(self.lora_a.dtype), self.p_dropout, self.training)
+        update = F.linear(F.linear(x_a, self.lora_a), self.lora_b)  # (..., r) -> (..., d_out)
         return F.linear(x, self.weight, self.bias) + update * self.scale
 
 
@@ -195,6 +206,10 @@ class Attention(nn.Module):
         self.held_weights: Tensor | None = None  # (selective recompute re-runs _attend alone: never held)
         self.mask_dtype = opts.dtype  # the hidden states' dtype: the weights' (fp32 when mixed)
         self.selective = opts.recompute == "selective"
+        self.p_attn, self.p_hidden = spec.attention_dropout, spec.hidden_dropout
+        # BERT drops the fp32 probabilities before its matmul casts them (BertSelfAttention); the
+        # decoders cast to the values' dtype first, then drop (GPT2Attention, llama's eager_attention_forward)
+        self.drop_before_cast = spec.family == "bert"
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
                 kv_cache: tuple[KVCache, int] | None, start: int,
@@ -230,11 +245,13 @@ class Attention(nn.Module):
             mask = None  # (eager global layers take the model's float causal mask)
         if self.selective and self.training and torch.is_grad_enabled():
             # Keep only q, k, v; the scores, softmax and AV are recomputed in the backward.
+            # (the RNG state is kept to replay attention dropout, as torch's checkpoint does by default)
             y = checkpoint(self._attend, q, k, v, start, mask, use_reentrant=False,
-                           preserve_rng_state=False)  # no dropout, so no RNG state to replay
+                           preserve_rng_state=self.p_attn > 0)
         else:
             y = self._attend(q, k, v, start, mask)  # (B, nh, T, hs_v)
-        return self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.v_dim))
+        out = self.o(y.transpose(1, 2).reshape(B, T, self.n_head * self.v_dim))
+        return dropout(out, self.p_hidden, self.training)  # resid_pdrop / residual_dropout / hidden_dropout
 
     def _cache(self, kv_cache: tuple[KVCache, int], k: Tensor, v: Tensor,
                start: int) -> tuple[Tensor, Tensor]:
@@ -294,6 +311,7 @@ class Attention(nn.Module):
             mask = torch.ones(T, S, dtype=torch.bool, device=q.device)  # (T, S)
             mask = mask.tril(diagonal=start)  # query i sees keys 0..start+i
         dq, dv = q.size(-1), v.size(-1)
+        p = self.p_attn if self.training else 0.0  # transformers: `dropout=0.0 if not self.training`
         gqa = self.n_kv_head != self.n_head
         shared = gqa and not self.eager and mask is None and dq == dv <= 256
         if gqa and not shared and not self.sdpa_mask:  # each K/V head serves n_head / n_kv_head query heads
@@ -309,10 +327,10 @@ class Attention(nn.Module):
                     v = F.pad(v, (0, dq - dv))
                 else:
                     q, k = F.pad(q, (0, dv - dq)), F.pad(k, (0, dv - dq))
-                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
-                                                     scale=1.0 / math.sqrt(dq))
+                out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p,
+                                                     is_causal=causal and mask is None, scale=1.0 / math.sqrt(dq))
                 return out[..., :dv]
-            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=causal and mask is None,
+            return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=p, is_causal=causal and mask is None,
                                                   enable_gqa=shared)
         scores = (q @ k.transpose(-2, -1)) * (1.0 / math.sqrt(self.head_dim))  # (B, nh, T, S)
         if self.softcap:  # Gemma-2: tanh(scores / cap) * cap, before the mask; autograd keeps the tanh
@@ -320,18 +338,25 @@ class Attention(nn.Module):
         if mask is not None:
             scores = scores + (mask if mask.is_floating_point() else _additive(mask, self.mask_dtype))
         if self.sinks is None:
-            probs = F.softmax(scores, dim=-1, dtype=torch.float32 if self.fp32_softmax else None).to(v.dtype)
+            probs = F.softmax(scores, dim=-1, dtype=torch.float32 if self.fp32_softmax else None)
+            if self.drop_before_cast:
+                probs = dropout(probs, p, True).to(v.dtype)
+            else:
+                probs = dropout(probs.to(v.dtype), p, True)
             if self.holds_weights:
                 self.held_weights = probs  # GPT2Block keeps its attention weights to the block's end
             return probs @ v  # (B, nh, T, hs)
         # gpt-oss (transformers' gpt_oss eager_attention_forward): the sink logit joins the masked
         # scores, the row maximum is subtracted (a new tensor; the scores stay referenced), and the
-        # softmax runs in that dtype
-        sink = self.sinks.to(scores.dtype).view(1, -1, 1, 1).expand(q.size(0), -1, T, 1)
+        # softmax runs in that dtype (`dtype=combined.dtype`, which autocast keeps). The sinks keep
+        # their own dtype in the cat, which promotes: fp32 masters (mixed, sinks trained) make the
+        # combined logits and probabilities fp32, cast back to the values' dtype for the matmul; a
+        # frozen 16-bit base (LoRA) keeps them 16-bit, with no copy
+        sink = self.sinks.view(1, -1, 1, 1).expand(q.size(0), -1, T, 1)
         combined = torch.cat((scores, sink), dim=-1)  # (B, nh, T, S + 1)
         combined = combined - combined.max(dim=-1, keepdim=True).values
-        probs = F.softmax(combined, dim=-1)
-        return probs[..., :-1] @ v  # the sink takes probability mass, and adds no value
+        probs = F.softmax(combined, dim=-1, dtype=combined.dtype)
+        return dropout(probs[..., :-1], p, True).to(v.dtype) @ v  # the sink takes probability mass, and adds no value
 
 
 def _additive(mask: Tensor, dtype: torch.dtype) -> Tensor:
@@ -502,27 +527,37 @@ class Block(nn.Module):
             self.ln_post_attn, self.ln_post_mlp = _norm(spec, opts), _norm(spec, opts)
         moe = spec.experts > 0 and index >= spec.dense_layers
         self.mlp = MoE(spec, opts) if moe else MLP(spec, opts)
+        self.p_hidden = spec.hidden_dropout
         self.post_norm = spec.family == "bert"  # BERT normalises after each residual add
+
+    def _mlp(self, x: Tensor) -> Tensor:
+        """The MLP and its output dropout (GPT2MLP's, Starcoder2MLP's, BertOutput's, GPT-NeoX's
+        post_mlp_dropout), as the attention's output has its own (Attention.forward)."""
+        return dropout(self.mlp(x), self.p_hidden, self.training)
 
     def forward(self, x: Tensor, rope: tuple[Tensor, Tensor] | None,
                 kv_cache: tuple[KVCache, int] | None, start: int,
                 mask: Tensor | None = None) -> Tensor:
         if self.post_norm:
             x = self.ln_1(x + self.attn(x, rope, kv_cache, start))
-            return self.ln_2(x + self.mlp(x))
+            return self.ln_2(x + self._mlp(x))
         if self.parallel:  # x + attn(norm(x)) + mlp(norm'(x)) (GPT-J / GPT-NeoX)
             if self.ln_2 is None:
                 h = self.ln_1(x)
-                return x + self.attn(h, rope, kv_cache, start, mask) + self.mlp(h)
-            return x + self.attn(self.ln_1(x), rope, kv_cache, start, mask) + self.mlp(self.ln_2(x))
+                return x + self.attn(h, rope, kv_cache, start, mask) + self._mlp(h)
+            return x + self.attn(self.ln_1(x), rope, kv_cache, start, mask) + self._mlp(self.ln_2(x))
         # no named temporaries: the attention output must die at the add, as in a plain block
         if self.sandwich:
             x = x + self.ln_post_attn(self.attn(self.ln_1(x), rope, kv_cache, start, mask))
-            return x + self.ln_post_mlp(self.mlp(self.ln_2(x)))
-        x = x + self.attn(self.ln_1(x), rope, kv_cache, start, mask)
-        x = x + self.mlp(self.ln_2(x))
-        self.attn.held_weights = None
-        return x
+            return x + self.ln_post_mlp(self._mlp(self.ln_2(x)))
+        a = self.attn(self.ln_1(x), rope, kv_cache, start, mask)
+        # GPT2Block's attention weights are a local of the block's forward: alive through its MLP,
+        # gone when it returns, or when a checkpoint's recomputation stops early inside it (an
+        # attribute would outlive both)
+        held, self.attn.held_weights = self.attn.held_weights, None  # noqa: F841
+        x = x + a
+        del a  # the attention output dies at the add, as in a plain block
+        return x + self._mlp(self.ln_2(x))
 
 
 @dataclass
@@ -621,6 +656,7 @@ class ReferenceModel(nn.Module):
         # BertForMaskedLM drops it too), so in training it gets no gradient.
         self.pooler = nn.Linear(h, h, **factory) if spec.pooler else None
         self.keep_train_cache = False  # workload.use_cache (set by measure.workloads)
+        self.dropout = spec.dropout or opts.lora_dropout > 0
         self.train_cache: list[tuple[Tensor, Tensor]] | None = None
         self.apply(self._init_weights)
 
@@ -665,6 +701,8 @@ class ReferenceModel(nn.Module):
             x = x + self.type_emb.weight[0]  # token type 0 everywhere
         if self.emb_norm is not None:
             x = self.emb_norm(x)
+        # GPT2Model's `drop`, Starcoder2's embedding_dropout, BertEmbeddings' dropout (after its norm)
+        x = dropout(x, self.spec.embedding_dropout, self.training)
         rope = None
         if self.spec.position == "rope":
             rope = rope_cos_sin(start, T, self.spec.rope_dim, x.dtype, x.device)  # (T, rd) each
@@ -703,7 +741,7 @@ class ReferenceModel(nn.Module):
             if full:
                 # Keep only each block's input; everything inside is recomputed in the backward.
                 x = checkpoint(block, x, rope, kv, start, mask if block.local else causal_mask,
-                               use_reentrant=False, preserve_rng_state=False)  # no dropout, no RNG state
+                               use_reentrant=False, preserve_rng_state=self.dropout)  # replays dropout
             else:
                 x = block(x, rope, kv, start, mask if block.local else causal_mask)
         for block in self.blocks:
@@ -762,7 +800,7 @@ class ReferenceModel(nn.Module):
 
 
 def build_model(spec: ModelSpec, *, attention: str = "sdpa", recompute: str = "none",
-                lora_rank: int = 0, lora_targets: tuple[str, ...] = (),
+                lora_rank: int = 0, lora_targets: tuple[str, ...] = (), lora_dropout: float = 0.0,
                 dtype: torch.dtype = torch.float32,
                 device: str | torch.device = "cpu") -> ReferenceModel:
     """The reference model of `spec`, its parameters in `dtype` on `device`.
@@ -783,7 +821,7 @@ def build_model(spec: ModelSpec, *, attention: str = "sdpa", recompute: str = "n
         if bad or not lora_targets:
             raise ValueError(f"lora_targets={list(lora_targets)}: expected a non-empty subset "
                              f"of {allowed} for {spec.name}")
-    opts = _Options(attention, recompute, lora_rank, frozenset(lora_targets), dtype, device)
+    opts = _Options(attention, recompute, lora_rank, frozenset(lora_targets), dtype, device, lora_dropout)
     model = ReferenceModel(spec, opts)
     if lora_rank > 0:
         for p in model.base_parameters():

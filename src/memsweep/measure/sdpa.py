@@ -128,12 +128,38 @@ class _Swapped:
         return "+".join(k for k, _ in self.kernels.most_common()) or None
 
 
+def cuda_dropout(input, p=0.5, training=True, inplace=False):  # noqa: A002 (F.dropout's signature)
+    """`F.dropout` as ATen runs it on a CUDA tensor (aten/src/ATen/native/Dropout.cpp): with
+    0 < p < 1 in training, the fused `native_dropout`, whose autograd keeps a bool mask (1 byte an
+    element); on a CPU tensor ATen takes `_dropout` instead, a noise tensor in the input's dtype
+    (2 or 4 bytes), which a fake trace on the CPU device would count. p = 0, eval and in-place
+    dropout run as on the CPU (the same code on both)."""
+    if inplace or not training or not 0 < p < 1 or input.numel() == 0:
+        return _F_DROPOUT(input, p, training, inplace)
+    return torch.native_dropout(input, p, True)[0]
+
+
+_F_DROPOUT = F.dropout
+
+
 class cuda_sdpa(_Swapped):  # noqa: N801 (a context manager)
-    """SDPA runs the kernel CUDA would pick on a GPU of compute capability `cap` (module docstring)."""
+    """SDPA runs the kernel CUDA would pick on a GPU of compute capability `cap` (module docstring),
+    and `F.dropout` CUDA's fused kernel (`cuda_dropout`).
+
+    SDPA's math kernel with dropout still draws its mask inside the ATen op, by the CPU's rule (a
+    noise tensor in the probabilities' fp32 where CUDA keeps a bool mask)."""
 
     def __init__(self, cap: tuple[int, int]) -> None:
         super().__init__()
         self.cap = cap
+
+    def __enter__(self):
+        F.dropout = cuda_dropout
+        return super().__enter__()
+
+    def __exit__(self, *exc) -> None:
+        F.dropout = _F_DROPOUT
+        super().__exit__(*exc)
 
     def attend(self, query, key, value, attn_mask=None, dropout_p=0.0, is_causal=False, scale=None,
                enable_gqa=False):

@@ -152,6 +152,7 @@ def prepare(spec: JobSpec, device: str, tracker: StorageTracker | None = None,
             spec.model, attention=spec.attention, recompute=spec.recompute,
             lora_rank=w.lora_rank if w.kind == "lora" else 0,
             lora_targets=w.lora_targets if w.kind == "lora" else (),
+            lora_dropout=w.lora_dropout if w.kind == "lora" else 0.0,
             dtype=base_dtype, device=device)
         for p in model.lora_parameters():
             p.data = p.data.to(adapter_dtype)
