@@ -148,6 +148,7 @@ def traced_flops(spec: JobSpec) -> dict[str, int]:
     from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count
 
     from memsweep.measure.autocast import cuda_policy
+    from memsweep.measure.sdpa import cuda_sdpa
     from memsweep.measure.workloads import prepare
 
     aten = torch.ops.aten
@@ -160,7 +161,8 @@ def traced_flops(spec: JobSpec) -> dict[str, int]:
 
     cpu_sdpa = {aten._scaled_dot_product_flash_attention_for_cpu: forward,
                 aten._scaled_dot_product_flash_attention_for_cpu_backward: backward}
-    with FakeTensorMode(), cuda_policy():
+    # the GPU's SDPA kernels and dropout (measure/sdpa.py): a CPU runs math for SDPA with dropout
+    with FakeTensorMode(), cuda_policy(), cuda_sdpa(spec.hardware.capability):
         counter = FlopCounterMode(display=False, custom_mapping=cpu_sdpa)
         tracker = PhaseFlops(counter)
         with counter:

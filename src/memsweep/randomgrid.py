@@ -35,7 +35,7 @@ MODELS = ("tiny", "gpt2", "bert-base-uncased", "llama3.2-1b", "llama3-8b", "mist
 OPTIMIZERS = ("adamw", "adam", "sgd", "sgd_momentum", "adamw8bit", "paged_adamw8bit", "lion", "adafactor")
 LORA_TARGETS = (("q", "v"), ("q", "k", "v", "o"), ("gate", "up", "down"), ("q", "k", "v", "o", "gate", "up", "down"))
 FEATURES = ("model", "family", "workload", "targets", "dtype", "precision", "recompute", "attention", "optimizer",
-            "in_backward", "loss", "offload", "grad_accum", "batch", "seq_bucket")
+            "in_backward", "loss", "offload", "grad_accum", "batch", "seq_bucket", "dropout")
 """The drawn keys `worst_by_feature` reports on (each row carries them)."""
 
 
@@ -52,7 +52,8 @@ def _one(rng: random.Random, small: bool) -> tuple[JobSpec, dict[str, Any]]:
         targets = tuple(t for t in rng.choice(LORA_TARGETS) if t != "gate" or m.mlp != "gelu")
         wl = workload_spec("qlora" if kind == "qlora" and rng.random() < 0.5 else
                            ("qlora-torchtune" if kind == "qlora" else "lora"),
-                           lora_rank=rng.choice((4, 8, 16, 64)), lora_targets=list(targets))
+                           lora_rank=rng.choice((4, 8, 16, 64)), lora_targets=list(targets),
+                           lora_dropout=rng.choice((0.0, 0.0, 0.05, 0.1)))  # peft's default, the recipes'
     elif kind == "inference":
         wl = workload_spec("inference", gen_tokens=rng.choice((0, 1, 16, 100)))
     else:
@@ -96,7 +97,9 @@ def features(spec: JobSpec) -> dict[str, Any]:
                 loss=("fused" if spec.loss.fused else f"chunks{spec.loss.chunks}") if training else "-",
                 offload="optimizer" if spec.offload.optimizer else "none", grad_accum=spec.grad_accum,
                 batch=spec.batch, seq=seq, layers=m.layers,
-                seq_bucket="<=512" if seq <= 512 else "<=2048" if seq <= 2048 else "<=8192" if seq <= 8192 else ">8192")
+                seq_bucket="<=512" if seq <= 512 else "<=2048" if seq <= 2048 else "<=8192" if seq <= 8192 else ">8192",
+                dropout="+".join(k for k, on in (("model", m.dropout), ("lora", wl.kind == "lora" and wl.lora_dropout > 0))
+                                 if on and training) or "-")
 
 
 def draw(n: int, seed: int, small: bool = False) -> list[tuple[JobSpec, dict[str, Any]]]:

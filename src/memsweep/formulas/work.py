@@ -17,7 +17,8 @@ under fake tensors and compares integers):
 - recomputation as non-reentrant `torch.utils.checkpoint` runs it: the recompute stops once the
   last tensor the forward saved is saved again (early stop, the default), so ops that run after
   the last save are not re-run. A pre-norm block's last matmul is the MLP's down projection, whose
-  inputs are saved before it runs: full recompute re-runs the block less its down projection;
+  inputs are saved before it runs: full recompute re-runs the block less its down projection
+  (with it when hidden dropout saves a mask after it);
   eager selective recompute re-runs QK^T but not PV (whose inputs are saved before it runs).
   `Op.saves_before` / `saves_after` carry what decides this.
 
@@ -434,8 +435,12 @@ def block(c: Columns, p: Pass, z: Sizes, moe_layer: bool) -> tuple[list[Op], lis
     mlp_ops, gm = moe(c, p, z, mlp_in) if moe_layer else mlp(c, p, z, mlp_in, c.ffn)
     sandwich = (c.block_norms == 4).astype(float)
     second_norm = np.where(parallel, (c.block_norms >= 2) * norm_in, mlp_in)
-    ops = ([save(np.where(post, 0.0, norm_in))] + attn_ops + [save(sandwich * either(ga, full) * tr), save(second_norm)]
-           + mlp_ops + [save(either(sandwich, post) * either(gm, full, residual) * tr)])
+    # hidden dropout keeps a mask after the attention's and the MLP's output (memsweep's and
+    # transformers' blocks): a save after the down projection, so a recomputation runs it too
+    drop = (c.hidden_dropout > 0) * tr
+    ops = ([save(np.where(post, 0.0, norm_in))] + attn_ops
+           + [save(either(sandwich * either(ga, full), drop * ga) * tr), save(second_norm)]
+           + mlp_ops + [save(either(either(sandwich, post) * either(gm, full, residual), drop * gm) * tr)])
     return ops, core
 
 
