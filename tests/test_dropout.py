@@ -67,14 +67,11 @@ from memsweep.measure.backends import measure  # noqa: E402
 
 
 def small(family: str, **changes) -> ModelSpec:
-    llama = family == "llama"
-    base = dict(name=f"small-{family}", family=family, layers=3, hidden=96, heads=3,
-                kv_heads=1 if llama else 3, ffn=256, vocab=500, max_positions=512,
-                norm="rmsnorm" if llama else "layernorm", mlp="swiglu" if llama else "gelu",
-                position="rope" if llama else "learned", qkv_bias=not llama, out_bias=not llama,
-                mlp_bias=not llama, tied_embeddings=not llama, type_vocab=2 if family == "bert" else 0,
-                pooler=family == "bert")
-    return ModelSpec(**{**base, **changes})
+    """test_detailed_accuracy's small models, narrower (3 heads of 32, one K/V head for llama)."""
+    from test_detailed_accuracy import small as accuracy_small
+
+    dims = dict(hidden=96, heads=3, kv_heads=1 if family == "llama" else 3, ffn=256, vocab=500, max_positions=512)
+    return accuracy_small(family, **{**dims, **changes})
 
 
 DROP = dict(attention_dropout=0.1, hidden_dropout=0.1, embedding_dropout=0.1)
