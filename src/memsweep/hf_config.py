@@ -26,7 +26,7 @@ from pathlib import Path
 from typing import Any
 
 from memsweep.errors import ConfigError
-from memsweep.specs import ACTIVATIONS, MAX_INT, MAX_LAYERS, ModelSpec, check_int, check_number
+from memsweep.specs import ACTIVATIONS, MAX_INT, MAX_LAYERS, ModelSpec, check_int, check_number, check_probability
 
 # Keys that change neither the parameters nor the memory of a step: token ids, labels, epsilons,
 # RoPE bases and scaling, initialisation, output and generation settings, router losses and
@@ -586,9 +586,7 @@ def _dropouts(r: _Reader) -> dict[str, float]:
         value = r.get(*keys)
         if value is None:
             continue
-        if isinstance(value, bool) or not isinstance(value, (int, float)) or not 0 <= value < 1:
-            raise ConfigError(r.key_of(*keys), value, "a probability in [0, 1)")
-        out[field] = float(value)
+        out[field] = check_probability(r.key_of(*keys), value)
     return out
 
 

@@ -8,7 +8,8 @@ different one (`saved`), and its kind:
 - `read`: the importer reads it (it sets a ModelSpec field, or is checked against what is modelled);
 - `neutral`: changes neither parameters nor the memory of a step (ids, labels, epsilons, RoPE
   bases, initialisation, output flags, generation settings, ...);
-- `dropout`: a dropout probability (memory-neutral here until dropout is modelled, issue 25);
+- `dropout`: a dropout probability, accepted at any value; those the model reads set ModelSpec's
+  dropouts (`hf_config.DROPOUT_KEYS`), the others (classifier heads, projectors) change nothing;
 - `vision`: a multimodal config's vision tower, which memsweep does not size (text model only);
 - `memory`: changes parameters or memory and is not modelled: accepted at its default only.
 

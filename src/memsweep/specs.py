@@ -85,6 +85,16 @@ def check_number(key: str, value: object, minimum: float, maximum: float = float
     return float(value)
 
 
+def check_probability(key: str, value: object) -> float:
+    """A dropout probability: a number in [0, 1) (1 would drop everything), as a float."""
+    if check_number(key, value, 0.0, 1.0, allowed=PROBABILITY) == 1.0:
+        raise ConfigError(key, value, PROBABILITY)
+    return float(value)
+
+
+PROBABILITY = "a probability in [0, 1) (0: no dropout)"
+
+
 def check_choice(key: str, value: object, allowed: tuple[str, ...]) -> None:
     if value not in allowed:
         raise ConfigError(key, value, allowed)
@@ -273,10 +283,7 @@ class ModelSpec:
             check_number(f"model.{key}", getattr(self, key), 0.0, allowed="a number >= 0 (0: no soft-capping)")
         check_number("model.rotary_fraction", self.rotary_fraction, 0.0, 1.0, above_minimum=True)
         for key in DROPOUTS:
-            check_number(f"model.{key}", getattr(self, key), 0.0, 1.0,
-                         allowed="a probability in [0, 1) (0: no dropout)")
-            if getattr(self, key) == 1.0:
-                raise ConfigError(f"model.{key}", 1.0, "a probability in [0, 1) (0: no dropout)")
+            check_probability(f"model.{key}", getattr(self, key))
         if self.position == "rope" and self.rope_dim % 2:
             raise ConfigError("model.head_dim", self.dim_per_head,
                               "an even number (rotary embeddings rotate pairs of dimensions)")
@@ -481,10 +488,7 @@ class Workload:
             if self.lora_targets:
                 raise ConfigError("workload.lora_targets", list(self.lora_targets),
                                   f"[] for workload kind {self.kind} (adapters belong to a lora workload: workload=lora)")
-        check_number("workload.lora_dropout", self.lora_dropout, 0.0, 1.0,
-                     allowed="a probability in [0, 1) (0: no dropout)")
-        if self.lora_dropout == 1.0:
-            raise ConfigError("workload.lora_dropout", 1.0, "a probability in [0, 1) (0: no dropout)")
+        check_probability("workload.lora_dropout", self.lora_dropout)
         if self.kind != "lora" and self.lora_dropout:
             raise ConfigError("workload.lora_dropout", self.lora_dropout,
                               f"0 for workload kind {self.kind} (adapters belong to a lora workload: workload=lora)")

@@ -471,6 +471,8 @@ def dropout_layer_bytes(c: Columns, first: bool = False, kernel: Array | None = 
       a LoRA step the inputs of adapters with no adapter upstream need no gradient: no mask.
       Routed experts get no dropout (peft cannot adapt them; memsweep's expert adapters have none);
       shared experts do."""
+    if not (c.hidden_dropout.any() or c.attn_dropout.any() or c.lora_dropout.any()):
+        return np.zeros(len(c))  # (a planner grid without dropout pays nothing)
     t = c.batch * c.seq
     cb = compute_bytes(c)
     lora = c.lora == 1
@@ -818,8 +820,9 @@ def _recompute_block(c: Columns) -> tuple[Array, Array, Array, Array]:
     th = np.where(compute_bytes(c) < FP32, t * c.hidden * compute_bytes(c), 0.0)
     tf_ = t * c.ffn * trainable_bytes(c)
     extra = np.where((c.lora_down == 1) & (c.mixed == 1), tf_ + th, np.maximum(th, c.lora_down * tf_))
-    mlp = mlp + c.lora * extra / c.tp + dropout_layer_bytes(c)
-    softmax = np.where(eager, one_layer + softmax_backward_bytes(c) + dropout_layer_bytes(c), 0.0)
+    drop = dropout_layer_bytes(c)  # the re-run layer's dropout, alive at both moments
+    mlp = mlp + c.lora * extra / c.tp + drop
+    softmax = np.where(eager, one_layer + softmax_backward_bytes(c) + drop, 0.0)
     # a quantized base dequantizes the weight of the matmul running (QLoRA)
     return kept, checkpoints, one_layer + mlp + tq.dequant_bytes(c, compute_bytes(c)), softmax
 

@@ -128,6 +128,9 @@ class _Swapped:
         return "+".join(k for k, _ in self.kernels.most_common()) or None
 
 
+_F_DROPOUT = F.dropout
+
+
 def cuda_dropout(input, p=0.5, training=True, inplace=False):  # noqa: A002 (F.dropout's signature)
     """`F.dropout` as ATen runs it on a CUDA tensor (aten/src/ATen/native/Dropout.cpp): with
     0 < p < 1 in training, the fused `native_dropout`, whose autograd keeps a bool mask (1 byte an
@@ -137,9 +140,6 @@ def cuda_dropout(input, p=0.5, training=True, inplace=False):  # noqa: A002 (F.d
     if inplace or not training or not 0 < p < 1 or input.numel() == 0:
         return _F_DROPOUT(input, p, training, inplace)
     return torch.native_dropout(input, p, True)[0]
-
-
-_F_DROPOUT = F.dropout
 
 
 class cuda_sdpa(_Swapped):  # noqa: N801 (a context manager)
