@@ -100,3 +100,32 @@ def test_detailed_picks_row_by_row_what_it_picks_for_many_rows_at_once():
     together = attn_kernel_names(Columns.from_specs(specs))
     assert together == [attn_kernel_names(Columns.from_specs([s]))[0] for s in specs]
     assert len(set(together)) >= 3  # the rows do differ
+
+
+def _local_model(pattern: tuple[str, ...]):
+    from test_detailed_accuracy import small
+
+    return small("llama", sliding_window=64, layer_pattern=pattern, layers=2, max_positions=4096)
+
+
+@pytest.mark.parametrize("seq,hardware,wl,kernel", [
+    # a masked call on an A100 runs memory-efficient attention; s % 16 != 0 materialises the padded
+    # (b, a, s, ceil16(s)) mask (attention.cpp preprocess_mask), which the kernel keeps
+    (1000, "a100-80g", "train", "efficient"),
+    (1008, "a100-80g", "train", "efficient"),  # a multiple of 16: the expanded view, nothing padded
+    (1000, "a100-80g", "inference", "efficient"),
+    (1000, "h100-80g", "inference", "cudnn"),  # cuDNN: the bool->additive conversion alone
+])
+def test_a_sliding_window_call_keeps_what_its_kernel_makes_of_the_mask(seq, hardware, wl, kernel):
+    from conftest import workload
+
+    spec = job(_local_model(("local",)), seq=seq, batch=2, measure="fake", hardware=hardware, precision="pure",
+               wl=workload("inference", gen_tokens=4) if wl == "inference" else wl)
+    m = measure(spec)
+    assert m.status == "ok", m.error
+    cols = Columns.from_specs([spec])
+    assert attn_kernel_names(cols)[0] == kernel and m.attn_kernel.split("+")[0] == kernel
+    phases = phase_peaks(cols)
+    for phase, peak in m.phase_peaks.items():
+        if phase != "decode":  # (the decode step's own gap is not the mask's)
+            assert abs(float(phases[phase][0]) - peak) / peak <= 0.01, (phase, float(phases[phase][0]), peak)

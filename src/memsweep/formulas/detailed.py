@@ -444,7 +444,9 @@ def saved_activations_bytes(c: Columns, kernel: Array | None = None) -> Array:
     return ((coef * basis_values(c)).sum(axis=-1) + ext_saved_bytes(c) + held_mask_bytes(c) + fused_loss_saved_bytes(c)
             + math_attention_saved_bytes(c, kernel)
             + c.layers * softcap_scores_bytes(c) * (1 - c.recompute_full) * (1 - c.recompute_selective)
-            + gelu_layers(c) * gelu_ops_bytes(c) * (1 - c.recompute_full) + dropout_saved_bytes(c, kernel))
+            + gelu_layers(c) * gelu_ops_bytes(c) * (1 - c.recompute_full) + dropout_saved_bytes(c, kernel)
+            + c.local_layers * efficient_mask_bytes(c) * (1 - c.recompute_full) * (1 - c.recompute_selective)
+            * (c.training == 1))
 
 
 def dropout_layer_bytes(c: Columns, first: bool = False, kernel: Array | None = None) -> Array:
@@ -593,6 +595,22 @@ def _sdpa_dims(c: Columns) -> tuple[Array, Array]:
 
 
 MATH_KERNEL = KERNELS.index("math")
+EFFICIENT_KERNEL = KERNELS.index("efficient")
+
+
+def efficient_mask_bytes(c: Columns) -> Array:
+    """One sliding-window layer's SDPA call past its window, on the memory-efficient kernel (an
+    A100's pick for a masked call, an H100's when dropout rules cuDNN out), with s not a multiple
+    of 16: attention.cpp's `preprocess_mask` expands the (b, 1, s, s) additive mask to every head
+    and pads its last dimension to a multiple of 16, which materialises a (b, a, s, ceil16(s))
+    tensor in the query's dtype; the kernel keeps it for the backward in place of the (b, 1, s, s)
+    mask it was made from. The bytes it adds, per such call (0 elsewhere)."""
+    on = (c.eager_attention == 0) & (c.local_layers > 0) & (c.seq > c.window) & (c.seq % 16 != 0)
+    if not on.any():
+        return np.zeros(len(c))
+    on &= sdpa_kernel(c, masked=True) == EFFICIENT_KERNEL
+    s16 = np.ceil(c.seq / 16.0) * 16.0
+    return np.where(on, c.batch * c.seq * (c.heads / c.tp * s16 - c.seq) * sdpa_input_bytes(c), 0.0)
 
 
 def _distinct_rows(*columns: Array) -> tuple[np.ndarray, np.ndarray]:
@@ -820,7 +838,8 @@ def _recompute_block(c: Columns) -> tuple[Array, Array, Array, Array]:
     th = np.where(compute_bytes(c) < FP32, t * c.hidden * compute_bytes(c), 0.0)
     tf_ = t * c.ffn * trainable_bytes(c)
     extra = np.where((c.lora_down == 1) & (c.mixed == 1), tf_ + th, np.maximum(th, c.lora_down * tf_))
-    drop = dropout_layer_bytes(c)  # the re-run layer's dropout, alive at both moments
+    # the re-run layer's dropout and memory-efficient padded mask, alive at both moments
+    drop = dropout_layer_bytes(c) + efficient_mask_bytes(c) * (c.recompute_full == 1)
     mlp = mlp + c.lora * extra / c.tp + drop
     softmax = np.where(eager, one_layer + softmax_backward_bytes(c) + drop, 0.0)
     # a quantized base dequantizes the weight of the matmul running (QLoRA)
@@ -1085,11 +1104,24 @@ def prefill_attention_bytes(c: Columns, kernel: Array | None = None) -> Array:
     # probabilities (b*a*s^2 each), the causal mask it builds (bool, then its fp32 additive copy),
     # Falcon's own bool mask (b*s^2) with its additive copy in the compute dtype
     kernel = sdpa_kernel(c) if kernel is None else kernel
-    math_ = (c.eager_attention == 0) & (kernel == MATH_KERNEL)
+    # (a global layer's call: one exists, or every layer's window covers the prompt)
+    math_ = (c.eager_attention == 0) & (kernel == MATH_KERNEL) & ((c.layers > c.local_layers) | (c.seq <= c.window))
     masks = c.seq**2 * np.where(c.sdpa_mask == 1, c.batch * (1 + cb), 1 + FP32)
     math_bytes = (t * 6.0 * c.hidden * cb + c.batch * c.heads * c.seq**2 * 2 * FP32) / c.tp + masks
+    # a sliding-window layer's SDPA call past its window: the bool window mask, its additive
+    # (b, 1, s, s) copy in the query's dtype (`convert_boolean_attn_mask`), on the memory-efficient
+    # kernel its padded expansion (`efficient_mask_bytes`), and the layer's t*h tensors
+    # (`convert_boolean_attn_mask` fills the additive mask through a (b, 1, s, s) bool `logical_not`;
+    # the padded copy is made later, while the additive mask lives; the six t*h tensors hold the
+    # embeddings: residual, embeddings, normed input, q, K and V repeated to every head)
+    windowed = (c.eager_attention == 0) & (c.local_layers > 0) & (c.seq > c.window)
+    padded = efficient_mask_bytes(c)
+    additive = c.batch * c.seq**2 * sdpa_input_bytes(c)
+    conversion = np.maximum(c.batch * c.seq**2 * 1.0, np.where(padded > 0, padded + additive, 0.0))
+    masked = t * 6.0 * c.hidden * cb / c.tp + additive + conversion + sdpa_window_mask_bytes(c)
     return np.where(c.eager_attention == 1, eager + rope + inference_ids_bytes(c),
-                    np.where(math_, math_bytes + rope + inference_ids_bytes(c), 0.0))
+                    np.maximum(np.where(math_, math_bytes + rope + inference_ids_bytes(c), 0.0),
+                               np.where(windowed, masked + rope + inference_ids_bytes(c), 0.0)))
 
 
 def decode_activations_bytes(c: Columns) -> Array:
