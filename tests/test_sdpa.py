@@ -113,6 +113,8 @@ def _local_model(pattern: tuple[str, ...]):
     # (b, a, s, ceil16(s)) mask (attention.cpp preprocess_mask), which the kernel keeps
     (1000, "a100-80g", "train", "efficient"),
     (1008, "a100-80g", "train", "efficient"),  # a multiple of 16: the expanded view, nothing padded
+    (1000, "a100-80g", "train-full", "efficient"),  # recomputing: the forward's peak is inside the call
+    (1000, "h100-80g", "train-full", "cudnn"),
     (1000, "a100-80g", "inference", "efficient"),
     (1000, "h100-80g", "inference", "cudnn"),  # cuDNN: the bool->additive conversion alone
 ])
@@ -120,7 +122,8 @@ def test_a_sliding_window_call_keeps_what_its_kernel_makes_of_the_mask(seq, hard
     from conftest import workload
 
     spec = job(_local_model(("local",)), seq=seq, batch=2, measure="fake", hardware=hardware, precision="pure",
-               wl=workload("inference", gen_tokens=4) if wl == "inference" else wl)
+               wl=workload("inference", gen_tokens=4) if wl == "inference" else "train",
+               recompute="full" if wl == "train-full" else "none")
     m = measure(spec)
     assert m.status == "ok", m.error
     cols = Columns.from_specs([spec])

@@ -674,6 +674,12 @@ def attn_kernel_names(c: Columns) -> list[str]:
     return out
 
 
+def global_call(c: Columns) -> Array:
+    """Some layer makes the global (unmasked, causal) SDPA call `sdpa_kernel(c)` picks for: a
+    global layer exists, or every sliding window covers the sequence."""
+    return (c.layers > c.local_layers) | (c.seq <= c.window)
+
+
 def math_layer_bytes(c: Columns, kernel: Array | None = None) -> Array:
     """What the math kernel keeps for one global layer's backward beyond what a fused kernel keeps
     (0 where a fused kernel or eager attention runs, and outside training).
@@ -684,7 +690,7 @@ def math_layer_bytes(c: Columns, kernel: Array | None = None) -> Array:
     fp32 probabilities (b*a*s^2) and the fp32 V (the given V itself when it is fp32 and not
     repeated). A fused kernel keeps q, k, v, its output and the fp32 row log-sum-exp instead."""
     kernel = sdpa_kernel(c) if kernel is None else kernel
-    on = (kernel == MATH_KERNEL) & (c.eager_attention == 0) & (c.training == 1)
+    on = (kernel == MATH_KERNEL) & (c.eager_attention == 0) & (c.training == 1) & global_call(c)
     if not on.any():  # the usual case: evaluate nothing more
         return np.zeros(len(c))
     b, t, a = c.batch, c.seq, c.heads / c.tp
@@ -1104,24 +1110,31 @@ def prefill_attention_bytes(c: Columns, kernel: Array | None = None) -> Array:
     # probabilities (b*a*s^2 each), the causal mask it builds (bool, then its fp32 additive copy),
     # Falcon's own bool mask (b*s^2) with its additive copy in the compute dtype
     kernel = sdpa_kernel(c) if kernel is None else kernel
-    # (a global layer's call: one exists, or every layer's window covers the prompt)
-    math_ = (c.eager_attention == 0) & (kernel == MATH_KERNEL) & ((c.layers > c.local_layers) | (c.seq <= c.window))
+    math_ = (c.eager_attention == 0) & (kernel == MATH_KERNEL) & global_call(c)
     masks = c.seq**2 * np.where(c.sdpa_mask == 1, c.batch * (1 + cb), 1 + FP32)
     math_bytes = (t * 6.0 * c.hidden * cb + c.batch * c.heads * c.seq**2 * 2 * FP32) / c.tp + masks
-    # a sliding-window layer's SDPA call past its window: the bool window mask, its additive
-    # (b, 1, s, s) copy in the query's dtype (`convert_boolean_attn_mask`), on the memory-efficient
-    # kernel its padded expansion (`efficient_mask_bytes`), and the layer's t*h tensors
-    # (`convert_boolean_attn_mask` fills the additive mask through a (b, 1, s, s) bool `logical_not`;
-    # the padded copy is made later, while the additive mask lives; the six t*h tensors hold the
-    # embeddings: residual, embeddings, normed input, q, K and V repeated to every head)
-    windowed = (c.eager_attention == 0) & (c.local_layers > 0) & (c.seq > c.window)
+    windowed = window_call_bytes(c)
+    return np.where(c.eager_attention == 1, eager + rope + inference_ids_bytes(c),
+                    np.maximum(np.where(math_, math_bytes + rope + inference_ids_bytes(c), 0.0),
+                               np.where(windowed > 0, windowed + rope + inference_ids_bytes(c), 0.0)))
+
+
+def window_call_bytes(c: Columns) -> Array:
+    """Inside a sliding-window layer's SDPA call past its window (0 elsewhere): the bool window
+    mask, its additive (b, 1, s, s) copy in the query's dtype, made through a bool `logical_not`
+    of that size (`convert_boolean_attn_mask`), on the memory-efficient kernel its padded expansion
+    (`efficient_mask_bytes`, made while the additive copy lives), and the layer's six t*h tensors
+    (residual, embeddings, normed input, q, K and V repeated to every head). A prefill's attention
+    moment, and a recomputing forward's (whose blocks keep nothing else)."""
+    on = (c.eager_attention == 0) & (c.local_layers > 0) & (c.seq > c.window)
+    if not on.any():
+        return np.zeros(len(c))
     padded = efficient_mask_bytes(c)
     additive = c.batch * c.seq**2 * sdpa_input_bytes(c)
     conversion = np.maximum(c.batch * c.seq**2 * 1.0, np.where(padded > 0, padded + additive, 0.0))
-    masked = t * 6.0 * c.hidden * cb / c.tp + additive + conversion + sdpa_window_mask_bytes(c)
-    return np.where(c.eager_attention == 1, eager + rope + inference_ids_bytes(c),
-                    np.maximum(np.where(math_, math_bytes + rope + inference_ids_bytes(c), 0.0),
-                               np.where(windowed, masked + rope + inference_ids_bytes(c), 0.0)))
+    inside = (c.batch * c.seq * 6.0 * c.hidden * compute_bytes(c) / c.tp + additive + conversion
+              + sdpa_window_mask_bytes(c))
+    return np.where(on, inside, 0.0)
 
 
 def decode_activations_bytes(c: Columns) -> Array:
@@ -1146,12 +1159,12 @@ def inference_logits_bytes(c: Columns) -> Array:
 
 # --- moments ----------------------------------------------------------------------------------
 
-TRAIN_PHASES = ("forward", "loss", "head_backward", "head_grad_cast", "head_step", "backward_recompute",
+TRAIN_PHASES = ("forward", "forward_window_call", "loss", "head_backward", "head_grad_cast", "head_step", "backward_recompute",
                 "backward_first_block", "backward_first_block_softmax", "attention_backward",
                 "embedding_backward", "optimizer_step")
 """The training moments `peak_breakdown` takes the largest of, by the name a result row's
 `peak_phase` gives the winner (docs/formulas.md, "Moments"): the forward's end (inside the loss,
-the logits alive); the backward's start (the logits' gradient); three moments of the LM head's
+the logits alive); under recompute, inside a sliding-window layer's SDPA call (`window_call_bytes`); the backward's start (the logits' gradient); three moments of the LM head's
 backward (its matmul; the fp32 gradient made from the 16-bit cast's; stepped there); a recomputed
 block; the first block's backward under full recompute (at its MLP, then at its softmax); the last
 layer's eager softmax backward; a tied embedding's end of backward; the optimizer step."""
@@ -1192,12 +1205,18 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
     saved = act * saved_bytes
     block_now = (block[0] - offloaded, *block[1:])  # the last block's backward: two checkpoints back
     head = head_backward_bytes(c, saved_bytes)
+    window = window_call_bytes(c)
+    recomputing = (c.recompute_full == 1) | (c.recompute_selective == 1)
+    kept_so_far = np.where(c.recompute_full == 1, block_now[0], saved_bytes)
     end_grads, end_acts = embedding_end_bytes(c, g, inputs)
     train = [
         Breakdown.of(w, weights=w, optimizer=o, gradients=g_acc,
                      activations=saved + act * (autocast_cache_bytes(c) + train_cache_bytes(c)
                                                 + final_hidden_bytes(c)),
                      logits=lg * (live_logits_bytes(c) + final_softcap_bytes(c)), overhead=overhead),
+        # recomputing, the blocks keep nothing else: what is kept so far and a window call's masks
+        Breakdown.of(w, weights=w, optimizer=o, gradients=g_acc, overhead=overhead,
+                     activations=act * np.where(recomputing & (window > 0), kept_so_far + window, 0.0)),
         Breakdown.of(w, weights=w, optimizer=o, activations=saved,
                      logits=lg * (logits_gradient_bytes(c) + final_softcap_bytes(c)),
                      gradients=g_acc, overhead=overhead),
@@ -1268,7 +1287,7 @@ in measure/workloads.py). Training: forward (the forward and the loss), backward
 backward to the last gradient: recomputation and in-backward steps included), optimizer (step
 and zero_grad); inference: prefill (the cache's allocation and the prompt), decode."""
 PHASE_OF_MOMENT = {
-    "forward": "forward", "loss": "backward", "head_backward": "backward", "head_grad_cast": "backward",
+    "forward": "forward", "forward_window_call": "forward", "loss": "backward", "head_backward": "backward", "head_grad_cast": "backward",
     "head_step": "backward", "backward_recompute": "backward", "backward_first_block": "backward",
     "backward_first_block_softmax": "backward", "attention_backward": "backward", "embedding_backward": "backward",
     "optimizer_step": "optimizer", "prefill": "prefill", "prefill_logits": "prefill", "prefill_scores": "prefill",
