@@ -866,7 +866,8 @@ def full_recompute_layer_bytes(c: Columns, block: tuple[Array, ...] | None = Non
     head_grad = (1 - c.lora) * (1 - c.tied_embeddings) * c.vocab * c.hidden * trainable_bytes(c) / c.tp
     # accumulating, it is among the gradients already; stepped in the backward, it is gone
     head_grad = np.where((c.grad_accum > 1) | (c.in_backward == 1), 0.0, head_grad)
-    return kept + np.maximum(mlp, softmax) + head_grad
+    # (the re-run block's window call, if any, before anything of the block is saved)
+    return kept + np.maximum(np.maximum(mlp, softmax), window_call_bytes(c)) + head_grad
 
 
 def full_recompute_first_block(c: Columns, block: tuple[Array, ...] | None = None
@@ -1113,27 +1114,33 @@ def prefill_attention_bytes(c: Columns, kernel: Array | None = None) -> Array:
     math_ = (c.eager_attention == 0) & (kernel == MATH_KERNEL) & global_call(c)
     masks = c.seq**2 * np.where(c.sdpa_mask == 1, c.batch * (1 + cb), 1 + FP32)
     math_bytes = (t * 6.0 * c.hidden * cb + c.batch * c.heads * c.seq**2 * 2 * FP32) / c.tp + masks
+    # a window call, beside the residual, the held embeddings and the bool window mask
     windowed = window_call_bytes(c)
+    held = 2.0 * t * c.hidden * cb / c.tp + sdpa_window_mask_bytes(c) + rope + inference_ids_bytes(c)
     return np.where(c.eager_attention == 1, eager + rope + inference_ids_bytes(c),
                     np.maximum(np.where(math_, math_bytes + rope + inference_ids_bytes(c), 0.0),
-                               np.where(windowed > 0, windowed + rope + inference_ids_bytes(c), 0.0)))
+                               np.where(windowed > 0, windowed + held, 0.0)))
 
 
 def window_call_bytes(c: Columns) -> Array:
-    """Inside a sliding-window layer's SDPA call past its window (0 elsewhere): the bool window
-    mask, its additive (b, 1, s, s) copy in the query's dtype, made through a bool `logical_not`
-    of that size (`convert_boolean_attn_mask`), on the memory-efficient kernel its padded expansion
-    (`efficient_mask_bytes`, made while the additive copy lives), and the layer's six t*h tensors
-    (residual, embeddings, normed input, q, K and V repeated to every head). A prefill's attention
-    moment, and a recomputing forward's (whose blocks keep nothing else)."""
+    """Inside a sliding-window layer's SDPA call past its window (0 elsewhere), what the call and
+    its layer make: the additive (b, 1, s, s) copy of the bool window mask in the query's dtype,
+    made through a bool `logical_not` of that size (`convert_boolean_attn_mask`), on the
+    memory-efficient kernel its padded expansion (`efficient_mask_bytes`, made while the additive
+    copy lives), and four t*h tensors (normed input, q, K and V repeated to every head; under GQA
+    their own K and V too). Beside
+    what is held (the residual, the embeddings, the bool mask): a prefill's attention moment, and
+    a recomputing forward's (whose blocks keep nothing else)."""
     on = (c.eager_attention == 0) & (c.local_layers > 0) & (c.seq > c.window)
     if not on.any():
         return np.zeros(len(c))
     padded = efficient_mask_bytes(c)
     additive = c.batch * c.seq**2 * sdpa_input_bytes(c)
     conversion = np.maximum(c.batch * c.seq**2 * 1.0, np.where(padded > 0, padded + additive, 0.0))
-    inside = (c.batch * c.seq * 6.0 * c.hidden * compute_bytes(c) / c.tp + additive + conversion
-              + sdpa_window_mask_bytes(c))
+    # GQA: a masked call gets K and V repeated to every head, beside their own (rotated) K and V
+    # (in a prefill those are the cache's)
+    kv = np.where((c.kv_heads < c.heads) & (c.training == 1), 2.0 * c.kv_heads * c.head_dim, 0.0)
+    inside = (c.batch * c.seq * (4.0 * c.hidden + kv) * compute_bytes(c) / c.tp + additive + conversion)
     return np.where(on, inside, 0.0)
 
 
