@@ -734,8 +734,9 @@ class MeasureSpec:
     """isolate only: give up (status=timeout) after this many seconds."""
     max_rss_gib: float | None = None
     """isolate only: kill the child (status=error) when its resident memory exceeds this."""
-    impl: Literal["reference", "hf"] = "reference"
-    """What runs: memsweep's reference models, or the Hugging Face transformers model (issue 12)."""
+    impl: Literal["reference", "hf", "torchtune"] = "reference"
+    """What runs: memsweep's reference models, the Hugging Face transformers model (issue 12), or
+    torchtune's single-device training recipe with its own modules (measure/torchtune.py)."""
     sdpa: Literal["gpu", "device"] = "gpu"
     """fake only: the SDPA kernel CUDA picks on the job's GPU (`hardware.compute_capability`,
     measure/sdpa.py), or the measuring device's own (the CPU's: what makes fake equal cpu byte
@@ -745,7 +746,7 @@ class MeasureSpec:
         check_label("measure.name", self.name)
         check_choice("measure.backend", self.backend, MEASURE_BACKENDS)
         check_choice("measure.sdpa", self.sdpa, ("gpu", "device"))
-        check_choice("measure.impl", self.impl, ("reference", "hf"))
+        check_choice("measure.impl", self.impl, ("reference", "hf", "torchtune"))
         check_bool("measure.isolate", self.isolate)
         for key in ("timeout_s", "max_rss_gib"):
             v = getattr(self, key)

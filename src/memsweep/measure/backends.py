@@ -78,11 +78,15 @@ class Measurement:
 
 
 def prepare_for(spec: JobSpec):
-    """The step builder of `measure.impl`: memsweep's reference models or transformers'."""
+    """The step builder of `measure.impl`: memsweep's reference models, transformers' or torchtune's."""
     if spec.measure.impl == "hf":
         from memsweep.measure.hf import prepare_hf
 
         return prepare_hf
+    if spec.measure.impl == "torchtune":
+        from memsweep.measure.torchtune import prepare_torchtune
+
+        return prepare_torchtune
     return prepare
 
 

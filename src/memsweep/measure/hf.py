@@ -147,21 +147,32 @@ def _fake_mode():
 
 
 def _fake_parameters(model: torch.nn.Module, mode, device: str) -> None:
-    """Replace every meta parameter and buffer by a fake tensor on `device` (shared ones once)."""
-    conv, made = mode.fake_tensor_converter, {}
+    """Replace every parameter and buffer by a fake tensor on `device` (shared ones once): meta
+    tensors by shape, real ones (e.g. RoPE caches built on the CPU) from their values; a wrapper
+    subclass (torchao's NF4Tensor) keeps its class, its inner tensors made fake."""
+    from torch.utils._python_dispatch import is_traceable_wrapper_subclass
+
+    conv, made = mode.fake_tensor_converter, {}  # id -> (the tensor, kept alive so ids stay unique; its fake)
 
     def fake(t: torch.Tensor) -> torch.Tensor:
         if id(t) not in made:
-            made[id(t)] = conv.from_meta_and_device(mode, t.data if isinstance(t, torch.nn.Parameter) else t,
-                                                    torch.device(device))
-        return made[id(t)]
+            if is_traceable_wrapper_subclass(t):
+                names, ctx = t.__tensor_flatten__()
+                out = type(t).__tensor_unflatten__({n: fake(getattr(t, n)) for n in names}, ctx, t.size(), t.stride())
+            elif t.is_meta:
+                out = conv.from_meta_and_device(mode, t, torch.device(device))
+            else:
+                out = mode.from_tensor(t)
+            made[id(t)] = (t, out)
+        return made[id(t)][1]
 
     params: dict[int, torch.nn.Parameter] = {}
     for module in model.modules():
         for name, p in list(module._parameters.items()):
             if p is not None:
                 if id(p) not in params:
-                    params[id(p)] = torch.nn.Parameter(fake(p), requires_grad=p.requires_grad)
+                    inner = p if is_traceable_wrapper_subclass(p) else p.data
+                    params[id(p)] = torch.nn.Parameter(fake(inner), requires_grad=p.requires_grad)
                 module._parameters[name] = params[id(p)]
         for name, b in list(module._buffers.items()):
             if b is not None:

@@ -20,7 +20,7 @@ from contextlib import contextmanager
 from dataclasses import dataclass, field
 
 import torch
-from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils._python_dispatch import TorchDispatchMode, is_traceable_wrapper_subclass
 from torch.utils._pytree import tree_flatten
 
 CATEGORIES = ("weights", "gradients", "optimizer", "activations", "kv_cache")
@@ -56,7 +56,14 @@ class StorageTracker(TorchDispatchMode):
         return storage._cdata  # the StorageImpl address: unique while the storage lives
 
     def track(self, tensor: torch.Tensor, category: str | None = None) -> None:
-        """Count a tensor's storage (once); tensors made before the mode was entered need this."""
+        """Count a tensor's storage (once); tensors made before the mode was entered need this.
+        A wrapper subclass (torchao's NF4Tensor) has no storage of its own: its inner tensors'."""
+        if is_traceable_wrapper_subclass(tensor):
+            for name in tensor.__tensor_flatten__()[0]:
+                inner = getattr(tensor, name)
+                if isinstance(inner, torch.Tensor):
+                    self.track(inner, category)
+            return
         storage = tensor.untyped_storage()
         key = self._key(storage)
         if key in self._live:
@@ -92,9 +99,17 @@ class StorageTracker(TorchDispatchMode):
         self.current.by_category[old] -= nbytes
         self.current.by_category[category] += nbytes
 
+    def forget(self, tensor: torch.Tensor) -> None:
+        """Stop counting a storage: memory that is not the device's (a host copy of an offloaded
+        activation, made by a device op under the trace)."""
+        entry = self._live.pop(self._key(tensor.untyped_storage()), None)
+        if entry is not None:
+            self.current.by_category[entry[1]] -= entry[0]
+
     def _free(self, key: int) -> None:
-        nbytes, cat = self._live.pop(key)
-        self.current.by_category[cat] -= nbytes
+        entry = self._live.pop(key, None)  # None: forgotten
+        if entry is not None:
+            self.current.by_category[entry[1]] -= entry[0]
 
     def _update_peaks(self) -> None:
         total = self.current.total
