@@ -130,3 +130,26 @@ def test_lora_trains_only_the_adapters_in_bf16():
                       + 2 * (m.hidden + m.ffn) + (m.ffn + m.hidden))
     tensors = 2 * 6 * m.layers  # lora_a and lora_b of 6 targets per layer
     assert r.breakdown["optimizer"] == 2 * 2 * m.layers * per_layer + 4 * tensors  # AdamW m and v, bf16; fp32 steps
+
+
+def test_the_ladders_compiled_loss_saves_the_partitioners_set():
+    """scripts/torchtune_ladder.py traces the recipe's compiled loss with the saved set AOTAutograd's
+    min-cut partitioner (Inductor's) chooses: for cross-entropy on bf16 logits, the logits and
+    labels themselves and two fp32 numbers per row, no (rows, V) fp32 tensor (eager keeps one)."""
+    import importlib.util
+    from pathlib import Path
+
+    path = Path(__file__).resolve().parents[1] / "scripts" / "torchtune_ladder.py"
+    ladder_spec = importlib.util.spec_from_file_location("torchtune_ladder", path)
+    ladder = importlib.util.module_from_spec(ladder_spec)
+    ladder_spec.loader.exec_module(ladder)
+    saved = ladder.partition_saved(64, 1000, torch.bfloat16)
+    assert sorted(s for s in saved if s[0] == "input") == [("input", 0), ("input", 1)]
+    new = [s for s in saved if s[0] != "input"]
+    assert new and all(shape == (64, 1) and dtype == torch.float32 for shape, dtype in new)
+    with ladder.loss_compiled():
+        r = measure(spec(loss=LossSpec(chunks=8)))
+    eager = measure(spec(loss=LossSpec(chunks=8)))
+    assert r.status == eager.status == "ok"
+    chunk_fp32 = BATCH * SEQ // 8 * 128256 * 4
+    assert eager.phase_peaks["forward"] - r.phase_peaks["forward"] >= 8 * chunk_fp32
