@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import dataclasses
 import sys
 import time
@@ -75,7 +76,8 @@ def spec_of(settings: dict, layers: int | None, measure: MeasureSpec):
                     dtype="bf16", precision="pure", **kw)
 
 
-def partition_saved(rows: int, vocab: int, dtype) -> list:
+@functools.cache
+def partition_saved(rows: int, vocab: int, dtype) -> tuple:
     """What the compiled loss of one chunk saves for the backward, as AOTAutograd's min-cut
     partitioner (the one Inductor runs; torch._functorch.partitioners) chooses it with Inductor's
     decompositions, traced under fake tensors: ("input", i) for an input kept, or (shape, dtype) of
@@ -104,30 +106,26 @@ def partition_saved(rows: int, vocab: int, dtype) -> list:
                       partition_fn=min_cut_rematerialization_partition, decompositions=select_decomp_table())
     with FakeTensorMode():
         fn(torch.empty(rows, vocab, dtype=dtype, requires_grad=True), torch.zeros(rows, dtype=torch.long))
-    return found
+    return tuple(found)
 
 
 @contextlib.contextmanager
 def loss_compiled():
     """The recipe's `training.compile_loss` in the trace: the loss of each chunk saves the min-cut
-    partition's set (`partition_saved`, measured per shape) and allocates only what Inductor's
+    partition's set (`partition_saved`, measured once per shape) and allocates only what Inductor's
     kernels write: the loss in the forward (the upcast, max and exp-sum fuse into one reduction
     over the logits) and the logits' gradient, in their dtype, in the backward (one pointwise
     kernel). Not the layers' compile: that is issue 30's `kernels=compile`."""
     import torch
     from torchtune.modules.loss import CEWithChunkedOutputLoss
 
-    cache: dict = {}
-
     class CompiledCE(torch.autograd.Function):
         @staticmethod
         def forward(ctx, logits, labels):
-            key = (logits.shape[0], logits.shape[1], logits.dtype)
-            if key not in cache:
-                cache[key] = partition_saved(*key)
             inputs = (logits, labels)
+            saved = partition_saved(logits.shape[0], logits.shape[1], logits.dtype)
             ctx.save_for_backward(*[inputs[s[1]] if s[0] == "input" else torch.empty(s[0], dtype=s[1], device=logits.device)
-                                    for s in cache[key]])
+                                    for s in saved])
             ctx.shape, ctx.dtype = logits.shape, logits.dtype
             return torch.zeros((), dtype=torch.float32, device=logits.device)
 

@@ -1166,15 +1166,16 @@ def inference_logits_bytes(c: Columns) -> Array:
 
 # --- moments ----------------------------------------------------------------------------------
 
-TRAIN_PHASES = ("forward", "forward_window_call", "loss", "head_backward", "head_grad_cast", "head_step", "backward_recompute",
-                "backward_first_block", "backward_first_block_softmax", "attention_backward",
+TRAIN_PHASES = ("forward", "forward_window_call", "loss", "head_backward", "head_grad_cast", "head_step",
+                "backward_recompute", "backward_first_block", "backward_first_block_softmax", "attention_backward",
                 "embedding_backward", "optimizer_step")
 """The training moments `peak_breakdown` takes the largest of, by the name a result row's
 `peak_phase` gives the winner (docs/formulas.md, "Moments"): the forward's end (inside the loss,
-the logits alive); under recompute, inside a sliding-window layer's SDPA call (`window_call_bytes`); the backward's start (the logits' gradient); three moments of the LM head's
-backward (its matmul; the fp32 gradient made from the 16-bit cast's; stepped there); a recomputed
-block; the first block's backward under full recompute (at its MLP, then at its softmax); the last
-layer's eager softmax backward; a tied embedding's end of backward; the optimizer step."""
+the logits alive); under recompute, inside a sliding-window layer's SDPA call (`window_call_bytes`);
+the backward's start (the logits' gradient); three moments of the LM head's backward (its matmul;
+the fp32 gradient made from the 16-bit cast's; stepped there); a recomputed block; the first
+block's backward under full recompute (at its MLP, then at its softmax); the last layer's eager
+softmax backward; a tied embedding's end of backward; the optimizer step."""
 INFERENCE_PHASES = ("prefill", "prefill_logits", "prefill_scores", "decode", "decode_gqa_repeat", "decode_dequant",
                     "decode_first_step")
 """Inference moments: inside a prefill layer's MLP; the LM head's logits; an eager prefill's
@@ -1294,7 +1295,8 @@ in measure/workloads.py). Training: forward (the forward and the loss), backward
 backward to the last gradient: recomputation and in-backward steps included), optimizer (step
 and zero_grad); inference: prefill (the cache's allocation and the prompt), decode."""
 PHASE_OF_MOMENT = {
-    "forward": "forward", "forward_window_call": "forward", "loss": "backward", "head_backward": "backward", "head_grad_cast": "backward",
+    "forward": "forward", "forward_window_call": "forward", "loss": "backward", "head_backward": "backward",
+    "head_grad_cast": "backward",
     "head_step": "backward", "backward_recompute": "backward", "backward_first_block": "backward",
     "backward_first_block_softmax": "backward", "attention_backward": "backward", "embedding_backward": "backward",
     "optimizer_step": "optimizer", "prefill": "prefill", "prefill_logits": "prefill", "prefill_scores": "prefill",

@@ -179,22 +179,28 @@ def _fake_parameters(model: torch.nn.Module, mode, device: str) -> None:
                 module._buffers[name] = fake(b)
 
 
+def not_llama_like(m: ModelSpec, **more: bool) -> str | None:
+    """What `m` has that a llama-style dense decoder (RMSNorm, SwiGLU, full rotary, two norms a
+    block, sequential, no MoE / MLA / q-k norms / sinks) has not, and the `more` features a caller
+    cannot build, named; None when nothing. transformers' llama-family classes (`unsupported`) and
+    torchtune's builders (measure/torchtune.py) build such decoders."""
+    features = {
+        "mixture of experts": m.experts > 0, "MLA": m.mla, "parallel blocks": m.block == "parallel",
+        f"norm={m.norm}": m.norm != "rmsnorm", f"mlp={m.mlp}": m.mlp != "swiglu",
+        f"block_norms={m.block_norms}": m.block_norms != 2, f"qk_norm={m.qk_norm}": m.qk_norm != "none",
+        "partial rotary": m.rotary_fraction != 1.0, "attention sinks": m.attention_sinks, **more,
+    }
+    return ", ".join(name for name, on in features.items() if on) or None
+
+
 def unsupported(m: ModelSpec) -> str | None:
     """Why this slice cannot express `m` as a transformers config yet (None: it can)."""
     if m.family == "bert":
         return "encoders (bert)"
     if m.family == "gpt2":
         return None if m.tied_embeddings and m.position == "learned" else "a gpt2 variant"
-    features = {
-        "mixture of experts": m.experts > 0, "MLA": m.mla, "parallel blocks": m.block == "parallel",
-        f"norm={m.norm}": m.norm != "rmsnorm", f"mlp={m.mlp}": m.mlp != "swiglu",
-        f"block_norms={m.block_norms}": m.block_norms != 2, f"qk_norm={m.qk_norm}": m.qk_norm != "none",
-        "partial rotary": m.rotary_fraction != 1.0, "attention sinks": m.attention_sinks,
-        "a mix of local and global layers": 0 < m.local_layers < m.layers,
-        "an output bias without q/k/v biases": m.out_bias and not m.qkv_bias,
-    }
-    found = [name for name, on in features.items() if on]
-    return ", ".join(found) or None
+    return not_llama_like(m, **{"a mix of local and global layers": 0 < m.local_layers < m.layers,
+                                "an output bias without q/k/v biases": m.out_bias and not m.qkv_bias})
 
 
 def source_config(m: ModelSpec):

@@ -49,7 +49,7 @@ from contextlib import nullcontext
 import torch
 from torch.autograd.graph import saved_tensors_hooks
 
-from memsweep.measure.hf import _fake_mode, _fake_parameters, _outside_modes
+from memsweep.measure.hf import _fake_mode, _fake_parameters, _outside_modes, not_llama_like
 from memsweep.measure.tracker import StorageTracker
 from memsweep.measure.workloads import (
     TORCH_DTYPES, Prepared, Unmeasurable, _NoTracker, check_single_gpu, train_step,
@@ -82,21 +82,16 @@ def _import(name: str):
 def builder_name(m: ModelSpec) -> str:
     """torchtune's component builder for `m` ('qwen2', 'llama3_2', ...), or Unmeasurable with what
     torchtune's dense decoders cannot express."""
-    features = {
-        "mixture of experts": m.experts > 0, "MLA": m.mla, "a non-decoder": not m.decoder,
-        f"norm={m.norm}": m.norm != "rmsnorm", f"mlp={m.mlp}": m.mlp != "swiglu",
-        f"position={m.position}": m.position != "rope", "partial rotary": m.rotary_fraction != 1.0,
-        "parallel blocks": m.block == "parallel", f"block_norms={m.block_norms}": m.block_norms != 2,
-        f"qk_norm={m.qk_norm}": m.qk_norm != "none", "sliding-window layers": m.local_layers > 0,
-        "attention sinks": m.attention_sinks, "soft-capping": bool(m.attn_softcap or m.final_softcap),
+    found = not_llama_like(m, **{
+        "a non-decoder": not m.decoder, f"position={m.position}": m.position != "rope",
+        "sliding-window layers": m.local_layers > 0, "soft-capping": bool(m.attn_softcap or m.final_softcap),
         "output / MLP biases": m.out_bias or m.mlp_bias,
         f"head_dim {m.dim_per_head} != hidden / heads": m.dim_per_head * m.heads != m.hidden,
         "hidden / embedding dropout (torchtune's decoders have none)": bool(m.hidden_dropout or m.embedding_dropout),
-    }
-    found = [name for name, on in features.items() if on]
+    })
     if found:
         raise Unmeasurable(f"measure.impl=torchtune builds llama2 / llama3 / llama3_1 / llama3_2 / qwen2 decoders; "
-                           f"{m.name} has {', '.join(found)}")
+                           f"{m.name} has {found}")
     if m.qkv_bias:
         return "qwen2"
     if m.tied_embeddings:
@@ -106,9 +101,10 @@ def builder_name(m: ModelSpec) -> str:
     return "llama3" if m.name == "llama3-8b" else "llama3_1"
 
 
-def _builder_kwargs(m: ModelSpec, name: str, attn_dropout: float) -> dict:
+def _builder_kwargs(m: ModelSpec, name: str) -> dict:
     kw = dict(vocab_size=m.vocab, num_layers=m.layers, num_heads=m.heads, num_kv_heads=m.kv_heads,
-              embed_dim=m.hidden, max_seq_len=m.max_positions, intermediate_dim=m.ffn, attn_dropout=attn_dropout)
+              embed_dim=m.hidden, max_seq_len=m.max_positions, intermediate_dim=m.ffn,
+              attn_dropout=m.attention_dropout)
     if name in ("qwen2", "llama3_2"):
         kw["tie_word_embeddings"] = m.tied_embeddings
     return kw
@@ -144,10 +140,6 @@ def check(spec: JobSpec) -> None:
         why = "offload.optimizer / offload.params: torchtune's single-device recipes offload activations only"
     elif w.use_cache:
         why = "workload.use_cache=true: torchtune's decoders build no cache in training (workload.use_cache=false)"
-    elif spec.mixed_policy != "autocast":
-        why = "mixed_policy: torchtune's single-device recipes have none"
-    elif spec.kv_dtype != "auto":
-        why = f"kv_dtype={spec.kv_dtype}: training keeps no cache"
     elif spec.quant not in ("none", "nf4"):
         why = f"quant={spec.quant}: torchtune's QLoRA base is NF4 (quant=nf4)"
     elif spec.quant == "nf4":
@@ -230,11 +222,10 @@ class HostOffload(saved_tensors_hooks):
 
 
 def _rope_caches(model: torch.nn.Module) -> None:
-    """Build the RoPE caches a meta build skipped or left on meta, on the CPU (the recipe builds
-    them on the GPU; Llama3ScaledRoPE's `rope_init` returns early on the meta device)."""
+    """Build the RoPE caches on the CPU, as the recipe builds them on the GPU (a meta build leaves
+    them on meta, or, Llama3ScaledRoPE's `rope_init` returning early there, without them)."""
     for module in model.modules():
-        if hasattr(module, "rope_init") and (not getattr(module, "is_cache_built", True)
-                                             or any(b.is_meta for b in module.buffers())):
+        if hasattr(module, "rope_init"):
             module.to_empty(device="cpu")
             module.rope_init()
 
@@ -243,7 +234,7 @@ def build(spec: JobSpec, device: str):
     """The model as the recipe's `config.instantiate` makes it (under `set_default_dtype`)."""
     w = spec.workload
     name = builder_name(spec.model)
-    kw = _builder_kwargs(spec.model, name, spec.model.attention_dropout)
+    kw = _builder_kwargs(spec.model, name)
     dtype = TORCH_DTYPES[spec.dtype]
     builders = _import(f"torchtune.models.{name}._component_builders")
     training = _import("torchtune.training")
@@ -290,7 +281,7 @@ def prepare_torchtune(spec: JobSpec, device: str, tracker: StorageTracker | None
     offload = HostOffload(t) if spec.offload.activations else None
     if offload is not None:  # the output head is not offloaded (get_act_offloading_ctx_manager)
         head = model.output.linear if hasattr(model.output, "linear") else model.output
-        noop = saved_tensors_hooks(lambda x: x, lambda x: x)
+        noop = training.NoOpManager()
         head.register_forward_pre_hook(lambda *args: noop.__enter__())
         head.register_forward_hook(lambda *args: noop.__exit__(), always_call=True)
     with t.section("setup", "activations"):

@@ -102,9 +102,7 @@ class StorageTracker(TorchDispatchMode):
     def forget(self, tensor: torch.Tensor) -> None:
         """Stop counting a storage: memory that is not the device's (a host copy of an offloaded
         activation, made by a device op under the trace)."""
-        entry = self._live.pop(self._key(tensor.untyped_storage()), None)
-        if entry is not None:
-            self.current.by_category[entry[1]] -= entry[0]
+        self._free(self._key(tensor.untyped_storage()))
 
     def _free(self, key: int) -> None:
         entry = self._live.pop(key, None)  # None: forgotten

@@ -119,7 +119,7 @@ def check_techniques(spec: JobSpec, impl: str) -> None:
         why = f"quant={spec.quant}: transformers' quantized layers need bitsandbytes / GPTQ kernels on a GPU; measure.impl=reference traces the layout"
     elif impl == "hf" and spec.loss.chunks != 1:
         why = "loss.chunks with measure.impl=hf: measured with the reference models (measure.impl=reference)"
-    elif spec.offload.any and not (impl == "torchtune" and not (spec.offload.optimizer or spec.offload.params)):
+    elif spec.offload.any:
         why = "offload: a single-process CPU trace has no second memory to offload to; cpu_bytes and the GPU share are analytic"
     elif spec.mixed and spec.mixed_policy != "autocast":
         why = "mixed_policy=param_dtype: FSDP2 / DeepSpeed's parameter handling is analytic here (measure autocast)"
