@@ -112,6 +112,7 @@ def test_chunked_loss_keeps_no_full_fp32_copy_of_the_logits():
     (dict(model="mixtral-8x7b"), "mixture of experts"),
     (dict(model="gemma-2-2b"), "soft-capping"),
     (dict(wl=workload_spec("lora", lora_targets=["q", "gate"], use_cache=False)), "MLP as a whole"),
+    (dict(wl=workload_spec("lora", lora_targets=["gate", "up", "down"], use_cache=False)), "at least one attention"),
     (dict(wl=workload_spec("train", use_cache=True)), "use_cache"),
     (dict(wl=workload_spec("qlora", use_cache=False)), "kbit_prepare"),
 ])

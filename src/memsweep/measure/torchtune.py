@@ -116,8 +116,11 @@ def lora_arguments(targets: tuple[str, ...]) -> dict:
     if mlp and mlp != MLP_TARGETS:
         raise Unmeasurable(f"measure.impl=torchtune adapts the MLP as a whole (apply_lora_to_mlp: gate, up and down); "
                            f"workload.lora_targets={list(targets)}")
-    return dict(lora_attn_modules=[ATTN_MODULES[t] for t in targets if t in ATTN_MODULES],
-                apply_lora_to_mlp=bool(mlp), apply_lora_to_output=False)
+    attn = [ATTN_MODULES[t] for t in targets if t in ATTN_MODULES]
+    if not attn:  # the builders' own check (lora_*_self_attention: "Must pass one or more of ...")
+        raise Unmeasurable(f"measure.impl=torchtune: its LoRA builders adapt at least one attention matrix "
+                           f"(q, k, v or o); workload.lora_targets={list(targets)}")
+    return dict(lora_attn_modules=attn, apply_lora_to_mlp=bool(mlp), apply_lora_to_output=False)
 
 
 def check(spec: JobSpec) -> None:
