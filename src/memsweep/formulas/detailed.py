@@ -1056,10 +1056,16 @@ def prefill_activations_bytes(c: Columns) -> Array:
     """Inference, inside one layer's MLP (no autograd): the layer's input, the residual stream,
     the normed input and the MLP's intermediates (SwiGLU: gate, act, up, product; GELU: fc out,
     act; GPT-2's gelu_new, computed op by op: fc out, 1 + tanh(.), 0.5 x and their product), + RoPE
-    tables, the held embeddings and eager masks."""
+    tables, the held embeddings and eager masks. A llama-family GELU written out op by op
+    (`model.activation`, transformers' hidden_act) holds more at once, while the caller holds the
+    fc output x: gelu_fast (`0.5 * x * (1 + tanh(x * 0.79788 * (1 + 0.044715 * x * x)))`, Python
+    evaluates left to right) has 0.5 x, x * 0.79788, 0.044715 x and its product with x alive
+    together (5 t*f with x; GPT-NeoX-20B); gelu_new and gelu_python at most three beside x (4)."""
     t = c.batch * c.seq
     cb = compute_bytes(c)
     mlp = np.where(c.gated_mlp == 1, 3.0, np.where(c.family == FAMILY_CODES["gpt2"], 4.0, 2.0)) * c.ffn
+    written = np.select([c.gelu_ops == 1, c.gelu_ops > 1], [5.0, 4.0], default=0.0)
+    mlp = np.maximum(mlp, np.where(c.family == FAMILY_CODES["llama"], written, 0.0) * c.ffn)
     rope = np.where(c.learned_positions == 1, 0.0, 2.0 * c.seq * c.rope_dim * cb)
     dense = t * (3.0 * c.hidden + mlp) * cb / c.tp
     # GPT-2's block keeps its eager attention weights (b*a*s^2) to its end (transformers' GPT2Block)
