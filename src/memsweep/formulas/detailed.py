@@ -423,25 +423,36 @@ def _ext_table() -> np.ndarray:
 EXT_SAVED = _ext_table()
 
 
-def ext_saved_bytes(c: Columns, index: tuple[Array, ...] | None = None, mask: np.ndarray | None = None) -> Array:
-    """The newer features' share of the saved activations (0 for gpt2 / bert and classic models;
-    evaluated on the rows that have a newer feature only, so classic grids pay nothing)."""
+def ext_rows(c: Columns) -> tuple[np.ndarray, Array | None, np.ndarray | None]:
+    """(the rows with a newer feature, their architecture class, their EXT_BASIS values): what
+    every `ext_saved_bytes` of one set of rows shares, so a caller summing several evaluates it once."""
     rows = newer_architecture(c)
+    if not rows.any():
+        return rows, None, None
+    sub = c if rows.all() else c.take(rows)
+    return rows, ext_class(sub).astype(int), ext_basis_values(sub)
+
+
+def ext_saved_bytes(c: Columns, index: tuple[Array, ...] | None = None, mask: np.ndarray | None = None,
+                    parts: tuple[np.ndarray, Array | None, np.ndarray | None] | None = None) -> Array:
+    """The newer features' share of the saved activations (0 for gpt2 / bert and classic models;
+    evaluated on the rows that have a newer feature only, so classic grids pay nothing); `parts`:
+    `ext_rows(c)`, when the caller has it."""
+    rows, classes, values = ext_rows(c) if parts is None else parts
     out = np.zeros(len(c))
     if not rows.any():
         return out
     idx = _mode_index(c) if index is None else index
-    sub = c if rows.all() else c.take(rows)
-    coef = EXT_SAVED[(ext_class(sub).astype(int), *(i[rows] for i in idx[1:]))] * (1.0 if mask is None else mask)
-    out[rows] = (coef * ext_basis_values(sub)).sum(axis=-1)
+    coef = EXT_SAVED[(classes, *(i[rows] for i in idx[1:]))] * (1.0 if mask is None else mask)
+    out[rows] = (coef * values).sum(axis=-1)
     return out
 
 
-def saved_activations_bytes(c: Columns, kernel: Array | None = None) -> Array:
+def saved_activations_bytes(c: Columns, kernel: Array | None = None, ext: tuple | None = None) -> Array:
     """What autograd holds when the forward (and the loss) ends (incl. the fp32 log-softmax, t*V*4;
     with eager attention the b*a*s^2 probabilities; with recompute, the masks checkpoints hold)."""
     coef = SAVED[_mode_index(c)]
-    return ((coef * basis_values(c)).sum(axis=-1) + ext_saved_bytes(c) + held_mask_bytes(c) + fused_loss_saved_bytes(c)
+    return ((coef * basis_values(c)).sum(axis=-1) + ext_saved_bytes(c, parts=ext) + held_mask_bytes(c) + fused_loss_saved_bytes(c)
             + math_attention_saved_bytes(c, kernel)
             + c.layers * softcap_scores_bytes(c) * (1 - c.recompute_full) * (1 - c.recompute_selective)
             + gelu_layers(c) * gelu_ops_bytes(c) * (1 - c.recompute_full) + dropout_saved_bytes(c, kernel)
@@ -805,7 +816,7 @@ EXT_LAYER_TERMS = np.array([n[0] in "LMD" and n not in ("Mtf", "Mtkf", "MPf", "M
                             for n in EXT_BASIS])
 
 
-def _recompute_block(c: Columns) -> tuple[Array, Array, Array, Array]:
+def _recompute_block(c: Columns, ext: tuple | None = None) -> tuple[Array, Array, Array, Array]:
     """Full recompute, the backward of one re-run block: (what is kept outside the blocks: ids,
     RoPE tables, eager masks, every block's checkpoint; the checkpoints' share of it; the block at
     its MLP backward; the block at its softmax backward, eager only). The re-run block saves a
@@ -815,13 +826,14 @@ def _recompute_block(c: Columns) -> tuple[Array, Array, Array, Array]:
     backward starts, so the two are separate moments."""
     idx = _mode_index(c)
     b = basis_values(c)
-    kept = ((SAVED[idx] * b * ~HEAD_TERMS).sum(axis=-1) + ext_saved_bytes(c, idx, ~EXT_HEAD_TERMS)
+    ext = ext_rows(c) if ext is None else ext
+    kept = ((SAVED[idx] * b * ~HEAD_TERMS).sum(axis=-1) + ext_saved_bytes(c, idx, ~EXT_HEAD_TERMS, ext)
             + held_mask_bytes(c))  # the first block's checkpoint holds the masks to the end
     checkpoints = ((SAVED[idx] * b * (PER_LAYER_TERMS & ~HEAD_TERMS)).sum(axis=-1)
-                   + ext_saved_bytes(c, idx, EXT_LAYER_TERMS & ~EXT_HEAD_TERMS))
+                   + ext_saved_bytes(c, idx, EXT_LAYER_TERMS & ~EXT_HEAD_TERMS, ext))
     none_idx = idx[:3] + (np.zeros_like(idx[3]), idx[4])
     one_layer = ((SAVED[none_idx] * b * (PER_LAYER_TERMS & ~FFN_TERM)).sum(axis=-1)
-                 + ext_saved_bytes(c, none_idx, EXT_LAYER_TERMS)) / c.layers + softcap_scores_bytes(c)
+                 + ext_saved_bytes(c, none_idx, EXT_LAYER_TERMS, ext)) / c.layers + softcap_scores_bytes(c)
     eager = (c.eager_attention == 1) & (c.recompute_selective == 0)
     # the MLP backward: `RECOMPUTE_MLP_TENSORS` t*f tensors in the compute dtype (SwiGLU: gate, act
     # and up saved, and the three gradients of the product's backward, whether or not the product
@@ -853,7 +865,7 @@ def _recompute_block(c: Columns) -> tuple[Array, Array, Array, Array]:
 
 
 def full_recompute_layer_bytes(c: Columns, block: tuple[Array, ...] | None = None,
-                               kernel: Array | None = None) -> Array:
+                               kernel: Array | None = None, window: Array | None = None) -> Array:
     """Full recompute, in the backward of the last block (the first one back-propagated): every
     checkpoint and the block's larger moment (`_recompute_block`), with the LM head's weight
     gradient the only one made yet (the final norm, logits and head cast are freed by then)."""
@@ -867,7 +879,8 @@ def full_recompute_layer_bytes(c: Columns, block: tuple[Array, ...] | None = Non
     # accumulating, it is among the gradients already; stepped in the backward, it is gone
     head_grad = np.where((c.grad_accum > 1) | (c.in_backward == 1), 0.0, head_grad)
     # (the re-run block's window call, if any, before anything of the block is saved)
-    return kept + np.maximum(np.maximum(mlp, softmax), window_call_bytes(c)) + head_grad
+    window = window_call_bytes(c) if window is None else window
+    return kept + np.maximum(np.maximum(mlp, softmax), window) + head_grad
 
 
 def full_recompute_first_block(c: Columns, block: tuple[Array, ...] | None = None
@@ -1096,7 +1109,7 @@ def moe_prefill_bytes(c: Columns) -> Array:
     return (t * 3.0 * c.hidden * cb + router + experts + shared) / c.tp
 
 
-def prefill_attention_bytes(c: Columns, kernel: Array | None = None) -> Array:
+def prefill_attention_bytes(c: Columns, kernel: Array | None = None, window: Array | None = None) -> Array:
     """Eager inference, inside one layer's softmax: the masked scores and the probabilities
     (b*a*s^2 each; a llama-family model's softmax runs in fp32 on an fp32 copy of 16-bit scores,
     so the copy and the fp32 probabilities), the model's float masks (`eager_mask_bytes`), and
@@ -1121,7 +1134,7 @@ def prefill_attention_bytes(c: Columns, kernel: Array | None = None) -> Array:
     masks = c.seq**2 * np.where(c.sdpa_mask == 1, c.batch * (1 + cb), 1 + FP32)
     math_bytes = (t * 6.0 * c.hidden * cb + c.batch * c.heads * c.seq**2 * 2 * FP32) / c.tp + masks
     # a window call, beside the residual, the held embeddings and the bool window mask
-    windowed = window_call_bytes(c)
+    windowed = window_call_bytes(c) if window is None else window
     held = 2.0 * t * c.hidden * cb / c.tp + sdpa_window_mask_bytes(c) + rope + inference_ids_bytes(c)
     return np.where(c.eager_attention == 1, eager + rope + inference_ids_bytes(c),
                     np.maximum(np.where(math_, math_bytes + rope + inference_ids_bytes(c), 0.0),
@@ -1134,9 +1147,8 @@ def window_call_bytes(c: Columns) -> Array:
     made through a bool `logical_not` of that size (`convert_boolean_attn_mask`), on the
     memory-efficient kernel its padded expansion (`efficient_mask_bytes`, made while the additive
     copy lives), and four t*h tensors (normed input, q, K and V repeated to every head; under GQA
-    their own K and V too). Beside
-    what is held (the residual, the embeddings, the bool mask): a prefill's attention moment, and
-    a recomputing forward's (whose blocks keep nothing else)."""
+    their own K and V too). Beside what is held (the residual, the embeddings, the bool mask): a
+    prefill's attention moment, and a recomputing forward's (whose blocks keep nothing else)."""
     on = (c.eager_attention == 0) & (c.local_layers > 0) & (c.seq > c.window)
     if not on.any():
         return np.zeros(len(c))
@@ -1211,11 +1223,12 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
     inputs = 16.0 * c.batch * c.seq  # token ids and targets (int64)
     act = k.activations_factor
     lg = k.logits_factor
-    block = _recompute_block(c)
+    ext = ext_rows(c)  # once: the saved set and the re-run block both read it
+    block = _recompute_block(c, ext)
     offloaded = offloaded_checkpoint_bytes(c, block)
     # each computed once: the planner evaluates millions of rows
     kernel = sdpa_kernel(c)  # once: several moments read it
-    saved_bytes = saved_activations_bytes(c, kernel) - offloaded
+    saved_bytes = saved_activations_bytes(c, kernel, ext) - offloaded
     saved = act * saved_bytes
     block_now = (block[0] - offloaded, *block[1:])  # the last block's backward: two checkpoints back
     head = head_backward_bytes(c, saved_bytes)
@@ -1238,7 +1251,7 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
                        gradients=k.gradients_factor * head_grads + g_acc, overhead=overhead)
           for head_acts, head_grads in head),
         Breakdown.of(w, weights=w, optimizer=o, gradients=g_bwd,
-                     activations=act * full_recompute_layer_bytes(c, block_now, kernel) * c.recompute_full, overhead=overhead),
+                     activations=act * full_recompute_layer_bytes(c, block_now, kernel, window) * c.recompute_full, overhead=overhead),
         *(Breakdown.of(w, weights=w, optimizer=o,
                        gradients=np.where(in_bwd | (c.grad_accum > 1), g_bwd, k.gradients_factor * grads) * c.recompute_full,
                        activations=act * first * c.recompute_full, overhead=overhead)
@@ -1257,7 +1270,7 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
         Breakdown.of(w, weights=w, kv_cache=kv, logits=lg * inference_logits_bytes(c),
                      activations=act * (c.batch * c.seq * c.hidden * compute_bytes(c) + inference_ids_bytes(c)),
                      overhead=overhead),
-        Breakdown.of(w, weights=w, kv_cache=kv, activations=act * prefill_attention_bytes(c, kernel), overhead=overhead),
+        Breakdown.of(w, weights=w, kv_cache=kv, activations=act * prefill_attention_bytes(c, kernel, window), overhead=overhead),
         Breakdown.of(w, weights=w, kv_cache=kv_decode + k.kv_cache_factor * decode_kv_transient_bytes(c),
                      overhead=overhead),
         Breakdown.of(w, weights=w, kv_cache=kv_decode, activations=act * decode_activations_bytes(c),
