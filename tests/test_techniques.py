@@ -284,7 +284,6 @@ def test_analytic_only_techniques_are_skipped_rows_that_say_why():
     from memsweep.measure.backends import measure
 
     for kw, words in ((dict(wl=workload("inference", gen_tokens=4), kv_dtype="fp8"), "kv_dtype=fp8"),
-                      (dict(loss=LossSpec(fused=True)), "loss.fused"),
                       (dict(offload=OffloadSpec(optimizer=True)), "offload"),
                       (dict(mixed_policy="param_dtype"), "mixed_policy")):
         m = measure(tiny_job(FAKE, **kw))

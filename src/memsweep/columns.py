@@ -100,7 +100,12 @@ class Columns:
     opt_first_moment: Array  # adafactor with beta1
     in_backward: Array  # step each parameter in the backward (no gradient set)
     loss_chunks: Array  # torchtune's chunked output + loss (1: one cross_entropy)
-    fused_loss: Array  # Liger's fused linear cross-entropy
+    fused_loss: Array  # Liger's fused linear cross-entropy (loss.fused, kernels.loss=fused_linear)
+    fused_ce: Array  # one cross-entropy kernel on the 16-bit logits (kernels.loss=fused)
+    fused_norm: Array  # kernels.norm=fused: the norm saves its input and fp32 statistics per row
+    fused_mlp: Array  # kernels.mlp=fused: the activation recomputed in the backward
+    fused_rope: Array  # kernels.rope=fused: the rotary embedding in place
+    compiled: Array  # kernels.compile: each block (and an eager loss) as AOTAutograd's partitioned graphs
     q_bits: Array  # bits per element of the frozen block matrices (0: not quantized)
     q_group: Array  # elements per quantization group (0: none)
     q_group_bytes: Array  # bytes per group: scales (+ zero points)
@@ -238,7 +243,10 @@ def technique_values(spec: JobSpec) -> dict[str, float]:
         "opt_8bit": o.name in ("adamw8bit", "paged_adamw8bit"), "opt_lion": o.name == "lion",
         "opt_adafactor": o.name == "adafactor", "opt_first_moment": o.first_moment,
         "in_backward": o.in_backward and w.training,
-        "loss_chunks": spec.loss.chunks, "fused_loss": spec.loss.fused,
+        "loss_chunks": spec.loss.chunks, "fused_loss": spec.loss_kernel == "fused_linear",
+        "fused_ce": spec.loss_kernel == "fused", "fused_norm": spec.kernels.norm == "fused",
+        "fused_mlp": spec.kernels.mlp == "fused", "fused_rope": spec.kernels.rope == "fused",
+        "compiled": spec.kernels.compile,
         "q_bits": bits, "q_group": group, "q_group_bytes": group_bytes, "q_in_bytes": in_bytes,
         "q_out_bytes": out_bytes, "kv_bytes": spec.kv_bytes if spec.kv_dtype != "auto" else 0.0,
         "prefill_all_logits": w.prefill_logits == "all", "serve": serve,

@@ -42,7 +42,8 @@ def job_fields(spec: JobSpec, count: Callable[[Callable], int] | None) -> dict[s
         "hardware": hw.name, "hardware_bytes": hw.usable_bytes,
         "gen_tokens": spec.gen_tokens, "lora_rank": w.lora_rank if w.kind == "lora" else 0,
         "spec_json": json.dumps(spec.to_dict(), sort_keys=True),
-        "quant": spec.quant, "kbit_prepare": spec.kbit, "loss_chunks": spec.loss.chunks, "fused_loss": spec.loss.fused,
+        "quant": spec.quant, "kbit_prepare": spec.kbit, "loss_chunks": spec.loss.chunks, "fused_loss": spec.loss_kernel == "fused_linear",
+        "kernels": spec.effective_kernels.label,
         "in_backward": o.in_backward, "kv_dtype": spec.kv_dtype, "grad_accum": spec.grad_accum,
         "mixed_policy": spec.mixed_policy if spec.mixed else None,
         "offload": "+".join(k for k in ("optimizer", "params", "activations") if getattr(spec.offload, k)) or "none",
@@ -58,6 +59,7 @@ def techniques_of(spec: JobSpec) -> list[str]:
     used += ["optimizer.in_backward"] if o.in_backward and w.training else []
     used += [f"loss.chunks={loss.chunks}"] if loss.chunks != 1 else []
     used += ["loss.fused"] if loss.fused else []
+    used += list(spec.kernels.used)
     used += [f"workload.quant={w.quant}"] if w.quant != "none" else []
     used += ["workload.kbit_prepare"] if spec.kbit else []
     used += [f"kv_dtype={spec.kv_dtype}"] if spec.kv_dtype != "auto" else []

@@ -31,7 +31,7 @@ import polars as pl
 
 from memsweep.units import GIB, MIB
 
-SCHEMA_VERSION = 11
+SCHEMA_VERSION = 12
 PART_NAME = "rows.parquet"
 RESULTS_NAME = "results.parquet"
 BATCH_PREFIX = "batch-"
@@ -156,6 +156,8 @@ SCHEMA: dict[str, pl.DataType] = {
     # --- schema 11: the SDPA kernel (issue 25; measure/sdpa.py): detailed's pick on the job's GPU, the measured run's ---
     "attn_kernel": pl.String(),          # cudnn | flash | efficient | math | eager (no SDPA); "+"-joined where layers differ
     "measured_attn_kernel": pl.String(), # fake: CUDA's pick on the job's GPU; cpu / cuda: the device's own
+    # --- schema 12: the fused kernels a training step runs (issue 30; conf/kernels/, docs/kernels.md) ---
+    "kernels": pl.String(),              # eager, or the fused ops "+"-joined (norm+mlp+rope+loss=fused)
 }
 
 _PY_TYPES: dict[type, tuple[type, ...]] = {

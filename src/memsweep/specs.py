@@ -7,7 +7,7 @@ config node travels; formulas see only these specs (or the numeric columns built
 
 from __future__ import annotations
 
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from typing import Literal
 
 from memsweep.capacity import check_margin
@@ -575,6 +575,63 @@ class LossSpec:
         return self.chunks == 1 and not self.fused
 
 
+KERNEL_CHOICES = ("eager", "fused")
+LOSS_KERNELS = ("eager", "fused", "fused_linear")
+
+
+@dataclass(frozen=True)
+class KernelsSpec:
+    """Which kernels a training step runs (issue 30): PyTorch's / transformers' ops one by one
+    (eager), or the fused kernels the stacks that train at scale use. Each choice changes what the
+    step keeps for its backward; docs/kernels.md says what each kernel saves, from its source."""
+
+    name: str = "eager"
+    norm: str = "eager"
+    """fused: one RMSNorm / LayerNorm kernel (Liger's, flash-attn's, Apex's, Transformer Engine's)
+    that saves its input in its own dtype and fp32 statistics per row (rstd; and the mean for a
+    LayerNorm), where the eager norm keeps fp32 copies of the row."""
+    mlp: str = "eager"
+    """fused: the activation (and a gated MLP's product) is one kernel that saves its inputs and
+    recomputes its output in the backward (Liger's SiLUMul / GELUMul, flash-attn's swiglu): a gated
+    MLP keeps gate(x) and up(x), not act(gate(x)) too; a GELU is one kernel, not op by op."""
+    rope: str = "eager"
+    """fused: the rotary embedding rotates q and k in place (Liger's, flash-attn's): no rotated
+    copies or temporaries in the forward, cos and sin saved."""
+    loss: str = "eager"
+    """fused: one cross-entropy kernel on the 16-bit logits (flash-attn's, Liger's, llm.c's): no fp32
+    copy or log-softmax, an fp32 log-sum-exp per row, the gradient written into the logits' storage.
+    fused_linear: Liger's fused linear cross-entropy (the head and the loss chunk by chunk; the
+    logits never exist), the same as loss.fused=true."""
+    compile: bool = False
+    """torch.compile of every block (and of an eager loss), as torchtitan, torchtune and OLMo-core
+    compile: AOTAutograd's min-cut partitioner picks what each block saves and recomputes
+    (measure/compiled.py traces it); Inductor's fusion keeps pointwise intermediates in registers."""
+
+    def __post_init__(self) -> None:
+        check_label("kernels.name", self.name)
+        for key in ("norm", "mlp", "rope"):
+            check_choice(f"kernels.{key}", getattr(self, key), KERNEL_CHOICES)
+        check_choice("kernels.loss", self.loss, LOSS_KERNELS)
+        check_bool("kernels.compile", self.compile)
+
+    @property
+    def default(self) -> bool:
+        return (self.norm, self.mlp, self.rope, self.loss, self.compile) == ("eager",) * 4 + (False,)
+
+    @property
+    def label(self) -> str:
+        """What a result row's `kernels` column says: eager, or the fused ops "+"-joined."""
+        parts = [k if k != "loss" else f"loss={self.loss}"
+                 for k in ("norm", "mlp", "rope", "loss") if getattr(self, k) != "eager"] + (["compile"] if self.compile else [])
+        return "+".join(parts) or "eager"
+
+    @property
+    def used(self) -> tuple[str, ...]:
+        """The non-eager choices, as `kernels.KEY=VALUE` words (for a row's `techniques`)."""
+        return (tuple(f"kernels.{k}={getattr(self, k)}" for k in ("norm", "mlp", "rope", "loss") if getattr(self, k) != "eager")
+                + (("kernels.compile=true",) if self.compile else ()))
+
+
 @dataclass(frozen=True)
 class OptimizerSpec:
     """Optimizer used by training workloads; `impl` mirrors PyTorch's foreach/for-loop/fused choice."""
@@ -818,6 +875,7 @@ class JobSpec:
     formula_base: str | None = None
     loss: LossSpec = field(default_factory=LossSpec)
     offload: OffloadSpec = field(default_factory=OffloadSpec)
+    kernels: KernelsSpec = field(default_factory=KernelsSpec)
     grad_accum: int = 1
     """Micro-batches per optimizer step: their gradients accumulate in place, so from the second
     micro-batch on the whole gradient set is alive through its forward and backward."""
@@ -911,6 +969,19 @@ class JobSpec:
         if not w.training and not self.loss.default:
             key, value = ("loss.fused", True) if self.loss.fused else ("loss.chunks", self.loss.chunks)
             raise ConfigError(key, value, f"the default for workload kind {w.kind} (a training loss)")
+        if not isinstance(self.kernels, KernelsSpec):
+            raise ConfigError("kernels", self.kernels, "a kernels preset (eager, liger, flash_attn, te) or a mapping of norm, mlp, rope, loss")
+        if not w.training and not self.kernels.default:
+            key = self.kernels.used[0].split("=")[0]
+            raise ConfigError(key, getattr(self.kernels, key.split(".")[1]),
+                              f"eager for workload kind {w.kind} (kernels=eager: the fused kernels are modelled for a training step)")
+        if self.loss.fused and self.kernels.loss not in ("eager", "fused_linear"):
+            raise ConfigError("kernels.loss", self.kernels.loss, "eager or fused_linear with loss.fused=true (Liger's fused linear cross-entropy)")
+        if self.kernels.compile and m.experts:
+            raise ConfigError("kernels.compile", True, f"false for {m.name} (routed experts: torch.compile's graphs of "
+                                                       "data-dependent token counts are not modelled)")
+        if self.kernels.loss != "eager" and self.loss.chunks != 1:
+            raise ConfigError("loss.chunks", self.loss.chunks, f"1 with kernels.loss={self.kernels.loss} (a fused loss is one kernel)")
         if w.training and self.kv_dtype != "auto":
             raise ConfigError("kv_dtype", self.kv_dtype, f"auto for workload kind {w.kind} (an inference cache's type)")
         if self.dtype in ("int8", "int4") and w.quant != "none":
@@ -944,14 +1015,26 @@ class JobSpec:
     @classmethod
     def from_dict(cls, d: dict) -> JobSpec:
         parts = {"model": ModelSpec, "optimizer": OptimizerSpec, "parallel": Parallel,
-                 "hardware": Hardware, "measure": MeasureSpec, "loss": LossSpec, "offload": OffloadSpec}
-        d = {**d, "loss": d.get("loss", {}), "offload": d.get("offload", {})}  # rows from before issue 13
+                 "hardware": Hardware, "measure": MeasureSpec, "loss": LossSpec, "offload": OffloadSpec,
+                 "kernels": KernelsSpec}
+        # rows from before issue 13 (loss, offload) and issue 30 (kernels)
+        d = {**d, "loss": d.get("loss", {}), "offload": d.get("offload", {}), "kernels": d.get("kernels", {})}
         w = dict(d["workload"], lora_targets=tuple(d["workload"].get("lora_targets", ())))
         d = dict(d, model=model_fields(d["model"]))
         rest = {k: v for k, v in d.items() if k not in (*parts, "workload")}
         rest["formulas"] = tuple(rest.get("formulas", ()))
         rest["formula_constants"] = tuple((k, float(v)) for k, v in rest.get("formula_constants", ()))
         return cls(workload=Workload(**w), **{k: t(**d[k]) for k, t in parts.items()}, **rest)
+
+    @property
+    def loss_kernel(self) -> str:
+        """The training loss's kernel: eager, fused, or fused_linear (Liger's; `loss.fused=true` too)."""
+        return "fused_linear" if self.loss.fused else self.kernels.loss
+
+    @property
+    def effective_kernels(self) -> KernelsSpec:
+        """`kernels` with `loss.fused=true` folded in (kernels.loss=fused_linear)."""
+        return replace(self.kernels, loss=self.loss_kernel)
 
     @property
     def gen_tokens(self) -> int:

@@ -23,7 +23,7 @@ from memsweep.capacity import check_margin
 from memsweep.errors import ConfigError
 from memsweep.results import GRIDS_NAME
 
-GROUPS = ("model", "workload", "optimizer", "hardware", "parallel", "measure", "formula")
+GROUPS = ("model", "workload", "optimizer", "hardware", "parallel", "measure", "kernels", "formula")
 SWITCHES = ("resume", "add")
 """Top-level true/false keys that say how to run a grid (checked before any job)."""
 OPTIONAL_GROUPS = ("formula",)

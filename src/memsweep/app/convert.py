@@ -21,7 +21,7 @@ from memsweep.formulas import FORMULAS, Formula, formula_from_dict, get_formula
 from memsweep.hf_config import config_path, default_name, read_config, spec_from_config, unmodelled_spec
 from memsweep.presets import CONF_DIR
 from memsweep.specs import (
-    Hardware, JobSpec, LossSpec, MeasureSpec, OffloadSpec, ModelSpec, OptimizerSpec, Parallel, Workload, model_fields,
+    Hardware, JobSpec, KernelsSpec, LossSpec, MeasureSpec, OffloadSpec, ModelSpec, OptimizerSpec, Parallel, Workload, model_fields,
 )
 
 JOB_KEYS = ("seq", "batch", "dtype", "precision", "recompute", "attention")
@@ -129,6 +129,7 @@ def to_job_spec(cfg: DictConfig | dict) -> JobSpec:
         loss=LossSpec(**_group(LossSpec, "loss", c.get("loss", {}))),
         kv_dtype=c.get("kv_dtype", "auto"),
         offload=OffloadSpec(**_group(OffloadSpec, "offload", c.get("offload", {}))),
+        kernels=KernelsSpec(**_group(KernelsSpec, "kernels", c.get("kernels", {}))),
         grad_accum=c.get("grad_accum", 1),
         mixed_policy=c.get("mixed_policy", "autocast"),
         margin=c.get("margin", DEFAULT_MARGIN),

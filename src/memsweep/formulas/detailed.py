@@ -25,7 +25,7 @@ from __future__ import annotations
 
 import math
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 
 import numpy as np
 
@@ -273,7 +273,7 @@ def embedding_end_bytes(c: Columns, gradients: Array, inputs: Array) -> tuple[Ar
     low without it, BERT's (tied, no final norm) 34 %."""
     vh = c.vocab * c.hidden * trainable_bytes(c) / c.tp
     full = (c.training == 1) & (c.lora == 0)
-    tied = full & (c.tied_embeddings == 1) & (c.fused_loss == 0)
+    tied = full & (c.tied_embeddings == 1)
     untied = full & (c.tied_embeddings == 0) & (c.in_backward == 0) & (c.offload_optimizer == 0)
     accumulating = c.grad_accum > 1
     tied_extra = np.where((c.in_backward == 1) | accumulating, 3.0, 2.0) * vh
@@ -313,7 +313,7 @@ def head_backward_bytes(c: Columns, saved: Array) -> tuple[tuple[Array, Array], 
     g16 = np.where(cast, 2.0, tb)
     sums = np.where((c.tied_embeddings == 1) | cast, 3.0, 2.0)
     on = (c.training == 1) & (c.lora == 0) & (c.fused_loss == 0) & (c.final_norm == 1)
-    base = saved - FP32 * t_v
+    base = saved - loss_slot_bytes(c)
     during = (base + np.where(chunked, (n - 1) / n, 1.0) * t_v * cb, np.where(chunked, sums, 1.0) * vh * g16)
     after = (base - cast * vh * 2.0, np.where(cast, vh * (2.0 + FP32), vh * tb))
     steps = c.in_backward * (1 - c.tied_embeddings) * _step_temporaries(c, vh)
@@ -453,6 +453,7 @@ def saved_activations_bytes(c: Columns, kernel: Array | None = None, ext: tuple 
     with eager attention the b*a*s^2 probabilities; with recompute, the masks checkpoints hold)."""
     coef = SAVED[_mode_index(c)]
     return ((coef * basis_values(c)).sum(axis=-1) + ext_saved_bytes(c, parts=ext) + held_mask_bytes(c) + fused_loss_saved_bytes(c)
+            + fused_kernels_saved_bytes(c)
             + math_attention_saved_bytes(c, kernel)
             + c.layers * softcap_scores_bytes(c) * (1 - c.recompute_full) * (1 - c.recompute_selective)
             + gelu_layers(c) * gelu_ops_bytes(c) * (1 - c.recompute_full) + dropout_saved_bytes(c, kernel)
@@ -759,6 +760,103 @@ def fused_loss_saved_bytes(c: Columns) -> Array:
     return np.where((c.fused_loss == 1) & (c.training == 1), delta, 0.0)
 
 
+def _norm_delta(c: Columns, elements: Array, x_bytes: Array, trains: Array) -> Array:
+    """One norm run as a fused kernel instead of op by op, training: the change in what it saves
+    over `elements` (rows x width) values whose input is `x_bytes` wide (docs/kernels.md).
+    Eager RMSNorm (transformers' LlamaRMSNorm): x.float() (a 4-byte copy, saved by pow and mul,
+    when x is 16-bit; x itself when fp32), rsqrt's row statistic, and, when the weight trains,
+    the normalised row in x's dtype (saved by `weight * .`). Eager LayerNorm: native_layer_norm
+    saves its input (autocast's fp32 copy of a 16-bit one) and its row statistics. The fused
+    kernel (Liger's LigerRMSNormFunction / LigerLayerNormFunction, flash-attn's layer_norm_fn)
+    saves x in its own dtype and the row statistics."""
+    upcast = np.where(x_bytes < FP32, x_bytes - FP32, 0.0)
+    rms = upcast - trains * x_bytes
+    layer = np.where(autocast(c), upcast, 0.0)
+    return elements * np.where(c.layer_norm == 1, layer, rms)
+
+
+def fused_norm_saved_bytes(c: Columns) -> tuple[Array, Array, Array]:
+    """kernels.norm=fused, training: the change in the saved set (every block's, the final norm's
+    (and BERT's embedding norm's), one block's), see `_norm_delta`. A block's norms: one or two before attention and MLP on the residual
+    stream (hidden dtype), Gemma's two post-norms on the projections' outputs, the q/k norms on q
+    and k (Qwen3, OLMoE), MLA's latent norms; the weights train in full training only."""
+    t = c.batch * c.seq
+    trains = (c.lora == 0).astype(float)
+    ob = linear_out_bytes(c)
+    hb = hidden_bytes(c)
+    pre = np.minimum(c.block_norms, 2.0)
+    stream = _norm_delta(c, t * c.hidden, hb, trains)
+    block = pre * stream
+    block = block + np.where(c.block_norms == 4, 2.0 * _norm_delta(c, t * c.hidden, ob, trains), 0.0)
+    qk = np.isin(c.qk_norm, (1.0, 2.0)) & (c.mla == 0)
+    block = block + np.where(qk, _norm_delta(c, t * (c.heads + c.kv_heads) * c.head_dim, ob, trains), 0.0)
+    block = block + np.where(c.mla == 1, _norm_delta(c, t * (c.q_lora_rank + c.kv_lora_rank), ob, trains), 0.0)
+    final = np.where(c.final_norm == 1, stream, 0.0) + c.embedding_norm * stream
+    # LoRA: the frozen embedding's output needs no gradient, so the first norm on it (the first
+    # block's, or BERT's embedding norm) saves nothing, fused or not
+    blocks = block * c.layers - c.lora * stream
+    # compiled blocks: the partitioner saves a norm's input and statistic and recomputes the rest,
+    # as the fused kernel does; the final norm runs outside the blocks, eager
+    on = ((c.fused_norm == 1) | (c.compiled == 1)) & (c.training == 1)
+    final_on = (c.fused_norm == 1) & (c.training == 1)
+    return np.where(on, blocks / c.tp, 0.0), np.where(final_on, final / c.tp, 0.0), np.where(on, block / c.tp, 0.0)
+
+
+def fused_mlp_saved_bytes(c: Columns) -> Array:
+    """kernels.mlp=fused, training, per dense block: a gated MLP's activation and product are one
+    kernel saving gate(x) and up(x) (Liger's LigerSiLUMulFunction / LigerGELUMulFunction), so
+    act(gate(x)) is no longer kept (t*f in the projections' dtype); a GELU written out op by op
+    (transformers' gelu_fast / gelu_new / gelu_python, GPT-2's gelu_new) becomes one kernel that
+    keeps its input alone (`gelu_ops_bytes`). Routed experts run eager; shared experts are MLPs."""
+    t = c.batch * c.seq
+    ob = linear_out_bytes(c)
+    gelu = np.where(c.family == FAMILY_CODES["gpt2"], gelu_ops_bytes(replace(c, gelu_ops=np.full_like(c.gelu_ops, 2.0),
+                                                                             family=np.full_like(c.family, FAMILY_CODES["llama"]))),
+                    gelu_ops_bytes(c))
+    dense_ffn = np.where(c.moe_layers > 0, c.shared_ffn, c.ffn)
+    gated = np.where(c.gated_mlp == 1, t * dense_ffn * ob / c.tp, 0.0)
+    # (compiled blocks: the partitioner recomputes the activation from gate(x) and up(x) the same way)
+    on = ((c.fused_mlp == 1) | (c.compiled == 1)) & (c.training == 1) & (c.family != FAMILY_CODES["bert"])
+    return np.where(on, -(gated + gelu * (c.moe_layers == 0)), 0.0)
+
+
+def fused_block_saved_bytes(c: Columns) -> Array:
+    """One block's share of `fused_kernels_saved_bytes` (a re-run block under full recompute): its
+    norms' and its MLP's (a dense one; an MoE block's shared experts)."""
+    return fused_norm_saved_bytes(c)[2] + fused_mlp_saved_bytes(c)
+
+
+def fused_kernels_saved_bytes(c: Columns) -> Array:
+    """What the fused kernels change in the saved set (`kernels`; 0 for eager): per block the
+    norms' and the MLP's (not under full recompute, which keeps only each block's input), the
+    final norm's, and the loss's (`loss_slot_bytes`)."""
+    blocks, final, _ = fused_norm_saved_bytes(c)
+    dense_layers = c.layers - c.moe_layers
+    per_block = blocks + fused_mlp_saved_bytes(c) * np.where(c.moe_layers > 0, c.moe_layers, dense_layers)
+    # (an MoE model's dense layers run a dense MLP: those layers save as a dense model's)
+    per_block = per_block + np.where(c.moe_layers > 0, fused_mlp_saved_bytes(replace(c, moe_layers=np.zeros_like(c.moe_layers)))
+                                     * dense_layers, 0.0) * (c.fused_mlp == 1)
+    # the logits instead of the log-softmax, and fp32 row statistics: the fused kernel's log-sum-exp,
+    # or what the partitioner keeps of a compiled loss (the row maximum and the log of the sum)
+    stats = np.where(c.fused_ce == 1, FP32, 2.0 * FP32) * c.batch * c.seq / c.tp
+    loss = np.where(logits_kept(c) & (c.training == 1), loss_slot_bytes(c) - FP32 * c.batch * c.seq * c.vocab / c.tp + stats, 0.0)
+    return per_block * (1 - c.recompute_full) + final + loss
+
+
+def logits_kept(c: Columns) -> Array:
+    """The loss saves the 16-bit logits, not an fp32 log-softmax: a fused cross-entropy kernel
+    (kernels.loss=fused), or a compiled loss (kernels.compile with the eager loss: the partitioner
+    keeps the logits and recomputes the softmax in the backward)."""
+    return (c.fused_ce == 1) | ((c.compiled == 1) & (c.fused_loss == 0))
+
+
+def loss_slot_bytes(c: Columns) -> Array:
+    """What the loss saves for its backward that its backward frees: the fp32 log-softmax (t*V*4)
+    of an eager cross-entropy; the logits in their own dtype where they are kept (`logits_kept`)."""
+    t_v = c.batch * c.seq * c.vocab / c.tp
+    return np.where(logits_kept(c), t_v * plain_matmul_bytes(c), FP32 * t_v)
+
+
 def hidden_bytes(c: Columns) -> Array:
     """The hidden states' dtype (the embedding's): fp32 under mixed precision (fp32 master
     weights) and after prepare_model_for_kbit_training (an fp32 embedding), else the compute
@@ -790,7 +888,10 @@ def live_logits_bytes(c: Columns) -> Array:
     # torchtune's chunked loss: every chunk's logits (the head runs per chunk), one chunk's fp32
     # copy at a time; Liger: one chunk of logits, its gradient written in place
     chunked = t_v * (cb + np.where(cb < FP32, FP32, 0.0) / np.maximum(c.loss_chunks, 1.0))
-    return np.where(c.fused_loss == 1, tq.liger_chunk_tokens(c) * c.vocab * cb, chunked)
+    # a fused cross-entropy kernel: the logits are what it saves (`loss_slot_bytes`), nothing more
+    # Liger's: one chunk's logits and its grad_input rows' matmul output, before they are copied in
+    liger = tq.liger_chunk_tokens(c) * (c.vocab + c.hidden) * cb
+    return np.select([c.fused_loss == 1, logits_kept(c)], [liger, 0.0], chunked)
 
 
 def logits_gradient_bytes(c: Columns) -> Array:
@@ -798,7 +899,12 @@ def logits_gradient_bytes(c: Columns) -> Array:
     with torchtune's chunked loss: autograd runs every chunk's loss backward, one at a time, before
     the head's; none with Liger's, which made them in the forward)."""
     per_chunk = 2.0 * c.batch * c.seq * c.vocab * FP32 / np.maximum(c.loss_chunks, 1.0)
-    return np.where(c.fused_loss == 1, 0.0, per_chunk)
+    # a fused kernel writes it into the logits' storage; Gemma-2's final soft-capping then makes the
+    # gradient of `tanh(.) * cap` beside the saved tanh (t*V in the logits' dtype)
+    t_v = c.batch * c.seq * c.vocab * plain_matmul_bytes(c) / c.tp
+    # a compiled loss's backward graph writes a new 16-bit gradient beside the saved logits (which
+    # the soft-capping's gradient replaces)
+    return np.select([c.fused_loss == 1, c.fused_ce == 1, logits_kept(c)], [0.0, c.final_softcap * t_v, t_v], per_chunk)
 
 
 PER_LAYER_TERMS = np.array([n.startswith("L") for n in BASIS])
@@ -809,6 +915,9 @@ RECOMPUTE_MLP_TENSORS = {True: 6.0, False: 4.0}
 SwiGLU 6 (gate, act and up saved, and the product's gradient with the two it makes; measured the
 same with or without the product saved, i.e. full training or LoRA), GELU 4 (fc out, act and two
 gradients)."""
+FUSED_RECOMPUTE_MLP_TENSORS = 3.0
+"""The same with a fused gated activation (kernels.mlp=fused): gate(x) and up(x), saved and then
+overwritten with their gradients (Liger's swiglu backward), and the product's gradient."""
 HEAD_TERMS = np.array([n in ("th", "tV", "Vh") for n in BASIS])
 FFN_TERM = np.array([n == "Ltf" for n in BASIS])
 EXT_HEAD_TERMS = np.array([n in ("th_ln", "t_ln") for n in EXT_BASIS])
@@ -834,6 +943,8 @@ def _recompute_block(c: Columns, ext: tuple | None = None) -> tuple[Array, Array
     none_idx = idx[:3] + (np.zeros_like(idx[3]), idx[4])
     one_layer = ((SAVED[none_idx] * b * (PER_LAYER_TERMS & ~FFN_TERM)).sum(axis=-1)
                  + ext_saved_bytes(c, none_idx, EXT_LAYER_TERMS, ext)) / c.layers + softcap_scores_bytes(c)
+    # the re-run block's fused norms and activation save what they save in any block
+    one_layer = one_layer + fused_block_saved_bytes(c)
     eager = (c.eager_attention == 1) & (c.recompute_selective == 0)
     # the MLP backward: `RECOMPUTE_MLP_TENSORS` t*f tensors in the compute dtype (SwiGLU: gate, act
     # and up saved, and the three gradients of the product's backward, whether or not the product
@@ -845,6 +956,10 @@ def _recompute_block(c: Columns, ext: tuple | None = None) -> tuple[Array, Array
     table = ((SAVED[none_idx] * b * FFN_TERM).sum(axis=-1) / c.layers + gelu_ops_bytes(c, backward=True)
              + 2.0 * c.batch * c.seq * c.ffn * ob / c.tp)
     dense = np.maximum(n_ffn * c.batch * c.seq * c.ffn * ob / c.tp, table)
+    # kernels.mlp=fused: the kernel saved gate(x) and up(x) and writes their gradients over them,
+    # so beside the product's gradient nothing more (a GELU: one kernel, torch's 4 tensors)
+    fused = np.where(c.gated_mlp == 1, FUSED_RECOMPUTE_MLP_TENSORS, RECOMPUTE_MLP_TENSORS[False])
+    dense = np.where(c.fused_mlp == 1, fused * c.batch * c.seq * c.ffn * ob / c.tp, dense)
     width = c.experts_per_token * c.expert_ffn + c.shared_ffn
     mlp = np.where(c.moe_layers > 0, n_ffn * c.batch * c.seq * width * ob / c.tp, dense)
     # LoRA's re-run block at its MLP backward also holds a t*h tensor of its norm's backward
@@ -853,7 +968,8 @@ def _recompute_block(c: Columns, ext: tuple | None = None) -> tuple[Array, Array
     # step for q/k/v/o, gate/up/down and all seven targets, mixed and pure (tests/test_techniques.py)
     t = c.batch * c.seq
     # (a 16-bit block only: the t*h is a norm's fp32 upcast, which an fp32 model does not make)
-    th = np.where(compute_bytes(c) < FP32, t * c.hidden * compute_bytes(c), 0.0)
+    # (a fused or compiled norm makes no upcast)
+    th = np.where((compute_bytes(c) < FP32) & (c.fused_norm == 0) & (c.compiled == 0), t * c.hidden * compute_bytes(c), 0.0)
     tf_ = t * c.ffn * trainable_bytes(c)
     extra = np.where((c.lora_down == 1) & (c.mixed == 1), tf_ + th, np.maximum(th, c.lora_down * tf_))
     # the re-run layer's dropout and memory-efficient padded mask, alive at both moments
@@ -933,7 +1049,7 @@ def eager_backward_bytes(c: Columns, saved: Array | None = None, kernel: Array |
     math_ = (c.eager_attention == 0) & plain & (kernel == MATH_KERNEL) & (c.training == 1)
     grads = np.where(eager, softmax_backward_bytes(c), math_softmax_backward_bytes(c))
     saved = saved_activations_bytes(c, kernel) if saved is None else saved
-    return np.where(eager | math_, saved - c.batch * c.seq * c.vocab * FP32 + grads, 0.0)
+    return np.where(eager | math_, saved - loss_slot_bytes(c) + grads, 0.0)
 
 
 def softmax_backward_bytes(c: Columns) -> Array:
@@ -953,7 +1069,10 @@ def train_cache_bytes(c: Columns) -> Array:
     both and the cache keeps the fp32 copies. (A 16-bit model, LoRA's 16-bit base, or learned
     positions keep 16-bit K and V: nothing extra.)"""
     # (after prepare_model_for_kbit_training the k and v projections themselves are fp32)
-    on = (c.train_cache == 1) & autocast(c) & (((c.lora == 0) & (c.rope_dim > 0)) | (c.kbit == 1))
+    # (a fused rotary kernel rotates the 16-bit K in place: no fp32 K, nothing extra)
+    # (compiled blocks: the cache update is Python the graphs never run; no cache)
+    on = ((c.train_cache == 1) & autocast(c) & (((c.lora == 0) & (c.rope_dim > 0) & (c.fused_rope == 0)) | (c.kbit == 1))
+          & (c.compiled == 0))
     heads = np.where(c.mla == 1, c.heads, c.kv_heads)
     width = heads * (c.head_dim + c.v_head_dim)
     return np.where(on, c.layers * c.batch * c.seq * width * FP32 / c.tp, 0.0)
@@ -964,7 +1083,8 @@ def final_hidden_bytes(c: Columns) -> Array:
     output (t*h in the hidden dtype). The LM head saves it anyway when it trains in that dtype;
     not under mixed precision (it saves a 16-bit cast of the fp32 state) nor with LoRA (a frozen
     head saves no input)."""
-    on = (c.training == 1) & (c.final_norm == 1) & (autocast(c) | (c.lora == 1))
+    # (Liger's fused linear cross-entropy saves no input of the head: the output is held beside it)
+    on = (c.training == 1) & (c.final_norm == 1) & (autocast(c) | (c.lora == 1) | (c.fused_loss == 1))
     return np.where(on, c.batch * c.seq * c.hidden * hidden_bytes(c), 0.0)
 
 
@@ -975,7 +1095,9 @@ def autocast_cache_bytes(c: Columns) -> Array:
     saved for the backward anyway (the tables hold them); with it they are not. One copy of each
     block's matrices (the LM head's is saved, so already counted); LoRA casts only its fp32
     adapters (its frozen base is stored 16-bit), one copy of each."""
-    on = autocast(c) & (c.recompute_full == 1) & (c.training == 1)
+    # (compiled blocks cast their weights inside their graphs, which free each cast at its last use:
+    # autocast's cache never sees them)
+    on = autocast(c) & (c.recompute_full == 1) & (c.training == 1) & (c.compiled == 0)
     # (an MoE layer's routed experts run outside autocast in their fp32 weights: no copies)
     cast = np.where(c.lora == 1, lora_params(c), autocast_elements(c))
     return np.where(on, cast * 2.0 / c.tp, 0.0)

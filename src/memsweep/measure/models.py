@@ -20,10 +20,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 from torch.utils.checkpoint import checkpoint
 
+from memsweep.measure import kernels
 from memsweep.specs import ModelSpec, lora_targets_of
 
 ATTENTIONS = ("sdpa", "eager")
 RECOMPUTES = ("none", "selective", "full")
+FUSABLE = ("norm", "mlp", "rope")
+"""The ops `kernels` can fuse inside the model (the loss is the training step's: measure/workloads)."""
 ROPE_THETA = 10_000.0
 INIT_STD = 0.02  # GPT-2's initializer range; values only matter for numerics, not memory
 LORA_ALPHA_PER_RANK = 2  # alpha = 2r, so the update scale alpha / r is 2 whatever the rank
@@ -40,6 +43,8 @@ class _Options:
     dtype: torch.dtype
     device: torch.device | str
     lora_dropout: float = 0.0
+    fused: frozenset[str] = frozenset()
+    """The ops that run as fused kernels (`kernels`: norm, mlp, rope; measure/kernels.py)."""
 
     def linear(self, name: str, d_in: int, d_out: int, bias: bool) -> nn.Linear:
         """A linear layer, with a LoRA adapter when `name` is one of the targets."""
@@ -80,15 +85,19 @@ class LoRALinear(nn.Linear):
 
 
 class RMSNorm(nn.Module):
-    """x / rms(x) * g (Zhang & Sennrich 2019), weight only, as Llama uses it."""
+    """x / rms(x) * g (Zhang & Sennrich 2019), weight only, as Llama uses it; `fused`: one kernel
+    (kernels.norm=fused, measure/kernels.FusedRMSNorm)."""
 
     def __init__(self, dim: int, eps: float, dtype: torch.dtype,
-                 device: torch.device | str) -> None:
+                 device: torch.device | str, fused: bool = False) -> None:
         super().__init__()
         self.eps = eps
+        self.fused = fused
         self.weight = nn.Parameter(torch.ones(dim, dtype=dtype, device=device))
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.fused:
+            return kernels.FusedRMSNorm.apply(x, self.weight, self.eps)
         # Normalise in fp32 like Llama's reference code: bf16 sums of squares lose precision,
         # and the fp32 copy is part of the activation memory the real models pay for.
         x32 = x.float()
@@ -109,14 +118,22 @@ class L2Norm(nn.Module):
         return (x32 * torch.rsqrt(x32.pow(2).mean(-1, keepdim=True) + self.eps)).type_as(x)
 
 
+class FusedLayerNorm(nn.LayerNorm):
+    """nn.LayerNorm as one kernel (kernels.norm=fused, measure/kernels.FusedLayerNorm)."""
+
+    def forward(self, x: Tensor) -> Tensor:
+        return kernels.FusedLayerNorm.apply(x, self.weight, self.bias, self.eps)
+
+
 def _norm(spec: ModelSpec, opts: _Options, width: int | None = None) -> nn.Module:
     """The spec's norm over `width` features (hidden by default)."""
     width = width or spec.hidden
+    fused = "norm" in opts.fused
     if spec.norm == "rmsnorm":
-        return RMSNorm(width, 1e-5, opts.dtype, opts.device)
+        return RMSNorm(width, 1e-5, opts.dtype, opts.device, fused)
     eps = 1e-12 if spec.family == "bert" else 1e-5  # the HF configs' layer_norm_eps
-    return nn.LayerNorm(width, eps=eps, bias=spec.norm == "layernorm", dtype=opts.dtype,
-                        device=opts.device)
+    return (FusedLayerNorm if fused else nn.LayerNorm)(width, eps=eps, bias=spec.norm == "layernorm", dtype=opts.dtype,
+                                                       device=opts.device)
 
 
 def rope_cos_sin(start: int, length: int, head_dim: int, dtype: torch.dtype,
@@ -165,12 +182,12 @@ class Attention(nn.Module):
             # LoRA targets: q adapts q_a and q_b (or q_proj), k the joint projection kv_a, v kv_b.
             if spec.q_lora_rank:
                 self.q_a = opts.linear("q", spec.hidden, spec.q_lora_rank, False)
-                self.q_a_norm = RMSNorm(spec.q_lora_rank, 1e-6, opts.dtype, opts.device)
+                self.q_a_norm = RMSNorm(spec.q_lora_rank, 1e-6, opts.dtype, opts.device, "norm" in opts.fused)
                 self.q_b = opts.linear("q", spec.q_lora_rank, q_dim, False)
             else:
                 self.q = opts.linear("q", spec.hidden, q_dim, False)
             self.kv_a = opts.linear("k", spec.hidden, spec.kv_lora_rank + self.rope_dim, False)
-            self.kv_a_norm = RMSNorm(spec.kv_lora_rank, 1e-6, opts.dtype, opts.device)
+            self.kv_a_norm = RMSNorm(spec.kv_lora_rank, 1e-6, opts.dtype, opts.device, "norm" in opts.fused)
             nope = self.head_dim - self.rope_dim
             self.kv_b = opts.linear("v", spec.kv_lora_rank, spec.heads * (nope + self.v_dim), False)
             self.latent_cache = spec.mla_cache == "latent"
@@ -179,6 +196,7 @@ class Attention(nn.Module):
             self.k = opts.linear("k", spec.hidden, kv_dim, spec.qkv_bias)
             self.v = opts.linear("v", spec.hidden, kv_dim, spec.qkv_bias)
         self.o = opts.linear("o", spec.heads * self.v_dim, spec.hidden, spec.out_bias)
+        self.rope = kernels.fused_rope if "rope" in opts.fused else apply_rope
         self.qk_norm = spec.qk_norm
         if spec.qk_norm == "head":  # Qwen3, Gemma-3: over each head's head_dim
             self.q_norm, self.k_norm = _norm(spec, opts, self.head_dim), _norm(spec, opts, self.head_dim)
@@ -229,7 +247,7 @@ class Attention(nn.Module):
             q, k = q.transpose(1, 2), k.transpose(1, 2)  # (B, nh, T, hs), (B, nkv, T, hs)
             v = v.view(B, T, self.n_kv_head, self.head_dim).transpose(1, 2)  # (B, nkv, T, hs)
             if rope is not None:
-                q, k = apply_rope(q, *rope), apply_rope(k, *rope)
+                q, k = self.rope(q, *rope), self.rope(k, *rope)
             if self.qk_norm == "l2":
                 q, k = self.q_norm(q), self.k_norm(k)
             if kv_cache is not None:
@@ -274,7 +292,7 @@ class Attention(nn.Module):
         c_kv = self.kv_a_norm(c_kv)  # (B, T, r_kv)
         k_rope = k_rope.unsqueeze(1)  # (B, 1, T, rope): one rotary key shared by all heads
         if rope is not None:
-            q_rope, k_rope = apply_rope(q_rope, *rope), apply_rope(k_rope, *rope)
+            q_rope, k_rope = self.rope(q_rope, *rope), self.rope(k_rope, *rope)
         q = torch.cat((q_nope, q_rope), dim=-1)  # (B, nh, T, hs)
         if kv_cache is not None and self.latent_cache:
             # Serving engines cache the latent (r_kv + rope per token) and expand it per step.
@@ -385,11 +403,19 @@ class MLP(nn.Module):
         # a GeGLU (transformers' gelu_pytorch_tanh), the exact erf form otherwise (BERT, Falcon)
         self.written_out = gelu_new if spec.family == "gpt2" else WRITTEN_OUT_GELU.get(spec.activation)
         self.approximate = "tanh" if spec.mlp == "geglu" else "none"
+        # kernels.mlp=fused: a gated activation is one kernel saving gate(x) and up(x); a GELU
+        # one kernel (torch's, tanh form for the written-out tanh GELUs) saving its input
+        self.fused = "mlp" in opts.fused
+        if self.fused and self.written_out is not None:
+            self.approximate = "none" if self.written_out is gelu_python else "tanh"
+            self.written_out = None
 
     def _gelu(self, t: Tensor) -> Tensor:
         return self.written_out(t) if self.written_out else F.gelu(t, approximate=self.approximate)
 
     def forward(self, x: Tensor) -> Tensor:
+        if self.gated and self.fused:
+            return self.down(kernels.fused_gated(self.gate(x), self.up(x), self.silu))  # (B, T, h)
         if self.gated:
             act = F.silu if self.silu else self._gelu
             return self.down(act(self.gate(x)) * self.up(x))  # (B, T, h)
@@ -658,6 +684,8 @@ class ReferenceModel(nn.Module):
         self.keep_train_cache = False  # workload.use_cache (set by measure.workloads)
         self.dropout = spec.dropout or opts.lora_dropout > 0
         self.train_cache: list[tuple[Tensor, Tensor]] | None = None
+        # kernels.compile: each block runs as AOTAutograd's partitioned graphs (measure/compiled.py)
+        self.compiler = None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -669,12 +697,13 @@ class ReferenceModel(nn.Module):
             nn.init.zeros_(module.bias)
 
     def forward(self, input_ids: Tensor, cache: KVCache | None = None,
-                last_only: bool = False, chunks: int = 1) -> Tensor | list[Tensor]:
+                last_only: bool = False, chunks: int = 1, hidden: bool = False) -> Tensor | list[Tensor]:
         """input_ids (B, T) int64 -> logits (B, T, V), or (B, 1, V) when last_only, or with
         `chunks` > 1 a list of the logits of `chunks` sequence chunks (torchtune's chunked output).
 
         With a cache, positions start at cache.length and the new K/V are written into it
-        (cache.length advances by T).
+        (cache.length advances by T). `hidden`: the final norm's output (B, T, h) instead of the
+        logits (a fused linear cross-entropy runs the head itself).
         """
         B, T = input_ids.shape
         start = 0
@@ -733,12 +762,20 @@ class ReferenceModel(nn.Module):
         # turns it off under checkpointing), and the final hidden state
         keep = cache is None and self.training and torch.is_grad_enabled() and self.spec.decoder
         self.train_cache = [] if keep else None
-        use_cache = keep and self.keep_train_cache and not full
+        # (a compiled block runs as graphs: transformers' cache update is Python it never runs)
+        use_cache = keep and self.keep_train_cache and not full and self.compiler is None
         for block in self.blocks:
             block.attn.cache_sink = self.train_cache if use_cache else None
         for i, block in enumerate(self.blocks):
             kv = None if cache is None else (cache, i)
-            if full:
+            compiled = self.compiler is not None and cache is None and self.training and torch.is_grad_enabled()
+            if compiled and full:
+                self.compiler.prepare(block, x, rope, mask if block.local else causal_mask)
+                x = checkpoint(self.compiler, block, x, rope, mask if block.local else causal_mask,
+                               use_reentrant=False, preserve_rng_state=self.dropout)
+            elif compiled:
+                x = self.compiler(block, x, rope, mask if block.local else causal_mask)
+            elif full:
                 # Keep only each block's input; everything inside is recomputed in the backward.
                 x = checkpoint(block, x, rope, kv, start, mask if block.local else causal_mask,
                                use_reentrant=False, preserve_rng_state=self.dropout)  # replays dropout
@@ -756,10 +793,17 @@ class ReferenceModel(nn.Module):
         if keep:  # transformers' model output holds the last hidden state while the loss runs
             self.train_cache.append((x, x))
         del held  # transformers' model forward returns before its LM head runs
+        if hidden:
+            return x
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight  # (V, h)
         if chunks > 1:
             return [self._cap(F.linear(part, head)) for part in x.chunk(chunks, dim=1)]  # [(B, T / N, V)]
         return self._cap(F.linear(x, head))  # (B, T, V)
+
+    @property
+    def head_weight(self) -> Tensor:
+        """The LM head's weight (V, h): the token embedding's when tied."""
+        return self.tok_emb.weight if self.lm_head is None else self.lm_head.weight
 
     def _cap(self, logits: Tensor) -> Tensor:
         """Gemma-2's final soft-capping, as its ForCausalLM writes it: divide, tanh, multiply (three
@@ -802,7 +846,8 @@ class ReferenceModel(nn.Module):
 def build_model(spec: ModelSpec, *, attention: str = "sdpa", recompute: str = "none",
                 lora_rank: int = 0, lora_targets: tuple[str, ...] = (), lora_dropout: float = 0.0,
                 dtype: torch.dtype = torch.float32,
-                device: str | torch.device = "cpu") -> ReferenceModel:
+                device: str | torch.device = "cpu", fused: tuple[str, ...] = (),
+                compile: bool = False) -> ReferenceModel:
     """The reference model of `spec`, its parameters in `dtype` on `device`.
 
     `device="meta"` builds without memory (for counting); under `FakeTensorMode` the parameters
@@ -821,8 +866,15 @@ def build_model(spec: ModelSpec, *, attention: str = "sdpa", recompute: str = "n
         if bad or not lora_targets:
             raise ValueError(f"lora_targets={list(lora_targets)}: expected a non-empty subset "
                              f"of {allowed} for {spec.name}")
-    opts = _Options(attention, recompute, lora_rank, frozenset(lora_targets), dtype, device, lora_dropout)
+    bad = [f for f in fused if f not in FUSABLE]
+    if bad:
+        raise ValueError(f"fused={list(fused)}: expected a subset of {FUSABLE}")
+    opts = _Options(attention, recompute, lora_rank, frozenset(lora_targets), dtype, device, lora_dropout, frozenset(fused))
     model = ReferenceModel(spec, opts)
+    if compile:
+        from memsweep.measure.compiled import Compiler
+
+        model.compiler = Compiler()
     if lora_rank > 0:
         for p in model.base_parameters():
             p.requires_grad_(False)

@@ -139,6 +139,10 @@ def check(spec: JobSpec) -> None:
         why = "attention=eager: torchtune's attention calls SDPA (attention=sdpa)"
     elif spec.loss.fused:
         why = "loss.fused: torchtune's loss is CEWithChunkedOutputLoss or cross-entropy (loss.chunks)"
+    elif any(getattr(spec.kernels, k) != "eager" for k in ("norm", "mlp", "rope", "loss")):
+        why = "kernels: torchtune's modules run its own ops; of `kernels`, measure.impl=torchtune traces compile only"
+    elif spec.kernels.compile and (spec.recompute != "none" or spec.loss.chunks != 1 or spec.offload.activations):
+        why = "kernels.compile with measure.impl=torchtune: traced with recompute=none, loss.chunks=1, no offloading"
     elif spec.offload.optimizer or spec.offload.params:
         why = "offload.optimizer / offload.params: torchtune's single-device recipes offload activations only"
     elif w.use_cache:
@@ -263,6 +267,40 @@ def build(spec: JobSpec, device: str):
     return model, training
 
 
+def _compile(model: torch.nn.Module, loss_fn, layer_type: type):
+    """torchtune's `compile_model` (every TransformerSelfAttentionLayer compiled on its own) and
+    `compile_loss`, traced as measure/compiled.py traces a compiled block: AOTAutograd's partition,
+    run as Inductor lays out memory."""
+    from torch.nn.utils.stateless import _reparametrize_module
+
+    from memsweep.measure.compiled import Compiler
+
+    compiler = Compiler()
+    for layer in [m for m in model.modules() if isinstance(m, layer_type)]:
+        eager = layer.forward
+        # its parameters and buffers (the RoPE cache) enter the graph as inputs, not constants
+        names = [n for n, _ in layer.named_parameters()] + [n for n, _ in layer.named_buffers()]
+
+        def forward(x, *args, _layer=layer, _eager=eager, _names=names, **kwargs):
+            if args or any(v is not None for v in kwargs.values()):
+                return _eager(x, *args, **kwargs)
+
+            def run(*inputs):
+                with _reparametrize_module(_layer, dict(zip(_names, inputs[:-1]))):
+                    return _eager(inputs[-1])
+
+            state = [p for _, p in _layer.named_parameters()] + [b for _, b in _layer.named_buffers()]
+            return compiler.run(("torchtune-layer",), run, [*state, x])
+
+        layer.forward = forward
+
+    def loss(logits: torch.Tensor, labels: torch.Tensor) -> torch.Tensor:
+        return compiler.run(("torchtune-loss",), lambda lg, lb: loss_fn(lg, lb), [logits, labels])
+
+    loss.ignore_index = loss_fn.ignore_index
+    return loss
+
+
 def prepare_torchtune(spec: JobSpec, device: str, tracker: StorageTracker | None = None,
                       last_decode_only: bool = False) -> Prepared:
     """Like workloads.prepare, with torchtune's model, loss and memory techniques."""
@@ -290,6 +328,8 @@ def prepare_torchtune(spec: JobSpec, device: str, tracker: StorageTracker | None
     with t.section("setup", "activations"):
         tokens = torch.randint(0, spec.model.vocab, (spec.batch, spec.seq), device=device)
         ignore = torch.full((spec.batch, 1), loss_fn.ignore_index, device=device)
+    if spec.kernels.compile:  # the recipes' compile=True: training.compile_model and compile_loss
+        loss_fn = _compile(model, loss_fn, modules.TransformerSelfAttentionLayer)
 
     def forward_loss(autocast) -> torch.Tensor:  # recipes' _loss_step, times the token count
         with offload if offload is not None else nullcontext():

@@ -48,6 +48,8 @@ class StorageTracker(TorchDispatchMode):
         self.marks: dict[str, dict[str, int]] = {}
         self.category = "activations"
         self.phase = "setup"
+        self.hold_peaks = 0  # > 0 inside one fused kernel's ops (measure/kernels.one_kernel)
+        self._forgotten: set[int] = set()  # storages not counted until they die (`forget`)
 
     # --- bookkeeping ---------------------------------------------------------------------
 
@@ -66,13 +68,13 @@ class StorageTracker(TorchDispatchMode):
             return
         storage = tensor.untyped_storage()
         key = self._key(storage)
-        if key in self._live:
+        if key in self._live or key in self._forgotten:
             return
         nbytes = storage.nbytes()
         cat = category or self.category
         self._live[key] = (nbytes, cat)
         self.current.by_category[cat] += nbytes
-        weakref.finalize(storage, self._free, key)
+        weakref.finalize(storage, self._died, key)
         self._update_peaks()
 
     def adopt(self, model: torch.nn.Module, optimizer: torch.optim.Optimizer | None = None) -> None:
@@ -100,16 +102,26 @@ class StorageTracker(TorchDispatchMode):
         self.current.by_category[category] += nbytes
 
     def forget(self, tensor: torch.Tensor) -> None:
-        """Stop counting a storage: memory that is not the device's (a host copy of an offloaded
-        activation, made by a device op under the trace)."""
-        self._free(self._key(tensor.untyped_storage()))
+        """Stop counting a storage, for as long as it lives: memory that is not the device's (a
+        host copy of an offloaded activation, made by a device op under the trace), or a value a
+        compiled kernel never writes out (measure/compiled.py)."""
+        key = self._key(tensor.untyped_storage())
+        if key in self._live:
+            self._forgotten.add(key)
+        self._free(key)
 
     def _free(self, key: int) -> None:
         entry = self._live.pop(key, None)  # None: forgotten
         if entry is not None:
             self.current.by_category[entry[1]] -= entry[0]
 
+    def _died(self, key: int) -> None:
+        self._free(key)
+        self._forgotten.discard(key)
+
     def _update_peaks(self) -> None:
+        if self.hold_peaks:
+            return
         total = self.current.total
         if total > self.phase_peaks.get(self.phase, -1):
             self.phase_peaks[self.phase] = total

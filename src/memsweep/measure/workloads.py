@@ -21,7 +21,10 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
-from memsweep.measure.models import ReferenceModel, build_model
+from memsweep.columns import Columns
+from memsweep.formulas.techniques import liger_chunk_tokens
+from memsweep.measure import kernels
+from memsweep.measure.models import FUSABLE, ReferenceModel, build_model
 from memsweep.measure.timing import NO_TIMER, NoTimer, PhaseTimer
 from memsweep.measure.tracker import StorageTracker
 from memsweep.specs import JobSpec
@@ -111,9 +114,7 @@ def check_techniques(spec: JobSpec, impl: str) -> None:
     """The techniques a measurement can trace on this machine; the rest are analytic (a row with
     status skipped says which)."""
     why = None
-    if spec.loss.fused:
-        why = "loss.fused: Liger's fused kernel is modelled analytically (docs/formulas.md), not traced"
-    elif spec.kv_dtype != "auto":
+    if spec.kv_dtype != "auto":
         why = f"kv_dtype={spec.kv_dtype}: the reference attention has no fp8 / int8 cache kernel; the cache's bytes are analytic"
     elif impl == "hf" and spec.quant != "none":
         why = f"quant={spec.quant}: transformers' quantized layers need bitsandbytes / GPTQ kernels on a GPU; measure.impl=reference traces the layout"
@@ -156,7 +157,8 @@ def prepare(spec: JobSpec, device: str, tracker: StorageTracker | None = None,
             lora_rank=w.lora_rank if w.kind == "lora" else 0,
             lora_targets=w.lora_targets if w.kind == "lora" else (),
             lora_dropout=w.lora_dropout if w.kind == "lora" else 0.0,
-            dtype=base_dtype, device=device)
+            dtype=base_dtype, device=device,
+            fused=tuple(op for op in FUSABLE if getattr(spec.kernels, op) == "fused"), compile=spec.kernels.compile)
         for p in model.lora_parameters():
             p.data = p.data.to(adapter_dtype)
         if spec.quant != "none":  # the frozen block matrices as their format stores them
@@ -190,6 +192,15 @@ def _prepare_train(spec: JobSpec, model: ReferenceModel, ids: torch.Tensor, trac
                 logits = model(ids, chunks=chunks)  # [(B, T / N, V)] * N
                 loss = sum(F.cross_entropy(lc.float().flatten(0, 1), tc.flatten(), reduction="sum")
                            for lc, tc in zip(logits, targets.chunk(chunks, dim=1))) / targets.numel()
+            elif spec.loss_kernel == "fused_linear":  # Liger's: the head runs inside the loss
+                x = model(ids, hidden=True).flatten(0, 1)  # (t, h)
+                chunk = int(liger_chunk_tokens(Columns.from_arrays(batch=spec.batch, seq=spec.seq, vocab=spec.model.vocab,
+                                                                   hidden=spec.model.hidden))[0])
+                loss = kernels.fused_linear_cross_entropy(x, model.head_weight, targets.flatten(), chunk)
+            elif spec.loss_kernel == "fused":  # one kernel on the 16-bit logits, as the head made them
+                loss = kernels.fused_cross_entropy(model(ids).flatten(0, 1), targets.flatten())
+            elif model.compiler is not None:  # kernels.compile: the loss compiled too (torchtune's compile_loss)
+                loss = model.compiler.loss(model(ids), targets)
             else:
                 logits = model(ids)  # (B, T, V)
                 loss = F.cross_entropy(logits.float().flatten(0, 1), targets.flatten())

@@ -25,7 +25,7 @@ from memsweep.units import GIB
 # ask's keys: the singular names a user types, onto the plan's (list) keys
 SINGULAR = {"model": "models", "hardware": "hardware", "workload": "workloads", "seq": "seqs",
             "precision": "precisions", "batch": "gpus_batch"}
-PASSED = ("optimizer", "recompute", "offload", "attention", "loss_chunks", "kv_dtype", "mixed_policy",
+PASSED = ("optimizer", "recompute", "offload", "attention", "loss_chunks", "kv_dtype", "mixed_policy", "kernels",
           "formula", "margin", "reserved_mib", "max_batch", "rope_scaling", "global_batch", "min_saving",
           "tokens", "objective", "max_gpus", "time")
 LAYOUT = ("tp", "pp", "dp", "zero", "ep")
@@ -77,13 +77,14 @@ def largest_batch(spec: PlanSpec, row: Mapping[str, Any]) -> int:
     from memsweep.plan.cases import Variant
     from memsweep.plan.grid import Grid, largest_fitting
     from memsweep.plan.spec import parse_precision
+    from memsweep.plan.cases import _technique_keys
     from memsweep.presets import job_spec, workload_spec
-    from memsweep.specs import LossSpec, Parallel
+    from memsweep.specs import Parallel
 
     dtype, mode = parse_precision(spec.precisions[0])
     v = Variant(row["recompute"], row["offload"])
     training = workload_spec(spec.workloads[0]).training
-    extra = ({"loss": LossSpec(chunks=spec.loss_chunks), "mixed_policy": spec.mixed_policy, "offload": v.offload_spec(),
+    extra = ({**_technique_keys(spec, True), "offload": v.offload_spec(),
               "grad_accum": int(row["grad_accum"])} if training else {"kv_dtype": spec.kv_dtype})
     try:
         job = job_spec(spec.models[0], wl=spec.workloads[0], optimizer=spec.optimizer, hardware=spec.hardware[0],

@@ -108,10 +108,12 @@ def cases(spec: PlanSpec) -> list[Case]:
 
 
 def _technique_keys(spec: PlanSpec, training: bool) -> dict:
-    from memsweep.specs import LossSpec
+    from memsweep.presets import load_preset
+    from memsweep.specs import KernelsSpec, LossSpec
 
     if training:
-        return {"loss": LossSpec(chunks=spec.loss_chunks), "mixed_policy": spec.mixed_policy}
+        return {"loss": LossSpec(chunks=spec.loss_chunks), "mixed_policy": spec.mixed_policy,
+                "kernels": KernelsSpec(**load_preset("kernels", spec.kernels))}
     return {"kv_dtype": spec.kv_dtype}
 
 

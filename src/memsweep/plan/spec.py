@@ -69,6 +69,8 @@ class PlanSpec:
     """Training's cross-entropy in N chunks (torchtune's chunked output loss)."""
     kv_dtype: str = "auto"
     mixed_policy: str = "autocast"
+    kernels: str = "eager"
+    """The kernels a training step runs (conf/kernels/: eager, liger, flash_attn, te, compile)."""
     parallel: str = "single"
     """Layout (conf/parallel/) of the largest-batch and longest-sequence tables; memory is per GPU."""
     formula: str = "detailed"
@@ -126,6 +128,7 @@ class PlanSpec:
         check_choice("kv_dtype", self.kv_dtype, KV_DTYPES)
         check_choice("mixed_policy", self.mixed_policy, MIXED_POLICIES)
         check_int("loss_chunks", self.loss_chunks)
+        _check_names("kernels", (self.kernels,), preset_names("kernels"))
         get_formula(self.formula, key="formula")
         check_margin(self.margin)
         if (isinstance(self.min_saving, bool) or not isinstance(self.min_saving, (int, float))
