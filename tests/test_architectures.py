@@ -234,3 +234,25 @@ def test_the_shipped_extension_table_is_fitted_on_the_current_basis():
                      "mixed/lora-qkvo/full/sdpa"):
             assert f"llama/{cls}/{mode}/saved" in QUALITY, (cls, mode)
         assert QUALITY[f"llama/{cls}/mixed/train/full/sdpa/saved"][0], cls
+
+
+@pytest.mark.parametrize("precision, wl", [("pure", "train"), ("pure", "lora"), ("mixed", "lora"), ("mixed", "train")])
+def test_deepseeks_fp32_router_saves_what_detailed_says(precision, wl):
+    """transformers' DeepseekV3TopkRouter runs `F.linear(hidden.float(), weight.float())`: a pure
+    16-bit step saves the fp32 copies of the router's weight (and, when it trains, its input) per
+    MoE layer; under autocast a frozen 16-bit router's weight cast, fp32 masters nothing more
+    (`router_fp32_saved_bytes`), traced both ways (a vocabulary
+    large enough that the forward's peak is at its end, the loss)."""
+    from memsweep.formulas.detailed import router_fp32_saved_bytes
+
+    cut = replace(model("deepseek-v3"), layers=2, dense_layers=1, hidden=512, q_lora_rank=64, kv_lora_rank=64,
+                  expert_ffn=128, ffn=256, experts=16, vocab=32000)
+    peaks = {}
+    for flag in (False, True):
+        j = job(replace(cut, router_fp32_logits=flag), seq=64, batch=2, wl=wl, precision=precision,
+                measure=MeasureSpec("fake", "fake"))
+        m = measure(j)
+        assert m.status == "ok", m.error
+        peaks[flag] = m.phase_peaks["forward"]
+    extra = float(router_fp32_saved_bytes(Columns.from_specs([j]))[0])
+    assert peaks[True] - peaks[False] == extra and (extra > 0) == (precision == "pure" or wl == "lora")

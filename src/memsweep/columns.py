@@ -64,6 +64,7 @@ class Columns:
     shared_expert_gate: Array
     moe_layers: Array
     router_bias: Array
+    router_fp32_logits: Array  # DeepSeek: the router's matmul in fp32
     rope_dim: Array  # dimensions of each query / key head that RoPE rotates (0: learned positions)
     layer_norm: Array  # 1: LayerNorm (with or without bias) rather than RMSNorm
     geglu: Array  # 1: the gated MLP's activation is tanh-GELU (Gemma) rather than SiLU
@@ -197,7 +198,7 @@ def model_values(m: ModelSpec) -> dict[str, float]:
         "experts": m.experts, "experts_per_token": m.experts_per_token,
         "expert_ffn": m.routed_ffn if m.experts else 0, "shared_ffn": m.shared_ffn_total,
         "shared_expert_gate": m.shared_expert_gate, "moe_layers": m.moe_layers,
-        "router_bias": m.router_bias,
+        "router_bias": m.router_bias, "router_fp32_logits": m.router_fp32_logits,
         "rope_dim": m.rope_dim if m.position == "rope" else 0, "layer_norm": m.norm != "rmsnorm",
         "geglu": m.mlp == "geglu",
         "gelu_ops": ACTIVATIONS.index(m.activation),

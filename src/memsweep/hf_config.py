@@ -475,6 +475,7 @@ def _moe(r: _Reader, layers: int) -> dict[str, Any]:
         if shared:
             d.update(shared_experts=1, shared_ffn=shared, shared_expert_gate=True)
     if mt in ("deepseek_v2", "deepseek_v3"):
+        d["router_fp32_logits"] = True  # DeepseekV2/V3TopkRouter: F.linear(hidden.float(), weight.float())
         d["dense_layers"] = min(r.int("first_k_dense_replace", minimum=0, required=False) or 0, layers)
         n_shared = r.int("n_shared_experts", minimum=0, required=False) or 0
         if n_shared:  # DeepSeek-V2 runs them as one MLP n_shared times as wide: the same weights

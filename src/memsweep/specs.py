@@ -172,6 +172,9 @@ class ModelSpec:
     """Layers with a dense MLP of size `ffn` instead of experts (DeepSeek's first k layers)."""
     router_bias: bool = False
     """The router has a bias (gpt-oss) or a per-expert correction bias (DeepSeek-V3)."""
+    router_fp32_logits: bool = False
+    """The router's matmul runs in fp32 (DeepSeek-V2/V3's `F.linear(hidden.float(), weight.float())`,
+    transformers' DeepseekV2/V3TopkRouter): a 16-bit step saves fp32 copies of its input and weight."""
     # --- attention layout ---------------------------------------------------------------------
     sliding_window: int = 0
     """Window of the local layers in tokens; 0: no local layers."""
@@ -258,7 +261,7 @@ class ModelSpec:
             raise ConfigError("model.activation", self.activation,
                               "fused unless model.family=llama with mlp=gelu or geglu (a written-out GELU)")
         for key in ("qkv_bias", "out_bias", "mlp_bias", "tied_embeddings", "pooler",
-                    "shared_expert_gate", "router_bias", "attention_sinks", "sdpa_mask"):
+                    "shared_expert_gate", "router_bias", "router_fp32_logits", "attention_sinks", "sdpa_mask"):
             check_bool(f"model.{key}", getattr(self, key))
         allowed_norms = (1, 2) if self.block == "parallel" else (2, 4)
         if self.block_norms not in allowed_norms or isinstance(self.block_norms, bool):
@@ -300,7 +303,7 @@ class ModelSpec:
             for key in ("experts_per_token", "expert_ffn", "shared_experts", "shared_ffn", "dense_layers"):
                 if getattr(self, key):
                     raise ConfigError(f"model.{key}", getattr(self, key), "0 when model.experts=0 (a dense model)")
-            for key in ("shared_expert_gate", "router_bias"):
+            for key in ("shared_expert_gate", "router_bias", "router_fp32_logits"):
                 if getattr(self, key):
                     raise ConfigError(f"model.{key}", True, "false when model.experts=0 (a dense model)")
             return

@@ -453,7 +453,7 @@ def saved_activations_bytes(c: Columns, kernel: Array | None = None, ext: tuple 
     with eager attention the b*a*s^2 probabilities; with recompute, the masks checkpoints hold)."""
     coef = SAVED[_mode_index(c)]
     return ((coef * basis_values(c)).sum(axis=-1) + ext_saved_bytes(c, parts=ext) + held_mask_bytes(c) + fused_loss_saved_bytes(c)
-            + fused_kernels_saved_bytes(c)
+            + fused_kernels_saved_bytes(c) + router_fp32_saved_bytes(c)
             + math_attention_saved_bytes(c, kernel)
             + c.layers * softcap_scores_bytes(c) * (1 - c.recompute_full) * (1 - c.recompute_selective)
             + gelu_layers(c) * gelu_ops_bytes(c) * (1 - c.recompute_full) + dropout_saved_bytes(c, kernel)
@@ -855,6 +855,20 @@ def loss_slot_bytes(c: Columns) -> Array:
     of an eager cross-entropy; the logits in their own dtype where they are kept (`logits_kept`)."""
     t_v = c.batch * c.seq * c.vocab / c.tp
     return np.where(logits_kept(c), t_v * plain_matmul_bytes(c), FP32 * t_v)
+
+
+def router_fp32_saved_bytes(c: Columns) -> Array:
+    """DeepSeek-V2/V3's router (`F.linear(hidden.float(), weight.float())`, `router_fp32_logits`),
+    training, per MoE layer: a 16-bit step without autocast saves the fp32 copy of the router's
+    weight (its input needs a gradient) and, when the router trains, of its input. Under autocast
+    the matmul runs in 16 bits: with fp32 masters on the casts autocast makes anyway (nothing
+    more); on a frozen 16-bit LoRA base the weight's fp32 copy is cast back, a new 16-bit tensor,
+    saved. Not under full recompute (the re-run block's, beside it, is small)."""
+    t, eh = c.batch * c.seq, c.experts * c.hidden
+    pure = np.where(compute_bytes(c) < FP32, FP32 * (eh + (c.lora == 0) * t * c.hidden), 0.0)
+    per_layer = np.where(autocast(c), c.lora * 2.0 * eh, np.where(c.kbit == 1, 0.0, pure))
+    on = (c.training == 1) & (c.router_fp32_logits == 1) & (c.recompute_full == 0)
+    return np.where(on, c.moe_layers * per_layer / c.tp, 0.0)
 
 
 def hidden_bytes(c: Columns) -> Array:

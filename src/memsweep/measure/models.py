@@ -514,12 +514,18 @@ class MoE(nn.Module):
         self.shared = MLP(spec, opts, ffn=spec.shared_ffn_total) if spec.shared_experts else None
         self.shared_gate = (nn.Linear(spec.hidden, 1, bias=False, **factory)
                             if spec.shared_expert_gate else None)
+        self.fp32_logits = spec.router_fp32_logits
 
     def forward(self, x: Tensor) -> Tensor:
         B, T, h = x.shape
         E, k = self.n_experts, self.top_k
         flat = x.reshape(B * T, h)  # (t, h)
-        probs = F.softmax(self.router(flat), dim=-1, dtype=torch.float32)  # (t, E)
+        if self.fp32_logits:  # DeepSeek: F.linear(hidden.float(), weight.float())
+            r = self.router
+            logits = F.linear(flat.float(), r.weight.float(), None if r.bias is None else r.bias.float())
+        else:
+            logits = self.router(flat)
+        probs = F.softmax(logits, dim=-1, dtype=torch.float32)  # (t, E)
         weights, chosen = probs.topk(k, dim=-1)  # (t, k)
         weights = (weights / weights.sum(dim=-1, keepdim=True)).to(x.dtype)
         order = chosen.flatten().argsort(stable=True)  # token copies sorted by expert, (t*k,)
