@@ -222,3 +222,14 @@ def test_the_planner_takes_kernels_as_a_users_option():
     with pytest.raises(ConfigError) as err:
         PlanSpec(models=("llama3-8b",), kernels="apex")
     assert err.value.key == "kernels"
+
+
+def test_a_gpu_run_refuses_the_emulated_kernels_and_says_why():
+    """The Functions' op-by-op arithmetic would reach the CUDA allocator's peak: measure=cuda with a
+    fused kernel is a skipped row with the reason (compile runs Inductor itself there)."""
+    from memsweep.measure.workloads import Unmeasurable, prepare
+
+    for kernels in (LIGER, FLASH, KernelsSpec(norm="fused")):
+        with pytest.raises(Unmeasurable) as err:
+            prepare(job(small("llama3.2-1b"), seq=64, kernels=kernels), "cuda")
+        assert "emulated" in str(err.value) and "\n" not in str(err.value)

@@ -210,3 +210,29 @@ def _trace(fn, inputs: list[Tensor]) -> _Graphs:
     graphs.forward, graphs.backward = fw[0], bw[0]
     graphs.outputs = 1
     return graphs
+
+
+class InductorCompiler:
+    """On a GPU (`measure=cuda`): each block and the loss through `torch.compile` itself, Inductor's
+    generated kernels and memory plan, where the trace (`Compiler`) models them."""
+
+    def __init__(self) -> None:
+        self.blocks: dict[int, Any] = {}
+        self._loss = None
+
+    def prepare(self, block: torch.nn.Module, x: Tensor, rope, mask) -> None:
+        """(Nothing to trace ahead: torch.compile compiles on the first call.)"""
+
+    def __call__(self, block: torch.nn.Module, x: Tensor, rope, mask) -> Tensor:
+        compiled = self.blocks.get(id(block))
+        if compiled is None:
+            compiled = self.blocks[id(block)] = torch.compile(block)
+        return compiled(x, rope, None, 0, mask)
+
+    def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
+        if self._loss is None:
+            def cross_entropy(lg: Tensor, tg: Tensor) -> Tensor:
+                return torch.nn.functional.cross_entropy(lg.float().flatten(0, 1), tg.flatten())
+
+            self._loss = torch.compile(cross_entropy)
+        return self._loss(logits, targets)

@@ -150,6 +150,11 @@ def prepare(spec: JobSpec, device: str, tracker: StorageTracker | None = None,
     base_dtype, adapter_dtype = storage_dtypes(spec)
     check_single_gpu(spec)
     check_techniques(spec, "reference")
+    fused = tuple(op for op in FUSABLE if getattr(spec.kernels, op) == "fused")
+    if str(device).startswith("cuda") and (fused or spec.loss_kernel != "eager"):
+        # on a GPU the emulated kernels' arithmetic would reach the CUDA allocator's peak
+        raise Unmeasurable(f"kernels={spec.effective_kernels.label}: the fused kernels are emulated for the trace "
+                           "(measure=fake, cpu); a GPU run measures the stack's own kernels, not wired here")
     w = spec.workload
     with t.section("setup", "weights"):
         model = build_model(
@@ -158,7 +163,11 @@ def prepare(spec: JobSpec, device: str, tracker: StorageTracker | None = None,
             lora_targets=w.lora_targets if w.kind == "lora" else (),
             lora_dropout=w.lora_dropout if w.kind == "lora" else 0.0,
             dtype=base_dtype, device=device,
-            fused=tuple(op for op in FUSABLE if getattr(spec.kernels, op) == "fused"), compile=spec.kernels.compile)
+            fused=fused, compile=spec.kernels.compile)
+        if spec.kernels.compile and str(device).startswith("cuda"):
+            from memsweep.measure.compiled import InductorCompiler
+
+            model.compiler = InductorCompiler()  # a GPU runs Inductor itself
         for p in model.lora_parameters():
             p.data = p.data.to(adapter_dtype)
         if spec.quant != "none":  # the frozen block matrices as their format stores them
