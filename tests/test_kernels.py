@@ -233,3 +233,22 @@ def test_a_gpu_run_refuses_the_emulated_kernels_and_says_why():
         with pytest.raises(Unmeasurable) as err:
             prepare(job(small("llama3.2-1b"), seq=64, kernels=kernels), "cuda")
         assert "emulated" in str(err.value) and "\n" not in str(err.value)
+
+
+def test_the_time_model_sees_a_fused_loss():
+    """A fused cross-entropy reads and writes the 16-bit logits (6 bytes each, FUSED_LOSS_BYTES_PER_LOGIT)
+    where the eager one moves 24: the step's traffic drops by exactly that, and its estimated time
+    never grows (a compute-bound step keeps its time)."""
+    from memsweep.formulas import work
+
+    base = job("llama3-8b", seq=4096, batch=2)
+    rows = {k.name: estimate_rows(dataclasses.replace(base, kernels=k), [FORMULAS["detailed"]])[0]
+            for k in (KernelsSpec(), FLASH, COMPILE, LIGER)}
+    assert rows["flash_attn"]["est_step_time_s"] <= rows["eager"]["est_step_time_s"]
+    assert rows["compile"]["est_step_time_s"] == pytest.approx(rows["flash_attn"]["est_step_time_s"], rel=1e-9)
+    c = Columns.from_specs([base])
+    eager_bytes = work.training_work(c)[5] + work.training_work(c)[6]
+    fused = Columns.from_specs([dataclasses.replace(base, kernels=FLASH)])
+    fused_bytes = work.training_work(fused)[5] + work.training_work(fused)[6]
+    t_v = 2 * 4096 * base.model.vocab
+    assert float(eager_bytes[0] - fused_bytes[0]) == pytest.approx(t_v * (work.LOSS_BYTES_PER_LOGIT - work.FUSED_LOSS_BYTES_PER_LOGIT))

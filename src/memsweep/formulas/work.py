@@ -91,6 +91,15 @@ the saved input, the gradient out)."""
 LOSS_BYTES_PER_LOGIT = 24.0
 """Training: the logits upcast to fp32 (read 2, write 4), log-softmax (read 4, write 4), the loss's
 gather and its backward (the fp32 gradient written and read, cast to 16 bits: about 10)."""
+FUSED_LOSS_BYTES_PER_LOGIT = 6.0
+"""A cross-entropy kernel on the 16-bit logits (`kernels.loss=fused`, flash-attn's / Liger's, and a
+compiled loss, which Inductor fuses the same way): the forward reads the logits once (2), the
+backward reads them and writes the gradient over them (2 + 2): no fp32 copy, no log-softmax."""
+FUSED_LINEAR_LOSS_BYTES_PER_LOGIT = 8.0
+"""Liger's fused linear cross-entropy, per logit of each chunk (the head's matmul writing it is the
+matmul's own traffic): the cross-entropy kernel reads it and writes its gradient in place (2 + 2),
+the two gradient matmuls read it (2 + 2), all inside the forward."""
+
 ADAM_STEP_TENSOR_PASSES = 7.0
 """torch Adam(W) per element: reads parameter, gradient, m and v, writes parameter, m and v
 (foreach and fused move the same; for-loop's temporaries are not counted)."""
@@ -559,12 +568,16 @@ def decode_passes(c: Columns, dropless: bool = False) -> tuple[Pass, Pass]:
 def head(c: Columns, rows: Array, calls: Array, training: bool) -> tuple[Array, Array, Array, Array]:
     """The LM head, F.linear(x, W), W (V x h) the head or the tied embedding: (forward, backward,
     forward bytes, backward bytes). Training: the input's gradient (every adapter is below it) and
-    the weight's where it trains; the loss's traffic, `LOSS_BYTES_PER_LOGIT` half each way."""
+    the weight's where it trains; the loss's traffic, `LOSS_BYTES_PER_LOGIT` (or a fused kernel's,
+    `FUSED_*_BYTES_PER_LOGIT`) half each way. The other elementwise passes (ELEMENTWISE_*) already
+    count a norm and a gated activation as one kernel each, as the fused kernels run them."""
     z = sizes(c)
     trains = (1 - c.lora) * float(training)
     op = matmul_op(rows, c.hidden, c.vocab, calls * c.vocab * c.hidden, float(training), trains, 0.0,
                    z.other_weight, z.other_weight_backward, z.act, z.grad)
-    loss = float(training) * rows * c.vocab * LOSS_BYTES_PER_LOGIT / 2.0
+    per_logit = np.select([c.fused_loss == 1, (c.fused_ce == 1) | (c.compiled == 1)],
+                          [FUSED_LINEAR_LOSS_BYTES_PER_LOGIT, FUSED_LOSS_BYTES_PER_LOGIT], LOSS_BYTES_PER_LOGIT)
+    loss = float(training) * rows * c.vocab * per_logit / 2.0
     return op.forward, op.backward, op.forward_bytes + loss, op.backward_bytes + loss
 
 
