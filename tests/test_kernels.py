@@ -252,3 +252,20 @@ def test_the_time_model_sees_a_fused_loss():
     fused_bytes = work.training_work(fused)[5] + work.training_work(fused)[6]
     t_v = 2 * 4096 * base.model.vocab
     assert float(eager_bytes[0] - fused_bytes[0]) == pytest.approx(t_v * (work.LOSS_BYTES_PER_LOGIT - work.FUSED_LOSS_BYTES_PER_LOGIT))
+
+
+@pytest.mark.parametrize("kernels", [LIGER, FLASH, COMPILE], ids=["liger", "flash_attn", "compile"])
+def test_fake_equals_cpu_for_every_kernels_option(kernels):
+    """The same step on real CPU tensors (the Functions' arithmetic, the compiled graphs run on
+    data) has every phase peak of the fake trace, byte for byte (the CPU's SDPA kernels on both)."""
+    from memsweep.measure.backends import measure
+
+    tiny = dataclasses.replace(model("llama3-8b"), name="tiny-llama", layers=2, hidden=256, heads=4, kv_heads=2,
+                               ffn=768, vocab=1024)
+    peaks = {}
+    for backend in ("fake", "cpu"):
+        m = measure(job(tiny, seq=64, batch=2, kernels=kernels,
+                        measure=MeasureSpec(backend, backend, sdpa="device", warmup=1, repeats=1)))
+        assert m.status == "ok", m.error
+        peaks[backend] = m.phase_peaks
+    assert peaks["fake"] == peaks["cpu"]
