@@ -820,9 +820,16 @@ def fused_mlp_saved_bytes(c: Columns) -> Array:
     return np.where(on, -(gated + gelu * (c.moe_layers == 0)), 0.0)
 
 
+def _any_kernels(c: Columns) -> bool:
+    """Whether any row runs a fused kernel or a compiled block (else the kernels' terms are 0)."""
+    return bool(((c.fused_norm == 1) | (c.fused_mlp == 1) | (c.compiled == 1) | (c.fused_ce == 1)).any())
+
+
 def fused_block_saved_bytes(c: Columns) -> Array:
     """One block's share of `fused_kernels_saved_bytes` (a re-run block under full recompute): its
     norms' and its MLP's (a dense one; an MoE block's shared experts)."""
+    if not _any_kernels(c):
+        return np.zeros(len(c))
     return fused_norm_saved_bytes(c)[2] + fused_mlp_saved_bytes(c)
 
 
@@ -830,6 +837,8 @@ def fused_kernels_saved_bytes(c: Columns) -> Array:
     """What the fused kernels change in the saved set (`kernels`; 0 for eager): per block the
     norms' and the MLP's (not under full recompute, which keeps only each block's input), the
     final norm's, and the loss's (`loss_slot_bytes`)."""
+    if not _any_kernels(c):  # (the planner's millions of eager rows pay nothing)
+        return np.zeros(len(c))
     blocks, final, _ = fused_norm_saved_bytes(c)
     dense_layers = c.layers - c.moe_layers
     per_block = blocks + fused_mlp_saved_bytes(c) * np.where(c.moe_layers > 0, c.moe_layers, dense_layers)
@@ -864,6 +873,8 @@ def router_fp32_saved_bytes(c: Columns) -> Array:
     the matmul runs in 16 bits: with fp32 masters on the casts autocast makes anyway (nothing
     more); on a frozen 16-bit LoRA base the weight's fp32 copy is cast back, a new 16-bit tensor,
     saved. Not under full recompute (the re-run block's, beside it, is small)."""
+    if not (c.router_fp32_logits == 1).any():
+        return np.zeros(len(c))
     t, eh = c.batch * c.seq, c.experts * c.hidden
     pure = np.where(compute_bytes(c) < FP32, FP32 * (eh + (c.lora == 0) * t * c.hidden), 0.0)
     per_layer = np.where(autocast(c), c.lora * 2.0 * eh, np.where(c.kbit == 1, 0.0, pure))
