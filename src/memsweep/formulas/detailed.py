@@ -569,7 +569,7 @@ def gelu_layers(c: Columns) -> Array:
     return np.where(c.lora == 1, np.maximum(dense - 1, 0) + first * (dense > 0), dense)
 
 
-def gelu_ops_bytes(c: Columns, backward: bool = False) -> Array:
+def gelu_ops_bytes(c: Columns, backward: bool = False, ops: Array | None = None) -> Array:
     """One dense layer's GELU written out op by op (ModelSpec.activation, transformers'
     hidden_act), training: what autograd keeps beyond the fused kernel, which keeps its input x
     alone. gelu_fast (`0.5 * x * (1 + tanh(x * 0.79788 * (1 + 0.044715 * x * x)))`,
@@ -584,12 +584,15 @@ def gelu_ops_bytes(c: Columns, backward: bool = False) -> Array:
     products). From the operators' derivatives (tools/autograd/derivatives.yaml); every count is
     the reference step's (tests/test_detailed_accuracy.py)."""
     cb = compute_bytes(c)
+    # `ops`: which GELU, where the caller knows it (GPT-2's gelu_new, which its own table holds);
+    # else the llama family's `gelu_ops`
+    ops = np.where(c.family == FAMILY_CODES["llama"], c.gelu_ops, 0.0) if ops is None else ops
     # (a GeGLU's product then keeps gelu_new's fp32 output instead of a 16-bit one: 2 more)
-    per = np.select([c.gelu_ops == 1, c.gelu_ops == 3, (c.gelu_ops == 2) & autocast(c), c.gelu_ops == 2],
+    per = np.select([ops == 1, ops == 3, (ops == 2) & autocast(c), ops == 2],
                     [6.0 * cb, 2.0 * cb, 4.0 + 4.0 + 2.0 + 4.0 - 2.0 + 2.0 * c.geglu, 3.0 * cb], default=0.0)
     if backward:
-        per = per + np.select([c.gelu_ops == 3, c.gelu_ops > 0], [3.0 * cb, cb], default=0.0)
-    on = (c.training == 1) & (c.family == FAMILY_CODES["llama"])
+        per = per + np.select([ops == 3, ops > 0], [3.0 * cb, cb], default=0.0)
+    on = c.training == 1
     return np.where(on, per * c.batch * c.seq * c.ffn / c.tp, 0.0)
 
 
@@ -810,9 +813,8 @@ def fused_mlp_saved_bytes(c: Columns) -> Array:
     keeps its input alone (`gelu_ops_bytes`). Routed experts run eager; shared experts are MLPs."""
     t = c.batch * c.seq
     ob = linear_out_bytes(c)
-    gelu = np.where(c.family == FAMILY_CODES["gpt2"], gelu_ops_bytes(replace(c, gelu_ops=np.full_like(c.gelu_ops, 2.0),
-                                                                             family=np.full_like(c.family, FAMILY_CODES["llama"]))),
-                    gelu_ops_bytes(c))
+    gpt2 = c.family == FAMILY_CODES["gpt2"]
+    gelu = gelu_ops_bytes(c, ops=np.where(gpt2, 2.0, np.where(c.family == FAMILY_CODES["llama"], c.gelu_ops, 0.0)))
     dense_ffn = np.where(c.moe_layers > 0, c.shared_ffn, c.ffn)
     gated = np.where(c.gated_mlp == 1, t * dense_ffn * ob / c.tp, 0.0)
     # (compiled blocks: the partitioner recomputes the activation from gate(x) and up(x) the same way)
@@ -844,7 +846,7 @@ def fused_kernels_saved_bytes(c: Columns) -> Array:
     per_block = blocks + fused_mlp_saved_bytes(c) * np.where(c.moe_layers > 0, c.moe_layers, dense_layers)
     # (an MoE model's dense layers run a dense MLP: those layers save as a dense model's)
     per_block = per_block + np.where(c.moe_layers > 0, fused_mlp_saved_bytes(replace(c, moe_layers=np.zeros_like(c.moe_layers)))
-                                     * dense_layers, 0.0) * (c.fused_mlp == 1)
+                                     * dense_layers, 0.0)
     # the logits instead of the log-softmax, and fp32 row statistics: the fused kernel's log-sum-exp,
     # or what the partitioner keeps of a compiled loss (the row maximum and the log of the sum)
     stats = np.where(c.fused_ce == 1, FP32, 2.0 * FP32) * c.batch * c.seq / c.tp

@@ -21,7 +21,6 @@ from typing import Any
 
 import torch
 from torch import Tensor
-from torch.func import functional_call
 from torch.utils._python_dispatch import _disable_current_modes
 
 
@@ -165,23 +164,34 @@ class Compiler:
         """Trace the block now (outside a checkpoint, whose saved-tensor hooks must not see the trace)."""
         self(block, x, rope, mask, trace_only=True)
 
+    def module(self, key: tuple, module: torch.nn.Module, call, tensors: list[Tensor],
+               trace_only: bool = False) -> Tensor | None:
+        """`call(*tensors)`, which runs `module`, compiled: the module's parameters and buffers
+        (a RoPE cache) enter the graph as inputs, not constants, so one trace serves every module
+        of the same structure."""
+        from torch.nn.utils.stateless import _reparametrize_module
+
+        names = [n for n, _ in module.named_parameters()] + [n for n, _ in module.named_buffers()]
+        state = [p for _, p in module.named_parameters()] + [b for _, b in module.named_buffers()]
+
+        def run(*args: Tensor) -> Tensor:
+            with _reparametrize_module(module, dict(zip(names, args[:len(names)]))):
+                return call(*args[len(names):])
+
+        return self.run(key, run, [*state, *tensors], trace_only)
+
     def __call__(self, block: torch.nn.Module, x: Tensor, rope: tuple[Tensor, Tensor] | None,
                  mask: Tensor | None, trace_only: bool = False) -> Tensor | None:
         """A block (measure/models.Block) on x, compiled on its own, as torchtitan and torchtune do."""
-        names = [n for n, _ in block.named_parameters()]
-        params = [p for _, p in block.named_parameters()]
         has_rope, has_mask = rope is not None, mask is not None
 
-        def run(*args: Tensor) -> Tensor:
-            p = dict(zip(names, args[:len(names)]))
-            rest = list(args[len(names):])
-            xx = rest.pop(0)
-            r = (rest.pop(0), rest.pop(0)) if has_rope else None
-            m = rest.pop(0) if has_mask else None
-            return functional_call(block, p, (xx, r, None, 0, m))
+        def call(xx: Tensor, *rest: Tensor) -> Tensor:
+            r = (rest[0], rest[1]) if has_rope else None
+            return block(xx, r, None, 0, rest[-1] if has_mask else None)
 
-        inputs = [*params, x, *(rope or ()), *([mask] if has_mask else [])]
-        return self.run(("block", type(block.mlp).__name__, block.local, has_rope, has_mask), run, inputs, trace_only)
+        tensors = [x, *(rope or ()), *([mask] if has_mask else [])]
+        return self.module(("block", type(block.mlp).__name__, block.local, has_rope, has_mask), block, call, tensors,
+                           trace_only)
 
     def loss(self, logits: Tensor, targets: Tensor) -> Tensor:
         """The mean cross-entropy of fp32-upcast logits, compiled (torchtune's compile_loss)."""

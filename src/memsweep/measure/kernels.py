@@ -209,6 +209,18 @@ def fused_rope(x: Tensor, cos: Tensor, sin: Tensor) -> Tensor:
     return FusedRope.apply(x, cos, sin)
 
 
+def _row_loss(logits: Tensor, targets: Tensor) -> tuple[Tensor, Tensor]:
+    """(log-sum-exp, loss) of each row of logits (n, V), in fp32 (fp64 for fp64)."""
+    lse = torch.logsumexp(_up(logits), dim=-1)
+    return lse, lse - _up(logits.gather(1, targets[:, None]).squeeze(1))
+
+
+def _row_gradient(logits: Tensor, lse: Tensor, targets: Tensor) -> Tensor:
+    """d loss / d logits of each row: softmax minus the target's one-hot."""
+    grad = torch.exp(_up(logits) - lse[:, None])
+    return grad.scatter_add_(1, targets[:, None], torch.full_like(lse[:, None], -1.0))
+
+
 class FusedCrossEntropy(torch.autograd.Function):
     """Per-row cross-entropy of logits (n, V) in their own dtype: saves the logits and an fp32
     log-sum-exp per row; the backward writes the gradient into the logits' storage
@@ -220,8 +232,10 @@ class FusedCrossEntropy(torch.autograd.Function):
         loss = torch.empty(logits.size(0), dtype=acc, device=logits.device)
         lse = torch.empty(logits.size(0), dtype=acc, device=logits.device)
         with one_kernel():
-            lse.copy_(torch.logsumexp(_up(logits), dim=-1))
-            loss.copy_(lse - _up(logits.gather(1, targets[:, None]).squeeze(1)))
+            row_lse, row_loss = _row_loss(logits, targets)
+            lse.copy_(row_lse)
+            loss.copy_(row_loss)
+            del row_lse, row_loss
         ctx.save_for_backward(logits, lse, targets)
         return loss
 
@@ -229,8 +243,7 @@ class FusedCrossEntropy(torch.autograd.Function):
     def backward(ctx, dloss: Tensor) -> tuple[Tensor | None, ...]:
         logits, lse, targets = ctx.saved_tensors
         with one_kernel():
-            grad = torch.exp(_up(logits) - lse[:, None])
-            grad.scatter_add_(1, targets[:, None], torch.full_like(lse[:, None], -1.0))
+            grad = _row_gradient(logits, lse, targets)
             logits.copy_(grad * _up(dloss[:, None]))
             del grad
         return logits, None
@@ -257,10 +270,8 @@ class FusedLinearCrossEntropy(torch.autograd.Function):
             xc, tc = x[start:start + chunk], targets[start:start + chunk]
             logits = F.linear(xc, weight)  # the chunk's logits, in autocast's dtype when it runs
             with one_kernel():  # Liger's cross-entropy kernel: the loss, then the gradient in place
-                lse = torch.logsumexp(_up(logits), dim=-1)
-                loss[start:start + chunk] = lse - _up(logits.gather(1, tc[:, None]).squeeze(1))
-                grad = torch.exp(_up(logits) - lse[:, None])
-                grad.scatter_add_(1, tc[:, None], torch.full_like(lse[:, None], -1.0))
+                lse, loss[start:start + chunk] = _row_loss(logits, tc)
+                grad = _row_gradient(logits, lse, tc)
                 logits.copy_(grad / n)
                 del grad, lse
             grad_input[start:start + chunk] = logits @ weight  # (chunk, h): a matmul, then the copy

@@ -271,26 +271,14 @@ def _compile(model: torch.nn.Module, loss_fn, layer_type: type):
     """torchtune's `compile_model` (every TransformerSelfAttentionLayer compiled on its own) and
     `compile_loss`, traced as measure/compiled.py traces a compiled block: AOTAutograd's partition,
     run as Inductor lays out memory."""
-    from torch.nn.utils.stateless import _reparametrize_module
-
     from memsweep.measure.compiled import Compiler
 
     compiler = Compiler()
     for layer in [m for m in model.modules() if isinstance(m, layer_type)]:
-        eager = layer.forward
-        # its parameters and buffers (the RoPE cache) enter the graph as inputs, not constants
-        names = [n for n, _ in layer.named_parameters()] + [n for n, _ in layer.named_buffers()]
-
-        def forward(x, *args, _layer=layer, _eager=eager, _names=names, **kwargs):
+        def forward(x, *args, _layer=layer, _eager=layer.forward, **kwargs):
             if args or any(v is not None for v in kwargs.values()):
                 return _eager(x, *args, **kwargs)
-
-            def run(*inputs):
-                with _reparametrize_module(_layer, dict(zip(_names, inputs[:-1]))):
-                    return _eager(inputs[-1])
-
-            state = [p for _, p in _layer.named_parameters()] + [b for _, b in _layer.named_buffers()]
-            return compiler.run(("torchtune-layer",), run, [*state, x])
+            return compiler.module(("torchtune-layer",), _layer, _eager, [x])
 
         layer.forward = forward
 
