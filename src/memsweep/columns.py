@@ -136,6 +136,7 @@ class Columns:
     pp: Array
     dp: Array
     zero: Array
+    deepspeed: Array  # parallel.stack=deepspeed (1): ZeRO's 16-bit replicas; 0: torch's FSDP2
     sequence_parallel: Array
     ep: Array
 
@@ -228,7 +229,7 @@ def _spec_values(spec: JobSpec) -> dict[str, float]:
         "recompute_full": spec.recompute == "full",
         "eager_attention": spec.attention == "eager",
         "sm": 10.0 * spec.hardware.capability[0] + spec.hardware.capability[1],
-        "tp": p.tp, "pp": p.pp, "dp": p.dp, "zero": p.zero,
+        "tp": p.tp, "pp": p.pp, "dp": p.dp, "zero": p.zero, "deepspeed": p.stack == "deepspeed",
         "sequence_parallel": p.sequence_parallel, "ep": p.ep,
     }
 

@@ -665,6 +665,9 @@ class OptimizerSpec:
         return OPTIMIZER_STATES[self.name]
 
 
+PARALLEL_STACKS = ("fsdp", "deepspeed")
+
+
 @dataclass(frozen=True)
 class Parallel:
     """Parallel layout; every memory figure memsweep reports is per GPU."""
@@ -678,6 +681,10 @@ class Parallel:
     ep: int = 1
     """Expert parallelism: the routed experts are split over `ep` of the `dp` ranks (as in
     Megatron-Core and DeepSpeed-MoE), so ep divides dp and adds no GPUs."""
+    stack: str = "fsdp"
+    """Who shards the data-parallel ranks (parallel.zero >= 1): `fsdp`, torch's FSDP2 (torchtitan,
+    torchtune, accelerate): every parameter sharded at rest from ZeRO-2 on, all-gathered per
+    block; `deepspeed`: DeepSpeed's ZeRO, 16-bit replicas of the weights below stage 3."""
 
     def __post_init__(self) -> None:
         check_label("parallel.name", self.name)
@@ -688,6 +695,7 @@ class Parallel:
         if self.zero not in (0, 1, 2, 3) or isinstance(self.zero, bool):
             raise ConfigError("parallel.zero", self.zero, "0, 1, 2, 3")
         check_bool("parallel.sequence_parallel", self.sequence_parallel)
+        check_choice("parallel.stack", self.stack, PARALLEL_STACKS)
 
     @property
     def gpus(self) -> int:

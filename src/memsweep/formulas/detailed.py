@@ -169,25 +169,128 @@ def weights_bytes(c: Columns) -> Array:
     frozen = tq.frozen_base_bytes(c, other)
     # with 16-bit compute parameters (mixed_policy=param_dtype, offload) the fp32 master is the
     # optimizer's (`master_bytes`)
-    trained = np.where(c.param_policy == 1, compute_bytes(c), trainable_bytes(c))
+    # (FSDP2's shards are fp32: the master itself)
+    trained = np.where((c.param_policy == 1) & ~fsdp(c), compute_bytes(c), trainable_bytes(c))
     stored = np.where(full_train, p * trained, frozen + p_lora * trained)
-    # parameters offloaded to the CPU: only the layers being gathered are on the GPU
-    return np.where(c.offload_params == 1, tq.gathered_bytes(c, compute_bytes(c)), per_gpu(c, stored, 3))
+    # parameters offloaded to the CPU: only the layers being gathered are on the GPU; FSDP2
+    # shards every parameter at rest from ZeRO-2 on (its ZeRO-2 differs in the forward only)
+    sharded = np.where(fsdp(c), per_gpu(c, stored, 2), per_gpu(c, stored, 3))
+    return np.where(c.offload_params == 1, tq.gathered_bytes(c, compute_bytes(c)), sharded)
 
 
 def master_bytes(c: Columns) -> Array:
     """Mixed precision with 16-bit compute parameters keeps an fp32 master of each trained one
     beside the optimizer states (DeepSpeed's `fp32_partitioned_groups`, FSDP2's fp32 shards)."""
-    return np.where(c.param_policy == 1, per_gpu(c, updated_params(c) * FP32, 1), 0.0)
+    return np.where((c.param_policy == 1) & ~fsdp(c), per_gpu(c, updated_params(c) * FP32, 1), 0.0)
 
 
 def gathered_layer_bytes(c: Columns) -> Array:
-    """ZeRO-3 / FSDP in the forward and backward: the layer running and the one prefetched are
-    whole (all-gathered), in the dtype they compute with (fp32 under autocast, whose casts the
-    tables count; 16-bit with param_dtype)."""
-    elem = np.where(c.param_policy == 1, compute_bytes(c), trainable_bytes(c))
-    on = (c.training == 1) & (c.zero >= 3) & (c.dp > 1) & (c.offload_params == 0)
-    return np.where(on, tq.gathered_bytes(c, elem), 0.0)
+    """DeepSpeed's ZeRO-3 in the forward and backward: the layer running and the one prefetched
+    are whole (all-gathered), in the dtype they compute with (fp32 under autocast, whose casts the
+    tables count; 16-bit with param_dtype). FSDP2's moments: `fsdp_gathered`."""
+    on = (c.training == 1) & (c.zero >= 3) & (c.dp > 1) & (c.offload_params == 0) & (c.deepspeed == 1)
+    if not on.any():
+        return np.zeros(len(c))
+    root, block, _ = gather_units(c)
+    return np.where(on, (root + 2.0 * block) / c.tp, 0.0)
+
+
+def fsdp(c: Columns) -> Array:
+    """Training sharded by torch's FSDP2 (`parallel.stack=fsdp`, ZeRO-2 or 3 over dp > 1 ranks)."""
+    return (c.training == 1) & (c.zero >= 2) & (c.dp > 1) & (c.offload_params == 0) & (c.deepspeed == 0)
+
+
+def _root_params(c: Columns) -> Array:
+    """The root module's parameters: embeddings and an untied head (the final norm is negligible)."""
+    return (c.vocab * c.hidden * (2.0 - c.tied_embeddings) + c.learned_positions * c.max_positions * c.hidden
+            + c.type_vocab * c.hidden)
+
+
+def fsdp_units(c: Columns) -> tuple[Array, Array, Array]:
+    """`gather_units` on FSDP2's rows (per tensor rank), zeros elsewhere."""
+    on = fsdp(c)
+    return tuple(np.where(on, x / c.tp, 0.0) for x in gather_units(c))
+
+
+def gather_units(c: Columns) -> tuple[Array, Array, Array]:
+    """(root, block, reduce-scatter input): what ZeRO-3 all-gathers for the root module and for one
+    block, in the dtype it gathers them (each parameter's own: fp32 under autocast, the 16-bit
+    `MixedPrecisionPolicy.param_dtype` with mixed_policy=param_dtype; a LoRA base in its stored
+    format, a 4-bit base as its packed bytes, as torchao's NF4Tensor and bitsandbytes with
+    `bnb_4bit_quant_storage` shard it), and one block's gradients as the reduce-scatter takes them
+    (fp32 with param_dtype: `reduce_dtype=float32`, as torchtitan sets it)."""
+    gather = np.where(c.param_policy == 1, compute_bytes(c), trainable_bytes(c))
+    root_p = _root_params(c)
+    full = c.lora == 0
+    other = np.where(c.kbit == 1, FP32, np.where(tq.quantized(c), compute_bytes(c), c.dtype_bytes))
+    frozen_blocks = tq.frozen_base_bytes(c, other) - root_p * other
+    adapters = lora_params(c) / c.layers
+    block = np.where(full, (base_params(c) - root_p) / c.layers * gather, frozen_blocks / c.layers + adapters * gather)
+    root = root_p * np.where(full, gather, other)
+    trained = np.where(full, (base_params(c) - root_p) / c.layers, adapters)
+    reduce = trained * np.where(c.param_policy == 1, FP32, gather)
+    return root, block, reduce
+
+
+def fsdp_root_reduce(c: Columns) -> tuple[Array, Array]:
+    """(gradients, reduce-scatter input) of the root at its post-backward, the end of the step:
+    its unsharded gradients (embeddings and head, as computed) copied into one flat input in the
+    reduce dtype, both alive at the copy."""
+    trained = _root_params(c) * (c.lora == 0)
+    gather = np.where(c.param_policy == 1, compute_bytes(c), trainable_bytes(c))
+    reduce = np.where(c.param_policy == 1, FP32, gather)
+    on = fsdp(c)
+    return np.where(on, trained * gather / c.tp, 0.0), np.where(on, trained * reduce / c.tp, 0.0)
+
+
+def fsdp_backward_saved(c: Columns, saved: Array) -> Array:
+    """Saved activations when FSDP2's backward is one block in: the loss's slot and, under autocast,
+    the head's 16-bit weight cast freed by the head's backward, and the last block's share (the
+    saved set over the layers) consumed by its own."""
+    cast = (autocast(c) | (c.param_policy == 1)) & (c.lora == 0) & (c.fused_loss == 0)
+    after_head = saved - loss_slot_bytes(c) - cast * 2.0 * c.vocab * c.hidden / c.tp
+    return after_head * (c.layers - 1) / c.layers
+
+
+def fsdp_root_gradient_bytes(c: Columns) -> Array:
+    """The root's unsharded gradients (the head's, in the dtype it computes them; tied, its share of
+    the embedding's), alive from the head's backward until the root's own post-backward
+    reduce-scatter at the end of the step."""
+    head = c.vocab * c.hidden * (c.lora == 0)  # tied: the head's share of the embedding's gradient
+    gather = np.where(c.param_policy == 1, compute_bytes(c), trainable_bytes(c))
+    return np.where(fsdp(c), head * gather / c.tp, 0.0)
+
+
+def fsdp_gathered(c: Columns) -> dict[str, Array]:
+    """FSDP2's unsharded parameters and communication buffers at each moment of a training step
+    (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py, torch 2.13), beside the sharded
+    state. Every all-gather writes a flat output (the group's bytes), copied out into the
+    unsharded parameters; in the forward the previous group's output is freed only after the
+    next group's copy-out (`wait_for_unshard`, implicit prefetch), in the backward right after
+    its own. The root (embeddings, head) is gathered first, and under FSDP2's default for the
+    root (`reshard_after_forward` unset) stays so to the end of the backward. ZeRO-3
+    (`reshard_after_forward=True`) frees a block's parameters after its forward and gathers them
+    again before its backward, prefetching the next block's (`_backward_prefetch`); ZeRO-2
+    (False) keeps every block gathered from its forward to its backward. A block's gradients are
+    copied into one reduce-scatter input, kept until the next block's reduce-scatter is issued
+    (`reduce_scatter_max_input_buffers=1`).
+
+    forward_start: the root's output and parameters with the first block's (2 root + 2 block);
+    forward_block: the last block's copy-out (root + previous, own output + own parameters;
+    ZeRO-2: every earlier block too); loss: the end of the forward and the logits' gradient, the
+    root (ZeRO-2: every block); head: the root's backward, + the last block's prefetched output (ZeRO-2: every block, nothing to prefetch); block: a block's
+    backward (its parameters, the next one's prefetch, the previous reduce-scatter input);
+    first_block: the first block's backward (nothing left to prefetch); end: the root's
+    post-backward (its own reduce-scatter input: `fsdp_root_reduce`)."""
+    root, block, reduce = fsdp_units(c)
+    z2 = (c.zero == 2) * c.layers * block  # ZeRO-2: every block's parameters, gathered once
+    return {"forward_start": 2.0 * root + 2.0 * block,
+            "forward_block": root + 3.0 * block + np.maximum(z2 - block, 0.0),
+            "loss": root + z2,
+            "head": root + np.where(c.zero == 2, z2, block),
+            "block": root + np.where(c.zero == 2, z2, 2.0 * block) + reduce,
+            "first_block": root + block + reduce,
+            "end": root}
 
 
 def gradients_bytes(c: Columns) -> Array:
@@ -1333,12 +1436,12 @@ def inference_logits_bytes(c: Columns) -> Array:
 
 # --- moments ----------------------------------------------------------------------------------
 
-TRAIN_PHASES = ("forward", "forward_window_call", "loss", "head_backward", "head_grad_cast", "head_step",
-                "backward_recompute", "backward_first_block", "backward_first_block_softmax", "attention_backward",
+TRAIN_PHASES = ("forward", "fsdp_forward_start", "fsdp_forward_block", "forward_window_call", "loss", "head_backward", "head_grad_cast", "head_step",
+                "backward_recompute", "fsdp_backward_block", "backward_first_block", "backward_first_block_softmax", "attention_backward",
                 "embedding_backward", "optimizer_step")
 """The training moments `peak_breakdown` takes the largest of, by the name a result row's
 `peak_phase` gives the winner (docs/formulas.md, "Moments"): the forward's end (inside the loss,
-the logits alive); under recompute, inside a sliding-window layer's SDPA call (`window_call_bytes`);
+the logits alive); FSDP2's first and last block all-gathers (`fsdp_gathered`); under recompute, inside a sliding-window layer's SDPA call (`window_call_bytes`);
 the backward's start (the logits' gradient); three moments of the LM head's backward (its matmul;
 the fp32 gradient made from the 16-bit cast's; stepped there); a recomputed block; the first
 block's backward under full recompute (at its MLP, then at its softmax); the last layer's eager
@@ -1360,6 +1463,7 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
     and `peak_phase` both take the first largest of each list, so they agree by construction."""
     w_step = k.weights_factor * weights_bytes(c)
     w = w_step + k.weights_factor * gathered_layer_bytes(c)  # in the forward and backward
+    fs = {name: w + k.weights_factor * x for name, x in fsdp_gathered(c).items()}  # FSDP2's, per moment
     o = k.optimizer_factor * optimizer_bytes(c)
     # stepped in the backward, no gradient set ever exists: the backward's moments hold one
     # parameter's gradient and step temporaries instead (`in_backward_bytes`)
@@ -1385,29 +1489,52 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
     recomputing = (c.recompute_full == 1) | (c.recompute_selective == 1)
     kept_so_far = np.where(c.recompute_full == 1, block_now[0], saved_bytes)
     end_grads, end_acts = embedding_end_bytes(c, g, inputs)
+    sharded = fsdp(c)
+    # FSDP2: a block's unsharded gradients exist until its reduce-scatter (the root's to the end)
+    _, _, block_grads = fsdp_units(c)
+    block_grads = block_grads + fsdp_root_gradient_bytes(c)  # one block's unsharded, the head's
+    root_grads, root_reduce = fsdp_root_reduce(c)
+    fsdp_first = np.where(sharded, fs["forward_block"] - fs["forward_start"], 0.0)
     train = [
-        Breakdown.of(w, weights=w, optimizer=o, gradients=g_acc,
+        Breakdown.of(w, weights=fs["loss"], optimizer=o, gradients=g_acc,
                      activations=saved + act * (autocast_cache_bytes(c) + train_cache_bytes(c)
                                                 + final_hidden_bytes(c)),
                      logits=lg * (live_logits_bytes(c) + final_softcap_bytes(c)), overhead=overhead),
+        # FSDP2's forward: the first block's all-gather beside the root's output, then the last
+        # block's (every other block's saved activations kept)
+        Breakdown.of(w, weights=np.where(sharded, fs["forward_start"], 0.0), optimizer=o * sharded,
+                     gradients=g_acc * sharded, overhead=overhead * sharded, activations=inputs * sharded),
+        Breakdown.of(w, weights=np.where(sharded, fs["forward_block"], 0.0), optimizer=o * sharded,
+                     gradients=g_acc * sharded, overhead=overhead * sharded,
+                     activations=sharded * saved * (c.layers - 1) / c.layers),
         # recomputing, the blocks keep nothing else: what is kept so far and a window call's masks
         Breakdown.of(w, weights=w, optimizer=o, gradients=g_acc, overhead=overhead,
                      activations=act * np.where(recomputing & (window > 0), kept_so_far + window, 0.0)),
-        Breakdown.of(w, weights=w, optimizer=o, activations=saved,
+        Breakdown.of(w, weights=fs["loss"], optimizer=o, activations=saved,
                      logits=lg * (logits_gradient_bytes(c) + final_softcap_bytes(c)),
                      gradients=g_acc, overhead=overhead),
-        *(Breakdown.of(w, weights=w, optimizer=o, activations=act * head_acts,
+        *(Breakdown.of(w, weights=fs["head"], optimizer=o, activations=act * head_acts,
                        gradients=k.gradients_factor * head_grads + g_acc, overhead=overhead)
           for head_acts, head_grads in head),
-        Breakdown.of(w, weights=w, optimizer=o, gradients=g_bwd,
+        # (the re-run block's term holds the gradients made so far: the head's, FSDP2's too)
+        Breakdown.of(w, weights=fs["block"], optimizer=o, gradients=g_bwd,
                      activations=act * full_recompute_layer_bytes(c, block_now, kernel, window) * c.recompute_full, overhead=overhead),
-        *(Breakdown.of(w, weights=w, optimizer=o,
-                       gradients=np.where(in_bwd | (c.grad_accum > 1), g_bwd, k.gradients_factor * grads) * c.recompute_full,
+        # FSDP2: the last block's backward ends (its gradients made, every other block's saved
+        # activations still kept), beside its parameters, the next one's prefetch and the root's
+        Breakdown.of(w, weights=np.where(sharded, fs["block"], 0.0), optimizer=o * sharded, overhead=overhead * sharded,
+                     gradients=sharded * (g_acc + block_grads),
+                     activations=sharded * np.where(c.recompute_full == 1, kept_so_far, fsdp_backward_saved(c, saved))),
+        *(Breakdown.of(w, weights=fs["first_block"], optimizer=o,
+                       gradients=np.where(in_bwd | (c.grad_accum > 1), g_bwd, k.gradients_factor * grads) * c.recompute_full
+                       + block_grads * c.recompute_full,
                        activations=act * first * c.recompute_full, overhead=overhead)
           for grads, first in full_recompute_first_block(c, block)),
-        Breakdown.of(w, weights=w, optimizer=o, activations=act * eager_backward_bytes(c, saved_bytes, kernel),
-                     gradients=g_acc, overhead=overhead),
-        Breakdown.of(w, weights=w, optimizer=o, gradients=k.gradients_factor * end_grads,
+        Breakdown.of(w, weights=fs["block"], optimizer=o, activations=act * eager_backward_bytes(c, saved_bytes, kernel),
+                     gradients=g_acc + block_grads, overhead=overhead),
+        # FSDP2: the embedding's backward beside the gathered root, then the root's reduce-scatter
+        # input once it has resharded (post_backward reshards before it reduces), whichever is larger
+        Breakdown.of(w, weights=np.where(sharded, np.maximum(fs["end"], w + k.weights_factor * root_reduce), w), optimizer=o,
+                     gradients=k.gradients_factor * np.where(sharded, g + root_grads, end_grads),
                      activations=act * end_acts, overhead=overhead),
         Breakdown.of(w, weights=w_step, optimizer=o, optimizer_step=k.optimizer_step_factor * optimizer_step_temporary_bytes(c),
                      gradients=g, activations=np.full_like(w, 1.0) * inputs, overhead=overhead),
@@ -1463,9 +1590,10 @@ in measure/workloads.py). Training: forward (the forward and the loss), backward
 backward to the last gradient: recomputation and in-backward steps included), optimizer (step
 and zero_grad); inference: prefill (the cache's allocation and the prompt), decode."""
 PHASE_OF_MOMENT = {
-    "forward": "forward", "forward_window_call": "forward", "loss": "backward", "head_backward": "backward",
+    "forward": "forward", "fsdp_forward_start": "forward", "fsdp_forward_block": "forward",
+    "forward_window_call": "forward", "loss": "backward", "head_backward": "backward",
     "head_grad_cast": "backward",
-    "head_step": "backward", "backward_recompute": "backward", "backward_first_block": "backward",
+    "head_step": "backward", "backward_recompute": "backward", "fsdp_backward_block": "backward", "backward_first_block": "backward",
     "backward_first_block_softmax": "backward", "attention_backward": "backward", "embedding_backward": "backward",
     "optimizer_step": "optimizer", "prefill": "prefill", "prefill_logits": "prefill", "prefill_scores": "prefill",
     "decode": "decode", "decode_gqa_repeat": "decode", "decode_dequant": "decode", "decode_first_step": "decode",

@@ -20,6 +20,7 @@ from torch._subclasses.fake_tensor import FakeTensorMode
 from memsweep.columns import Columns
 from memsweep.formulas import FORMULAS
 from memsweep.measure.autocast import cuda_policy
+from memsweep.measure.parallel import traced_rank
 from memsweep.measure.sdpa import cuda_sdpa, observe_sdpa
 from memsweep.measure.timing import TIMED_PHASES, CudaEventTimer, PerfCounterTimer, Timings, timed_steps
 from memsweep.measure.tracker import StorageTracker
@@ -122,7 +123,9 @@ def _tracked_steps(spec: JobSpec, device: str, timed: bool, sdpa: observe_sdpa |
     and `sdpa` (which picks or records the attention kernels); timed ones phase by phase with
     perf_counter (so cpu times include the tracker's per-op cost). Untimed (fake) runs decode only
     the last token: the same peak (see `prepare`)."""
-    with cuda_policy() if device == "cpu" else contextlib.nullcontext(), StorageTracker() as tracker, sdpa:
+    tracker = StorageTracker()
+    with (cuda_policy() if device == "cpu" else contextlib.nullcontext(), tracker, sdpa,
+          traced_rank(spec, tracker)):
         prepared = prepare_for(spec)(spec, device, tracker, last_decode_only=not timed)
         for _ in range(spec.measure.warmup):
             prepared.step()

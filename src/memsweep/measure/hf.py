@@ -40,7 +40,7 @@ from memsweep.hf_config import COMMON_KEYS, read_config, spec_from_config, text_
 from memsweep.measure.models import as_a_decode_step_leaves_it, new_tokens
 from memsweep.measure.tracker import StorageTracker
 from memsweep.measure.workloads import (
-    Prepared, Unmeasurable, _NoTracker, check_single_gpu, check_techniques, storage_dtypes, train_step,
+    Prepared, Unmeasurable, _NoTracker, check_layout, check_techniques, shard, storage_dtypes, train_step,
 )
 from memsweep.specs import JobSpec, ModelSpec
 
@@ -302,7 +302,7 @@ def prepare_hf(spec: JobSpec, device: str, tracker: StorageTracker | None = None
     grouped_mm_as_cuda()
     if spec.recompute == "selective":
         raise Unmeasurable("measure.impl=hf: transformers has no selective recompute; recompute=none or full")
-    check_single_gpu(spec)
+    check_layout(spec, device)
     check_techniques(spec, "hf")
     if w.prefill_logits == "all" and w.kind == "inference":
         raise Unmeasurable("workload.prefill_logits=all: this transformers keeps the last position's logits; "
@@ -396,9 +396,19 @@ def grouped_mm_as_cuda() -> torch.library.Library:
     return lib
 
 
+def decoder_layers(model: torch.nn.Module, layers: int) -> torch.nn.ModuleList:
+    """The model's stack of blocks (`model.layers`, GPT-2's `transformer.h`, BERT's
+    `encoder.layer`, under peft's wrappers): the first ModuleList of `layers` modules."""
+    for module in model.modules():
+        if isinstance(module, torch.nn.ModuleList) and len(module) == layers:
+            return module
+    raise Unmeasurable(f"measure.impl=hf: no list of {layers} blocks found in {type(model).__name__}")
+
+
 def _train(spec: JobSpec, model, ids: torch.Tensor, tracker) -> Prepared:
     if spec.recompute == "full":  # every decoder layer (transformers 5.x renamed gradient_checkpointing_enable)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    shard(spec, model, decoder_layers(model, spec.model.layers))
 
     cache_kw = {"use_cache": spec.workload.use_cache} if spec.model.decoder else {}
 

@@ -52,7 +52,7 @@ from torch.autograd.graph import saved_tensors_hooks
 from memsweep.measure.hf import _fake_mode, _fake_parameters, _outside_modes, not_llama_like
 from memsweep.measure.tracker import StorageTracker
 from memsweep.measure.workloads import (
-    TORCH_DTYPES, Prepared, Unmeasurable, _NoTracker, check_single_gpu, train_step,
+    TORCH_DTYPES, Prepared, Unmeasurable, _NoTracker, check_layout, shard, train_step,
 )
 from memsweep.specs import JobSpec, ModelSpec
 
@@ -293,7 +293,7 @@ def prepare_torchtune(spec: JobSpec, device: str, tracker: StorageTracker | None
                       last_decode_only: bool = False) -> Prepared:
     """Like workloads.prepare, with torchtune's model, loss and memory techniques."""
     t = tracker or _NoTracker()
-    check_single_gpu(spec)
+    check_layout(spec, device)
     check(spec)
     with t.section("setup", "weights"):
         model, training = build(spec, device)
@@ -301,6 +301,7 @@ def prepare_torchtune(spec: JobSpec, device: str, tracker: StorageTracker | None
     modules = _import("torchtune.modules")
     if spec.recompute == "full":
         training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
+    shard(spec, model, model.layers)  # the recipes shard after wrapping the checkpoints (training.shard_model)
     chunks = spec.loss.chunks
     if chunks > 1:
         loss_fn = _import("torchtune.modules.loss").CEWithChunkedOutputLoss(num_output_chunks=chunks)

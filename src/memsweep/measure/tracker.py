@@ -110,6 +110,45 @@ class StorageTracker(TorchDispatchMode):
             self._forgotten.add(key)
         self._free(key)
 
+    def resized(self, storage: torch.UntypedStorage) -> None:
+        """A live storage changed size in place (`UntypedStorage.resize_`): FSDP2 frees a
+        parameter's unsharded storage with `resize_(0)` after its forward and backward and
+        re-allocates it with `resize_(n)` before the next all-gather; the storage never dies, so
+        a tracker that only counted births and deaths would keep every layer gathered."""
+        key = self._key(storage)
+        if key in self._forgotten:
+            return
+        entry = self._live.get(key)
+        if entry is None:
+            if storage.nbytes():
+                self._live[key] = (0, self.category)
+                weakref.finalize(storage, self._died, key)
+                entry = self._live[key]
+            else:
+                return
+        nbytes, cat = entry
+        self._live[key] = (storage.nbytes(), cat)
+        self.current.by_category[cat] += storage.nbytes() - nbytes
+        self._update_peaks()
+
+    @contextmanager
+    def counting_resizes(self) -> Iterator[None]:
+        """Count `UntypedStorage.resize_` while inside (it is a storage method, below the
+        dispatcher, so no TorchDispatchMode sees it; torch's own MemTracker patches it the same
+        way: torch/distributed/_tools/mem_tracker.py)."""
+        original = torch.UntypedStorage.resize_
+
+        def resize_(storage: torch.UntypedStorage, size: int):
+            out = original(storage, size)
+            self.resized(storage)
+            return out
+
+        torch.UntypedStorage.resize_ = resize_
+        try:
+            yield
+        finally:
+            torch.UntypedStorage.resize_ = original
+
     def _free(self, key: int) -> None:
         entry = self._live.pop(key, None)  # None: forgotten
         if entry is not None:

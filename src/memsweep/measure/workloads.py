@@ -122,19 +122,35 @@ def check_techniques(spec: JobSpec, impl: str) -> None:
         why = "loss.chunks with measure.impl=hf: measured with the reference models (measure.impl=reference)"
     elif spec.offload.any:
         why = "offload: a single-process CPU trace has no second memory to offload to; cpu_bytes and the GPU share are analytic"
-    elif spec.mixed and spec.mixed_policy != "autocast":
-        why = "mixed_policy=param_dtype: FSDP2 / DeepSpeed's parameter handling is analytic here (measure autocast)"
+    elif spec.mixed and spec.mixed_policy != "autocast" and spec.parallel.zero < 2:
+        why = ("mixed_policy=param_dtype on one GPU: DeepSpeed's 16-bit copies are analytic here; measured under "
+               "FSDP2 (parallel.zero=2 or 3), or measure autocast")
     elif spec.quant != "none" and spec.model.experts:
         why = f"quant={spec.quant} of an MoE model: the reference experts are not quantized"
     if why:
         raise Unmeasurable(why)
 
 
-def check_single_gpu(spec: JobSpec) -> None:
+def check_layout(spec: JobSpec, device: str) -> None:
+    """A parallel layout is traced as its rank 0 under a fake process group (measure/parallel.py);
+    a GPU run is one process on one GPU."""
+    from memsweep.measure.parallel import unmeasured_layout
+
     p = spec.parallel
-    if p.gpus > 1:
-        raise Unmeasurable(f"parallel={p.name} spans {p.gpus} GPUs; a measured run is one process, "
-                           "so only a single-GPU layout (tp=pp=dp=1) is measured")
+    if p.gpus > 1 and str(device).startswith("cuda"):
+        raise Unmeasurable(f"parallel={p.name} spans {p.gpus} GPUs; measure=cuda is one process on one GPU "
+                           "(measure=fake traces rank 0 of a data-parallel layout)")
+    why = unmeasured_layout(spec)
+    if why:
+        raise Unmeasurable(why)
+
+
+def shard(spec: JobSpec, model: torch.nn.Module, blocks) -> None:
+    """Under a data-parallel layout, FSDP2 over the fake mesh (measure/parallel.py)."""
+    if spec.parallel.gpus > 1:
+        from memsweep.measure.parallel import active_mesh, fully_shard_model
+
+        fully_shard_model(model, list(blocks), spec, active_mesh())
 
 
 def prepare(spec: JobSpec, device: str, tracker: StorageTracker | None = None,
@@ -148,7 +164,7 @@ def prepare(spec: JobSpec, device: str, tracker: StorageTracker | None = None,
     """
     t = tracker or _NoTracker()
     base_dtype, adapter_dtype = storage_dtypes(spec)
-    check_single_gpu(spec)
+    check_layout(spec, device)
     check_techniques(spec, "reference")
     fused = tuple(op for op in FUSABLE if getattr(spec.kernels, op) == "fused")
     if str(device).startswith("cuda") and (fused or spec.loss_kernel != "eager"):
@@ -178,6 +194,7 @@ def prepare(spec: JobSpec, device: str, tracker: StorageTracker | None = None,
             for p in model.base_parameters():
                 if p.dtype in (torch.float16, torch.bfloat16):
                     p.data = p.data.to(torch.float32)
+        shard(spec, model, model.blocks)
     with t.section("setup", "activations"):
         ids = torch.randint(0, spec.model.vocab, (spec.batch, spec.seq), device=device)
     if w.training:
@@ -233,8 +250,9 @@ def train_step(spec: JobSpec, model: torch.nn.Module, ids: torch.Tensor, tracker
     # (torchtune's optimizer_in_bwd), the gradient freed right after
     per_param = {p: make_optimizer(spec, [p]) for p in params} if in_backward else {}
     optimizer = None if in_backward else make_optimizer(spec, params)
-    autocast = (torch.autocast(ids.device.type, dtype=TORCH_DTYPES[spec.dtype]) if spec.mixed
-                else nullcontext())
+    # mixed_policy=param_dtype: FSDP2 gathers 16-bit parameters, no autocast (measure/parallel.py)
+    autocast = (torch.autocast(ids.device.type, dtype=TORCH_DTYPES[spec.dtype])
+                if spec.mixed and spec.mixed_policy == "autocast" else nullcontext())
 
     def step(prepared: Prepared) -> None:
         t, clock = prepared.tracker, prepared.timer

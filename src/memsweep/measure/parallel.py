@@ -1,0 +1,139 @@
+"""One rank of a multi-GPU job, traced in one process: torch's own FSDP2 under a fake process group.
+
+`torch.distributed.init_process_group("fake", ...)` (torch.testing._internal.distributed.fake_pg)
+answers every collective at once without moving data, so rank 0 of an N-way job runs alone: the
+model is built, `fully_shard` splits every parameter over the data-parallel mesh (dim-0 chunks,
+what each rank keeps), and the forward, backward and optimizer step run FSDP2's real code: the
+all-gathers into unsharded parameters before each block, their `resize_(0)` after it, the
+gradients' reduce-scatter buffers, the sharded AdamW states. Under `FakeTensorMode` nothing is
+allocated; the storage tracker counts what a GPU would hold, storage resizes included
+(`StorageTracker.counting_resizes`).
+
+Layouts measured this way (`measurable`): data parallel with ZeRO-3 (`fully_shard` per block and
+on the root, `reshard_after_forward=True`: FSDP2's default, torchtitan's and torchtune's) and ZeRO-2
+(`reshard_after_forward=False`: the unsharded parameters stay from a block's forward to its
+backward), with `mixed_policy=autocast` (fp32 parameters gathered in fp32, autocast casts) or
+`param_dtype` (FSDP2's `MixedPrecisionPolicy(param_dtype=<dtype>, reduce_dtype=float32)`, as
+torchtitan configures it: fp32 shards, 16-bit all-gathers, fp32 gradient reduction).
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator
+
+import torch
+from torch import nn
+
+from memsweep.specs import JobSpec
+
+
+def unmeasured_layout(spec: JobSpec) -> str | None:
+    """Why a parallel layout cannot be traced in one process yet (None: it can)."""
+    p = spec.parallel
+    if p.gpus == 1:
+        return None
+    if p.tp > 1 or p.pp > 1 or p.ep > 1:
+        return (f"parallel={p.name} (tp={p.tp}, pp={p.pp}, ep={p.ep}): tensor, pipeline and expert parallel "
+                "are analytic; a measured layout is data parallel with parallel.zero=2 or 3 (FSDP2)")
+    if p.zero < 2:
+        return (f"parallel.zero={p.zero}: DDP's C++ reducer cannot run on fake tensors; measured layouts are "
+                "parallel.zero=2 or 3 (FSDP2)")
+    if not spec.workload.training:
+        return f"parallel={p.name} with workload={spec.workload.name}: data parallel only shards training"
+    return None
+
+
+_MESH: list = []  # the mesh of the traced job (`traced_rank`), for the model builders
+
+
+def active_mesh():
+    if not _MESH:
+        raise RuntimeError("no parallel layout is being traced (measure.parallel.traced_rank)")
+    return _MESH[-1]
+
+
+@contextlib.contextmanager
+def traced_rank(spec: JobSpec, tracker) -> Iterator[None]:
+    """Rank 0 of the job's layout for the whole measurement (build, warm-up and measured steps):
+    the fake process group and mesh, storage resizes counted, FSDP2's gradients tagged. A single
+    GPU: nothing."""
+    if spec.parallel.gpus == 1:
+        yield
+        return
+    with fake_mesh(spec.parallel.dp) as mesh, tracker.counting_resizes(), tagged_gradients(lambda: tracker):
+        _MESH.append(mesh)
+        try:
+            yield
+        finally:
+            _MESH.pop()
+
+
+@contextlib.contextmanager
+def fake_mesh(world: int) -> Iterator[object]:
+    """A one-dimensional device mesh of `world` ranks on a fake process group, this process rank
+    0; the group is destroyed on exit (a sweep measures one job after another)."""
+    import torch.distributed as dist
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.testing._internal.distributed.fake_pg import FakeStore
+
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    if dist.is_initialized():
+        dist.destroy_process_group()
+    dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
+    try:
+        with _disable_current_modes():  # the mesh's rank tensor is real (outside fake and tracking modes)
+            mesh = init_device_mesh("cpu", (world,))
+        yield mesh
+    finally:
+        dist.destroy_process_group()
+
+
+def shard_policy(spec: JobSpec) -> dict:
+    """`fully_shard`'s keyword arguments for the job: ZeRO-3 reshards after the forward, ZeRO-2
+    keeps the gathered parameters to the backward; param_dtype gathers 16-bit parameters."""
+    from torch.distributed.fsdp import MixedPrecisionPolicy
+
+    from memsweep.measure.workloads import TORCH_DTYPES
+
+    kw: dict = {"reshard_after_forward": spec.parallel.zero >= 3}
+    if spec.mixed and spec.mixed_policy == "param_dtype":
+        kw["mp_policy"] = MixedPrecisionPolicy(param_dtype=TORCH_DTYPES[spec.dtype], reduce_dtype=torch.float32)
+    return kw
+
+
+def fully_shard_model(model: nn.Module, blocks: list[nn.Module], spec: JobSpec, mesh) -> None:
+    """FSDP2 as torchtitan applies it: each block its own group, then the root (the embeddings,
+    final norm and head) with FSDP2's default for a root, kept gathered from forward to backward."""
+    from torch.distributed.fsdp import fully_shard
+
+    kw = shard_policy(spec)
+    for block in blocks:
+        fully_shard(block, mesh=mesh, **kw)
+    # the root with FSDP2's default: not resharded after the forward (its backward follows at once)
+    kw.pop("reshard_after_forward")
+    fully_shard(model, mesh=mesh, **kw)
+
+
+@contextlib.contextmanager
+def tagged_gradients(tracker) -> Iterator[None]:
+    """FSDP2 assigns each sharded gradient itself after the reduce-scatter (no autograd
+    accumulation, so no post-accumulate-grad hook fires): tag them as gradients there."""
+    from torch.distributed.fsdp._fully_shard._fsdp_param_group import FSDPParamGroup
+
+    original = FSDPParamGroup.post_backward
+
+    def post_backward(group, *args, **kwargs):
+        out = original(group, *args, **kwargs)
+        for fsdp_param in group.fsdp_params:
+            grad = fsdp_param.sharded_param.grad
+            if grad is not None:
+                tracker().retag(grad.to_local() if hasattr(grad, "to_local") else grad, "gradients")
+        return out
+
+    FSDPParamGroup.post_backward = post_backward
+    try:
+        yield
+    finally:
+        FSDPParamGroup.post_backward = original
