@@ -96,6 +96,18 @@ def test_detailed_follows_the_traced_fsdp2_rank_phase_by_phase(traced, zero, wl,
         assert float(est[phase][0]) == pytest.approx(m.phase_peaks[phase], rel=0.06), phase
 
 
+def test_the_fake_process_group_leaves_no_trace(traced):
+    # torch's init_process_group wraps sys.excepthook ("[rank0]: " before every line) for good
+    import sys
+
+    import torch.distributed as dist
+
+    hook = sys.excepthook
+    spec, m = traced(3)
+    measure(spec)
+    assert sys.excepthook is hook and not dist.is_initialized()
+
+
 def test_tensor_parallel_is_skipped_with_its_reason():
     m = measure(job("tiny", seq=32, parallel="tp2", measure=FAKE))
     assert m.status == "skipped" and "tensor, pipeline and expert parallel are analytic" in m.error

@@ -170,7 +170,7 @@ def weights_bytes(c: Columns) -> Array:
     # with 16-bit compute parameters (mixed_policy=param_dtype, offload) the fp32 master is the
     # optimizer's (`master_bytes`)
     # (FSDP2's shards are fp32: the master itself)
-    trained = np.where((c.param_policy == 1) & ~fsdp(c), compute_bytes(c), trainable_bytes(c))
+    trained = np.where(fsdp(c), trainable_bytes(c), gathered_element_bytes(c))
     stored = np.where(full_train, p * trained, frozen + p_lora * trained)
     # parameters offloaded to the CPU: only the layers being gathered are on the GPU; FSDP2
     # shards every parameter at rest from ZeRO-2 on (its ZeRO-2 differs in the forward only)
@@ -191,8 +191,20 @@ def gathered_layer_bytes(c: Columns) -> Array:
     on = (c.training == 1) & (c.zero >= 3) & (c.dp > 1) & (c.offload_params == 0) & (c.deepspeed == 1)
     if not on.any():
         return np.zeros(len(c))
-    root, block, _ = gather_units(c)
+    root, block = gather_units(c)[:2]
     return np.where(on, (root + 2.0 * block) / c.tp, 0.0)
+
+
+def gathered_element_bytes(c: Columns) -> Array:
+    """A trained parameter as ZeRO-3 / FSDP2 gathers it and its gradient is made: in its own dtype
+    (fp32 under autocast), or the 16-bit compute dtype with mixed_policy=param_dtype."""
+    return np.where(c.param_policy == 1, compute_bytes(c), trainable_bytes(c))
+
+
+def reduce_element_bytes(c: Columns) -> Array:
+    """A gradient as the reduce-scatter takes it: fp32 with param_dtype (`reduce_dtype=float32`,
+    torchtitan's setting), else as it was made."""
+    return np.where(c.param_policy == 1, FP32, gathered_element_bytes(c))
 
 
 def fsdp(c: Columns) -> Array:
@@ -200,27 +212,24 @@ def fsdp(c: Columns) -> Array:
     return (c.training == 1) & (c.zero >= 2) & (c.dp > 1) & (c.offload_params == 0) & (c.deepspeed == 0)
 
 
-def _root_params(c: Columns) -> Array:
-    """The root module's parameters: embeddings and an untied head (the final norm is negligible)."""
-    return (c.vocab * c.hidden * (2.0 - c.tied_embeddings) + c.learned_positions * c.max_positions * c.hidden
-            + c.type_vocab * c.hidden)
-
-
-def fsdp_units(c: Columns) -> tuple[Array, Array, Array]:
-    """`gather_units` on FSDP2's rows (per tensor rank), zeros elsewhere."""
-    on = fsdp(c)
+def fsdp_units(c: Columns, on: Array) -> tuple[Array, Array, Array, Array]:
+    """`gather_units` on FSDP2's rows `on` (per tensor rank), zeros elsewhere (at once when no row
+    is: the planner's single-GPU rows pay nothing)."""
+    if not on.any():
+        return (np.zeros(len(c)),) * 4
     return tuple(np.where(on, x / c.tp, 0.0) for x in gather_units(c))
 
 
-def gather_units(c: Columns) -> tuple[Array, Array, Array]:
-    """(root, block, reduce-scatter input): what ZeRO-3 all-gathers for the root module and for one
-    block, in the dtype it gathers them (each parameter's own: fp32 under autocast, the 16-bit
+def gather_units(c: Columns) -> tuple[Array, Array, Array, Array]:
+    """(root, block, block gradients, reduce-scatter input): what ZeRO-3 all-gathers for the root
+    module and for one block, in the dtype it gathers them (each parameter's own: fp32 under autocast, the 16-bit
     `MixedPrecisionPolicy.param_dtype` with mixed_policy=param_dtype; a LoRA base in its stored
     format, a 4-bit base as its packed bytes, as torchao's NF4Tensor and bitsandbytes with
-    `bnb_4bit_quant_storage` shard it), and one block's gradients as the reduce-scatter takes them
-    (fp32 with param_dtype: `reduce_dtype=float32`, as torchtitan sets it)."""
-    gather = np.where(c.param_policy == 1, compute_bytes(c), trainable_bytes(c))
-    root_p = _root_params(c)
+    `bnb_4bit_quant_storage` shard it), and one block's gradients as the backward makes them and
+    as the reduce-scatter takes them (fp32 with param_dtype: `reduce_dtype=float32`, as torchtitan
+    sets it)."""
+    gather = gathered_element_bytes(c)
+    root_p = tq.root_params(c)
     full = c.lora == 0
     other = np.where(c.kbit == 1, FP32, np.where(tq.quantized(c), compute_bytes(c), c.dtype_bytes))
     frozen_blocks = tq.frozen_base_bytes(c, other) - root_p * other
@@ -228,40 +237,28 @@ def gather_units(c: Columns) -> tuple[Array, Array, Array]:
     block = np.where(full, (base_params(c) - root_p) / c.layers * gather, frozen_blocks / c.layers + adapters * gather)
     root = root_p * np.where(full, gather, other)
     trained = np.where(full, (base_params(c) - root_p) / c.layers, adapters)
-    reduce = trained * np.where(c.param_policy == 1, FP32, gather)
-    return root, block, reduce
+    return root, block, trained * gather, trained * reduce_element_bytes(c)
 
 
-def fsdp_root_reduce(c: Columns) -> tuple[Array, Array]:
-    """(gradients, reduce-scatter input) of the root at its post-backward, the end of the step:
-    its unsharded gradients (embeddings and head, as computed) copied into one flat input in the
-    reduce dtype, both alive at the copy."""
-    trained = _root_params(c) * (c.lora == 0)
-    gather = np.where(c.param_policy == 1, compute_bytes(c), trainable_bytes(c))
-    reduce = np.where(c.param_policy == 1, FP32, gather)
-    on = fsdp(c)
-    return np.where(on, trained * gather / c.tp, 0.0), np.where(on, trained * reduce / c.tp, 0.0)
+def fsdp_root_gradients(c: Columns, on: Array) -> tuple[Array, Array, Array]:
+    """The root's gradients on FSDP2's rows `on`: (the head's, alive unsharded from the head's
+    backward to the end of the step, tied: its share of the embedding's; every root gradient at
+    its post-backward; their reduce-scatter input, both alive at the copy)."""
+    trained = tq.root_params(c) * (c.lora == 0) * on / c.tp
+    head = c.vocab * c.hidden * (c.lora == 0) * on / c.tp
+    gather = gathered_element_bytes(c)
+    return head * gather, trained * gather, trained * reduce_element_bytes(c)
 
 
 def fsdp_backward_saved(c: Columns, saved: Array) -> Array:
-    """Saved activations when FSDP2's backward is one block in: the loss's slot and, under autocast,
-    the head's 16-bit weight cast freed by the head's backward, and the last block's share (the
-    saved set over the layers) consumed by its own."""
+    """Saved activations once the head's backward is done: the loss's slot and, under autocast, the
+    head's 16-bit weight cast freed (each block's backward then uses its share, the saved set over
+    the layers)."""
     cast = (autocast(c) | (c.param_policy == 1)) & (c.lora == 0) & (c.fused_loss == 0)
-    after_head = saved - loss_slot_bytes(c) - cast * 2.0 * c.vocab * c.hidden / c.tp
-    return after_head * (c.layers - 1) / c.layers
+    return saved - loss_slot_bytes(c) - cast * 2.0 * c.vocab * c.hidden / c.tp
 
 
-def fsdp_root_gradient_bytes(c: Columns) -> Array:
-    """The root's unsharded gradients (the head's, in the dtype it computes them; tied, its share of
-    the embedding's), alive from the head's backward until the root's own post-backward
-    reduce-scatter at the end of the step."""
-    head = c.vocab * c.hidden * (c.lora == 0)  # tied: the head's share of the embedding's gradient
-    gather = np.where(c.param_policy == 1, compute_bytes(c), trainable_bytes(c))
-    return np.where(fsdp(c), head * gather / c.tp, 0.0)
-
-
-def fsdp_gathered(c: Columns) -> dict[str, Array]:
+def fsdp_gathered(c: Columns, units: tuple[Array, Array, Array, Array]) -> dict[str, Array]:
     """FSDP2's unsharded parameters and communication buffers at each moment of a training step
     (torch/distributed/fsdp/_fully_shard/_fsdp_param_group.py, torch 2.13), beside the sharded
     state. Every all-gather writes a flat output (the group's bytes), copied out into the
@@ -278,17 +275,21 @@ def fsdp_gathered(c: Columns) -> dict[str, Array]:
     forward_start: the root's output and parameters with the first block's (2 root + 2 block);
     forward_block: the last block's copy-out (root + previous, own output + own parameters;
     ZeRO-2: every earlier block too); loss: the end of the forward and the logits' gradient, the
-    root (ZeRO-2: every block); head: the root's backward, + the last block's prefetched output (ZeRO-2: every block, nothing to prefetch); block: a block's
-    backward (its parameters, the next one's prefetch, the previous reduce-scatter input);
-    first_block: the first block's backward (nothing left to prefetch); end: the root's
-    post-backward (its own reduce-scatter input: `fsdp_root_reduce`)."""
-    root, block, reduce = fsdp_units(c)
+    root (ZeRO-2: every block); head: the root's backward, + the last block's prefetched output
+    (ZeRO-2: every block, nothing to prefetch); last_block: the last block's backward, the first
+    (its parameters and the next one's prefetch; ZeRO-2: every block); block: one block further
+    (ZeRO-2: one block fewer gathered), with the last block's reduce-scatter input; first_block:
+    the first block's backward (nothing left to prefetch); end: the root's post-backward (its own
+    reduce-scatter input: `fsdp_root_gradients`)."""
+    root, block, _, reduce = units
     z2 = (c.zero == 2) * c.layers * block  # ZeRO-2: every block's parameters, gathered once
+    zero2 = c.zero == 2
     return {"forward_start": 2.0 * root + 2.0 * block,
             "forward_block": root + 3.0 * block + np.maximum(z2 - block, 0.0),
             "loss": root + z2,
-            "head": root + np.where(c.zero == 2, z2, block),
-            "block": root + np.where(c.zero == 2, z2, 2.0 * block) + reduce,
+            "head": root + np.where(zero2, z2, block),
+            "last_block": root + np.where(zero2, z2, 2.0 * block),
+            "block": root + np.where(zero2, z2 - block, 2.0 * block) + reduce,
             "first_block": root + block + reduce,
             "end": root}
 
@@ -1437,7 +1438,7 @@ def inference_logits_bytes(c: Columns) -> Array:
 # --- moments ----------------------------------------------------------------------------------
 
 TRAIN_PHASES = ("forward", "fsdp_forward_start", "fsdp_forward_block", "forward_window_call", "loss", "head_backward", "head_grad_cast", "head_step",
-                "backward_recompute", "fsdp_backward_block", "backward_first_block", "backward_first_block_softmax", "attention_backward",
+                "backward_recompute", "fsdp_backward_block", "fsdp_backward_block_end", "backward_first_block", "backward_first_block_softmax", "attention_backward",
                 "embedding_backward", "optimizer_step")
 """The training moments `peak_breakdown` takes the largest of, by the name a result row's
 `peak_phase` gives the winner (docs/formulas.md, "Moments"): the forward's end (inside the loss,
@@ -1463,7 +1464,9 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
     and `peak_phase` both take the first largest of each list, so they agree by construction."""
     w_step = k.weights_factor * weights_bytes(c)
     w = w_step + k.weights_factor * gathered_layer_bytes(c)  # in the forward and backward
-    fs = {name: w + k.weights_factor * x for name, x in fsdp_gathered(c).items()}  # FSDP2's, per moment
+    sharded = fsdp(c)
+    units = fsdp_units(c, sharded)
+    fs = {name: w + k.weights_factor * x for name, x in fsdp_gathered(c, units).items()}  # FSDP2's, per moment
     o = k.optimizer_factor * optimizer_bytes(c)
     # stepped in the backward, no gradient set ever exists: the backward's moments hold one
     # parameter's gradient and step temporaries instead (`in_backward_bytes`)
@@ -1489,12 +1492,14 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
     recomputing = (c.recompute_full == 1) | (c.recompute_selective == 1)
     kept_so_far = np.where(c.recompute_full == 1, block_now[0], saved_bytes)
     end_grads, end_acts = embedding_end_bytes(c, g, inputs)
-    sharded = fsdp(c)
-    # FSDP2: a block's unsharded gradients exist until its reduce-scatter (the root's to the end)
-    _, _, block_grads = fsdp_units(c)
-    block_grads = block_grads + fsdp_root_gradient_bytes(c)  # one block's unsharded, the head's
-    root_grads, root_reduce = fsdp_root_reduce(c)
-    fsdp_first = np.where(sharded, fs["forward_block"] - fs["forward_start"], 0.0)
+    # FSDP2: a block's unsharded gradients exist until its reduce-scatter (the head's to the end)
+    fsdp_head_grads, root_grads, root_reduce = fsdp_root_gradients(c, sharded)
+    block_grads = units[2] + fsdp_head_grads
+    # one block into FSDP2's backward (the last one's reduce-scatter input beside the rest), at its
+    # start and at its end (its own gradients made, its saved activations used)
+    after_head = fsdp_backward_saved(c, saved) if sharded.any() else np.zeros(len(c))
+    one_in = np.where(c.recompute_full == 1, kept_so_far, after_head * (c.layers - 1) / c.layers)
+    two_in = np.where(c.recompute_full == 1, kept_so_far, after_head * (c.layers - 2) / c.layers)
     train = [
         Breakdown.of(w, weights=fs["loss"], optimizer=o, gradients=g_acc,
                      activations=saved + act * (autocast_cache_bytes(c) + train_cache_bytes(c)
@@ -1517,19 +1522,17 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
                        gradients=k.gradients_factor * head_grads + g_acc, overhead=overhead)
           for head_acts, head_grads in head),
         # (the re-run block's term holds the gradients made so far: the head's, FSDP2's too)
-        Breakdown.of(w, weights=fs["block"], optimizer=o, gradients=g_bwd,
+        Breakdown.of(w, weights=fs["last_block"], optimizer=o, gradients=g_bwd,
                      activations=act * full_recompute_layer_bytes(c, block_now, kernel, window) * c.recompute_full, overhead=overhead),
-        # FSDP2: the last block's backward ends (its gradients made, every other block's saved
-        # activations still kept), beside its parameters, the next one's prefetch and the root's
-        Breakdown.of(w, weights=np.where(sharded, fs["block"], 0.0), optimizer=o * sharded, overhead=overhead * sharded,
-                     gradients=sharded * (g_acc + block_grads),
-                     activations=sharded * np.where(c.recompute_full == 1, kept_so_far, fsdp_backward_saved(c, saved))),
+        *(Breakdown.of(w, weights=np.where(sharded, fs["block"], 0.0), optimizer=o * sharded, overhead=overhead * sharded,
+                       gradients=sharded * (g_acc + grads), activations=sharded * acts)
+          for grads, acts in ((fsdp_head_grads, one_in), (block_grads, two_in))),
         *(Breakdown.of(w, weights=fs["first_block"], optimizer=o,
                        gradients=np.where(in_bwd | (c.grad_accum > 1), g_bwd, k.gradients_factor * grads) * c.recompute_full
                        + block_grads * c.recompute_full,
                        activations=act * first * c.recompute_full, overhead=overhead)
           for grads, first in full_recompute_first_block(c, block)),
-        Breakdown.of(w, weights=fs["block"], optimizer=o, activations=act * eager_backward_bytes(c, saved_bytes, kernel),
+        Breakdown.of(w, weights=fs["last_block"], optimizer=o, activations=act * eager_backward_bytes(c, saved_bytes, kernel),
                      gradients=g_acc + block_grads, overhead=overhead),
         # FSDP2: the embedding's backward beside the gathered root, then the root's reduce-scatter
         # input once it has resharded (post_backward reshards before it reduces), whichever is larger
@@ -1593,7 +1596,8 @@ PHASE_OF_MOMENT = {
     "forward": "forward", "fsdp_forward_start": "forward", "fsdp_forward_block": "forward",
     "forward_window_call": "forward", "loss": "backward", "head_backward": "backward",
     "head_grad_cast": "backward",
-    "head_step": "backward", "backward_recompute": "backward", "fsdp_backward_block": "backward", "backward_first_block": "backward",
+    "head_step": "backward", "backward_recompute": "backward", "fsdp_backward_block": "backward",
+    "fsdp_backward_block_end": "backward", "backward_first_block": "backward",
     "backward_first_block_softmax": "backward", "attention_backward": "backward", "embedding_backward": "backward",
     "optimizer_step": "optimizer", "prefill": "prefill", "prefill_logits": "prefill", "prefill_scores": "prefill",
     "decode": "decode", "decode_gqa_repeat": "decode", "decode_dequant": "decode", "decode_first_step": "decode",

@@ -19,7 +19,9 @@ from __future__ import annotations
 
 import numpy as np
 
-from memsweep.columns import Array, Columns, base_params, layer_params, lora_params, matrix_sides, q_width
+from memsweep.columns import (
+    Array, Columns, base_params, embedding_params, layer_params, lora_params, matrix_sides, q_width,
+)
 
 FP32 = 4.0
 
@@ -97,9 +99,13 @@ def gathered_bytes(c: Columns, element_bytes: Array) -> Array:
     backward: the root module's (embeddings, final norm and an untied head: FSDP wraps them
     together and keeps them gathered through the step) and two blocks' (the one running, the one
     prefetched: FSDP's and DeepSpeed's prefetch of the next module)."""
-    root = (c.vocab * c.hidden + c.learned_positions * c.max_positions * c.hidden
-            + (1 - c.tied_embeddings) * c.vocab * c.hidden)
-    return (root + 2.0 * layer_params(c)) * element_bytes / c.tp
+    return (root_params(c) + 2.0 * layer_params(c)) * element_bytes / c.tp
+
+
+def root_params(c: Columns) -> Array:
+    """The root module's parameters, outside the blocks: the embeddings and an untied head (what
+    FSDP / ZeRO-3 wrap together around the blocks)."""
+    return embedding_params(c) + (1 - c.tied_embeddings) * c.vocab * c.hidden
 
 
 # --- optimizers ---------------------------------------------------------------------------------

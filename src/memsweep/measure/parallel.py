@@ -20,6 +20,7 @@ torchtitan configures it: fp32 shards, 16-bit all-gathers, fp32 gradient reducti
 from __future__ import annotations
 
 import contextlib
+import sys
 from collections.abc import Iterator
 
 import torch
@@ -44,50 +45,34 @@ def unmeasured_layout(spec: JobSpec) -> str | None:
     return None
 
 
-_MESH: list = []  # the mesh of the traced job (`traced_rank`), for the model builders
-
-
-def active_mesh():
-    if not _MESH:
-        raise RuntimeError("no parallel layout is being traced (measure.parallel.traced_rank)")
-    return _MESH[-1]
-
-
 @contextlib.contextmanager
 def traced_rank(spec: JobSpec, tracker) -> Iterator[None]:
     """Rank 0 of the job's layout for the whole measurement (build, warm-up and measured steps):
-    the fake process group and mesh, storage resizes counted, FSDP2's gradients tagged. A single
-    GPU: nothing."""
+    the fake process group, storage resizes counted, FSDP2's gradients tagged. A single GPU:
+    nothing."""
     if spec.parallel.gpus == 1:
         yield
         return
-    with fake_mesh(spec.parallel.dp) as mesh, tracker.counting_resizes(), tagged_gradients(lambda: tracker):
-        _MESH.append(mesh)
-        try:
-            yield
-        finally:
-            _MESH.pop()
+    with fake_process_group(spec.parallel.dp), tracker.counting_resizes(), tagged_gradients(tracker):
+        yield
 
 
 @contextlib.contextmanager
-def fake_mesh(world: int) -> Iterator[object]:
-    """A one-dimensional device mesh of `world` ranks on a fake process group, this process rank
-    0; the group is destroyed on exit (a sweep measures one job after another)."""
+def fake_process_group(world: int) -> Iterator[None]:
+    """A fake process group of `world` ranks, this process rank 0; destroyed on exit (a sweep
+    measures one job after another), the interpreter's excepthook put back."""
     import torch.distributed as dist
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.testing._internal.distributed.fake_pg import FakeStore
-
-    from torch.utils._python_dispatch import _disable_current_modes
 
     if dist.is_initialized():
         dist.destroy_process_group()
+    hook = sys.excepthook  # init_process_group wraps it ("[rank0]: " on every line) and never restores it
     dist.init_process_group("fake", store=FakeStore(), rank=0, world_size=world)
     try:
-        with _disable_current_modes():  # the mesh's rank tensor is real (outside fake and tracking modes)
-            mesh = init_device_mesh("cpu", (world,))
-        yield mesh
+        yield
     finally:
         dist.destroy_process_group()
+        sys.excepthook = hook
 
 
 def shard_policy(spec: JobSpec) -> dict:
@@ -103,11 +88,16 @@ def shard_policy(spec: JobSpec) -> dict:
     return kw
 
 
-def fully_shard_model(model: nn.Module, blocks: list[nn.Module], spec: JobSpec, mesh) -> None:
-    """FSDP2 as torchtitan applies it: each block its own group, then the root (the embeddings,
-    final norm and head) with FSDP2's default for a root, kept gathered from forward to backward."""
+def fully_shard_model(model: nn.Module, blocks: list[nn.Module], spec: JobSpec) -> None:
+    """FSDP2 as torchtitan applies it over the data-parallel ranks of the fake process group
+    (`traced_rank`): each block its own group, then the root (the embeddings, final norm and head)
+    with FSDP2's default for a root, kept gathered from forward to backward."""
+    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.fsdp import fully_shard
+    from torch.utils._python_dispatch import _disable_current_modes
 
+    with _disable_current_modes():  # the mesh's rank tensor is real (outside fake and tracking modes)
+        mesh = init_device_mesh("cpu", (spec.parallel.dp,))
     kw = shard_policy(spec)
     for block in blocks:
         fully_shard(block, mesh=mesh, **kw)
@@ -129,7 +119,7 @@ def tagged_gradients(tracker) -> Iterator[None]:
         for fsdp_param in group.fsdp_params:
             grad = fsdp_param.sharded_param.grad
             if grad is not None:
-                tracker().retag(grad.to_local() if hasattr(grad, "to_local") else grad, "gradients")
+                tracker.retag(grad.to_local() if hasattr(grad, "to_local") else grad, "gradients")
         return out
 
     FSDPParamGroup.post_backward = post_backward

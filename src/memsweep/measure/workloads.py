@@ -148,9 +148,9 @@ def check_layout(spec: JobSpec, device: str) -> None:
 def shard(spec: JobSpec, model: torch.nn.Module, blocks) -> None:
     """Under a data-parallel layout, FSDP2 over the fake mesh (measure/parallel.py)."""
     if spec.parallel.gpus > 1:
-        from memsweep.measure.parallel import active_mesh, fully_shard_model
+        from memsweep.measure.parallel import fully_shard_model
 
-        fully_shard_model(model, list(blocks), spec, active_mesh())
+        fully_shard_model(model, list(blocks), spec)
 
 
 def prepare(spec: JobSpec, device: str, tracker: StorageTracker | None = None,
