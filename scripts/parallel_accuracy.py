@@ -1,15 +1,16 @@
-"""detailed vs one traced rank of a data-parallel job (FSDP2 under a fake process group), per phase.
+"""detailed vs one traced rank of a data-parallel job (DDP / FSDP2 under a fake process group), per phase.
 
-    python scripts/parallel_accuracy.py [--models llama3-8b,mixtral-8x7b] [--layers 4] [--seq 1024] [--dp 8]
+    python scripts/parallel_accuracy.py [--models llama3-8b,mixtral-8x7b] [--layers 4] [--seq 1024] [--dp 8] [--zero 1,2,3]
     python scripts/parallel_accuracy.py --random 60 --seed 0
 
 
 Every combination of workload (train, lora) x precision (mixed autocast, pure, mixed with
-FSDP2's param_dtype) x ZeRO stage (2, 3) x recompute (none, full) is measured with `measure=fake`
-(measure/parallel.py) and estimated with `detailed`; the table gives the error of the total and of
-each phase's peak (+: detailed above the trace), then the worst and the median. `--random N`
-draws N layouts instead from every dense preset (cut to 2-4 layers), train / lora, the three
-precisions, ZeRO 2 / 3, dp 2-16, recompute none / full, sdpa / eager, AdamW / SGD, batch 1-3 and
+FSDP2's param_dtype, ZeRO-2 / 3 only) x ZeRO stage (`--zero`: 1 is DDP + ZeroRedundancyOptimizer,
+2 / 3 FSDP2) x recompute (none, full) is measured with `measure=fake` (measure/parallel.py) and
+estimated with `detailed`; the table gives the error of the total and of each phase's peak (+:
+detailed above the trace), then the worst and the median. `--random N` draws N layouts instead
+from every dense preset (cut to 2-4 layers), train / lora, the three precisions, ZeRO 0-3,
+dp 2-16, recompute none / full, sdpa / eager, AdamW / SGD, batch 1-3 and
 a sequence of 100-3000 tokens (not a power of two), and measures with the reference models or,
 one draw in four, transformers' (measure.impl=hf). docs/parallel.md keeps the outputs.
 """
@@ -46,8 +47,11 @@ def errors(spec, m) -> tuple[float, list[float]]:
 
 
 def grid(args):
+    stages = [int(z) for z in args.zero.split(",")]
     for name, wl, prec, zero, rc in itertools.product(args.models.split(","), ("train", "lora"), PRECISIONS,
-                                                      (3, 2), ("none", "full")):
+                                                      stages, ("none", "full")):
+        if prec == "param_dtype" and zero < 2:  # FSDP2's MixedPrecisionPolicy
+            continue
         yield name, wl, prec, zero, rc, job_spec(
             model_spec(name, layers=args.layers), wl=wl, seq=args.seq, recompute=rc,
             parallel=Parallel(f"zero{zero}", dp=args.dp, zero=zero), measure="fake", **PRECISIONS[prec])
@@ -60,7 +64,9 @@ def draws(args):
     made = 0
     while made < args.random:
         name, wl, prec = rng.choice(dense), rng.choice(("train", "lora")), rng.choice(list(PRECISIONS))
-        zero, rc = rng.choice((2, 3)), rng.choice(("none", "full"))
+        zero, rc = rng.choice((0, 1, 2, 3)), rng.choice(("none", "full"))
+        if prec == "param_dtype" and zero < 2:  # FSDP2's MixedPrecisionPolicy
+            continue
         try:
             spec = job_spec(model_spec(name, layers=rng.choice((2, 3, 4))), wl=wl, seq=rng.randrange(100, 3000), batch=rng.randint(1, 3), recompute=rc,
                             attention=rng.choice(("sdpa", "eager")), optimizer=rng.choice(("adamw", "sgd")),
@@ -79,6 +85,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--dp", type=int, default=8)
+    ap.add_argument("--zero", default="1,2,3", help="ZeRO stages of the grid (0 / 1: DDP, 2 / 3: FSDP2)")
     ap.add_argument("--random", type=int, default=0, help="draw this many layouts instead of the grid")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--single", action="store_true",
@@ -92,7 +99,7 @@ def main(argv: list[str] | None = None) -> int:
     totals, phases = [], []
     for name, wl, prec, zero, rc, spec in (draws(args) if args.random else grid(args)):
         m = measure(spec)
-        what = (f"| {name} | {wl} | {prec} | {zero} | {rc} | dp {spec.parallel.dp} b{spec.batch} s{spec.seq} "
+        what = (f"| {name} | {wl} | {prec} | {zero} | {rc} | dp {spec.parallel.dp} L{spec.model.layers} b{spec.batch} s{spec.seq} "
                 f"{spec.attention} {spec.optimizer.name} {spec.measure.impl} |")
         if m.status != "ok":
             print(f"{what} {m.status}: {m.error} | | | | |")

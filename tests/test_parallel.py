@@ -1,5 +1,5 @@
-"""Issue 26: one rank of a data-parallel job traced in one process (torch's FSDP2 under a fake
-process group, measure/parallel.py), and `detailed`'s FSDP2 moments against it."""
+"""Issue 26: one rank of a data-parallel job traced in one process (torch's DDP, ZeRO-1 and FSDP2
+under a fake process group, measure/parallel.py), and `detailed`'s moments against it."""
 
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from memsweep.formulas.detailed import phase_peaks, weights_bytes  # noqa: E402
 from memsweep.measure.backends import measure  # noqa: E402
 from memsweep.measure.tracker import StorageTracker  # noqa: E402
 from memsweep.presets import model_spec  # noqa: E402
-from memsweep.specs import MeasureSpec, Parallel  # noqa: E402
+from memsweep.specs import MeasureSpec, OptimizerSpec, Parallel  # noqa: E402
 
 FAKE = MeasureSpec("fake", "fake")
 # a llama3-8b cut to 4 layers: its real widths (a 128k vocabulary: the root module outweighs a block)
@@ -32,10 +32,11 @@ def traced():
     """Each layout measured once (about 2 s each on two cores)."""
     cache = {}
 
-    def get(zero: int, wl: str = "train", **top):
+    def get(zero: int | str, wl: str = "train", **top):
         key = (zero, wl, tuple(sorted(top.items())))
         if key not in cache:
-            spec = job(MODEL, wl=wl, seq=1024, parallel=layout(zero) if zero else "single", measure=FAKE, **top)
+            spec = job(MODEL, wl=wl, seq=1024, parallel="single" if zero == "single" else layout(zero),
+                       measure=FAKE, **top)
             cache[key] = (spec, measure(spec))
         return cache[key]
 
@@ -57,7 +58,7 @@ def test_a_storage_resized_in_place_is_counted_at_its_new_size():
 
 
 def test_zero3_rank_holds_an_eighth_of_the_state_and_gathers_the_rest(traced):
-    single_spec, single = traced(0)
+    single_spec, single = traced("single")
     spec, m = traced(3)
     assert m.status == "ok", m.error
     # at the step, every parameter, gradient and AdamW state is one dim-0 chunk of eight
@@ -86,14 +87,47 @@ def test_zero2_keeps_every_block_gathered_to_its_backward(traced):
     (3, "train", {}), (2, "train", {}), (3, "train", {"recompute": "full"}), (3, "train", {"precision": "pure"}),
     (3, "lora", {}), (2, "lora", {"recompute": "full"}),
     (3, "train", {"mixed_policy": "param_dtype"}),
+    (0, "train", {}), (1, "train", {}), (1, "train", {"precision": "pure", "recompute": "full"}), (0, "lora", {}),
 ])
-def test_detailed_follows_the_traced_fsdp2_rank_phase_by_phase(traced, zero, wl, top):
+def test_detailed_follows_the_traced_rank_phase_by_phase(traced, zero, wl, top):
     spec, m = traced(zero, wl, **top)
     assert m.status == "ok", m.error
     est = phase_peaks(Columns.from_specs([spec]))
     for phase in ("forward", "backward", "optimizer"):
         # docs/parallel.md: the grid (worst +5.5 %, param_dtype; the rest within 4.4 %)
         assert float(est[phase][0]) == pytest.approx(m.phase_peaks[phase], rel=0.06), phase
+
+
+def test_ddp_keeps_a_bucket_for_every_gradient_from_the_wrap_on(traced):
+    _, single = traced("single")
+    _, m = traced(0)
+    assert m.status == "ok", m.error
+    grads = single.phase_breakdowns["optimizer"]["gradients"]  # every parameter's, fp32 under autocast
+    # the buckets exist before any gradient does, and sit beside the gradients at the step
+    assert m.phase_breakdowns["forward"]["gradients"] == pytest.approx(grads, rel=0.01)
+    assert m.phase_breakdowns["optimizer"]["gradients"] == pytest.approx(2 * grads, rel=0.01)
+    assert m.phase_breakdowns["optimizer"]["optimizer"] == pytest.approx(single.phase_breakdowns["optimizer"]["optimizer"], rel=0.01)
+
+
+def test_zero1_rank0_keeps_the_states_of_the_largest_parameter(traced):
+    _, z0 = traced(0)
+    _, z1 = traced(1)
+    assert z1.status == "ok", z1.error
+    # ZeroRedundancyOptimizer hands out whole parameters, largest first: in four layers the
+    # 128k x 4096 embedding outweighs an eighth of the model, so rank 0 holds its AdamW states alone
+    embedding_states = 2 * MODEL.vocab * MODEL.hidden * 4
+    assert z1.phase_breakdowns["forward"]["optimizer"] == pytest.approx(embedding_states, rel=0.01)
+    assert z1.phase_breakdowns["forward"]["optimizer"] < z0.phase_breakdowns["forward"]["optimizer"] / 2
+    assert z1.phase_breakdowns["forward"]["weights"] == z0.phase_breakdowns["forward"]["weights"]
+
+
+@pytest.mark.parametrize("parallel,top,why", [
+    (layout(3, stack="deepspeed"), {}, "parallel.stack=deepspeed"),
+    (layout(1), {"optimizer": OptimizerSpec("adamw", in_backward=True)}, "optimizer.in_backward"),
+])
+def test_a_layout_not_traced_is_skipped_with_its_reason(parallel, top, why):
+    m = measure(job("tiny", seq=32, parallel=parallel, measure=FAKE, **top))
+    assert m.status == "skipped" and why in m.error
 
 
 def test_the_fake_process_group_leaves_no_trace(traced):

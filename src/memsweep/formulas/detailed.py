@@ -294,6 +294,34 @@ def fsdp_gathered(c: Columns, units: tuple[Array, Array, Array, Array]) -> dict[
             "end": root}
 
 
+def ddp(c: Columns) -> Array:
+    """Training replicated by torch's DistributedDataParallel (`parallel.stack=fsdp`, ZeRO-0 or 1
+    over dp > 1 ranks): ZeRO-1 adds torch's ZeroRedundancyOptimizer."""
+    return ((c.training == 1) & (c.zero < 2) & (c.dp > 1) & (c.deepspeed == 0)
+            & (c.offload_params == 0) & (c.offload_optimizer == 0))
+
+
+def ddp_bucket_bytes(c: Columns) -> Array:
+    """DDP's gradient buckets: flat buffers covering every parameter that trains, in its dtype,
+    allocated when DDP wraps the model and kept for the run (25 MiB each; with DDP's default
+    `gradient_as_bucket_view=False` beside the gradients, each gradient copied in as it is made:
+    "the saved memory size will be equal to the total gradients size" with True, DDP's docs)."""
+    return np.where(ddp(c), per_gpu(c, updated_params(c) * trainable_bytes(c), 2), 0.0)
+
+
+def rank_share(c: Columns, n: Array) -> Array:
+    """`n` bytes spread like the updated parameters' optimizer states, on the largest rank: ZeRO-1
+    splits them over dp (`per_gpu`); torch's ZeroRedundancyOptimizer assigns whole parameters,
+    largest first to the least-loaded rank, so rank 0 holds at least the largest one's (the
+    embedding in full training, when it outweighs an even share: a few-layer model)."""
+    even = per_gpu(c, n, 1)
+    whole = ddp(c) & (c.zero == 1)
+    if not whole.any():
+        return even
+    largest = tq.largest_trainable(c) * n / np.maximum(updated_params(c), 1.0) / c.pp
+    return np.where(whole, np.maximum(even, largest), even)
+
+
 def gradients_bytes(c: Columns) -> Array:
     """One gradient per updated parameter, in the parameter's dtype (in CPU RAM when the optimizer
     is offloaded: each is copied there as it is reduced)."""
@@ -304,7 +332,7 @@ def optimizer_bytes(c: Columns) -> Array:
     """Adam: m and v; SGD with momentum: one buffer; plain SGD: none (per updated parameter), in
     the trainable dtype. 8-bit AdamW, Lion and Adafactor: their own layouts (techniques.py)."""
     # offloaded: the states (and the master weights) are in CPU RAM (`cpu_bytes`)
-    return np.where(c.offload_optimizer == 1, 0.0, per_gpu(c, state_bytes(c), 1) + master_bytes(c))
+    return np.where(c.offload_optimizer == 1, 0.0, rank_share(c, state_bytes(c)) + master_bytes(c))
 
 
 def state_bytes(c: Columns) -> Array:
@@ -335,7 +363,7 @@ def optimizer_step_temporary_bytes(c: Columns) -> Array:
     for-loop Adam: two temporaries of the largest parameter (the embedding, V x h); fused (and
     bitsandbytes' kernels): none; Adafactor: fp32 copies of the largest parameter (techniques.py).
     Stepped in the backward, one parameter at a time: `in_backward_bytes`."""
-    foreach = per_gpu(c, updated_params(c) * trainable_bytes(c), 1)
+    foreach = rank_share(c, updated_params(c) * trainable_bytes(c))
     largest = np.where(c.lora == 1, 0.0, 2.0 * c.vocab * c.hidden * trainable_bytes(c) / c.tp)
     steps = np.where(_adam(c), np.where(c.foreach == 1, foreach, largest), 0.0) + tq.adafactor_step_bytes(c, trainable_bytes(c))
     return c.training * (1 - c.in_backward) * steps
@@ -1542,6 +1570,9 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
         Breakdown.of(w, weights=w_step, optimizer=o, optimizer_step=k.optimizer_step_factor * optimizer_step_temporary_bytes(c),
                      gradients=g, activations=np.full_like(w, 1.0) * inputs, overhead=overhead),
     ]
+    buckets = k.gradients_factor * ddp_bucket_bytes(c)
+    if buckets.any():  # DDP's buckets: from the wrap on, in every moment of the step
+        train = [replace(b, gradients=b.gradients + np.where(b.total > 0, buckets, 0.0)) for b in train]
     kv = k.kv_cache_factor * prefill_kv_bytes(c)
     kv_decode = k.kv_cache_factor * kv_cache_bytes(c)
     infer = [

@@ -408,7 +408,7 @@ def decoder_layers(model: torch.nn.Module, layers: int) -> torch.nn.ModuleList:
 def _train(spec: JobSpec, model, ids: torch.Tensor, tracker) -> Prepared:
     if spec.recompute == "full":  # every decoder layer (transformers 5.x renamed gradient_checkpointing_enable)
         model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
-    shard(spec, model, decoder_layers(model, spec.model.layers))
+    shard(spec, model, decoder_layers(model, spec.model.layers), tracker)
 
     cache_kw = {"use_cache": spec.workload.use_cache} if spec.model.decoder else {}
 

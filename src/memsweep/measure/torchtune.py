@@ -301,7 +301,7 @@ def prepare_torchtune(spec: JobSpec, device: str, tracker: StorageTracker | None
     modules = _import("torchtune.modules")
     if spec.recompute == "full":
         training.set_activation_checkpointing(model, auto_wrap_policy={modules.TransformerSelfAttentionLayer})
-    shard(spec, model, model.layers)  # the recipes shard after wrapping the checkpoints (training.shard_model)
+    shard(spec, model, model.layers, t)  # the recipes shard after wrapping the checkpoints (training.shard_model)
     chunks = spec.loss.chunks
     if chunks > 1:
         loss_fn = _import("torchtune.modules.loss").CEWithChunkedOutputLoss(num_output_chunks=chunks)

@@ -89,25 +89,36 @@ def storage_dtypes(spec: JobSpec) -> tuple[torch.dtype, torch.dtype]:
     return (dtype if spec.workload.kind == "lora" else torch.float32), torch.float32
 
 
-def make_optimizer(spec: JobSpec, params: list[torch.nn.Parameter]) -> torch.optim.Optimizer:
+def make_optimizer(spec: JobSpec, params: list[torch.nn.Parameter], per_parameter: bool = False) -> torch.optim.Optimizer:
+    """The job's optimizer over `params`; under ZeRO-1 (dp > 1) torch's ZeroRedundancyOptimizer
+    around it (measure/parallel.py), unless it is one of `optimizer.in_backward`'s per-parameter ones."""
+    cls, kw = optimizer_class(spec)
+    if spec.parallel.zero == 1 and spec.parallel.dp > 1 and not per_parameter:
+        from memsweep.measure.parallel import zero_redundancy
+
+        return zero_redundancy(spec, params, cls, kw)
+    return cls(params, **kw)
+
+
+def optimizer_class(spec: JobSpec) -> tuple[type, dict]:
+    """The optimizer's class and keyword arguments."""
     impl = spec.optimizer.impl
     name = spec.optimizer.name
     if name in ("adamw8bit", "paged_adamw8bit", "lion", "adafactor"):
         from memsweep.measure import optimizers  # bitsandbytes' and transformers' layouts (measure/optimizers.py)
 
         if name == "lion":
-            return optimizers.Lion(params, lr=LEARNING_RATE)
+            return optimizers.Lion, {"lr": LEARNING_RATE}
         if name == "adafactor":
-            return optimizers.Adafactor(params, lr=LEARNING_RATE, scale_parameter=False, relative_step=False,
-                                        beta1=0.9 if spec.optimizer.first_moment else None)
-        cls = optimizers.PagedAdamW8bit if name == "paged_adamw8bit" else optimizers.AdamW8bit
-        return cls(params, lr=LEARNING_RATE)
+            return optimizers.Adafactor, {"lr": LEARNING_RATE, "scale_parameter": False, "relative_step": False,
+                                          "beta1": 0.9 if spec.optimizer.first_moment else None}
+        return (optimizers.PagedAdamW8bit if name == "paged_adamw8bit" else optimizers.AdamW8bit), {"lr": LEARNING_RATE}
     kw = {"lr": LEARNING_RATE, "foreach": impl == "foreach", "fused": True if impl == "fused" else None}
     if name == "adamw":
-        return torch.optim.AdamW(params, **kw)
+        return torch.optim.AdamW, kw
     if name == "adam":
-        return torch.optim.Adam(params, **kw)
-    return torch.optim.SGD(params, momentum=0.9 if name == "sgd_momentum" else 0.0, **kw)
+        return torch.optim.Adam, kw
+    return torch.optim.SGD, {"momentum": 0.9 if name == "sgd_momentum" else 0.0, **kw}
 
 
 def check_techniques(spec: JobSpec, impl: str) -> None:
@@ -145,12 +156,12 @@ def check_layout(spec: JobSpec, device: str) -> None:
         raise Unmeasurable(why)
 
 
-def shard(spec: JobSpec, model: torch.nn.Module, blocks) -> None:
-    """Under a data-parallel layout, FSDP2 over the fake mesh (measure/parallel.py)."""
+def shard(spec: JobSpec, model: torch.nn.Module, blocks, tracker) -> None:
+    """Under a data-parallel layout, DDP or FSDP2 over the fake mesh (measure/parallel.py)."""
     if spec.parallel.gpus > 1:
-        from memsweep.measure.parallel import fully_shard_model
+        from memsweep.measure import parallel
 
-        fully_shard_model(model, list(blocks), spec)
+        parallel.shard(spec, model, blocks, tracker)
 
 
 def prepare(spec: JobSpec, device: str, tracker: StorageTracker | None = None,
@@ -194,7 +205,7 @@ def prepare(spec: JobSpec, device: str, tracker: StorageTracker | None = None,
             for p in model.base_parameters():
                 if p.dtype in (torch.float16, torch.bfloat16):
                     p.data = p.data.to(torch.float32)
-        shard(spec, model, model.blocks)
+        shard(spec, model, model.blocks, t)
     with t.section("setup", "activations"):
         ids = torch.randint(0, spec.model.vocab, (spec.batch, spec.seq), device=device)
     if w.training:
@@ -248,7 +259,7 @@ def train_step(spec: JobSpec, model: torch.nn.Module, ids: torch.Tensor, tracker
     in_backward = spec.optimizer.in_backward
     # optimizer.in_backward: one optimizer per parameter, stepped in its post-accumulate-grad hook
     # (torchtune's optimizer_in_bwd), the gradient freed right after
-    per_param = {p: make_optimizer(spec, [p]) for p in params} if in_backward else {}
+    per_param = {p: make_optimizer(spec, [p], per_parameter=True) for p in params} if in_backward else {}
     optimizer = None if in_backward else make_optimizer(spec, params)
     # mixed_policy=param_dtype: FSDP2 gathers 16-bit parameters, no autocast (measure/parallel.py)
     autocast = (torch.autocast(ids.device.type, dtype=TORCH_DTYPES[spec.dtype])
