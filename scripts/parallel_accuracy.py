@@ -1,16 +1,15 @@
 """detailed vs one traced rank of a data-parallel job (DDP / FSDP2 under a fake process group), per phase.
 
-    python scripts/parallel_accuracy.py [--models llama3-8b,mixtral-8x7b] [--layers 4] [--seq 1024] [--dp 8] [--zero 1,2,3]
+    python scripts/parallel_accuracy.py [--models llama3-8b,mixtral-8x7b] [--layers 4] [--seq 1024] [--dp 8] [--layouts zero1,zero2,zero3,tp2,tp8_sp]
     python scripts/parallel_accuracy.py --random 60 --seed 0
 
 
 Every combination of workload (train, lora) x precision (mixed autocast, pure, mixed with
-FSDP2's param_dtype, ZeRO-2 / 3 only) x ZeRO stage (`--zero`: 1 is DDP + ZeroRedundancyOptimizer,
-2 / 3 FSDP2) x recompute (none, full) is measured with `measure=fake` (measure/parallel.py) and
+FSDP2's param_dtype, ZeRO-2 / 3 only) x layout (`--layouts`: zero1 is DDP + ZeroRedundancyOptimizer,
+zero2 / zero3 FSDP2, tpN / tpN_sp DTensor's tensor / sequence parallel) x recompute (none, full) is measured with `measure=fake` (measure/parallel.py) and
 estimated with `detailed`; the table gives the error of the total and of each phase's peak (+:
 detailed above the trace), then the worst and the median. `--random N` draws N layouts instead
-from every dense preset (cut to 2-4 layers), train / lora, the three precisions, ZeRO 0-3,
-dp 2-16, recompute none / full, sdpa / eager, AdamW / SGD, batch 1-3 and
+from every dense preset (cut to 2-4 layers), train / lora, the three precisions, ZeRO 0-3 over dp 2-16 or tensor parallel 2-8 (half with sequence parallel), recompute none / full, sdpa / eager, AdamW / SGD, batch 1-3 and
 a sequence of 100-3000 tokens (not a power of two), and measures with the reference models or,
 one draw in four, transformers' (measure.impl=hf). docs/parallel.md keeps the outputs.
 """
@@ -47,14 +46,24 @@ def errors(spec, m) -> tuple[float, list[float]]:
 
 
 def grid(args):
-    stages = [int(z) for z in args.zero.split(",")]
-    for name, wl, prec, zero, rc in itertools.product(args.models.split(","), ("train", "lora"), PRECISIONS,
-                                                      stages, ("none", "full")):
-        if prec == "param_dtype" and zero < 2:  # FSDP2's MixedPrecisionPolicy
+    for name, wl, prec, lay, rc in itertools.product(args.models.split(","), ("train", "lora"), PRECISIONS,
+                                                     args.layouts.split(","), ("none", "full")):
+        par = layout(lay, args.dp)
+        if prec == "param_dtype" and par.zero < 2:  # FSDP2's MixedPrecisionPolicy
             continue
-        yield name, wl, prec, zero, rc, job_spec(
+        yield name, wl, prec, lay, rc, job_spec(
             model_spec(name, layers=args.layers), wl=wl, seq=args.seq, recompute=rc,
-            parallel=Parallel(f"zero{zero}", dp=args.dp, zero=zero), measure="fake", **PRECISIONS[prec])
+            parallel=par, measure="fake", **PRECISIONS[prec])
+
+
+def layout(name: str, dp: int) -> Parallel:
+    """zeroN: dp ranks at ZeRO stage N (0 / 1: DDP, 2 / 3: FSDP2); tpN, tpN_sp: N tensor-parallel
+    ranks (DTensor), with sequence parallel."""
+    if name.startswith("zero"):
+        return Parallel(name, dp=dp, zero=int(name[4:]))
+    if name.startswith("tp"):
+        return Parallel(name, tp=int(name[2:].removesuffix("_sp")), sequence_parallel=name.endswith("_sp"))
+    raise SystemExit(f"--layouts: {name!r} is not zeroN, tpN or tpN_sp")
 
 
 def draws(args):
@@ -64,19 +73,27 @@ def draws(args):
     made = 0
     while made < args.random:
         name, wl, prec = rng.choice(dense), rng.choice(("train", "lora")), rng.choice(list(PRECISIONS))
-        zero, rc = rng.choice((0, 1, 2, 3)), rng.choice(("none", "full"))
-        if prec == "param_dtype" and zero < 2:  # FSDP2's MixedPrecisionPolicy
+        lay, rc = rng.choice(("zero0", "zero1", "zero2", "zero3", "tp", "tp")), rng.choice(("none", "full"))
+        if lay == "tp":
+            m = model_spec(name)
+            sizes = [t for t in (2, 4, 8) if m.heads % t == 0 and m.kv_heads % t == 0]
+            if not sizes:
+                continue
+            par = layout(f"tp{rng.choice(sizes)}" + ("_sp" if rng.random() < 0.5 else ""), 1)
+            impl = "reference"  # (tensor parallel is traced on the reference models)
+        else:
+            par = layout(lay, rng.choice((2, 4, 8, 16)))
+            impl = "hf" if rng.random() < 0.25 else "reference"
+        if prec == "param_dtype" and par.zero < 2:  # FSDP2's MixedPrecisionPolicy
             continue
         try:
             spec = job_spec(model_spec(name, layers=rng.choice((2, 3, 4))), wl=wl, seq=rng.randrange(100, 3000), batch=rng.randint(1, 3), recompute=rc,
                             attention=rng.choice(("sdpa", "eager")), optimizer=rng.choice(("adamw", "sgd")),
-                            parallel=Parallel(f"zero{zero}", dp=rng.choice((2, 4, 8, 16)), zero=zero),
-                            measure=MeasureSpec("fake", "fake", impl="hf" if rng.random() < 0.25 else "reference"),
-                            **PRECISIONS[prec])
+                            parallel=par, measure=MeasureSpec("fake", "fake", impl=impl), **PRECISIONS[prec])
         except ValueError:  # a combination the spec refuses (Gemma-3's pattern in 2 layers, past its positions)
             continue
         made += 1
-        yield name, wl, prec, zero, rc, spec
+        yield name, wl, prec, par.name, rc, spec
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -85,7 +102,8 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--layers", type=int, default=4)
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--dp", type=int, default=8)
-    ap.add_argument("--zero", default="1,2,3", help="ZeRO stages of the grid (0 / 1: DDP, 2 / 3: FSDP2)")
+    ap.add_argument("--layouts", default="zero1,zero2,zero3,tp2,tp8_sp",
+                    help="the grid's layouts: zeroN (dp ranks; 0 / 1 DDP, 2 / 3 FSDP2), tpN, tpN_sp (DTensor)")
     ap.add_argument("--random", type=int, default=0, help="draw this many layouts instead of the grid")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--single", action="store_true",
@@ -93,13 +111,13 @@ def main(argv: list[str] | None = None) -> int:
     args = ap.parse_args(argv)
     started = time.perf_counter()
     extra = (" one GPU: total % / worst phase % |", "---|") if args.single else ("", "")
-    print("| model | workload | precision | zero | recompute | job | measured GiB | total % | forward % | backward % "
+    print("| model | workload | precision | layout | recompute | job | measured GiB | total % | forward % | backward % "
           f"| optimizer % |{extra[0]}")
     print(f"|---|---|---|---|---|---|---|---|---|---|---|{extra[1]}")
     totals, phases = [], []
-    for name, wl, prec, zero, rc, spec in (draws(args) if args.random else grid(args)):
+    for name, wl, prec, lay, rc, spec in (draws(args) if args.random else grid(args)):
         m = measure(spec)
-        what = (f"| {name} | {wl} | {prec} | {zero} | {rc} | dp {spec.parallel.dp} L{spec.model.layers} b{spec.batch} s{spec.seq} "
+        what = (f"| {name} | {wl} | {prec} | {lay} | {rc} | dp {spec.parallel.dp} L{spec.model.layers} b{spec.batch} s{spec.seq} "
                 f"{spec.attention} {spec.optimizer.name} {spec.measure.impl} |")
         if m.status != "ok":
             print(f"{what} {m.status}: {m.error} | | | | |")

@@ -142,9 +142,58 @@ def test_the_fake_process_group_leaves_no_trace(traced):
     assert sys.excepthook is hook and not dist.is_initialized()
 
 
-def test_tensor_parallel_is_skipped_with_its_reason():
-    m = measure(job("tiny", seq=32, parallel="tp2", measure=FAKE))
-    assert m.status == "skipped" and "tensor, pipeline and expert parallel are analytic" in m.error
+@pytest.mark.parametrize("parallel,why", [
+    (Parallel("pp2", pp=2), "pipeline and expert parallel are analytic"),
+    (Parallel("tp2dp2", tp=2, dp=2, zero=3), "2-D meshes"),
+])
+def test_a_layout_not_yet_traced_is_skipped_with_its_reason(parallel, why):
+    m = measure(job("tiny", seq=32, parallel=parallel, measure=FAKE))
+    assert m.status == "skipped" and why in m.error
+
+
+# tensor parallel: the same llama3-8b cut to 2 layers (each trace about 2 s)
+TP_MODEL = model_spec("llama3-8b", layers=2)
+
+
+@pytest.fixture(scope="module")
+def tensor_parallel():
+    cache = {}
+
+    def get(parallel: str, wl: str = "train", **top):
+        key = (parallel, wl, tuple(sorted(top.items())))
+        if key not in cache:
+            spec = job(TP_MODEL, wl=wl, seq=1024, parallel=parallel, measure=FAKE, **top)
+            cache[key] = (spec, measure(spec))
+        return cache[key]
+
+    return get
+
+
+def test_a_tensor_parallel_rank_holds_its_shards_and_the_whole_embedding_gradient(tensor_parallel):
+    _, one = tensor_parallel("single")
+    _, tp8 = tensor_parallel("tp8")
+    assert tp8.status == "ok", tp8.error
+    # weights and AdamW states: every matrix an eighth (the norms, replicated, are a few MiB)
+    for cat in ("weights", "optimizer"):
+        assert tp8.phase_breakdowns["forward"][cat] == pytest.approx(one.phase_breakdowns["forward"][cat] / 8, rel=0.01)
+    # DTensor's embedding backward makes the vocabulary-sharded embedding's gradient whole on
+    # every rank (replicated): at the step the gradients are the eighth plus 7/8 of V x h fp32
+    whole = TP_MODEL.vocab * TP_MODEL.hidden * 4
+    eighth = one.phase_breakdowns["optimizer"]["gradients"] / 8
+    assert tp8.phase_breakdowns["optimizer"]["gradients"] == pytest.approx(eighth + whole * 7 / 8, rel=0.01)
+
+
+@pytest.mark.parametrize("parallel,wl,top", [
+    ("tp2", "train", {}), ("tp8", "train", {"precision": "pure"}), ("tp8", "lora", {}),
+    ("tp2", "lora", {"recompute": "full", "precision": "pure"}),
+])
+def test_detailed_follows_the_traced_tensor_parallel_rank(tensor_parallel, parallel, wl, top):
+    spec, m = tensor_parallel(parallel, wl, **top)
+    assert m.status == "ok", m.error
+    est = phase_peaks(Columns.from_specs([spec]))
+    for phase in ("forward", "backward", "optimizer"):
+        # docs/parallel.md: llama3-8b's tensor-parallel grid is exact without sequence parallel
+        assert float(est[phase][0]) == pytest.approx(m.phase_peaks[phase], rel=0.01), phase
 
 
 def test_qlora_base_is_sharded_under_zero3():

@@ -1486,10 +1486,53 @@ SERVE_PHASE = "serve_profile"
 PHASES = (*TRAIN_PHASES, *INFERENCE_PHASES, SERVE_PHASE)
 
 
+def whole_embedding_gradient_bytes(whole: Columns, rank: Columns) -> Array:
+    """torch's tensor parallel (DTensor, `parallel.stack=fsdp`): the vocabulary-sharded embedding's
+    gradient comes out of `embedding_dense_backward` replicated, all V x h rows on every rank (its
+    sharding rule for a replicated gradient output, as traced on torch 2.13), so a rank holds
+    (V - V / tp) x h more than its shard from the embedding's backward to the step. Megatron's
+    VocabParallelEmbedding (`stack=deepspeed` here) keeps the shard's only."""
+    on = (whole.tp > 1) & (whole.deepspeed == 0) & (whole.training == 1) & (whole.lora == 0) & (whole.in_backward == 0)
+    return np.where(on, (whole.vocab - rank.vocab) * whole.hidden * trainable_bytes(whole), 0.0)
+
+
+def loss_parallel_bytes(whole: Columns, rank: Columns) -> Array:
+    """torch's `loss_parallel` cross-entropy over vocabulary-sharded logits (DTensor, `stack=fsdp`;
+    torch/distributed/tensor/parallel/loss.py) writes one t x V / tp fp32 tensor more than
+    ATen's fused kernels, forward and backward: its log-softmax keeps `x - max` beside the exp it
+    sums and the result; its backward builds the gradient from a zeros tensor, exp(x), their sum
+    and the product (four beside the saved log-softmax, where ATen's two kernels write three)."""
+    on = ((whole.tp > 1) & (whole.deepspeed == 0) & (whole.training == 1) & (whole.loss_chunks <= 1)
+          & (whole.fused_loss == 0) & ~logits_kept(whole))
+    return np.where(on, rank.batch * rank.seq * rank.vocab * FP32, 0.0)
+
+
+def tensor_rank(c: Columns) -> Columns:
+    """A tensor-parallel rank as the model it runs (Megatron-LM, Shoeybi et al. 2019; DTensor's
+    `parallelize_module` as measure/parallel.py applies it): q, k, v, gate, up and the LM head
+    column-wise, o and down row-wise, the embedding over the vocabulary, so a rank holds heads /
+    tp, kv_heads / tp, ffn / tp (an expert's too) and ceil(vocab / tp) rows of the embedding and
+    head, while the norms and every token x hidden tensor between the projections (a norm's
+    input and output, the residual stream, the head's input) stay whole: the rows of a model of
+    those widths with tp = 1. Its LoRA adapters are the shards' own (B split beside a column-wise
+    weight, A beside a row-wise one). Every term of one GPU's estimate then holds per rank."""
+    on = c.tp > 1
+    if not on.any():
+        return c
+
+    def split(x: Array) -> Array:
+        return np.where(on, x / c.tp, x)
+
+    return replace(c, heads=split(c.heads), kv_heads=np.maximum(split(c.kv_heads), 1.0), ffn=split(c.ffn),
+                   expert_ffn=split(c.expert_ffn), shared_ffn=split(c.shared_ffn),
+                   vocab=np.where(on, np.ceil(c.vocab / c.tp), c.vocab), tp=np.ones_like(c.tp))
+
+
 def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Breakdown], Breakdown | None]:
     """Every moment's breakdown: the training ones (in TRAIN_PHASES' order), the inference ones
     (INFERENCE_PHASES'), and the serving engine's (None when no row serves). `peak_breakdown`
     and `peak_phase` both take the first largest of each list, so they agree by construction."""
+    whole, c = c, tensor_rank(c)
     w_step = k.weights_factor * weights_bytes(c)
     w = w_step + k.weights_factor * gathered_layer_bytes(c)  # in the forward and backward
     sharded = fsdp(c)
@@ -1499,7 +1542,7 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
     # stepped in the backward, no gradient set ever exists: the backward's moments hold one
     # parameter's gradient and step temporaries instead (`in_backward_bytes`)
     in_bwd = c.in_backward == 1
-    g = np.where(in_bwd, 0.0, k.gradients_factor * gradients_bytes(c))
+    g = np.where(in_bwd, 0.0, k.gradients_factor * (gradients_bytes(c) + whole_embedding_gradient_bytes(whole, c)))
     # accumulating micro-batches: from the second one on, every gradient is alive throughout
     g_acc = np.where(c.grad_accum > 1, g, 0.0)
     g_bwd = k.gradients_factor * in_backward_bytes(c) + g_acc  # inside a block's backward
@@ -1507,6 +1550,7 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
     inputs = 16.0 * c.batch * c.seq  # token ids and targets (int64)
     act = k.activations_factor
     lg = k.logits_factor
+    loss_parallel = loss_parallel_bytes(whole, c)
     ext = ext_rows(c)  # once: the saved set and the re-run block both read it
     block = _recompute_block(c, ext)
     offloaded = offloaded_checkpoint_bytes(c, block)
@@ -1532,7 +1576,7 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
         Breakdown.of(w, weights=fs["loss"], optimizer=o, gradients=g_acc,
                      activations=saved + act * (autocast_cache_bytes(c) + train_cache_bytes(c)
                                                 + final_hidden_bytes(c)),
-                     logits=lg * (live_logits_bytes(c) + final_softcap_bytes(c)), overhead=overhead),
+                     logits=lg * (live_logits_bytes(c) + final_softcap_bytes(c) + loss_parallel), overhead=overhead),
         # FSDP2's forward: the first block's all-gather beside the root's output, then the last
         # block's (every other block's saved activations kept)
         Breakdown.of(w, weights=np.where(sharded, fs["forward_start"], 0.0), optimizer=o * sharded,
@@ -1544,7 +1588,7 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
         Breakdown.of(w, weights=w, optimizer=o, gradients=g_acc, overhead=overhead,
                      activations=act * np.where(recomputing & (window > 0), kept_so_far + window, 0.0)),
         Breakdown.of(w, weights=fs["loss"], optimizer=o, activations=saved,
-                     logits=lg * (logits_gradient_bytes(c) + final_softcap_bytes(c)),
+                     logits=lg * (logits_gradient_bytes(c) + final_softcap_bytes(c) + loss_parallel),
                      gradients=g_acc, overhead=overhead),
         *(Breakdown.of(w, weights=fs["head"], optimizer=o, activations=act * head_acts,
                        gradients=k.gradients_factor * head_grads + g_acc, overhead=overhead)

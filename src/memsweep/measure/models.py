@@ -13,6 +13,7 @@ runs under `FakeTensorMode` and on the meta device.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -692,6 +693,8 @@ class ReferenceModel(nn.Module):
         self.train_cache: list[tuple[Tensor, Tensor]] | None = None
         # kernels.compile: each block runs as AOTAutograd's partitioned graphs (measure/compiled.py)
         self.compiler = None
+        # tensor parallel (measure/parallel.py): (x, head weight) -> the vocabulary-sharded logits
+        self.vocab_parallel: Callable[[Tensor, Tensor], Tensor] | None = None
         self.apply(self._init_weights)
 
     @staticmethod
@@ -802,6 +805,8 @@ class ReferenceModel(nn.Module):
         if hidden:
             return x
         head = self.tok_emb.weight if self.lm_head is None else self.lm_head.weight  # (V, h)
+        if self.vocab_parallel is not None:
+            return self._cap(self.vocab_parallel(x, head))  # (B, T, V / tp) on each rank
         if chunks > 1:
             return [self._cap(F.linear(part, head)) for part in x.chunk(chunks, dim=1)]  # [(B, T / N, V)]
         return self._cap(F.linear(x, head))  # (B, T, V)

@@ -33,6 +33,7 @@ all-reduce is in place on the bucket, allocating nothing).
 from __future__ import annotations
 
 import contextlib
+import functools
 import sys
 from collections.abc import Iterator
 
@@ -47,9 +48,11 @@ def unmeasured_layout(spec: JobSpec) -> str | None:
     p = spec.parallel
     if p.gpus == 1:
         return None
-    if p.tp > 1 or p.pp > 1 or p.ep > 1:
-        return (f"parallel={p.name} (tp={p.tp}, pp={p.pp}, ep={p.ep}): tensor, pipeline and expert parallel "
-                "are analytic; a measured layout is data parallel with parallel.zero=2 or 3 (FSDP2)")
+    if p.pp > 1 or p.ep > 1:
+        return (f"parallel={p.name} (pp={p.pp}, ep={p.ep}): pipeline and expert parallel are analytic; "
+                "measured layouts are data parallel (DDP, ZeRO-1, FSDP2) and tensor parallel (DTensor)")
+    if p.tp > 1:
+        return unmeasured_tensor_parallel(spec)
     if p.stack != "fsdp":
         return (f"parallel.stack={p.stack}: DeepSpeed's engine is analytic; a measured layout is torch's "
                 "(parallel.stack=fsdp: DDP, ZeroRedundancyOptimizer, FSDP2)")
@@ -61,6 +64,35 @@ def unmeasured_layout(spec: JobSpec) -> str | None:
     return None
 
 
+def unmeasured_tensor_parallel(spec: JobSpec) -> str | None:
+    """Why a tensor-parallel job cannot be traced (None: it can): the reference decoders, trained,
+    with the parts `tensor_parallel` shards."""
+    p, m = spec.parallel, spec.model
+    lead = f"parallel.tp={p.tp}"
+    if p.dp > 1:
+        return f"{lead} with parallel.dp={p.dp}: 2-D meshes (FSDP2 / DDP x tensor parallel) are analytic; traced: dp=1"
+    if spec.measure.impl != "reference":
+        return f"{lead} with measure.impl={spec.measure.impl}: tensor parallel is traced with measure.impl=reference"
+    if not spec.workload.training:
+        return f"{lead} with workload={spec.workload.name}: tensor-parallel inference (a sharded KV cache) is analytic"
+    why = None
+    if not m.decoder:
+        why = "an encoder (its post-norm blocks)"
+    elif m.mla or m.experts:
+        why = "MLA or MoE blocks"
+    elif m.attention_sinks or m.qk_norm == "full":
+        why = "per-head sinks or a q/k norm over all heads"
+    elif p.sequence_parallel and (m.position == "learned" or m.block_norms == 4):
+        why = "learned positions or sandwich norms under sequence parallel"
+    elif spec.quant != "none" or spec.kbit:
+        why = f"a quantized base (quant={spec.quant})"
+    elif spec.effective_kernels.label != "eager" or spec.loss_kernel != "eager" or spec.loss.chunks > 1:
+        why = "fused or compiled kernels, or a chunked loss"
+    if why:
+        return f"{lead}: {why} not sharded by the traced plan (measure/parallel.py); analytic"
+    return None
+
+
 @contextlib.contextmanager
 def traced_rank(spec: JobSpec, tracker) -> Iterator[None]:
     """Rank 0 of the job's layout for the whole measurement (build, warm-up and measured steps):
@@ -69,8 +101,42 @@ def traced_rank(spec: JobSpec, tracker) -> Iterator[None]:
     if spec.parallel.gpus == 1:
         yield
         return
-    with fake_process_group(spec.parallel.dp), tracker.counting_resizes(), tagged_gradients(tracker):
+    with contextlib.ExitStack() as stack:
+        stack.enter_context(fake_process_group(spec.parallel.gpus))
+        stack.enter_context(tracker.counting_resizes())
+        stack.enter_context(tagged_gradients(tracker))
+        stack.enter_context(seeing_through_dtensors(tracker))
+        if spec.parallel.tp > 1:  # the vocabulary-sharded cross-entropy, forward and backward
+            from torch.distributed.tensor.parallel import loss_parallel
+
+            stack.enter_context(loss_parallel())
         yield
+
+
+@contextlib.contextmanager
+def seeing_through_dtensors(tracker) -> Iterator[None]:
+    """The tracker counts what a DTensor op allocates on the rank's local tensors, its
+    temporaries included (a mode sees an op before a subclass does; declining it, the mode then
+    sees the DTensor's own ops on plain tensors)."""
+    from torch.distributed.tensor import DTensor
+    from torch.distributed.tensor._sharding_prop import ShardingPropagator
+
+    # DTensor's sharding propagation runs each new op on fake tensors of the global shape (under
+    # the fake mode it finds: ours): shape bookkeeping, no memory on a GPU
+    propagate = ShardingPropagator._propagate_tensor_meta_non_cached
+
+    def quietly(self, *args, **kwargs):
+        with tracker.ignored():
+            return propagate(self, *args, **kwargs)
+
+    saved = tracker.see_through
+    tracker.see_through = (DTensor,)
+    ShardingPropagator._propagate_tensor_meta_non_cached = quietly
+    try:
+        yield
+    finally:
+        tracker.see_through = saved
+        ShardingPropagator._propagate_tensor_meta_non_cached = propagate
 
 
 @contextlib.contextmanager
@@ -109,7 +175,9 @@ def shard(spec: JobSpec, model: nn.Module, blocks, tracker) -> None:
     DDP for ZeRO-0 / 1 (its buckets counted as gradients)."""
     if spec.parallel.gpus == 1:
         return
-    if spec.parallel.zero >= 2:
+    if spec.parallel.tp > 1:
+        tensor_parallel(model, list(blocks), spec)
+    elif spec.parallel.zero >= 2:
         fully_shard_model(model, list(blocks), spec)
     else:
         with tracker.section("setup", "gradients"):  # the buckets
@@ -175,6 +243,108 @@ def zero_redundancy(spec: JobSpec, params: list, cls: type, kw: dict):
     from torch.distributed.optim import ZeroRedundancyOptimizer
 
     return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kw)
+
+
+def tensor_parallel(model: nn.Module, blocks: list[nn.Module], spec: JobSpec) -> None:
+    """Megatron's tensor parallel as torchtitan writes it with DTensor's `parallelize_module`
+    (torchtitan/models/llama3/infra/parallelize.py): q, k, v, gate and up column-wise, o and down
+    row-wise (their outputs all-reduced, or reduce-scattered over the sequence with
+    `sequence_parallel`, whose norms then run on 1/tp of the tokens and whose attention and MLP
+    inputs are all-gathered); the embedding row-wise over the vocabulary; the head column-wise,
+    its logits left sharded over the vocabulary for `loss_parallel`'s cross-entropy. A LoRA
+    adapter follows its layer: B column-wise beside a column-wise weight, A row-wise beside a
+    row-wise one, the other replicated."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor.parallel import (
+        ColwiseParallel,
+        PrepareModuleInput,
+        RowwiseParallel,
+        SequenceParallel,
+        parallelize_module,
+    )
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    tp, sp = spec.parallel.tp, spec.parallel.sequence_parallel
+    with _disable_current_modes():
+        mesh = init_device_mesh("cpu", (tp,))
+    tokens = Shard(1) if sp else Replicate()  # the residual stream between blocks
+
+    class Colwise(ColwiseParallel):
+        def _partition_linear_fn(self, name, module, device_mesh):
+            _place(module, device_mesh, weight=Shard(0), bias=Shard(0), lora_a=Replicate(), lora_b=Shard(0))
+
+    class Rowwise(RowwiseParallel):
+        def _partition_linear_fn(self, name, module, device_mesh):
+            _place(module, device_mesh, weight=Shard(1), bias=Replicate(), lora_a=Shard(1), lora_b=Replicate())
+
+    parallelize_module(model.tok_emb, mesh, RowwiseParallel(input_layouts=Replicate(), output_layouts=tokens))
+    if sp and model.norm_f is not None:
+        parallelize_module(model.norm_f, mesh, SequenceParallel())
+    if model.lm_head is not None:
+        _place(model.lm_head, mesh, weight=Shard(0))
+    model.vocab_parallel = functools.partial(_vocab_parallel_logits, mesh=mesh, layout=tokens)
+    for block in blocks:
+        attn, mlp = block.attn, block.mlp
+        plan = {f"attn.{n}": Colwise() for n in ("q", "k", "v")}
+        plan["attn.o"] = Rowwise(output_layouts=tokens)
+        plan.update({f"mlp.{n}": Colwise() for n in ("gate", "up") if hasattr(mlp, n)})
+        plan["mlp.down"] = Rowwise(output_layouts=tokens)
+        if sp:
+            plan.update({n: SequenceParallel() for n in ("ln_1", "ln_2") if getattr(block, n) is not None})
+            plan["attn"] = PrepareModuleInput(input_layouts=(Shard(1), None, None, None, None),
+                                              desired_input_layouts=(Replicate(), None, None, None, None))
+            plan["mlp"] = PrepareModuleInput(input_layouts=(Shard(1),), desired_input_layouts=(Replicate(),))
+        parallelize_module(block, mesh, plan)
+        attn.n_head //= tp  # each rank runs its own heads (the views take the local widths)
+        attn.n_kv_head //= tp
+    _replicate_the_rest(model, mesh)
+
+
+def _replicate_the_rest(model: nn.Module, mesh) -> None:
+    """Parameters no style sharded (norms without sequence parallel, learned positions) become
+    replicated DTensors, their modules taking and giving local tensors: every parameter is a
+    DTensor, as the optimizer's foreach kernels need (one list may not mix the two)."""
+    from torch.distributed.tensor import DTensor, Replicate, distribute_module
+
+    def plain(module: nn.Module) -> list[str]:
+        return [n for n, p in module.named_parameters(recurse=False) if not isinstance(p, DTensor)]
+
+    def to_dtensor(module, inputs, device_mesh):
+        return tuple(DTensor.from_local(x, device_mesh, [Replicate()], run_check=False)
+                     if isinstance(x, torch.Tensor) and not isinstance(x, DTensor) else x for x in inputs)
+
+    def to_local(module, output, device_mesh):
+        return output.to_local() if isinstance(output, DTensor) else output
+
+    for module in list(model.modules()):
+        names = plain(module)
+        if names:
+            distribute_module(module, mesh, lambda name, mod, m, names=names: _place(mod, m, **dict.fromkeys(names, Replicate())),
+                              input_fn=to_dtensor, output_fn=to_local)
+
+
+def _place(module: nn.Module, mesh, **placements) -> None:
+    """Replace each named parameter the module has by a DTensor with its placement."""
+    from torch.distributed.tensor import distribute_tensor
+
+    for name, placement in placements.items():
+        param = getattr(module, name, None)
+        if isinstance(param, nn.Parameter):
+            module.register_parameter(name, nn.Parameter(distribute_tensor(param, mesh, [placement]),
+                                                         requires_grad=param.requires_grad))
+
+
+def _vocab_parallel_logits(x: torch.Tensor, head: torch.Tensor, mesh, layout) -> torch.Tensor:
+    """The head's column-wise matmul: the final hidden states (all-gathered over the sequence
+    under sequence parallel) times this rank's vocabulary rows; the logits stay a DTensor sharded
+    over the vocabulary, which `loss_parallel`'s cross-entropy takes as they are."""
+    from torch.distributed.tensor import DTensor, Replicate
+
+    if not isinstance(x, DTensor):  # (the final norm's output already is one under sequence parallel)
+        x = DTensor.from_local(x, mesh, [layout], run_check=False)
+    x = x.redistribute(mesh, [Replicate()])
+    return torch.nn.functional.linear(x, head)
 
 
 def fully_shard_model(model: nn.Module, blocks: list[nn.Module], spec: JobSpec) -> None:

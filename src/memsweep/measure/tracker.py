@@ -50,6 +50,8 @@ class StorageTracker(TorchDispatchMode):
         self.phase = "setup"
         self.hold_peaks = 0  # > 0 inside one fused kernel's ops (measure/kernels.one_kernel)
         self._forgotten: set[int] = set()  # storages not counted until they die (`forget`)
+        self.see_through: tuple[type, ...] = ()  # subclasses whose ops run below the tracker (DTensor)
+        self.ignoring = False  # inside bookkeeping that allocates nothing on a GPU (`ignored`)
 
     # --- bookkeeping ---------------------------------------------------------------------
 
@@ -91,7 +93,14 @@ class StorageTracker(TorchDispatchMode):
                     self.track(v, "optimizer")
 
     def retag(self, tensor: torch.Tensor, category: str) -> None:
-        """Move a live storage to another category (a gradient made by an autograd op)."""
+        """Move a live storage to another category (a gradient made by an autograd op). A wrapper
+        subclass (DTensor: a tensor-parallel gradient): its inner tensors'."""
+        if is_traceable_wrapper_subclass(tensor):
+            for name in tensor.__tensor_flatten__()[0]:
+                inner = getattr(tensor, name)
+                if isinstance(inner, torch.Tensor):
+                    self.retag(inner, category)
+            return
         key = self._key(tensor.untyped_storage())
         if key not in self._live:
             self.track(tensor, category)
@@ -179,6 +188,16 @@ class StorageTracker(TorchDispatchMode):
         self.marks[name] = dict(self.current.by_category)
 
     @contextmanager
+    def ignored(self) -> Iterator[None]:
+        """Ops in here make no device memory (DTensor's shape propagation, which runs the op on
+        fake tensors of the global shape) and are not counted."""
+        saved, self.ignoring = self.ignoring, True
+        try:
+            yield
+        finally:
+            self.ignoring = saved
+
+    @contextmanager
     def section(self, phase: str, category: str) -> Iterator[None]:
         """Attribute allocations in this block to `phase` and `category`."""
         saved = self.phase, self.category
@@ -192,7 +211,13 @@ class StorageTracker(TorchDispatchMode):
     # --- the dispatch hook ---------------------------------------------------------------
 
     def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        if self.see_through and any(issubclass(t, self.see_through) for t in types):
+            # a DTensor op: let its own dispatch run and see the ops on its local tensors (the
+            # temporaries inside, e.g. loss_parallel's cross-entropy, would be invisible here)
+            return NotImplemented
         out = func(*args, **(kwargs or {}))
+        if self.ignoring:
+            return out
         for t in tree_flatten(out)[0]:
             if isinstance(t, torch.Tensor):
                 self.track(t)
