@@ -1491,8 +1491,10 @@ def whole_embedding_gradient_bytes(whole: Columns, rank: Columns) -> Array:
     gradient comes out of `embedding_dense_backward` replicated, all V x h rows on every rank (its
     sharding rule for a replicated gradient output, as traced on torch 2.13), so a rank holds
     (V - V / tp) x h more than its shard from the embedding's backward to the step. Megatron's
-    VocabParallelEmbedding (`stack=deepspeed` here) keeps the shard's only."""
-    on = (whole.tp > 1) & (whole.deepspeed == 0) & (whole.training == 1) & (whole.lora == 0) & (whole.in_backward == 0)
+    VocabParallelEmbedding (`stack=deepspeed` here) keeps the shard's only. Tied to the head, the
+    whole gradient is summed into the head's sharded one, which stays a shard."""
+    on = ((whole.tp > 1) & (whole.deepspeed == 0) & (whole.training == 1) & (whole.lora == 0)
+          & (whole.in_backward == 0) & (whole.tied_embeddings == 0))
     return np.where(on, (whole.vocab - rank.vocab) * whole.hidden * trainable_bytes(whole), 0.0)
 
 
@@ -1505,6 +1507,33 @@ def loss_parallel_bytes(whole: Columns, rank: Columns) -> Array:
     on = ((whole.tp > 1) & (whole.deepspeed == 0) & (whole.training == 1) & (whole.loss_chunks <= 1)
           & (whole.fused_loss == 0) & ~logits_kept(whole))
     return np.where(on, rank.batch * rank.seq * rank.vocab * FP32, 0.0)
+
+
+def sequence_parallel_saving_bytes(whole: Columns, rank: Columns) -> Array:
+    """What sequence parallel (Korthikanti et al. 2022, sec. 4.2.2; DTensor's SequenceParallel as
+    traced) takes off a tensor-parallel rank's saved set (`tensor_rank`): every norm runs on its
+    1/tp of the tokens, so what a norm saves for its own backward shrinks tp-fold: an RMSNorm's
+    fp32 input (x.float()) and statistics, and its 16-bit normalised input (saved for the weight's
+    gradient; DTensor's product saves it on the shard even beside a frozen weight); a LayerNorm's
+    input and statistics. The norm's output is all-gathered for the projections after it, and that
+    whole copy is what they save: unchanged. The final norm's output is whole only when the head
+    trains (its input saved); a frozen head keeps its shard. With full recompute the checkpointed
+    block inputs (the residual stream) are shards. A LoRA model's first norm saves nothing for
+    itself (its input, the frozen embedding's output, needs no gradient)."""
+    on = (whole.tp > 1) & (whole.sequence_parallel == 1) & (whole.training == 1)
+    if not on.any():
+        return np.zeros(len(whole))
+    keep = 1.0 - 1.0 / whole.tp
+    t, h, hb = rank.batch * rank.seq, rank.hidden, hidden_bytes(rank)
+    rms = rank.layer_norm == 0
+    own = np.where(rms, FP32 * t * h + FP32 * t, hb * t * h + 2 * FP32 * t)  # a norm's input-side tensors
+    full = rank.recompute_full == 1
+    norms = np.where(full, 0.0, rank.layers * rank.block_norms) + rank.final_norm
+    inputs = norms - np.where(full, 0.0, rank.lora)
+    y = np.where(rms, np.where(rank.lora == 0, keep, -1.0 / whole.tp) * norms * t * h * hb, 0.0)
+    final_out = rank.lora * rank.final_norm * keep * t * h * hb
+    checkpoints = np.where(full, keep * rank.layers * t * h * hb, 0.0)
+    return np.where(on, keep * inputs * own + y + final_out + checkpoints, 0.0)
 
 
 def tensor_rank(c: Columns) -> Columns:
@@ -1551,12 +1580,16 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
     act = k.activations_factor
     lg = k.logits_factor
     loss_parallel = loss_parallel_bytes(whole, c)
+    # the step takes the whole embedding gradient's shard for its parameter (DTensor redistributes
+    # it: a copy), alive while no other step temporary is
+    whole_gradient_shard = np.where(whole_embedding_gradient_bytes(whole, c) > 0,
+                                    c.vocab * c.hidden * trainable_bytes(c), 0.0)
     ext = ext_rows(c)  # once: the saved set and the re-run block both read it
     block = _recompute_block(c, ext)
     offloaded = offloaded_checkpoint_bytes(c, block)
     # each computed once: the planner evaluates millions of rows
     kernel = sdpa_kernel(c)  # once: several moments read it
-    saved_bytes = saved_activations_bytes(c, kernel, ext) - offloaded
+    saved_bytes = saved_activations_bytes(c, kernel, ext) - offloaded - sequence_parallel_saving_bytes(whole, c)
     saved = act * saved_bytes
     block_now = (block[0] - offloaded, *block[1:])  # the last block's backward: two checkpoints back
     head = head_backward_bytes(c, saved_bytes)
@@ -1611,7 +1644,7 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
         Breakdown.of(w, weights=np.where(sharded, np.maximum(fs["end"], w + k.weights_factor * root_reduce), w), optimizer=o,
                      gradients=k.gradients_factor * np.where(sharded, g + root_grads, end_grads),
                      activations=act * end_acts, overhead=overhead),
-        Breakdown.of(w, weights=w_step, optimizer=o, optimizer_step=k.optimizer_step_factor * optimizer_step_temporary_bytes(c),
+        Breakdown.of(w, weights=w_step, optimizer=o, optimizer_step=k.optimizer_step_factor * np.maximum(optimizer_step_temporary_bytes(c), whole_gradient_shard),
                      gradients=g, activations=np.full_like(w, 1.0) * inputs, overhead=overhead),
     ]
     buckets = k.gradients_factor * ddp_bucket_bytes(c)

@@ -75,6 +75,9 @@ def unmeasured_tensor_parallel(spec: JobSpec) -> str | None:
         return f"{lead} with measure.impl={spec.measure.impl}: tensor parallel is traced with measure.impl=reference"
     if not spec.workload.training:
         return f"{lead} with workload={spec.workload.name}: tensor-parallel inference (a sharded KV cache) is analytic"
+    if p.sequence_parallel and spec.seq % p.tp:
+        return (f"seq={spec.seq} with {lead} and sequence_parallel: a sequence split unevenly over the ranks "
+                "(Megatron-LM and torchtitan require seq divisible by tp; DTensor's from_local assumes even shards)")
     why = None
     if not m.decoder:
         why = "an encoder (its post-norm blocks)"
