@@ -1571,7 +1571,10 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
     # stepped in the backward, no gradient set ever exists: the backward's moments hold one
     # parameter's gradient and step temporaries instead (`in_backward_bytes`)
     in_bwd = c.in_backward == 1
-    g = np.where(in_bwd, 0.0, k.gradients_factor * (gradients_bytes(c) + whole_embedding_gradient_bytes(whole, c)))
+    # torch's tensor parallel: the embedding's gradient whole on every rank, kept to the step;
+    # under FSDP2 too until the root's reduce-scatter (then a shard, as every gradient)
+    whole_grad = k.gradients_factor * whole_embedding_gradient_bytes(whole, c)
+    g = np.where(in_bwd, 0.0, k.gradients_factor * gradients_bytes(c) + np.where(sharded, 0.0, whole_grad))
     # accumulating micro-batches: from the second one on, every gradient is alive throughout
     g_acc = np.where(c.grad_accum > 1, g, 0.0)
     g_bwd = k.gradients_factor * in_backward_bytes(c) + g_acc  # inside a block's backward
@@ -1582,8 +1585,9 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
     loss_parallel = loss_parallel_bytes(whole, c)
     # the step takes the whole embedding gradient's shard for its parameter (DTensor redistributes
     # it: a copy), alive while no other step temporary is
-    whole_gradient_shard = np.where(whole_embedding_gradient_bytes(whole, c) > 0,
-                                    c.vocab * c.hidden * trainable_bytes(c), 0.0)
+    whole_gradient_shard = np.where((whole_grad > 0) & ~sharded, c.vocab * c.hidden * trainable_bytes(c), 0.0)
+    # FSDP2 takes that shard (a copy) for the root's reduce-scatter beside the whole one
+    whole_grad_end = whole_grad + np.where(whole_grad > 0, k.gradients_factor * c.vocab * c.hidden * trainable_bytes(c), 0.0)
     ext = ext_rows(c)  # once: the saved set and the re-run block both read it
     block = _recompute_block(c, ext)
     offloaded = offloaded_checkpoint_bytes(c, block)
@@ -1642,7 +1646,7 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
         # FSDP2: the embedding's backward beside the gathered root, then the root's reduce-scatter
         # input once it has resharded (post_backward reshards before it reduces), whichever is larger
         Breakdown.of(w, weights=np.where(sharded, np.maximum(fs["end"], w + k.weights_factor * root_reduce), w), optimizer=o,
-                     gradients=k.gradients_factor * np.where(sharded, g + root_grads, end_grads),
+                     gradients=k.gradients_factor * np.where(sharded, g + root_grads, end_grads) + sharded * whole_grad_end,
                      activations=act * end_acts, overhead=overhead),
         Breakdown.of(w, weights=w_step, optimizer=o, optimizer_step=k.optimizer_step_factor * np.maximum(optimizer_step_temporary_bytes(c), whole_gradient_shard),
                      gradients=g, activations=np.full_like(w, 1.0) * inputs, overhead=overhead),

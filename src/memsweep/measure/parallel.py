@@ -69,8 +69,9 @@ def unmeasured_tensor_parallel(spec: JobSpec) -> str | None:
     with the parts `tensor_parallel` shards."""
     p, m = spec.parallel, spec.model
     lead = f"parallel.tp={p.tp}"
-    if p.dp > 1:
-        return f"{lead} with parallel.dp={p.dp}: 2-D meshes (FSDP2 / DDP x tensor parallel) are analytic; traced: dp=1"
+    if p.dp > 1 and p.zero < 2:
+        return (f"{lead} with parallel.dp={p.dp} and parallel.zero={p.zero}: DDP x tensor parallel is analytic; "
+                "traced: dp=1, or FSDP2 over the dp ranks (parallel.zero=2 or 3), torchtitan's 2-D layout")
     if spec.measure.impl != "reference":
         return f"{lead} with measure.impl={spec.measure.impl}: tensor parallel is traced with measure.impl=reference"
     if not spec.workload.training:
@@ -178,13 +179,31 @@ def shard(spec: JobSpec, model: nn.Module, blocks, tracker) -> None:
     DDP for ZeRO-0 / 1 (its buckets counted as gradients)."""
     if spec.parallel.gpus == 1:
         return
-    if spec.parallel.tp > 1:
-        tensor_parallel(model, list(blocks), spec)
-    elif spec.parallel.zero >= 2:
-        fully_shard_model(model, list(blocks), spec)
+    tp_mesh, dp_mesh = meshes(spec)
+    if tp_mesh is not None:
+        tensor_parallel(model, list(blocks), spec, tp_mesh)
+    if dp_mesh is None:
+        return
+    if spec.parallel.zero >= 2:
+        fully_shard_model(model, list(blocks), spec, dp_mesh)
     else:
         with tracker.section("setup", "gradients"):  # the buckets
             data_parallel(model)
+
+
+def meshes(spec: JobSpec):
+    """(tensor-parallel mesh, data-parallel mesh), None where the layout has one rank: one 2-D
+    mesh (dp, tp) as torchtitan builds it when both are > 1."""
+    from torch.distributed.device_mesh import init_device_mesh
+    from torch.utils._python_dispatch import _disable_current_modes
+
+    p = spec.parallel
+    with _disable_current_modes():  # the mesh's rank tensor is real (outside fake and tracking modes)
+        if p.tp > 1 and p.dp > 1:
+            mesh = init_device_mesh("cpu", (p.dp, p.tp), mesh_dim_names=("dp", "tp"))
+            return mesh["tp"], mesh["dp"]
+        mesh = init_device_mesh("cpu", (p.gpus,))
+    return (mesh, None) if p.tp > 1 else (None, mesh)
 
 
 def data_parallel(model: nn.Module) -> None:
@@ -248,7 +267,7 @@ def zero_redundancy(spec: JobSpec, params: list, cls: type, kw: dict):
     return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kw)
 
 
-def tensor_parallel(model: nn.Module, blocks: list[nn.Module], spec: JobSpec) -> None:
+def tensor_parallel(model: nn.Module, blocks: list[nn.Module], spec: JobSpec, mesh) -> None:
     """Megatron's tensor parallel as torchtitan writes it with DTensor's `parallelize_module`
     (torchtitan/models/llama3/infra/parallelize.py): q, k, v, gate and up column-wise, o and down
     row-wise (their outputs all-reduced, or reduce-scattered over the sequence with
@@ -257,7 +276,6 @@ def tensor_parallel(model: nn.Module, blocks: list[nn.Module], spec: JobSpec) ->
     its logits left sharded over the vocabulary for `loss_parallel`'s cross-entropy. A LoRA
     adapter follows its layer: B column-wise beside a column-wise weight, A row-wise beside a
     row-wise one, the other replicated."""
-    from torch.distributed.device_mesh import init_device_mesh
     from torch.distributed.tensor import Replicate, Shard
     from torch.distributed.tensor.parallel import (
         ColwiseParallel,
@@ -266,11 +284,8 @@ def tensor_parallel(model: nn.Module, blocks: list[nn.Module], spec: JobSpec) ->
         SequenceParallel,
         parallelize_module,
     )
-    from torch.utils._python_dispatch import _disable_current_modes
 
     tp, sp = spec.parallel.tp, spec.parallel.sequence_parallel
-    with _disable_current_modes():
-        mesh = init_device_mesh("cpu", (tp,))
     tokens = Shard(1) if sp else Replicate()  # the residual stream between blocks
 
     class Colwise(ColwiseParallel):
@@ -350,22 +365,41 @@ def _vocab_parallel_logits(x: torch.Tensor, head: torch.Tensor, mesh, layout) ->
     return torch.nn.functional.linear(x, head)
 
 
-def fully_shard_model(model: nn.Module, blocks: list[nn.Module], spec: JobSpec) -> None:
+def fully_shard_model(model: nn.Module, blocks: list[nn.Module], spec: JobSpec, mesh) -> None:
     """FSDP2 as torchtitan applies it over the data-parallel ranks of the fake process group
     (`traced_rank`): each block its own group, then the root (the embeddings, final norm and head)
-    with FSDP2's default for a root, kept gathered from forward to backward."""
-    from torch.distributed.device_mesh import init_device_mesh
+    with FSDP2's default for a root, kept gathered from forward to backward. After tensor
+    parallel, over the dp dimension of the 2-D mesh (FSDP2 shards the DTensors' local shards)."""
     from torch.distributed.fsdp import fully_shard
+
+    kw = shard_policy(spec)
+    with mesh_reads():
+        for block in blocks:
+            fully_shard(block, mesh=mesh, **kw)
+        # the root with FSDP2's default: not resharded after the forward (its backward follows at once)
+        kw.pop("reshard_after_forward")
+        fully_shard(model, mesh=mesh, **kw)
+
+
+@contextlib.contextmanager
+def mesh_reads() -> Iterator[None]:
+    """FSDP2 over DTensor (tensor-parallel) parameters joins the dp and tp meshes into one
+    (`DeviceMesh._concatenate`), computing this rank's coordinates from the real rank tensor:
+    outside the fake and tracking modes (rank indices, no memory of the job)."""
+    from torch.distributed.device_mesh import DeviceMesh
     from torch.utils._python_dispatch import _disable_current_modes
 
-    with _disable_current_modes():  # the mesh's rank tensor is real (outside fake and tracking modes)
-        mesh = init_device_mesh("cpu", (spec.parallel.dp,))
-    kw = shard_policy(spec)
-    for block in blocks:
-        fully_shard(block, mesh=mesh, **kw)
-    # the root with FSDP2's default: not resharded after the forward (its backward follows at once)
-    kw.pop("reshard_after_forward")
-    fully_shard(model, mesh=mesh, **kw)
+    concatenate = DeviceMesh.__dict__["_concatenate"]
+
+    def outside_the_modes(*args, **kwargs):
+        with _disable_current_modes():
+            return concatenate.__func__(*args, **kwargs)
+
+    DeviceMesh._concatenate = staticmethod(outside_the_modes)
+    try:
+        yield
+    finally:
+        DeviceMesh._concatenate = concatenate
 
 
 @contextlib.contextmanager
