@@ -42,7 +42,8 @@ def test_70b_on_one_gpu_is_its_own_shortfall_and_points_to_what_fits():
 @pytest.mark.parametrize("argv, where", [
     (("workload=inference", "max_gpus=1"), "on 1 GPU (max_gpus=1)"),
     (("max_gpus=8",), "on up to 8 GPUs (max_gpus=8)"),
-    (("hardware=rtx4090-24g",), "on up to 4,096 GPUs"),             # no cap: the largest layout searched
+    # no cap: the largest layout searched (llama2-70b fits on 64 such cards since uneven pipelines)
+    (("model=llama3.1-405b", "hardware=rtx4090-24g"), "on up to 8,192 GPUs"),
     (("workload=inference", "hardware=rtx4090-24g", "layouts.pp=[1]", "layouts.tp=[1,2]"), "on up to 2 GPUs"),
 ])
 def test_every_shortfall_exceeds_the_capacity_of_the_gpus_it_names(argv, where):

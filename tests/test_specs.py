@@ -24,7 +24,7 @@ BAD = [
     ("seq", 2048, lambda: job("gpt2", seq=2048)),
     ("workload.gen_tokens", 100, lambda: job("gpt2", wl=workload("inference", gen_tokens=100), seq=1000)),
     ("parallel.tp", 3, lambda: job(parallel=Parallel("p", tp=3))),
-    ("parallel.pp", 5, lambda: job(parallel=Parallel("p", pp=5))),
+    ("parallel.pp", 500, lambda: job(parallel=Parallel("p", pp=500))),
     ("parallel.zero", 4, lambda: Parallel("p", zero=4)),
     ("workload.lora_targets", "gate", lambda: job("gpt2", wl=workload("lora", lora_targets=("q", "gate")), seq=512)),
     ("workload.lora_targets", "ffn", lambda: workload("lora", lora_targets=("ffn",))),

@@ -262,6 +262,52 @@ def technique_values(spec: JobSpec) -> dict[str, float]:
     }
 
 
+# --- pipeline stages ------------------------------------------------------------------------
+
+def stage_layers(layers: int, pp: int) -> tuple[int, ...]:
+    """Blocks per pipeline stage. Even when pp divides the layers; otherwise each stage takes
+    layers // pp and the rest go one each to the middle stages, the last ones first (they hold the
+    fewest micro-batches in flight), then to the last stage: the first and last stages, which
+    also hold the embedding and the loss, stay the lighter ones, as Llama 3 split 126 layers over
+    16 stages (7, 8 x 14, 7: Dubey et al. 2024, sec. 3.3.2; Megatron-LM's
+    --decoder-first/last-pipeline-num-layers)."""
+    q, r = divmod(layers, pp)
+    sizes = [q] * pp
+    middle = list(range(pp - 2, 0, -1)) + [pp - 1, 0]
+    for k in middle[:r]:
+        sizes[k] += 1
+    return tuple(sizes)
+
+
+def stage_layers_max(c: Columns) -> Array:
+    """The most blocks one pipeline stage holds (`stage_layers`)."""
+    q = np.floor(c.layers / c.pp)
+    return q + (c.layers - q * c.pp > 0)
+
+
+def pipeline_shards(c: Columns) -> Array:
+    """What a pipeline divides per-layer state by on its largest stage: pp when it divides the
+    layers, layers / (the largest stage's blocks) otherwise."""
+    return np.where(c.pp > 1, c.layers / stage_layers_max(c), 1.0)
+
+
+def in_flight_layers(c: Columns) -> Array:
+    """1F1B (PipeDream-Flush, Narayanan et al. 2021): stage k keeps the activations of pp - k
+    micro-batches, so the stage holding the most keeps max_k (pp - k) x blocks_k layers' worth of
+    one micro-batch: all the layers when pp divides them (Korthikanti et al. 2022, sec. 4.2.3),
+    fewer with `stage_layers`' uneven split (405B on 16 stages: 15 x 8 = 120 of 126)."""
+    pp = c.pp
+    q = np.floor(c.layers / pp)
+    r = c.layers - q * pp
+    middle = np.maximum(pp - 2, 0)
+    extra = np.minimum(r, middle)  # the later middle stages' one more block each
+    last = r - extra
+    plain_second = np.where((pp > 2) & (extra < middle), (pp - 1) * q, 0.0)
+    first_extra = np.where(extra > 0, (extra + 1) * (q + 1), 0.0)
+    most = np.maximum(np.maximum(pp * q, plain_second), np.maximum(first_extra, q + last))
+    return np.where(pp > 1, most, c.layers)
+
+
 # --- exact parameter counts (HF module structure), vectorized over Columns -------------------
 
 def norm_params(c: Columns, width: Array | float) -> Array:

@@ -934,8 +934,8 @@ class JobSpec:
                 "parallel.tp", p.tp,
                 f"a divisor of both model.heads={m.heads} and model.kv_heads={m.kv_heads}",
             )
-        if m.layers % p.pp:
-            raise ConfigError("parallel.pp", p.pp, f"a divisor of model.layers={m.layers}")
+        if p.pp > m.layers:  # (an uneven split: columns.stage_layers)
+            raise ConfigError("parallel.pp", p.pp, f"at most model.layers={m.layers} stages")
         if m.experts and m.experts % p.ep:
             raise ConfigError("parallel.ep", p.ep, f"a divisor of model.experts={m.experts}")
         if p.ep > 1 and not m.experts:

@@ -30,8 +30,8 @@ from dataclasses import dataclass, replace
 import numpy as np
 
 from memsweep.columns import (
-    FAMILY_CODES, Array, Columns, attention_params, base_params, embedding_params, layer_norm_params,
-    lora_params, mlp_params, norm_params, routed_expert_params, trainable_params,
+    FAMILY_CODES, Array, Columns, attention_params, base_params, embedding_params, in_flight_layers, layer_norm_params,
+    lora_params, mlp_params, norm_params, pipeline_shards, routed_expert_params, trainable_params,
 )
 from memsweep.formulas.base import Breakdown
 from memsweep.formulas.basis import (
@@ -125,8 +125,9 @@ def autocast(c: Columns) -> Array:
 # --- sharding -------------------------------------------------------------------------------
 
 def model_shards(c: Columns) -> Array:
-    """Weights, gradients and states are split over tensor and pipeline ranks."""
-    return c.tp * c.pp
+    """Weights, gradients and states are split over tensor and pipeline ranks (the largest
+    pipeline stage's share when pp does not divide the layers: `pipeline_shards`)."""
+    return c.tp * pipeline_shards(c)
 
 
 def zero_shards(c: Columns, stage: int) -> Array:
@@ -1253,13 +1254,14 @@ def autocast_cache_bytes(c: Columns) -> Array:
     recipe; transformers computes it in the model's forward). Without recompute those copies are
     saved for the backward anyway (the tables hold them); with it they are not. One copy of each
     block's matrices (the LM head's is saved, so already counted); LoRA casts only its fp32
-    adapters (its frozen base is stored 16-bit), one copy of each."""
+    adapters (its frozen base is stored 16-bit), one copy of each: of the stage's blocks under a
+    pipeline (the cache ends with each micro-batch's forward)."""
     # (compiled blocks cast their weights inside their graphs, which free each cast at its last use:
     # autocast's cache never sees them)
     on = autocast(c) & (c.recompute_full == 1) & (c.training == 1) & (c.compiled == 0)
     # (an MoE layer's routed experts run outside autocast in their fp32 weights: no copies)
     cast = np.where(c.lora == 1, lora_params(c), autocast_elements(c))
-    return np.where(on, cast * 2.0 / c.tp, 0.0)
+    return np.where(on, cast * 2.0 / c.tp / pipeline_shards(c), 0.0)
 
 
 def kv_token_bytes(c: Columns) -> Array:
@@ -1270,7 +1272,7 @@ def kv_token_bytes(c: Columns) -> Array:
                          np.where(c.mla_latent_cache == 1, (c.kv_lora_rank + c.rope_head_dim) * c.tp,
                                   c.heads * (c.head_dim + c.v_head_dim)),
                          c.kv_heads * (c.head_dim + c.v_head_dim))
-    return c.batch * per_token * kv_element_bytes(c) / c.tp / c.pp
+    return c.batch * per_token * kv_element_bytes(c) / c.tp / pipeline_shards(c)
 
 
 def kv_element_bytes(c: Columns) -> Array:
@@ -1593,9 +1595,12 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
     offloaded = offloaded_checkpoint_bytes(c, block)
     # each computed once: the planner evaluates millions of rows
     kernel = sdpa_kernel(c)  # once: several moments read it
-    saved_bytes = saved_activations_bytes(c, kernel, ext) - offloaded - sequence_parallel_saving_bytes(whole, c)
+    # a pipeline stage keeps its micro-batches in flight (1F1B): the whole model's one micro-batch
+    # when pp divides the layers, less on an uneven split (`in_flight_layers`)
+    in_flight = np.where((c.pp > 1) & (c.training == 1), in_flight_layers(c) / c.layers, 1.0)
+    saved_bytes = in_flight * (saved_activations_bytes(c, kernel, ext) - offloaded - sequence_parallel_saving_bytes(whole, c))
     saved = act * saved_bytes
-    block_now = (block[0] - offloaded, *block[1:])  # the last block's backward: two checkpoints back
+    block_now = (in_flight * (block[0] - offloaded), *block[1:])  # the last block's backward: two checkpoints back
     head = head_backward_bytes(c, saved_bytes)
     window = window_call_bytes(c)
     recomputing = (c.recompute_full == 1) | (c.recompute_selective == 1)

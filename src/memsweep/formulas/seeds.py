@@ -11,7 +11,7 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from memsweep.columns import Array, Columns, base_params, lora_params, trainable_params
+from memsweep.columns import Array, Columns, base_params, lora_params, pipeline_shards, trainable_params
 from memsweep.formulas.base import Breakdown
 
 
@@ -144,7 +144,7 @@ def korthikanti(c: Columns, k: KorthikantiConstants) -> Breakdown:
     tp*pp and by dp per ZeRO stage. Inference: weights and one layer's transient activations."""
     p = base_params(c) + lora_params(c)
     p_train = trainable_params(c)
-    model_shards = c.tp * c.pp
+    model_shards = c.tp * pipeline_shards(c)
     mixed_train = c.mixed == 1
     w = np.where(mixed_train, k.weight_bytes_per_param, c.dtype_bytes) * p
     g = np.where(mixed_train, k.gradient_bytes_per_param, c.dtype_bytes) * p_train

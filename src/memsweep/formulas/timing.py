@@ -43,7 +43,7 @@ from pathlib import Path
 
 import numpy as np
 
-from memsweep.columns import Array, Columns
+from memsweep.columns import Array, Columns, pipeline_shards, stage_layers_max
 from memsweep.errors import ConfigError
 
 GB = 1e9
@@ -219,7 +219,7 @@ def step_time(c: Columns, speeds: Speeds, k: TimeConstants = TimeConstants(), wo
 
 def _step_time(c: Columns, speeds: Speeds, k: TimeConstants, work) -> StepTime:
     w = production_work(c) if work is None else work
-    shards = c.tp * c.pp
+    shards = c.tp * pipeline_shards(c)
     sdpa = 1.0 - c.eager_attention
     # what the kernels run: a flash kernel skips causal attention's masked blocks
     kernel = sdpa * (w.causal_attention_flops - w.attention_flops)
@@ -287,7 +287,7 @@ def communication_s(c: Columns, speeds: Speeds, k: TimeConstants) -> tuple[Array
     # tensor parallel: 2 all-reduces of (b, s, h) per layer forward, 2 backward, 2 recomputed
     tokens = np.where(training, c.batch * c.seq, c.batch * (c.seq + c.gen_tokens))
     layer_out = tokens * c.hidden * act
-    per_pass = 2.0 * c.layers / c.pp
+    per_pass = 2.0 * stage_layers_max(c)
     passes = np.where(training, m * (2.0 + c.recompute_full), 1.0)
     tp = _ring(c.tp, layer_out, 2.0, tp_bw, k) * per_pass * passes
 
@@ -295,9 +295,9 @@ def communication_s(c: Columns, speeds: Speeds, k: TimeConstants) -> tuple[Array
     # compute dtype (ZeRO 2 after the step, ZeRO 3 every forward and backward; LoRA's frozen base too)
     from memsweep.columns import base_params, trainable_params
 
-    trainable = trainable_params(c) / (c.tp * c.pp)
+    trainable = trainable_params(c) / (c.tp * pipeline_shards(c))
     grads = trainable * np.where(c.mixed == 1, 4.0, c.dtype_bytes)
-    weights = base_params(c) / (c.tp * c.pp) * act
+    weights = base_params(c) / (c.tp * pipeline_shards(c)) * act
     z = c.zero
     dp = np.where(z <= 1, _ring(c.dp, grads, 2.0, dp_bw, k),
                   np.where(z == 2, _ring(c.dp, grads, 1.0, dp_bw, k) + _ring(c.dp, weights, 1.0, dp_bw, k),
@@ -311,6 +311,6 @@ def communication_s(c: Columns, speeds: Speeds, k: TimeConstants) -> tuple[Array
 
     # expert parallel: dispatch + combine of the routed tokens per MoE layer, forward and backward
     routed = tokens * c.experts_per_token * c.hidden * act
-    a2a = _ring(c.ep, routed, 1.0, dp_bw, k) * 2.0 * c.moe_layers / c.pp * np.where(training, 2.0 * m, 1.0)
+    a2a = _ring(c.ep, routed, 1.0, dp_bw, k) * 2.0 * c.moe_layers / pipeline_shards(c) * np.where(training, 2.0 * m, 1.0)
     a2a = np.where(c.experts > 0, a2a, 0.0)
     return tp + p2p + a2a, dp

@@ -145,8 +145,8 @@ def validate(spec: PlanSpec) -> None:
     if not any(m.heads % t == 0 and m.kv_heads % t == 0 for t in lay.tp):
         raise ConfigError("layouts.tp", list(lay.tp),
                           f"a list with a divisor of heads={m.heads} and kv_heads={m.kv_heads}")
-    if not any(m.layers % p == 0 for p in lay.pp):
-        raise ConfigError("layouts.pp", list(lay.pp), f"a list with a divisor of layers={m.layers}")
+    if not any(p <= m.layers for p in lay.pp):
+        raise ConfigError("layouts.pp", list(lay.pp), f"a list with a stage count up to layers={m.layers}")
     if m.experts and not any(m.experts % e == 0 for e in lay.ep):
         raise ConfigError("layouts.ep", list(lay.ep), f"a list with a divisor of experts={m.experts}")
 

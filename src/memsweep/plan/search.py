@@ -433,7 +433,7 @@ def min_gpus_rows(ctx: Context) -> pl.DataFrame:
     total = bd.total
     limit = context_limit(base, spec)[b]
     seq_ok = seq <= limit
-    layout_ok = ((base.heads[b] % tp == 0) & (base.kv_heads[b] % tp == 0) & (base.layers[b] % pp == 0)
+    layout_ok = ((base.heads[b] % tp == 0) & (base.kv_heads[b] % tp == 0) & (pp <= base.layers[b])
                  & ((base.experts[b] == 0) | (base.experts[b] % ep == 0)))
     gpus = tp * pp * dp
     cost = ctx.cost[b]
@@ -506,7 +506,7 @@ def min_gpus_rows(ctx: Context) -> pl.DataFrame:
                                                       base.learned_positions[b[rows]])).astype(object)
     lay = spec.layouts
     reason = np.where(no_layout & seq_ok[rows], f"no layout in tp={list(lay.tp)} x pp={list(lay.pp)} divides the heads, "
-                      "kv heads and layers", reason).astype(object)
+                      "kv heads (with pp up to the layers)", reason).astype(object)
     short = np.flatnonzero(status == "none_fits")
     if short.size:
         layout = {"tp": tp, "pp": pp, "dp": dp, "zero": zero, "ep": ep, "batch": micro, "grad_accum": accum}

@@ -34,7 +34,7 @@ class Layouts:
     (MoE models only: ep divides dp and the experts)."""
 
     tp: tuple[int, ...] = (1, 2, 4, 8)
-    pp: tuple[int, ...] = (1, 2, 4, 8)
+    pp: tuple[int, ...] = (1, 2, 4, 8, 16)
     dp: tuple[int, ...] = (1, 2, 4, 8, 16, 32, 64)
     zero: tuple[int, ...] = ZEROS
     ep: tuple[int, ...] = (1, 2, 4, 8)
