@@ -58,7 +58,10 @@ def grid(args):
 
 def layout(name: str, dp: int) -> Parallel:
     """zeroN: dp ranks at ZeRO stage N (0 / 1: DDP, 2 / 3: FSDP2); tpN, tpN_sp: N tensor-parallel
-    ranks (DTensor), with sequence parallel."""
+    ranks (DTensor), with sequence parallel; tpN+zeroK: both, on a 2-D mesh."""
+    if "+" in name:
+        tp, data = (layout(part, dp) for part in name.split("+"))
+        return Parallel(name, tp=tp.tp, sequence_parallel=tp.sequence_parallel, dp=data.dp, zero=data.zero)
     if name.startswith("zero"):
         return Parallel(name, dp=dp, zero=int(name[4:]))
     if name.startswith("tp"):
@@ -103,7 +106,7 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--seq", type=int, default=1024)
     ap.add_argument("--dp", type=int, default=8)
     ap.add_argument("--layouts", default="zero1,zero2,zero3,tp2,tp8_sp",
-                    help="the grid's layouts: zeroN (dp ranks; 0 / 1 DDP, 2 / 3 FSDP2), tpN, tpN_sp (DTensor)")
+                    help="the grid's layouts: zeroN (dp ranks; 0 / 1 DDP, 2 / 3 FSDP2), tpN, tpN_sp (DTensor), tpN+zeroK (2-D)")
     ap.add_argument("--random", type=int, default=0, help="draw this many layouts instead of the grid")
     ap.add_argument("--seed", type=int, default=0)
     ap.add_argument("--single", action="store_true",

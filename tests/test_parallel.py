@@ -144,7 +144,7 @@ def test_the_fake_process_group_leaves_no_trace(traced):
 
 @pytest.mark.parametrize("parallel,why", [
     (Parallel("pp2", pp=2), "pipeline and expert parallel are analytic"),
-    (Parallel("tp2dp2", tp=2, dp=2, zero=3), "2-D meshes"),
+    (Parallel("tp2dp2", tp=2, dp=2, zero=1), "DDP x tensor parallel"),
 ])
 def test_a_layout_not_yet_traced_is_skipped_with_its_reason(parallel, why):
     m = measure(job("tiny", seq=32, parallel=parallel, measure=FAKE))

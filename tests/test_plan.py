@@ -367,9 +367,7 @@ def test_full_training_llama3_8b_at_4096_on_a100_40g_takes_4_gpus():
     par = Parallel("p", tp=r["tp"], pp=r["pp"], dp=r["dp"], zero=r["zero"])
     assert per_job_total("llama3-8b", "train", 4096, 1, hardware="a100-40g", recompute=r["recompute"], parallel=par) \
         == r["total_bytes"] <= r["capacity_bytes"]
-    smaller = [(1, 1, 1, 0), (2, 1, 1, 0), (1, 2, 1, 0), *((1, 1, 2, z) for z in range(4)),
-               (4, 1, 1, 0), (2, 2, 1, 0), (1, 4, 1, 0), *((2, 1, 2, z) for z in range(4)),
-               *((1, 2, 2, z) for z in range(4)), *((1, 1, 4, z) for z in range(4))]
+    smaller = [(1, 1, 1, 0), (2, 1, 1, 0), (1, 2, 1, 0), *((1, 1, 2, z) for z in range(4))]
     for tp, pp, dp, zero in smaller:
         for rc in ("none", "selective", "full"):
             total = per_job_total("llama3-8b", "train", 4096, 1, hardware="a100-40g", recompute=rc,

@@ -1497,7 +1497,8 @@ def whole_embedding_gradient_bytes(whole: Columns, rank: Columns) -> Array:
     whole gradient is summed into the head's sharded one, which stays a shard."""
     on = ((whole.tp > 1) & (whole.deepspeed == 0) & (whole.training == 1) & (whole.lora == 0)
           & (whole.in_backward == 0) & (whole.tied_embeddings == 0))
-    return np.where(on, (whole.vocab - rank.vocab) * whole.hidden * trainable_bytes(whole), 0.0)
+    # (in the dtype the gradient is made: the 16-bit param_dtype's under FSDP2's MixedPrecisionPolicy)
+    return np.where(on, (whole.vocab - rank.vocab) * whole.hidden * gathered_element_bytes(whole), 0.0)
 
 
 def loss_parallel_bytes(whole: Columns, rank: Columns) -> Array:
@@ -1589,7 +1590,7 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
     # it: a copy), alive while no other step temporary is
     whole_gradient_shard = np.where((whole_grad > 0) & ~sharded, c.vocab * c.hidden * trainable_bytes(c), 0.0)
     # FSDP2 takes that shard (a copy) for the root's reduce-scatter beside the whole one
-    whole_grad_end = whole_grad + np.where(whole_grad > 0, k.gradients_factor * c.vocab * c.hidden * trainable_bytes(c), 0.0)
+    whole_grad_end = whole_grad + np.where(whole_grad > 0, k.gradients_factor * c.vocab * c.hidden * gathered_element_bytes(c), 0.0)
     ext = ext_rows(c)  # once: the saved set and the re-run block both read it
     block = _recompute_block(c, ext)
     offloaded = offloaded_checkpoint_bytes(c, block)
