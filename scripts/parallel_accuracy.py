@@ -89,8 +89,10 @@ def draws(args):
             impl = "hf" if rng.random() < 0.25 else "reference"
         if prec == "param_dtype" and par.zero < 2:  # FSDP2's MixedPrecisionPolicy
             continue
+        seq = rng.randrange(100, 3000)
+        seq -= seq % par.tp if par.sequence_parallel else 0  # (sequence parallel splits it evenly)
         try:
-            spec = job_spec(model_spec(name, layers=rng.choice((2, 3, 4))), wl=wl, seq=rng.randrange(100, 3000), batch=rng.randint(1, 3), recompute=rc,
+            spec = job_spec(model_spec(name, layers=rng.choice((2, 3, 4))), wl=wl, seq=seq, batch=rng.randint(1, 3), recompute=rc,
                             attention=rng.choice(("sdpa", "eager")), optimizer=rng.choice(("adamw", "sgd")),
                             parallel=par, measure=MeasureSpec("fake", "fake", impl=impl), **PRECISIONS[prec])
         except ValueError:  # a combination the spec refuses (Gemma-3's pattern in 2 layers, past its positions)

@@ -280,8 +280,9 @@ def fsdp_gathered(c: Columns, units: tuple[Array, Array, Array, Array]) -> dict[
     (ZeRO-2: every block, nothing to prefetch); last_block: the last block's backward, the first
     (its parameters and the next one's prefetch; ZeRO-2: every block); block: one block further
     (ZeRO-2: one block fewer gathered), with the last block's reduce-scatter input; first_block:
-    the first block's backward (nothing left to prefetch); end: the root's post-backward (its own
-    reduce-scatter input: `fsdp_root_gradients`)."""
+    the first block's backward (nothing left to prefetch); end: the embedding's backward, the root
+    gathered beside the first block's reduce-scatter input (its own, at its post-backward:
+    `fsdp_root_gradients`)."""
     root, block, _, reduce = units
     z2 = (c.zero == 2) * c.layers * block  # ZeRO-2: every block's parameters, gathered once
     zero2 = c.zero == 2
@@ -292,7 +293,7 @@ def fsdp_gathered(c: Columns, units: tuple[Array, Array, Array, Array]) -> dict[
             "last_block": root + np.where(zero2, z2, 2.0 * block),
             "block": root + np.where(zero2, z2 - block, 2.0 * block) + reduce,
             "first_block": root + block + reduce,
-            "end": root}
+            "end": root + reduce}
 
 
 def ddp(c: Columns) -> Array:
@@ -1609,6 +1610,8 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
     end_grads, end_acts = embedding_end_bytes(c, g, inputs)
     # FSDP2: a block's unsharded gradients exist until its reduce-scatter (the head's to the end)
     fsdp_head_grads, root_grads, root_reduce = fsdp_root_gradients(c, sharded)
+    # (the root's own gradient shards come out of that reduce-scatter: not yet made at it)
+    root_shards = np.where(in_bwd, 0.0, tq.root_params(c) * (c.lora == 0) * sharded * trainable_bytes(c) / c.tp / c.dp)
     block_grads = units[2] + fsdp_head_grads
     # one block into FSDP2's backward (the last one's reduce-scatter input beside the rest), at its
     # start and at its end (its own gradients made, its saved activations used)
@@ -1626,7 +1629,9 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
                      gradients=g_acc * sharded, overhead=overhead * sharded, activations=inputs * sharded),
         Breakdown.of(w, weights=np.where(sharded, fs["forward_block"], 0.0), optimizer=o * sharded,
                      gradients=g_acc * sharded, overhead=overhead * sharded,
-                     activations=sharded * saved * (c.layers - 1) / c.layers),
+                     # (under autocast with full recompute its cache of every earlier block's
+                     # 16-bit weight copies, as at the loss: `autocast_cache_bytes`)
+                     activations=sharded * (saved + act * autocast_cache_bytes(c)) * (c.layers - 1) / c.layers),
         # recomputing, the blocks keep nothing else: what is kept so far and a window call's masks
         Breakdown.of(w, weights=w, optimizer=o, gradients=g_acc, overhead=overhead,
                      activations=act * np.where(recomputing & (window > 0), kept_so_far + window, 0.0)),
@@ -1652,7 +1657,8 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
         # FSDP2: the embedding's backward beside the gathered root, then the root's reduce-scatter
         # input once it has resharded (post_backward reshards before it reduces), whichever is larger
         Breakdown.of(w, weights=np.where(sharded, np.maximum(fs["end"], w + k.weights_factor * root_reduce), w), optimizer=o,
-                     gradients=k.gradients_factor * np.where(sharded, g + root_grads, end_grads) + sharded * whole_grad_end,
+                     gradients=k.gradients_factor * np.where(sharded, g - root_shards + root_grads, end_grads)
+                     + sharded * whole_grad_end,
                      activations=act * end_acts, overhead=overhead),
         Breakdown.of(w, weights=w_step, optimizer=o, optimizer_step=k.optimizer_step_factor * np.maximum(optimizer_step_temporary_bytes(c), whole_gradient_shard),
                      gradients=g, activations=np.full_like(w, 1.0) * inputs, overhead=overhead),
