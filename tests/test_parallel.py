@@ -90,12 +90,15 @@ def test_zero2_keeps_every_block_gathered_to_its_backward(traced):
     (0, "train", {}), (1, "train", {}), (1, "train", {"precision": "pure", "recompute": "full"}), (0, "lora", {}),
 ])
 def test_detailed_follows_the_traced_rank_phase_by_phase(traced, zero, wl, top):
-    spec, m = traced(zero, wl, **top)
+    # docs/parallel.md: the grid's data-parallel rows are within 2.2 % phase by phase
+    follows(*traced(zero, wl, **top), rel=0.03)
+
+
+def follows(spec, m, rel: float) -> None:
     assert m.status == "ok", m.error
     est = phase_peaks(Columns.from_specs([spec]))
     for phase in ("forward", "backward", "optimizer"):
-        # docs/parallel.md: the grid (worst +5.5 %, param_dtype; the rest within 4.4 %)
-        assert float(est[phase][0]) == pytest.approx(m.phase_peaks[phase], rel=0.06), phase
+        assert float(est[phase][0]) == pytest.approx(m.phase_peaks[phase], rel=rel), phase
 
 
 def test_ddp_keeps_a_bucket_for_every_gradient_from_the_wrap_on(traced):
@@ -159,7 +162,7 @@ TP_MODEL = model_spec("llama3-8b", layers=2)
 def tensor_parallel():
     cache = {}
 
-    def get(parallel: str, wl: str = "train", **top):
+    def get(parallel: str | Parallel, wl: str = "train", **top):
         key = (parallel, wl, tuple(sorted(top.items())))
         if key not in cache:
             spec = job(TP_MODEL, wl=wl, seq=1024, parallel=parallel, measure=FAKE, **top)
@@ -183,17 +186,16 @@ def test_a_tensor_parallel_rank_holds_its_shards_and_the_whole_embedding_gradien
     assert tp8.phase_breakdowns["optimizer"]["gradients"] == pytest.approx(eighth + whole * 7 / 8, rel=0.01)
 
 
-@pytest.mark.parametrize("parallel,wl,top", [
-    ("tp2", "train", {}), ("tp8", "train", {"precision": "pure"}), ("tp8", "lora", {}),
-    ("tp2", "lora", {"recompute": "full", "precision": "pure"}),
+@pytest.mark.parametrize("parallel,wl,top,rel", [
+    # docs/parallel.md: tensor parallel is exact on llama3-8b, sequence parallel within 1.2 %,
+    # tensor parallel x FSDP2 (a 2-D mesh) within 1 %
+    ("tp2", "train", {}, 0.001), ("tp8", "train", {"precision": "pure"}, 0.001), ("tp8", "lora", {}, 0.01),
+    ("tp2", "lora", {"recompute": "full", "precision": "pure"}, 0.01),
+    ("tp8_sp", "train", {}, 0.01), ("tp8_sp", "lora", {"recompute": "full"}, 0.015),
+    (Parallel("tp2zero3", tp=2, dp=4, zero=3), "train", {}, 0.015),
 ])
-def test_detailed_follows_the_traced_tensor_parallel_rank(tensor_parallel, parallel, wl, top):
-    spec, m = tensor_parallel(parallel, wl, **top)
-    assert m.status == "ok", m.error
-    est = phase_peaks(Columns.from_specs([spec]))
-    for phase in ("forward", "backward", "optimizer"):
-        # docs/parallel.md: llama3-8b's tensor-parallel grid is exact without sequence parallel
-        assert float(est[phase][0]) == pytest.approx(m.phase_peaks[phase], rel=0.01), phase
+def test_detailed_follows_the_traced_tensor_parallel_rank(tensor_parallel, parallel, wl, top, rel):
+    follows(*tensor_parallel(parallel, wl, **top), rel=rel)
 
 
 def test_qlora_base_is_sharded_under_zero3():

@@ -37,6 +37,12 @@ class Snapshot:
         return sum(self.by_category.values())
 
 
+def _inner_tensors(tensor: torch.Tensor) -> list[torch.Tensor]:
+    """The tensors a wrapper subclass (DTensor, torchao's NF4Tensor) holds its data in."""
+    inner = (getattr(tensor, name) for name in tensor.__tensor_flatten__()[0])
+    return [t for t in inner if isinstance(t, torch.Tensor)]
+
+
 class StorageTracker(TorchDispatchMode):
     def __init__(self) -> None:
         super().__init__()
@@ -63,10 +69,8 @@ class StorageTracker(TorchDispatchMode):
         """Count a tensor's storage (once); tensors made before the mode was entered need this.
         A wrapper subclass (torchao's NF4Tensor) has no storage of its own: its inner tensors'."""
         if is_traceable_wrapper_subclass(tensor):
-            for name in tensor.__tensor_flatten__()[0]:
-                inner = getattr(tensor, name)
-                if isinstance(inner, torch.Tensor):
-                    self.track(inner, category)
+            for inner in _inner_tensors(tensor):
+                self.track(inner, category)
             return
         storage = tensor.untyped_storage()
         key = self._key(storage)
@@ -96,10 +100,8 @@ class StorageTracker(TorchDispatchMode):
         """Move a live storage to another category (a gradient made by an autograd op). A wrapper
         subclass (DTensor: a tensor-parallel gradient): its inner tensors'."""
         if is_traceable_wrapper_subclass(tensor):
-            for name in tensor.__tensor_flatten__()[0]:
-                inner = getattr(tensor, name)
-                if isinstance(inner, torch.Tensor):
-                    self.retag(inner, category)
+            for inner in _inner_tensors(tensor):
+                self.retag(inner, category)
             return
         key = self._key(tensor.untyped_storage())
         if key not in self._live:
