@@ -33,7 +33,7 @@ QUESTIONS = (
     "model=llama2-70b hardware=rtx4090-24g workload=qlora seq=2048",
     "model=mixtral-8x7b hardware=h100-80g workload=lora seq=4096",
     "model=llama3.1-405b hardware=h100-80g workload=train seq=4096",
-    "model=llama3-8b hardware=h100-80g workload=train seq=32768 rope_scaling=4",
+    "model=llama3-8b hardware=h100-80g workload=train seq=32768 rope_scaling=4 sequence_parallel=true",
 )
 PHASES = ("forward", "backward", "optimizer")
 
@@ -43,9 +43,11 @@ def check(question: str, layers: int) -> str:
     _, r = _rank1(spec)
     if r["status"] != "ok":
         return f"| {question} | {r['status']}: {r['reason']} | | | |"
-    par = Parallel("answer", tp=int(r["tp"]), pp=int(r["pp"]), dp=int(r["dp"]), zero=int(r["zero"]),
-                   ep=int(r.get("ep") or 1))
-    layout = f"{int(r['gpus'])} GPUs: tp{par.tp} pp{par.pp} dp{par.dp} zero{par.zero}, recompute={r['recompute']}"
+    tp = int(r["tp"])
+    par = Parallel("answer", tp=tp, pp=int(r["pp"]), dp=int(r["dp"]), zero=int(r["zero"]), ep=int(r.get("ep") or 1),
+                   sequence_parallel=spec.sequence_parallel and tp > 1 and int(r["seq"]) % tp == 0)
+    layout = (f"{int(r['gpus'])} GPUs: tp{par.tp}{' sp' if par.sequence_parallel else ''} pp{par.pp} dp{par.dp} "
+              f"zero{par.zero}, recompute={r['recompute']}")
     full = f"{r['total_gib']:.1f} of {r['capacity_bytes'] / 2**30:.1f}"
     if par.pp > 1:
         return f"| {question} | {layout} | {full} | not traced: pipeline stages are analytic | |"

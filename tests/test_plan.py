@@ -500,3 +500,19 @@ def test_fastest_within_n_gpus_uses_them_and_the_runner_up_is_the_fewest():
     alt = _one("min_gpus", rank=2, objective="fastest", max_gpus=16, **base)
     assert alt["gpus"] == fewest["gpus"]
     assert _one("min_gpus", max_gpus=1, **base)["status"] == "none_fits"  # llama3-8b training: not on one GPU
+
+
+def test_sequence_parallel_is_a_plan_key_that_shards_the_norms_of_tensor_parallel_answers():
+    # issue 26: a 32k-context run on H100s; with sequence_parallel=true the tp answer holds less
+    ask = dict(models=("llama3-8b",), hardware=("h100-80g",), seqs=(32768,), workloads=("train",), rope_scaling=4.0)
+    plain = _one("min_gpus", **ask)
+    sp = _one("min_gpus", **ask, sequence_parallel=True)
+    assert plain["status"] == sp["status"] == "ok" and sp["tp"] > 1 and sp["gpus"] <= plain["gpus"]
+    par = Parallel("p", tp=sp["tp"], pp=sp["pp"], dp=sp["dp"], zero=sp["zero"], sequence_parallel=True)
+    total = per_job_total("llama3-8b", "train", 32768, 1, hardware="h100-80g", recompute=sp["recompute"], parallel=par)
+    assert total == sp["total_bytes"] <= sp["capacity_bytes"]
+    if (sp["tp"], sp["gpus"], sp["recompute"]) == (plain["tp"], plain["gpus"], plain["recompute"]):
+        assert sp["total_bytes"] < plain["total_bytes"]
+    with pytest.raises(ConfigError) as err:
+        PlanSpec(sequence_parallel="maybe")
+    assert "sequence_parallel" in str(err.value) and "true or false" in str(err.value)

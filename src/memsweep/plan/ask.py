@@ -27,7 +27,7 @@ SINGULAR = {"model": "models", "hardware": "hardware", "workload": "workloads", 
             "precision": "precisions", "batch": "gpus_batch"}
 PASSED = ("optimizer", "recompute", "offload", "attention", "loss_chunks", "kv_dtype", "mixed_policy", "kernels",
           "formula", "margin", "reserved_mib", "max_batch", "rope_scaling", "global_batch", "min_saving",
-          "tokens", "objective", "max_gpus", "time")
+          "tokens", "objective", "max_gpus", "time", "sequence_parallel")
 LAYOUT = ("tp", "pp", "dp", "zero", "ep")
 ASK_KEYS = (*SINGULAR, *PASSED, *(f"layouts.{k}" for k in LAYOUT))
 REQUIRED = ("model", "hardware")
@@ -88,7 +88,9 @@ def largest_batch(spec: PlanSpec, row: Mapping[str, Any]) -> int:
               "grad_accum": int(row["grad_accum"])} if training else {"kv_dtype": spec.kv_dtype})
     try:
         job = job_spec(spec.models[0], wl=spec.workloads[0], optimizer=spec.optimizer, hardware=spec.hardware[0],
-                       parallel=Parallel("ask", tp=row["tp"], pp=row["pp"], dp=row["dp"], zero=row["zero"], ep=row["ep"]),
+                       parallel=Parallel("ask", tp=row["tp"], pp=row["pp"], dp=row["dp"], zero=row["zero"], ep=row["ep"],
+                                         sequence_parallel=bool(spec.sequence_parallel and training and row["tp"] > 1
+                                                                and row["seq"] % row["tp"] == 0)),
                        seq=row["seq"], batch=1, dtype=dtype, precision=mode, recompute=v.recompute,
                        attention=spec.attention, **extra)
     except ConfigError:
@@ -101,9 +103,11 @@ def largest_batch(spec: PlanSpec, row: Mapping[str, Any]) -> int:
     return int(best[0])
 
 
-def _how(row: Mapping[str, Any]) -> str:
-    """'4 GPUs (tp2 pp2), recompute=full'."""
+def _how(row: Mapping[str, Any], sequence_parallel: bool = False) -> str:
+    """'4 GPUs (tp2 pp2), recompute=full'; 'tp2 sp' where sequence parallel applies."""
     parts = layout_parts(row)
+    if sequence_parallel and parts and row["tp"] > 1 and row["seq"] % row["tp"] == 0:
+        parts[0] = parts[0].replace(f"tp{row['tp']}", f"tp{row['tp']} sp", 1)
     gpus = f"{row['gpus']} GPU{'s' if row['gpus'] > 1 else ''}" + (f" ({', '.join(parts)})" if parts else "")
     from memsweep.presets import workload_spec
 
@@ -214,7 +218,8 @@ def answer(spec: PlanSpec) -> str:
     per = (f"a global batch of {spec.global_batch} as micro-batch {r['batch']} × {r['grad_accum']} accumulation"
            if spec.global_batch else f"batch {r['batch']} per GPU")
     goal = f"fastest {_budget(spec, r)}: " if spec.objective == "fastest" else "fits on "
-    out = (f"{what}: {goal}{_how(r)}; {per} takes {r['total_gib']:.1f} GiB per GPU, "
+    sp = spec.sequence_parallel and workload_spec(r["workload"]).training
+    out = (f"{what}: {goal}{_how(r, sp)}; {per} takes {r['total_gib']:.1f} GiB per GPU, "
            f"+{r['headroom_gib']:.1f} GiB headroom")
     if not spec.global_batch:
         serve = workload_spec(r["workload"]).kind == "serve"  # its batch: the engine's concurrent sequences
@@ -229,7 +234,7 @@ def answer(spec: PlanSpec) -> str:
     if alt.height:
         a = alt.row(0, named=True)
         label = "Fewest GPUs" if spec.objective == "fastest" else "Runner-up"
-        out += f". {label}: {_how(a)}, +{a['headroom_gib']:.1f} GiB"
+        out += f". {label}: {_how(a, sp)}, +{a['headroom_gib']:.1f} GiB"
         if spec.objective == "fastest" and _known(a["est_tokens_per_s"]):
             out += f", about {a['est_tokens_per_s'] * a['gpus']:,.0f} tokens/s in all"
     return out + "."

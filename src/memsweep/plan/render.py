@@ -135,7 +135,9 @@ def render_markdown(plan: Plan) -> str:
         f"Searched: recompute {{{', '.join(s.recompute)}}} × offload {{{', '.join(s.offload)}}} for training; "
         f"fewest GPUs over tp {{{', '.join(map(str, lay.tp))}}} × pp {{{', '.join(map(str, lay.pp))}}} × "
         f"dp {{{', '.join(map(str, lay.dp))}}} with ZeRO {{{', '.join(map(str, lay.zero))}}} (ep "
-        f"{{{', '.join(map(str, lay.ep))}}} for MoE), at {split}. Order: fewest GPUs, then no offload, "
+        f"{{{', '.join(map(str, lay.ep))}}} for MoE)"
+        f"{', tensor-parallel training with sequence parallel' if s.sequence_parallel else ''}, at {split}. "
+        "Order: fewest GPUs, then no offload, "
         "then least recompute, then the largest micro-batch, then the fewest pipeline stages, then the most headroom; the largest batch "
         "and longest sequence are the largest any variant reaches (ties: the cheapest). `· or` gives the "
         f"runner-up. Doubling dp must save {s.min_saving:.0%} of the capacity per GPU.", "",

@@ -95,6 +95,10 @@ class PlanSpec:
     """A data-parallel layout is only worth its GPUs when doubling dp saves at least this share of
     the capacity per GPU (LoRA's ZeRO shards are tiny: no dp=64 for a 0.0 GiB saving)."""
     layouts: Layouts = field(default_factory=Layouts)
+    sequence_parallel: bool = False
+    """Tensor-parallel training layouts also split the norms' and residual stream's activations
+    over the sequence (Korthikanti et al. 2022; Megatron's --sequence-parallel, torchtitan's
+    SequenceParallel), where tp divides the sequence."""
     objective: str = "fewest_gpus"
     """fewest_gpus: the fewest-GPUs table answers by the stated order; fastest: the layout that
     trains (or serves) fastest, by estimated tokens/s over all its GPUs, within a GPU budget:
@@ -131,6 +135,8 @@ class PlanSpec:
         _check_names("kernels", (self.kernels,), preset_names("kernels"))
         get_formula(self.formula, key="formula")
         check_margin(self.margin)
+        if not isinstance(self.sequence_parallel, bool):
+            raise ConfigError("sequence_parallel", self.sequence_parallel, "true or false")
         if (isinstance(self.min_saving, bool) or not isinstance(self.min_saving, (int, float))
                 or not 0 <= self.min_saving < 1):
             raise ConfigError("min_saving", self.min_saving, "a number in [0, 1), e.g. 0.02")
