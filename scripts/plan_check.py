@@ -21,12 +21,11 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "src"))
 
-from memsweep.columns import Columns  # noqa: E402
-from memsweep.formulas.detailed import phase_peaks  # noqa: E402
 from memsweep.measure.backends import measure  # noqa: E402
 from memsweep.plan.ask import _rank1, parse_args  # noqa: E402
 from memsweep.presets import job_spec, model_spec  # noqa: E402
 from memsweep.specs import MeasureSpec, Parallel  # noqa: E402
+from parallel_accuracy import errors  # noqa: E402  (scripts/: detailed vs a trace, per phase)
 
 QUESTIONS = (
     "model=llama2-70b hardware=h100-80g workload=train seq=2048",
@@ -35,7 +34,6 @@ QUESTIONS = (
     "model=llama3.1-405b hardware=h100-80g workload=train seq=4096",
     "model=llama3-8b hardware=h100-80g workload=train seq=32768 rope_scaling=4 sequence_parallel=true",
 )
-PHASES = ("forward", "backward", "optimizer")
 
 
 def check(question: str, layers: int) -> str:
@@ -59,8 +57,7 @@ def check(question: str, layers: int) -> str:
     took = time.perf_counter() - started
     if m.status != "ok":
         return f"| {question} | {layout} | {full} | {m.status}: {m.error} | |"
-    est = phase_peaks(Columns.from_specs([job]))
-    errs = " / ".join(f"{100 * (float(est[p][0]) - m.phase_peaks[p]) / m.phase_peaks[p]:+.2f}" for p in PHASES)
+    errs = " / ".join(f"{e:+.2f}" for e in errors(job, m)[1])
     return f"| {question} | {layout} | {full} | {m.peak_bytes / 2**30:.3f} in {took:.1f} s | {errs} |"
 
 

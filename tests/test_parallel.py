@@ -27,20 +27,25 @@ def layout(zero: int, dp: int = 8, stack: str = "fsdp") -> Parallel:
     return Parallel(f"zero{zero}", dp=dp, zero=zero, stack=stack)
 
 
-@pytest.fixture(scope="module")
-def traced():
-    """Each layout measured once (about 2 s each on two cores)."""
+def measured_once(model, layout_of=lambda parallel: parallel):
+    """(spec, measurement) of `model` at seq 1024 per layout, workload and overrides, each traced
+    once per module (about 2 s each on two cores)."""
     cache = {}
 
-    def get(zero: int | str, wl: str = "train", **top):
-        key = (zero, wl, tuple(sorted(top.items())))
+    def get(parallel, wl: str = "train", **top):
+        key = (parallel, wl, tuple(sorted(top.items())))
         if key not in cache:
-            spec = job(MODEL, wl=wl, seq=1024, parallel="single" if zero == "single" else layout(zero),
-                       measure=FAKE, **top)
+            spec = job(model, wl=wl, seq=1024, parallel=layout_of(parallel), measure=FAKE, **top)
             cache[key] = (spec, measure(spec))
         return cache[key]
 
     return get
+
+
+@pytest.fixture(scope="module")
+def traced():
+    """A ZeRO stage's 8-way layout, or "single"."""
+    return measured_once(MODEL, lambda zero: "single" if zero == "single" else layout(zero))
 
 
 def test_a_storage_resized_in_place_is_counted_at_its_new_size():
@@ -126,6 +131,7 @@ def test_zero1_rank0_keeps_the_states_of_the_largest_parameter(traced):
 
 @pytest.mark.parametrize("parallel,top,why", [
     (layout(3, stack="deepspeed"), {}, "parallel.stack=deepspeed"),
+    (Parallel("tp2", tp=2, stack="deepspeed"), {}, "Megatron's tensor parallel are analytic"),
     (layout(1), {"optimizer": OptimizerSpec("adamw", in_backward=True)}, "optimizer.in_backward"),
 ])
 def test_a_layout_not_traced_is_skipped_with_its_reason(parallel, top, why):
@@ -160,16 +166,7 @@ TP_MODEL = model_spec("llama3-8b", layers=2)
 
 @pytest.fixture(scope="module")
 def tensor_parallel():
-    cache = {}
-
-    def get(parallel: str | Parallel, wl: str = "train", **top):
-        key = (parallel, wl, tuple(sorted(top.items())))
-        if key not in cache:
-            spec = job(TP_MODEL, wl=wl, seq=1024, parallel=parallel, measure=FAKE, **top)
-            cache[key] = (spec, measure(spec))
-        return cache[key]
-
-    return get
+    return measured_once(TP_MODEL)
 
 
 def test_a_tensor_parallel_rank_holds_its_shards_and_the_whole_embedding_gradient(tensor_parallel):

@@ -516,3 +516,19 @@ def test_sequence_parallel_is_a_plan_key_that_shards_the_norms_of_tensor_paralle
     with pytest.raises(ConfigError) as err:
         PlanSpec(sequence_parallel="maybe")
     assert "sequence_parallel" in str(err.value) and "true or false" in str(err.value)
+
+
+def test_the_vectorized_pipeline_split_follows_stage_layers():
+    # columns.stage_layers lists the blocks per stage; the planner's vectorized terms must agree
+    from memsweep.columns import in_flight_layers, stage_layers, stage_layers_max
+
+    cases = [(layers, pp) for layers in range(1, 130) for pp in range(1, min(layers, 20) + 1)]
+    c = Columns.from_arrays(layers=[lay for lay, _ in cases], pp=[pp for _, pp in cases])
+    most, in_flight = stage_layers_max(c), in_flight_layers(c)
+    for i, (layers, pp) in enumerate(cases):
+        sizes = stage_layers(layers, pp)
+        assert sum(sizes) == layers and max(sizes) - min(sizes) <= 1
+        assert most[i] == max(sizes)
+        assert in_flight[i] == max((pp - k) * n for k, n in enumerate(sizes)), (layers, pp)
+    # Llama 3's 405B on 16 stages (Dubey et al. 2024, sec. 3.3.2): one layer fewer first and last
+    assert stage_layers(126, 16) == (7,) + (8,) * 14 + (7,)

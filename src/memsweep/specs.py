@@ -682,9 +682,10 @@ class Parallel:
     """Expert parallelism: the routed experts are split over `ep` of the `dp` ranks (as in
     Megatron-Core and DeepSpeed-MoE), so ep divides dp and adds no GPUs."""
     stack: str = "fsdp"
-    """Who shards the data-parallel ranks (parallel.zero >= 1): `fsdp`, torch's FSDP2 (torchtitan,
-    torchtune, accelerate): every parameter sharded at rest from ZeRO-2 on, all-gathered per
-    block; `deepspeed`: DeepSpeed's ZeRO, 16-bit replicas of the weights below stage 3."""
+    """Whose parallelism: `fsdp`, torch's own (DDP, + ZeroRedundancyOptimizer at ZeRO-1, FSDP2 from
+    ZeRO-2 on: every parameter sharded at rest, all-gathered per block; DTensor's tensor
+    parallel); `deepspeed`: DeepSpeed's ZeRO (16-bit replicas of the weights below stage 3) and
+    Megatron's tensor parallel."""
 
     def __post_init__(self) -> None:
         check_label("parallel.name", self.name)

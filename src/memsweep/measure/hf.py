@@ -38,9 +38,10 @@ import torch
 
 from memsweep.hf_config import COMMON_KEYS, read_config, spec_from_config, text_config
 from memsweep.measure.models import as_a_decode_step_leaves_it, new_tokens
+from memsweep.measure.parallel import shard
 from memsweep.measure.tracker import StorageTracker
 from memsweep.measure.workloads import (
-    Prepared, Unmeasurable, _NoTracker, check_layout, check_techniques, shard, storage_dtypes, train_step,
+    Prepared, Unmeasurable, _NoTracker, check_layout, check_techniques, storage_dtypes, train_step,
 )
 from memsweep.specs import JobSpec, ModelSpec
 

@@ -1,33 +1,25 @@
-"""One rank of a multi-GPU job, traced in one process: torch's own FSDP2 under a fake process group.
+"""One rank of a multi-GPU job, traced in one process: torch's own DDP, FSDP2 and DTensor under
+a fake process group.
 
 `torch.distributed.init_process_group("fake", ...)` (torch.testing._internal.distributed.fake_pg)
-answers every collective at once without moving data, so rank 0 of an N-way job runs alone: the
-model is built, `fully_shard` splits every parameter over the data-parallel mesh (dim-0 chunks,
-what each rank keeps), and the forward, backward and optimizer step run FSDP2's real code: the
-all-gathers into unsharded parameters before each block, their `resize_(0)` after it, the
-gradients' reduce-scatter buffers, the sharded AdamW states. Under `FakeTensorMode` nothing is
-allocated; the storage tracker counts what a GPU would hold, storage resizes included
-(`StorageTracker.counting_resizes`).
+answers every collective at once without moving data, so rank 0 of an N-way job runs alone, the
+layout applied by torch's own code, and under `FakeTensorMode` nothing is allocated: the storage
+tracker counts what a GPU would hold, storage resizes included (`StorageTracker.counting_resizes`).
 
-Layouts measured this way (`measurable`): data parallel with ZeRO-3 (`fully_shard` per block and
-on the root, `reshard_after_forward=True`: FSDP2's default, torchtitan's and torchtune's) and ZeRO-2
-(`reshard_after_forward=False`: the unsharded parameters stay from a block's forward to its
-backward), with `mixed_policy=autocast` (fp32 parameters gathered in fp32, autocast casts) or
-`param_dtype` (FSDP2's `MixedPrecisionPolicy(param_dtype=<dtype>, reduce_dtype=float32)`, as
-torchtitan configures it: fp32 shards, 16-bit all-gathers, fp32 gradient reduction).
-
-ZeRO-0 and ZeRO-1 are torch's DistributedDataParallel (`data_parallel`): its C++ reducer, built
-over the fake tensors, allocates the gradient buckets at construction (flat buffers, 25 MiB each,
-the first 1 MiB; `gradient_as_bucket_view=False`, DDP's default, so they sit beside the
-gradients: "the saved memory size will be equal to the total gradients size" when it is True,
-DDP's docs) and copies each gradient into its bucket in the backward. ZeRO-1 adds torch's
-ZeroRedundancyOptimizer (`make_optimizer`): each rank keeps the optimizer states of its own
-parameters, assigned largest first to the least-loaded rank. Two things stand in for the
-network: DDP's construction-time checks that read parameter data (shapes and the rank-0
-broadcast, which fake tensors do not have) and its one-time rebuild of the buckets in gradient
-order (a broadcast of bucket indices; same total size) are skipped, and a communication hook
-returns each bucket as reduced (the fake group's all-reduce answers with no tensor; a real
-all-reduce is in place on the bucket, allocating nothing).
+- ZeRO-2 / ZeRO-3 (`fully_shard_model`): FSDP2 per block and on the root; ZeRO-3 reshards after
+  the forward (`reshard_after_forward=True`, torchtitan's and torchtune's), ZeRO-2 keeps a block's
+  parameters to its backward. `mixed_policy=param_dtype` is FSDP2's
+  `MixedPrecisionPolicy(param_dtype, reduce_dtype=float32)`, as torchtitan configures it.
+- ZeRO-0 / ZeRO-1 (`data_parallel`): DistributedDataParallel, its C++ reducer built over the fake
+  tensors, allocating the gradient buckets at construction (25 MiB each, the first 1 MiB;
+  `gradient_as_bucket_view=False`, DDP's default, so they sit beside the gradients); ZeRO-1 adds
+  ZeroRedundancyOptimizer (workloads.make_optimizer). Three things stand in for the network:
+  DDP's construction-time checks that read parameter data (shapes and the rank-0 broadcast) and
+  its one-time rebuild of the buckets in gradient order (a broadcast of bucket indices; same total
+  size) are skipped, and a communication hook returns each bucket as reduced (the fake group's
+  all-reduce answers with no tensor; a real one sums in place, allocating nothing).
+- Tensor and sequence parallel (`tensor_parallel`): DTensor's `parallelize_module` with
+  torchtitan's plan; with dp > 1 and ZeRO-2 / 3 on a 2-D (dp, tp) mesh under FSDP2.
 """
 
 from __future__ import annotations
@@ -36,6 +28,7 @@ import contextlib
 import functools
 import sys
 from collections.abc import Iterator
+from unittest import mock
 
 import torch
 from torch import nn
@@ -51,11 +44,11 @@ def unmeasured_layout(spec: JobSpec) -> str | None:
     if p.pp > 1 or p.ep > 1:
         return (f"parallel={p.name} (pp={p.pp}, ep={p.ep}): pipeline and expert parallel are analytic; "
                 "measured layouts are data parallel (DDP, ZeRO-1, FSDP2) and tensor parallel (DTensor)")
+    if p.stack != "fsdp":
+        return (f"parallel.stack={p.stack}: DeepSpeed's engine and Megatron's tensor parallel are analytic; a "
+                "measured layout is torch's (parallel.stack=fsdp: DDP, ZeroRedundancyOptimizer, FSDP2, DTensor)")
     if p.tp > 1:
         return unmeasured_tensor_parallel(spec)
-    if p.stack != "fsdp":
-        return (f"parallel.stack={p.stack}: DeepSpeed's engine is analytic; a measured layout is torch's "
-                "(parallel.stack=fsdp: DDP, ZeroRedundancyOptimizer, FSDP2)")
     if p.zero == 1 and spec.optimizer.in_backward:
         return ("parallel.zero=1 with optimizer.in_backward: ZeroRedundancyOptimizer steps once per step; "
                 "in-backward optimizers are measured with parallel.zero=0, 2 or 3")
@@ -133,14 +126,9 @@ def seeing_through_dtensors(tracker) -> Iterator[None]:
         with tracker.ignored():
             return propagate(self, *args, **kwargs)
 
-    saved = tracker.see_through
-    tracker.see_through = (DTensor,)
-    ShardingPropagator._propagate_tensor_meta_non_cached = quietly
-    try:
+    with mock.patch.object(tracker, "see_through", (DTensor,)), \
+            mock.patch.object(ShardingPropagator, "_propagate_tensor_meta_non_cached", quietly):
         yield
-    finally:
-        tracker.see_through = saved
-        ShardingPropagator._propagate_tensor_meta_non_cached = propagate
 
 
 @contextlib.contextmanager
@@ -175,8 +163,8 @@ def shard_policy(spec: JobSpec) -> dict:
 
 
 def shard(spec: JobSpec, model: nn.Module, blocks, tracker) -> None:
-    """Rank 0's copy of the model under the job's data-parallel layout: FSDP2 for ZeRO-2 / 3,
-    DDP for ZeRO-0 / 1 (its buckets counted as gradients)."""
+    """Rank 0's copy of the model under the job's layout (nothing on one GPU): tensor parallel,
+    then FSDP2 for ZeRO-2 / 3 or DDP for ZeRO-0 / 1 (its buckets counted as gradients)."""
     if spec.parallel.gpus == 1:
         return
     tp_mesh, dp_mesh = meshes(spec)
@@ -212,13 +200,11 @@ def data_parallel(model: nn.Module) -> None:
     own `forward` wraps around the module's), so the callers keep calling the model they built."""
     import torch.nn.parallel.distributed as ddp_module
 
-    saved = ddp_module._verify_param_shape_across_processes, ddp_module._sync_module_states
-    ddp_module._verify_param_shape_across_processes = _skip  # reads parameter data (fake tensors have none)
-    ddp_module._sync_module_states = _skip  # the broadcast of rank 0's parameters: no memory
-    try:
+    # the shape check reads parameter data (fake tensors have none); the broadcast of rank 0's
+    # parameters allocates nothing
+    with mock.patch.object(ddp_module, "_verify_param_shape_across_processes", _skip), \
+            mock.patch.object(ddp_module, "_sync_module_states", _skip):
         ddp = ddp_module.DistributedDataParallel(model)
-    finally:
-        ddp_module._verify_param_shape_across_processes, ddp_module._sync_module_states = saved
     ddp.register_comm_hook(None, _reduced_in_place)
     ddp.reducer = _KeptBuckets(ddp.reducer)
 
@@ -258,13 +244,6 @@ def _reduced_in_place(state, bucket):
     done = torch.futures.Future()
     done.set_result(bucket.buffer())
     return done
-
-
-def zero_redundancy(spec: JobSpec, params: list, cls: type, kw: dict):
-    """ZeRO-1: torch's ZeroRedundancyOptimizer, this rank's states only."""
-    from torch.distributed.optim import ZeroRedundancyOptimizer
-
-    return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kw)
 
 
 def tensor_parallel(model: nn.Module, blocks: list[nn.Module], spec: JobSpec, mesh) -> None:
@@ -389,17 +368,14 @@ def mesh_reads() -> Iterator[None]:
     from torch.distributed.device_mesh import DeviceMesh
     from torch.utils._python_dispatch import _disable_current_modes
 
-    concatenate = DeviceMesh.__dict__["_concatenate"]
+    concatenate = DeviceMesh._concatenate  # (a staticmethod: the plain function)
 
     def outside_the_modes(*args, **kwargs):
         with _disable_current_modes():
-            return concatenate.__func__(*args, **kwargs)
+            return concatenate(*args, **kwargs)
 
-    DeviceMesh._concatenate = staticmethod(outside_the_modes)
-    try:
+    with mock.patch.object(DeviceMesh, "_concatenate", staticmethod(outside_the_modes)):
         yield
-    finally:
-        DeviceMesh._concatenate = concatenate
 
 
 @contextlib.contextmanager
@@ -413,13 +389,9 @@ def tagged_gradients(tracker) -> Iterator[None]:
     def post_backward(group, *args, **kwargs):
         out = original(group, *args, **kwargs)
         for fsdp_param in group.fsdp_params:
-            grad = fsdp_param.sharded_param.grad
-            if grad is not None:
-                tracker.retag(grad.to_local() if hasattr(grad, "to_local") else grad, "gradients")
+            if fsdp_param.sharded_param.grad is not None:  # a DTensor: the tracker retags its local shard
+                tracker.retag(fsdp_param.sharded_param.grad, "gradients")
         return out
 
-    FSDPParamGroup.post_backward = post_backward
-    try:
+    with mock.patch.object(FSDPParamGroup, "post_backward", post_backward):
         yield
-    finally:
-        FSDPParamGroup.post_backward = original

@@ -50,9 +50,10 @@ import torch
 from torch.autograd.graph import saved_tensors_hooks
 
 from memsweep.measure.hf import _fake_mode, _fake_parameters, _outside_modes, not_llama_like
+from memsweep.measure.parallel import shard
 from memsweep.measure.tracker import StorageTracker
 from memsweep.measure.workloads import (
-    TORCH_DTYPES, Prepared, Unmeasurable, _NoTracker, check_layout, shard, train_step,
+    TORCH_DTYPES, Prepared, Unmeasurable, _NoTracker, check_layout, train_step,
 )
 from memsweep.specs import JobSpec, ModelSpec
 

@@ -17,6 +17,7 @@ from __future__ import annotations
 import weakref
 from collections.abc import Iterator
 from contextlib import contextmanager
+from unittest import mock
 from dataclasses import dataclass, field
 
 import torch
@@ -154,11 +155,8 @@ class StorageTracker(TorchDispatchMode):
             self.resized(storage)
             return out
 
-        torch.UntypedStorage.resize_ = resize_
-        try:
+        with mock.patch.object(torch.UntypedStorage, "resize_", resize_):
             yield
-        finally:
-            torch.UntypedStorage.resize_ = original
 
     def _free(self, key: int) -> None:
         entry = self._live.pop(key, None)  # None: forgotten
@@ -193,11 +191,8 @@ class StorageTracker(TorchDispatchMode):
     def ignored(self) -> Iterator[None]:
         """Ops in here make no device memory (DTensor's shape propagation, which runs the op on
         fake tensors of the global shape) and are not counted."""
-        saved, self.ignoring = self.ignoring, True
-        try:
+        with mock.patch.object(self, "ignoring", True):
             yield
-        finally:
-            self.ignoring = saved
 
     @contextmanager
     def section(self, phase: str, category: str) -> Iterator[None]:

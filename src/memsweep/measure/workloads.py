@@ -25,6 +25,7 @@ from memsweep.columns import Columns
 from memsweep.formulas.techniques import liger_chunk_tokens
 from memsweep.measure import kernels
 from memsweep.measure.models import FUSABLE, ReferenceModel, build_model
+from memsweep.measure.parallel import shard, unmeasured_layout
 from memsweep.measure.timing import NO_TIMER, NoTimer, PhaseTimer
 from memsweep.measure.tracker import StorageTracker
 from memsweep.specs import JobSpec
@@ -94,9 +95,9 @@ def make_optimizer(spec: JobSpec, params: list[torch.nn.Parameter], per_paramete
     around it (measure/parallel.py), unless it is one of `optimizer.in_backward`'s per-parameter ones."""
     cls, kw = optimizer_class(spec)
     if spec.parallel.zero == 1 and spec.parallel.dp > 1 and not per_parameter:
-        from memsweep.measure.parallel import zero_redundancy
+        from torch.distributed.optim import ZeroRedundancyOptimizer  # this rank's states only
 
-        return zero_redundancy(spec, params, cls, kw)
+        return ZeroRedundancyOptimizer(params, optimizer_class=cls, **kw)
     return cls(params, **kw)
 
 
@@ -145,8 +146,6 @@ def check_techniques(spec: JobSpec, impl: str) -> None:
 def check_layout(spec: JobSpec, device: str) -> None:
     """A parallel layout is traced as its rank 0 under a fake process group (measure/parallel.py);
     a GPU run is one process on one GPU."""
-    from memsweep.measure.parallel import unmeasured_layout
-
     p = spec.parallel
     if p.gpus > 1 and str(device).startswith("cuda"):
         raise Unmeasurable(f"parallel={p.name} spans {p.gpus} GPUs; measure=cuda is one process on one GPU "
@@ -154,14 +153,6 @@ def check_layout(spec: JobSpec, device: str) -> None:
     why = unmeasured_layout(spec)
     if why:
         raise Unmeasurable(why)
-
-
-def shard(spec: JobSpec, model: torch.nn.Module, blocks, tracker) -> None:
-    """Under a data-parallel layout, DDP or FSDP2 over the fake mesh (measure/parallel.py)."""
-    if spec.parallel.gpus > 1:
-        from memsweep.measure import parallel
-
-        parallel.shard(spec, model, blocks, tracker)
 
 
 def prepare(spec: JobSpec, device: str, tracker: StorageTracker | None = None,

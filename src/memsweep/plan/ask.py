@@ -19,7 +19,7 @@ import polars as pl
 from memsweep.columns import Columns
 from memsweep.errors import ConfigError
 from memsweep.plan.render import fmt_int, layout_parts
-from memsweep.plan.spec import PLAN_KEYS, PlanSpec, plan_spec_from_dict
+from memsweep.plan.spec import PLAN_KEYS, PlanSpec, plan_spec_from_dict, sequence_parallel_applies
 from memsweep.units import GIB
 
 # ask's keys: the singular names a user types, onto the plan's (list) keys
@@ -89,8 +89,7 @@ def largest_batch(spec: PlanSpec, row: Mapping[str, Any]) -> int:
     try:
         job = job_spec(spec.models[0], wl=spec.workloads[0], optimizer=spec.optimizer, hardware=spec.hardware[0],
                        parallel=Parallel("ask", tp=row["tp"], pp=row["pp"], dp=row["dp"], zero=row["zero"], ep=row["ep"],
-                                         sequence_parallel=bool(spec.sequence_parallel and training and row["tp"] > 1
-                                                                and row["seq"] % row["tp"] == 0)),
+                                         sequence_parallel=bool(sequence_parallel_applies(spec, training, row["tp"], row["seq"]))),
                        seq=row["seq"], batch=1, dtype=dtype, precision=mode, recompute=v.recompute,
                        attention=spec.attention, **extra)
     except ConfigError:
@@ -103,15 +102,16 @@ def largest_batch(spec: PlanSpec, row: Mapping[str, Any]) -> int:
     return int(best[0])
 
 
-def _how(row: Mapping[str, Any], sequence_parallel: bool = False) -> str:
-    """'4 GPUs (tp2 pp2), recompute=full'; 'tp2 sp' where sequence parallel applies."""
-    parts = layout_parts(row)
-    if sequence_parallel and parts and row["tp"] > 1 and row["seq"] % row["tp"] == 0:
-        parts[0] = parts[0].replace(f"tp{row['tp']}", f"tp{row['tp']} sp", 1)
-    gpus = f"{row['gpus']} GPU{'s' if row['gpus'] > 1 else ''}" + (f" ({', '.join(parts)})" if parts else "")
+def _how(row: Mapping[str, Any], spec: PlanSpec | None = None) -> str:
+    """'4 GPUs (tp2 pp2), recompute=full'; 'tp2 sp' where the plan's sequence parallel applies."""
     from memsweep.presets import workload_spec
 
-    if not workload_spec(row["workload"]).training:  # a forward pass has nothing to recompute
+    parts = layout_parts(row)
+    training = workload_spec(row["workload"]).training
+    if spec is not None and parts and sequence_parallel_applies(spec, training, row["tp"], row["seq"]):
+        parts[0] = parts[0].replace(f"tp{row['tp']}", f"tp{row['tp']} sp", 1)
+    gpus = f"{row['gpus']} GPU{'s' if row['gpus'] > 1 else ''}" + (f" ({', '.join(parts)})" if parts else "")
+    if not training:  # a forward pass has nothing to recompute
         return gpus
     return f"{gpus}, recompute={row['recompute']}" + (f", offload={row['offload']}" if row["offload"] != "none" else "")
 
@@ -187,7 +187,7 @@ def lighter(spec: PlanSpec) -> str:
         except ConfigError:
             continue
         if r["status"] == "ok":
-            return f"; with {key}={value} it fits on {_how(r)}"
+            return f"; with {key}={value} it fits on {_how(r, alt)}"
     return ""
 
 
@@ -218,8 +218,7 @@ def answer(spec: PlanSpec) -> str:
     per = (f"a global batch of {spec.global_batch} as micro-batch {r['batch']} × {r['grad_accum']} accumulation"
            if spec.global_batch else f"batch {r['batch']} per GPU")
     goal = f"fastest {_budget(spec, r)}: " if spec.objective == "fastest" else "fits on "
-    sp = spec.sequence_parallel and workload_spec(r["workload"]).training
-    out = (f"{what}: {goal}{_how(r, sp)}; {per} takes {r['total_gib']:.1f} GiB per GPU, "
+    out = (f"{what}: {goal}{_how(r, spec)}; {per} takes {r['total_gib']:.1f} GiB per GPU, "
            f"+{r['headroom_gib']:.1f} GiB headroom")
     if not spec.global_batch:
         serve = workload_spec(r["workload"]).kind == "serve"  # its batch: the engine's concurrent sequences
@@ -234,7 +233,7 @@ def answer(spec: PlanSpec) -> str:
     if alt.height:
         a = alt.row(0, named=True)
         label = "Fewest GPUs" if spec.objective == "fastest" else "Runner-up"
-        out += f". {label}: {_how(a, sp)}, +{a['headroom_gib']:.1f} GiB"
+        out += f". {label}: {_how(a, spec)}, +{a['headroom_gib']:.1f} GiB"
         if spec.objective == "fastest" and _known(a["est_tokens_per_s"]):
             out += f", about {a['est_tokens_per_s'] * a['gpus']:,.0f} tokens/s in all"
     return out + "."

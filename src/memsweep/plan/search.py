@@ -46,7 +46,7 @@ from memsweep.formulas.timing import Speeds, TimeConstants, production_work, ste
 from memsweep.plan.cases import Case, Variant, cases, context_limit, model_params
 from memsweep.plan.grid import Grid, cross, evaluate, first_per_group, largest_fitting, total_bytes
 from memsweep.plan.render import layout_parts
-from memsweep.plan.spec import PlanSpec
+from memsweep.plan.spec import PlanSpec, sequence_parallel_applies
 from memsweep.presets import model_spec
 from memsweep.specs import Hardware
 from memsweep.units import GIB, MIB
@@ -404,13 +404,6 @@ def layout_set(spec: PlanSpec, training: bool, moe: bool) -> LayoutSet:
     return LayoutSet(*(arr[:, i] for i in range(7)), ref=np.asarray(ref, dtype=np.int64))
 
 
-def sequence_parallel(spec: PlanSpec, base: Columns, b: Array, tp: Array, seq: Array) -> Array:
-    """1 where the plan asks for sequence parallel and it applies: training over tp > 1 ranks that
-    divide the sequence (Megatron-LM and torchtitan require it)."""
-    on = spec.sequence_parallel & (tp > 1) & (base.training[b] == 1) & (np.mod(seq, tp) == 0)
-    return np.where(on, 1.0, 0.0)
-
-
 def min_gpus_rows(ctx: Context) -> pl.DataFrame:
     """The fewest GPUs at each seq on each hardware: every layout x variant of a case is evaluated
     once, then compared with each hardware's capacity. A none_fits row reports the layout closest
@@ -435,7 +428,7 @@ def min_gpus_rows(ctx: Context) -> pl.DataFrame:
     b, s, li, _, tp, pp, dp, zero, ep, micro, accum, ref = (np.concatenate(x) for x in zip(*pieces))
     seq = seqs[s]
     grid = Grid(base, b, {"seq": seq, "batch": micro, "grad_accum": accum, "tp": tp, "pp": pp, "dp": dp,
-                          "zero": zero, "ep": ep, "sequence_parallel": sequence_parallel(spec, base, b, tp, seq)})
+                          "zero": zero, "ep": ep, "sequence_parallel": 1.0 * sequence_parallel_applies(spec, base.training[b] == 1, tp, seq)})
     bd = evaluate(ctx.formula, grid)
     total = bd.total
     limit = context_limit(base, spec)[b]

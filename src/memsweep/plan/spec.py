@@ -225,6 +225,12 @@ def parse_precision(label: object) -> tuple[str, str]:
     return dtype, mode or ("mixed" if dtype in ("fp16", "bf16") else "pure")
 
 
+def sequence_parallel_applies(spec: PlanSpec, training, tp, seq):
+    """Where the plan's `sequence_parallel` gives a layout sequence parallel: training over tp > 1
+    ranks that divide the sequence (Megatron-LM and torchtitan require it). Scalars or arrays."""
+    return spec.sequence_parallel & (tp > 1) & training & (seq % tp == 0)
+
+
 PLAN_KEYS = tuple(f.name for f in fields(PlanSpec))
 LAYOUT_KEYS = tuple(f.name for f in fields(Layouts))
 LIST_KEYS = ("models", "hardware", "seqs", "workloads", "precisions", "batches", "recompute", "offload")
