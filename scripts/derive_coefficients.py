@@ -11,9 +11,10 @@ after peft's prepare_model_for_kbit_training under autocast, `kbit`, is that mix
 exact difference of the two traces, when it has no exact fit of its own):
 
     L*t*h, L*t*kv*d, L*t*f, L*t*a, L*t, L*t*r, L*linear, L*lora, L*h, L*f, L*r,
-    t*h, t*kv*d, t*f, t*a, t*r, t*V, t, V*h, s*d, s, h, V, L*b*a*s^2, L*s^2, 1
+    t*h, t*kv*d, t*f, t*a, t*r, t*V, t, V*h, s*d, s, h, V, L*b*a*s^2, L*s^2, b*a*s^2, 1
 (terms without L: what the first or last layer keeps differently, e.g. with MLP-only adapters
-nothing below layer 1 needs a gradient, so its attention keeps nothing)
+nothing below layer 1 needs a gradient, so its attention keeps nothing: not even its eager
+probabilities, b*a*s^2)
 
 for the activations autograd has saved when the forward (and the loss) ends, in a training step
 (train or LoRA). Moments that are a maximum of several (backward under full recompute, prefill)
@@ -147,7 +148,7 @@ def observe_mode(mode: tuple[str, ...]) -> tuple[tuple[str, ...], list, dict]:
 # the terms a mode without an exact fit may add to its exact neighbour's: per-layer activations,
 # adapters and per-token terms (a free fit of all 28 terms reproduces the small design but
 # extrapolates badly: a tiny model at seq 8192 came out 16 % high)
-DELTA_TERMS = ("Lth", "Ltkv", "Ltf", "Lt", "Ltr", "Llora", "Lbas2", "th", "tf", "t", "one")  # Lbas2: a 16-bit eager softmax is fp32 under autocast
+DELTA_TERMS = ("Lth", "Ltkv", "Ltf", "Lt", "Ltr", "Llora", "Lbas2", "bas2", "th", "tf", "t", "one")  # Lbas2, bas2: a 16-bit eager softmax is fp32 under autocast
 
 
 def least_squares(rows: list[list[float]], ys: list[int], base: list[float] | None) -> tuple[list[float], float]:
@@ -180,8 +181,9 @@ def main(argv: list[str] | None = None) -> int:
     if args.modes:
         from memsweep.formulas import coefficients as old
 
-        if tuple(old.BASIS) == BASIS:
-            table, approximate = dict(old.COEFFICIENTS), dict(getattr(old, "APPROXIMATE", {}))
+        # the kept modes' coefficients by term name (a term the basis gained is 0 in them)
+        table = {k: [dict(zip(old.BASIS, v)).get(n, 0.0) for n in BASIS] for k, v in old.COEFFICIENTS.items()}
+        approximate = dict(getattr(old, "APPROXIMATE", {}))
         todo = [m for m in todo if "/".join(m) in args.modes]
     # a mode without an exact fit starts from its neighbour without autocast: fit those first
     # (and a k-bit-prepared mode from the mixed one of the same trace design: those before it)

@@ -8,7 +8,7 @@ import numpy as np
 from memsweep.columns import Array, Columns, linear_elements, lora_params, mlp_matrices
 
 BASIS = ("Lth", "Ltkvd", "Ltkv", "Ltf", "Lta", "Lt", "Ltr", "Llinear", "Llora", "Lh", "Lf", "Lr",
-         "th", "tkvd", "tkv", "tf", "ta", "tr", "tV", "t", "Vh", "sd", "s", "h", "V", "Lbas2", "Ls2", "one")
+         "th", "tkvd", "tkv", "tf", "ta", "tr", "tV", "t", "Vh", "sd", "s", "h", "V", "Lbas2", "Ls2", "bas2", "one")
 """L layers, t = b*s tokens, h hidden, a heads, kvd = kv*d the K/V width with GQA (0 without:
 h carries it), kv = kv*d always (sdpa keeps K and V at that width, shared by the query heads with
 `enable_gqa`), f FFN, r LoRA rank, V vocabulary; 'linear' = one block's matrices; terms without L
@@ -33,7 +33,7 @@ def basis_values(c: Columns) -> np.ndarray:
         "Ltr": L * t * r, "Llinear": L * layer_params(c), "Llora": L * lora_layer, "Lh": L * h, "Lf": L * f,
         "Lr": L * r, "th": t * h, "tkvd": t * kvd, "tkv": t * c.kv_heads * d, "tf": t * f, "ta": t * a, "tr": t * r,
         "tV": t * V, "t": t, "Vh": V * h, "sd": s * d, "s": s, "h": h, "V": V,
-        "Lbas2": L * c.batch * a * s * s, "Ls2": L * s * s, "one": np.ones_like(L),
+        "Lbas2": L * c.batch * a * s * s, "Ls2": L * s * s, "bas2": c.batch * a * s * s, "one": np.ones_like(L),
     }
     return np.stack([terms[n] for n in BASIS], axis=-1)
 

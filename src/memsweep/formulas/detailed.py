@@ -31,13 +31,14 @@ import numpy as np
 
 from memsweep.columns import (
     FAMILY_CODES, Array, Columns, attention_params, base_params, embedding_params, in_flight_layers, layer_norm_params,
-    lora_params, mlp_params, norm_params, pipeline_shards, routed_expert_params, trainable_params,
+    lora_params, mlp_matrices, mlp_params, norm_params, pipeline_shards, routed_expert_params, trainable_params,
 )
 from memsweep.formulas.base import Breakdown
 from memsweep.formulas.basis import (
     BASIS, EXT_BASIS, EXT_CLASSES, autocast_elements, basis_values, ext_basis_values, ext_class, moe_padding,
     newer_architecture,
 )
+from memsweep.formulas.basis import layer_params as block_matrices
 from memsweep.formulas.coefficients import BASIS as FITTED_BASIS
 from memsweep.formulas.coefficients import COEFFICIENTS
 import memsweep.formulas.techniques as tq
@@ -387,8 +388,9 @@ def in_backward_bytes(c: Columns) -> Array:
     set exists; a block matrix's gradient and its step temporaries are alive at once."""
     n = np.where(c.lora == 1, tq.largest_trainable(c), tq.largest_matrix(c))
     # a tied embedding's gradient from the head waits in autograd's buffer for the embedding's
-    # own, at the end of the backward: it is alive through every block's backward
-    tied = (c.lora == 0) * c.tied_embeddings * c.vocab * c.hidden * trainable_bytes(c) / c.tp
+    # own, at the end of the backward: it is alive through every block's backward (Liger's fused
+    # loss made it in the forward: among its saved tensors, `fused_loss_saved_bytes`)
+    tied = (c.lora == 0) * c.tied_embeddings * (1 - c.fused_loss) * c.vocab * c.hidden * trainable_bytes(c) / c.tp
     return c.training * c.in_backward * (n * trainable_bytes(c) + _step_temporaries(c, n) + tied)
 
 
@@ -633,12 +635,8 @@ def dropout_layer_bytes(c: Columns, first: bool = False, kernel: Array | None = 
     mlp_out = grad_in | mlp_targets | ((c.parallel_block == 0) & att_targets)
     hidden = np.where(c.hidden_dropout > 0, (att_out + 0.0 + mlp_out) * t * c.hidden, 0.0)
     # eager attention probabilities (every layer attends s keys; the window is a mask)
-    sinks = c.attention_sinks == 1
-    no_cast = np.where(sinks, ~(autocast(c) & ~lora),
-                       np.where(fp32_softmax(c), cb == FP32, ~autocast(c) | (cb == FP32)))
-    probs_on = ((c.attn_dropout > 0) & (c.eager_attention == 1) & (c.recompute_selective == 0)
-                & (grad_in | (c.lora_q + c.lora_k > 0)))
-    probs = np.where(probs_on, c.batch * c.heads * c.seq**2 * (1.0 + no_cast * cb), 0.0)
+    probs_on = (c.recompute_selective == 0) & (grad_in | (c.lora_q + c.lora_k > 0))
+    probs = np.where(probs_on, attention_dropout_bytes(c) * c.tp, 0.0)
     # LoRA dropout: each adapter's input width, and the distinct inputs they read
     q_in = np.where(c.mla == 1, c.hidden + c.q_lora_rank * (c.q_lora_rank > 0), c.hidden)
     v_in = np.where(c.mla == 1, c.kv_lora_rank, c.hidden)
@@ -674,6 +672,19 @@ def dropout_layer_bytes(c: Columns, first: bool = False, kernel: Array | None = 
     lora_bytes = np.where(lora & (c.lora_dropout > 0), t * lora_bytes, 0.0)
     out = np.where(c.training == 1, hidden + probs + lora_bytes, 0.0)
     return out / c.tp
+
+
+def attention_dropout_bytes(c: Columns) -> Array:
+    """One layer's eager attention dropout (`model.attention_dropout`): a b*a*s^2 bool mask, and
+    the dropped copy where no cast stood between the softmax and the matmul (the copy then
+    replaces nothing): pure GPT-2 / BERT, fp32, gpt-oss's sinks in their own dtype; a llama-family
+    model's fp32 softmax is cast first (the cast copy is replaced by the dropped one)."""
+    cb = compute_bytes(c)
+    sinks = c.attention_sinks == 1
+    no_cast = np.where(sinks, ~(autocast(c) & (c.lora == 0)),
+                       np.where(fp32_softmax(c), cb == FP32, ~autocast(c) | (cb == FP32)))
+    on = (c.attn_dropout > 0) & (c.eager_attention == 1) & (c.training == 1)
+    return np.where(on, c.batch * c.heads * c.seq**2 * (1.0 + no_cast * cb) / c.tp, 0.0)
 
 
 def embedding_dropout_bytes(c: Columns) -> Array:
@@ -864,7 +875,12 @@ def math_attention_saved_bytes(c: Columns, kernel: Array | None = None) -> Array
     """`math_layer_bytes` of every global layer, kept to the backward without recompute."""
     plain = (c.recompute_full == 0) & (c.recompute_selective == 0)
     global_layers = c.layers - np.where(c.seq > c.window, c.local_layers, 0.0)
-    return np.where(plain, global_layers * math_layer_bytes(c, kernel), 0.0)
+    # LoRA: the first layer's core keeps nothing when nothing before it needs a gradient (no
+    # adapter on q, k or v, a frozen embedding); that layer is a global one unless the model's
+    # pattern starts local (Gemma-2/3, gpt-oss: local layers first)
+    first_global = (c.local_layers == 0) | (c.seq <= c.window)
+    frozen_first = (c.lora == 1) & (c.lora_q + c.lora_k + c.lora_v == 0) & (c.kbit == 0) & first_global
+    return np.where(plain, np.maximum(global_layers - frozen_first, 0.0) * math_layer_bytes(c, kernel), 0.0)
 
 
 def softcap_scores_bytes(c: Columns) -> Array:
@@ -997,9 +1013,13 @@ def logits_kept(c: Columns) -> Array:
 
 def loss_slot_bytes(c: Columns) -> Array:
     """What the loss saves for its backward that its backward frees: the fp32 log-softmax (t*V*4)
-    of an eager cross-entropy; the logits in their own dtype where they are kept (`logits_kept`)."""
+    of an eager cross-entropy; the logits in their own dtype where they are kept (`logits_kept`);
+    a fused loss's input gradient (t*h)."""
     t_v = c.batch * c.seq * c.vocab / c.tp
-    return np.where(logits_kept(c), t_v * plain_matmul_bytes(c), FP32 * t_v)
+    # Liger's fused loss saved its input's gradient instead (`fused_loss_saved_bytes`)
+    fused = (c.fused_loss == 1) & (c.training == 1)
+    return np.where(fused, c.batch * c.seq * c.hidden * hidden_bytes(c),
+                    np.where(logits_kept(c), t_v * plain_matmul_bytes(c), FP32 * t_v))
 
 
 def router_fp32_saved_bytes(c: Columns) -> Array:
@@ -1080,20 +1100,23 @@ FUSED_RECOMPUTE_MLP_TENSORS = 3.0
 """The same with a fused gated activation (kernels.mlp=fused): gate(x) and up(x), saved and then
 overwritten with their gradients (Liger's swiglu backward), and the product's gradient."""
 HEAD_TERMS = np.array([n in ("th", "tV", "Vh") for n in BASIS])
+EXT_DENSE_FFN_TERMS = np.array([n in ("Dtf_gelu", "Dtf_geglu") for n in EXT_BASIS])
+VH_TERM = np.array([n == "Vh" for n in BASIS])
 FFN_TERM = np.array([n == "Ltf" for n in BASIS])
 EXT_HEAD_TERMS = np.array([n in ("th_ln", "t_ln") for n in EXT_BASIS])
 EXT_LAYER_TERMS = np.array([n[0] in "LMD" and n not in ("Mtf", "Mtkf", "MPf", "Mtfs", "Dtf_gelu", "Dtf_geglu")
                             for n in EXT_BASIS])
 
 
-def _recompute_block(c: Columns, ext: tuple | None = None) -> tuple[Array, Array, Array, Array]:
+def _recompute_block(c: Columns, ext: tuple | None = None) -> tuple[Array, Array, Array, Array, Array]:
     """Full recompute, the backward of one re-run block: (what is kept outside the blocks: ids,
     RoPE tables, eager masks, every block's checkpoint; the checkpoints' share of it; the block at
     its MLP backward; the block at its softmax backward, eager only). The re-run block saves a
     layer of the no-recompute table; at its MLP backward it holds that layer without the t*f terms
     plus `RECOMPUTE_MLP_TENSORS` t*f tensors, at its softmax backward that layer plus the b*a*s^2
     gradients (`softmax_backward_bytes`): the MLP's tensors are freed before the attention's
-    backward starts, so the two are separate moments."""
+    backward starts, so the two are separate moments; last, the re-run layer at its attention's
+    backward, without the scores' gradients (where SDPA's math kernel adds its own)."""
     idx = _mode_index(c)
     b = basis_values(c)
     ext = ext_rows(c) if ext is None else ext
@@ -1114,7 +1137,10 @@ def _recompute_block(c: Columns, ext: tuple | None = None) -> tuple[Array, Array
     # token copies (+ shared)
     n_ffn = np.where(c.gated_mlp == 1, RECOMPUTE_MLP_TENSORS[True], RECOMPUTE_MLP_TENSORS[False])
     ob = linear_out_bytes(c)
-    table = ((SAVED[none_idx] * b * FFN_TERM).sum(axis=-1) / c.layers + gelu_ops_bytes(c, backward=True)
+    # (a GELU / GeGLU MLP in a llama-family model: the table's t*f term is a gated MLP's, which the
+    # D*t*f terms correct per dense layer)
+    dense_ffn = ext_saved_bytes(c, none_idx, EXT_DENSE_FFN_TERMS, ext) / np.maximum(c.layers - c.moe_layers, 1.0)
+    table = ((SAVED[none_idx] * b * FFN_TERM).sum(axis=-1) / c.layers + dense_ffn + gelu_ops_bytes(c, backward=True)
              + 2.0 * c.batch * c.seq * c.ffn * ob / c.tp)
     dense = np.maximum(n_ffn * c.batch * c.seq * c.ffn * ob / c.tp, table)
     # kernels.mlp=fused: the kernel saved gate(x) and up(x) and writes their gradients over them,
@@ -1138,7 +1164,7 @@ def _recompute_block(c: Columns, ext: tuple | None = None) -> tuple[Array, Array
     mlp = mlp + c.lora * extra / c.tp + drop
     softmax = np.where(eager, one_layer + softmax_backward_bytes(c) + drop, 0.0)
     # a quantized base dequantizes the weight of the matmul running (QLoRA)
-    return kept, checkpoints, one_layer + mlp + tq.dequant_bytes(c, compute_bytes(c)), softmax
+    return kept, checkpoints, one_layer + mlp + tq.dequant_bytes(c, compute_bytes(c)), softmax, one_layer + drop
 
 
 def full_recompute_layer_bytes(c: Columns, block: tuple[Array, ...] | None = None,
@@ -1146,12 +1172,12 @@ def full_recompute_layer_bytes(c: Columns, block: tuple[Array, ...] | None = Non
     """Full recompute, in the backward of the last block (the first one back-propagated): every
     checkpoint and the block's larger moment (`_recompute_block`), with the LM head's weight
     gradient the only one made yet (the final norm, logits and head cast are freed by then)."""
-    kept, _, mlp, softmax = block or _recompute_block(c)
-    # the re-run block's math attention keeps its fp32 copies and probabilities too, and its
-    # softmax backward adds their gradients
+    kept, _, mlp, softmax, layer = block or _recompute_block(c)
+    # the re-run block's math attention keeps its fp32 copies and probabilities too (through its
+    # MLP's backward), and its softmax backward adds their gradients (the MLP's tensors freed)
     math_ = math_layer_bytes(c, kernel)
     mlp = mlp + math_
-    softmax = np.where(math_ != 0, np.maximum(softmax, mlp + math_softmax_backward_bytes(c)), softmax)
+    softmax = np.where(math_ != 0, np.maximum(softmax, layer + math_ + math_softmax_backward_bytes(c)), softmax)
     head_grad = (1 - c.lora) * (1 - c.tied_embeddings) * c.vocab * c.hidden * trainable_bytes(c) / c.tp
     # accumulating, it is among the gradients already; stepped in the backward, it is gone
     head_grad = np.where((c.grad_accum > 1) | (c.in_backward == 1), 0.0, head_grad)
@@ -1169,7 +1195,7 @@ def full_recompute_first_block(c: Columns, block: tuple[Array, ...] | None = Non
     softmax backward.) Gradients not made yet: the untied input embedding's and the block's own
     but its MLP's down projection (at the MLP moment), or those of its q, k, v and first norm (at
     the softmax moment; its MLP, second norm and o_proj are done by then)."""
-    kept, checkpoints, mlp, softmax = block or _recompute_block(c)
+    kept, checkpoints, mlp, softmax, _ = block or _recompute_block(c)
     first_kept = kept - checkpoints * (c.layers - 1) / c.layers
     updated = np.maximum(updated_params(c), 1.0)
     embedding = (1 - c.tied_embeddings) * embedding_params(c)
@@ -1210,7 +1236,174 @@ def eager_backward_bytes(c: Columns, saved: Array | None = None, kernel: Array |
     math_ = (c.eager_attention == 0) & plain & (kernel == MATH_KERNEL) & (c.training == 1)
     grads = np.where(eager, softmax_backward_bytes(c), math_softmax_backward_bytes(c))
     saved = saved_activations_bytes(c, kernel) if saved is None else saved
-    return np.where(eager | math_, saved - loss_slot_bytes(c) + grads, 0.0)
+    # the loss's and the head's saved tensors are freed by then (`head_saved_bytes`), as are the
+    # layer's o_proj's and MLP's; under selective recompute the core is re-run for its backward
+    probs, _, post, core_grads, selective = attention_core_bytes(c, kernel=kernel)
+    kept = saved - head_saved_bytes(c) - post
+    return np.where(eager | math_, kept + grads, np.where(selective == 1, kept + probs + core_grads, 0.0))
+
+
+LBAS2 = BASIS.index("Lbas2")
+LLINEAR = np.array([n == "Llinear" for n in BASIS], dtype=float)
+
+
+def attention_core_bytes(c: Columns, index: tuple[Array, ...] | None = None,
+                         kernel: Array | None = None) -> tuple[Array, Array, Array, Array, Array]:
+    """One layer's attention core where it materialises the b*a*s^2 scores (eager attention, or
+    SDPA's math kernel on a global layer), in training (under full recompute only its forward
+    transient matters: the re-run block's backward is `full_recompute_layer_bytes`'):
+    (what the core keeps for its backward: for eager, what eager attention without recompute saves
+    of it, the probabilities (fp32 and their cast, the eager table's Lbas2 coefficient, attention
+    sinks' too); for the math kernel `math_layer_bytes`;
+    its forward transient: eager, the scores (in the matmul's dtype) beside the probabilities or
+    beside their scaled / masked copy, whichever is larger (with attention sinks, gpt-oss: the
+    masked scores stay referenced while the sink-joined logits, their max-subtracted copy and its
+    softmax are made, two of these at a time); the math kernel, its fp32 scores beside what it keeps;
+    the layer's t*f share of the saved set, not made yet while its attention runs and freed before
+    its attention's backward;
+    the gradients alive at the core's softmax backward (`softmax_backward_bytes`,
+    `math_softmax_backward_bytes`);
+    1 where selective recompute re-runs the core (the reference's `checkpoint(_attend)`,
+    Megatron's selective recompute): nothing of it is saved, but it runs in the forward and again
+    in the backward (issue 25's random draw: llama3.2-1b fp32 eager at seq 7,808: forward -35 %,
+    backward -35 %; gpt-oss-20b fp32 on the math kernel -49 %)).
+    Zeros where no row has such a core."""
+    zero = np.zeros(len(c))
+    trains = c.training == 1
+    if not trains.any():
+        return zero, zero, zero, zero, zero
+    kernel = sdpa_kernel(c) if kernel is None else kernel
+    on = trains & (c.eager_attention == 1)
+    math_ = trains & (c.eager_attention == 0) & (kernel == MATH_KERNEL) & global_call(c)
+    if not (on | math_).any():
+        return zero, zero, zero, zero, zero
+    idx = _mode_index(c) if index is None else index
+    eager_idx = idx[:3] + (np.zeros_like(idx[3]), np.ones_like(idx[4]))
+    b = basis_values(c)
+    per = c.batch * c.heads * c.seq**2 / c.tp
+    cb = plain_matmul_bytes(c)
+    # the probabilities one layer keeps, from what it runs (not the table's per-layer average,
+    # which a LoRA step's first layer, keeping none, lowers): an fp32 softmax (a llama-family
+    # model's softmax(dtype=float32), autocast's fp32 softmax) keeps its fp32 output and the
+    # 16-bit cast the matmul with V reads; else the softmax's output in the scores' dtype;
+    # attention sinks (gpt-oss) their own fitted term
+    upcast = fp32_softmax(c) | autocast(c)
+    probs = np.where(upcast, FP32 + np.where(cb < FP32, cb, 0.0), cb) * per
+    sinks = (SAVED[eager_idx][..., LBAS2] * b[..., LBAS2] + ext_saved_bytes(c, eager_idx, EXT_SINK_SCORES)) / c.layers
+    probs = np.where(c.attention_sinks == 1, sinks, probs)
+    # a selectively re-run core keeps its dropout too (`attention_dropout_bytes`, which the saved
+    # set holds for a core that is not re-run)
+    probs = probs + (c.recompute_selective == 1) * attention_dropout_bytes(c)
+    scores = cb * per
+    # a 16-bit model's fp32 softmax (softmax(dtype=float32), or autocast's fp32 softmax) first
+    # makes an fp32 copy of the scores (ATen's softmax converts the input unless it is CUDA fp16
+    # with an fp32 result; autocast casts it): scores, copy and result alive at once
+    forward = np.where(c.attention_sinks == 1, scores + 2.0 * probs,
+                       scores + np.maximum(np.where(upcast & (cb < FP32), 2.0 * FP32 * per, scores), probs))
+    kept = math_layer_bytes(c, kernel)
+    # the math kernel's forward: its fp32 scores beside what it keeps, and the masks it reads (the
+    # causal mask it builds, bool then an fp32 additive copy; a model's own bool mask and its
+    # additive copy in the compute dtype), as in a prefill (`prefill_attention_bytes`); a re-run
+    # block (full recompute) holds its q, k and v there too, saved nowhere else
+    masks = c.seq**2 * np.where(c.sdpa_mask == 1, c.batch * (1 + compute_bytes(c)), 1 + FP32)
+    qkv = (c.recompute_full == 1) * c.batch * c.seq * (c.heads + 2 * c.kv_heads) * c.head_dim * compute_bytes(c) / c.tp
+    fp32_scores = FP32 * c.batch * c.heads * c.seq**2 / c.tp + masks + qkv
+    # the layer after its core: the t*f terms and (under autocast) the 16-bit copies of o_proj
+    # and the MLP's matrices (the table's Llinear term, by their share of the block's matrices)
+    post_share = (c.heads * c.v_head_dim * c.hidden + mlp_matrices(c, c.ffn)) / block_matrices(c)
+    ffn = (SAVED[idx] * b * (FFN_TERM.astype(float) + LLINEAR * post_share[:, None])).sum(axis=-1) / c.layers
+    return (np.where(on, probs, np.where(math_, kept, 0.0)),
+            np.where(on, forward, np.where(math_, kept + fp32_scores, 0.0)),
+            np.where(on | math_, ffn, 0.0),
+            np.where(on, softmax_backward_bytes(c), np.where(math_, math_softmax_backward_bytes(c), 0.0)),
+            ((on | math_) & (c.recompute_selective == 1)).astype(float))
+
+
+EXT_SINK_SCORES = np.array([n == "Lbas2_sink" for n in EXT_BASIS])
+
+
+def head_saved_bytes(c: Columns, index: tuple[Array, ...] | None = None, ext: tuple | None = None) -> Array:
+    """What the final norm, the LM head and the loss save (the table's t*h, t*V and V*h terms:
+    the head's input, the fp32 log-softmax, the head weight's 16-bit cast; Liger's fused loss
+    saves its gradients instead, `fused_loss_saved_bytes`): made after the last block's forward,
+    freed before its backward."""
+    idx = _mode_index(c) if index is None else index
+    ext = ext_rows(c) if ext is None else ext
+    # (the fused loss's weight gradient stays: it becomes the head's gradient)
+    fused_grad = np.where((c.fused_loss == 1) & (c.training == 1) & (c.lora == 0),
+                          c.vocab * c.hidden * trainable_bytes(c) / c.tp, 0.0)
+    return ((SAVED[idx] * basis_values(c) * HEAD_TERMS).sum(axis=-1) + ext_saved_bytes(c, idx, EXT_HEAD_TERMS, ext)
+            + fused_loss_saved_bytes(c) - fused_grad)
+
+
+def fused_loss_cast_bytes(c: Columns, index: tuple[Array, ...] | None = None) -> Array:
+    """Liger's fused loss under autocast: the head weight's 16-bit cast (the table's V*h term)
+    lives in autocast's cache to the forward's end, and nothing saves it for the backward (the
+    kernel made the gradients in the forward): gone when the backward starts. Measured:
+    mistral-nemo-12b bf16 mixed, 4 layers, seq 1,440: backward +2.6 % -> +0.4 %."""
+    on = (c.fused_loss == 1) & (c.training == 1)
+    if not on.any():
+        return np.zeros(len(c))
+    idx = _mode_index(c) if index is None else index
+    return np.where(on, (SAVED[idx] * basis_values(c) * VH_TERM).sum(axis=-1), 0.0)
+
+
+def core_backward_gradients(c: Columns) -> Array:
+    """Gradients made before the last layer's attention core runs its backward (without
+    accumulation, which holds every gradient anyway, or a step in the backward, which frees each):
+    the LM head's (an untied head trained; Liger's fused loss made it in the forward: among its
+    saved tensors, `head_saved_bytes` leaves it there) and the layer's o_proj, MLP and second
+    norm's (a fully trained model; LoRA's adapters are negligible). Measured: mistral-nemo-12b bf16 mixed, selective eager, 4 layers: 2,560 MiB of
+    the head and 920 of the layer at that moment."""
+    tb = trainable_bytes(c)
+    full = (c.lora == 0) & (c.grad_accum == 1) & (c.in_backward == 0)
+    head = (1 - c.tied_embeddings) * (1 - c.fused_loss) * c.vocab * c.hidden
+    post = c.heads * c.v_head_dim * c.hidden + c.out_bias * c.hidden + mlp_params(c) + norm_params(c, c.hidden)
+    return np.where(full, (head + post) * tb / c.tp, 0.0)
+
+
+def forward_block_bytes(c: Columns, saved: Array, ext: tuple | None = None, kernel: Array | None = None) -> Array:
+    """Inside the last block's forward (without full recompute): every block's saved activations
+    but the loss's (the final norm's, the log-softmax, the head's cast), the caches the forward
+    keeps, and the larger of two transients: a quantized base's dequantized matrix beside the
+    whole layer (its MLP's down projection runs last; QLoRA at short sequences, where the logits
+    are small: gpt-neox-20b nf4 seq 399, forward -20 %), or the layer's attention core
+    (`attention_core_bytes`) before its MLP has saved anything (and, without recompute, before the
+    core's own saved tensors are all made)."""
+    idx = _mode_index(c)
+    kept = saved - head_saved_bytes(c, idx, ext) + train_cache_bytes(c)
+    probs, core, ffn, _, selective = attention_core_bytes(c, idx, kernel)
+    core = np.where(core > 0, core - ffn - (1.0 - selective) * probs, 0.0)
+    dequant = tq.dequant_bytes(c, compute_bytes(c))
+    on = (c.training == 1) & (c.recompute_full == 0) & ((core > 0) | (dequant > 0))
+    return np.where(on, kept + np.maximum(dequant, core), 0.0)
+
+
+def dequant_backward_bytes(c: Columns, saved: Array, ext: tuple | None = None) -> Array:
+    """A quantized base without full recompute, inside the last block's backward: its MLP's down
+    projection dequantizes its weight again for the input's gradient, beside every block's saved
+    activations but the loss's (freed by then). (Under full recompute the re-run block counts
+    it, `_recompute_block`.) Measured on a cut llama, torchtune's QLoRA at seq 16: -15 % -> -0.1 %."""
+    dequant = tq.dequant_bytes(c, compute_bytes(c))
+    on = (c.training == 1) & (c.recompute_full == 0) & (dequant > 0)
+    if not on.any():
+        return np.zeros(len(c))
+    return np.where(on, saved - head_saved_bytes(c, ext=ext) + dequant, 0.0)
+
+
+def recompute_forward_block_bytes(c: Columns, kept: Array, kernel: Array | None = None) -> Array:
+    """Full recompute, inside the last block's (checkpointed) forward: what is kept so far (`kept`:
+    every checkpoint, ids, RoPE tables, masks; autocast's cache of 16-bit weight copies) and the
+    largest of a dequantized matrix (QLoRA), the eager (or math) core's forward transient, which
+    runs though nothing of it is saved (phi-3-mini LoRA bf16 mixed, eager, seq 4,096, 3 layers:
+    forward -69 %), and an MoE layer's dispatched tokens and expert activations."""
+    _, core, _, _, _ = attention_core_bytes(c, kernel=kernel)
+    dequant = tq.dequant_bytes(c, compute_bytes(c))
+    # an MoE layer's routed token copies and expert activations (`moe_prefill_bytes`: the same
+    # forward, not saved)
+    moe = np.where(c.moe_layers > 0, moe_prefill_bytes(c), 0.0)
+    on = (c.training == 1) & (c.recompute_full == 1) & ((core > 0) | (dequant > 0) | (moe > 0))
+    return np.where(on, kept + autocast_cache_bytes(c) + np.maximum(np.maximum(core, dequant), moe), 0.0)
 
 
 def softmax_backward_bytes(c: Columns) -> Array:
@@ -1446,14 +1639,21 @@ def window_call_bytes(c: Columns) -> Array:
     return np.where(on, inside, 0.0)
 
 
-def decode_activations_bytes(c: Columns) -> Array:
+def decode_activations_bytes(c: Columns, kernel: Array | None = None) -> Array:
     """Decode, last step, in the last layer: eager GQA repeats the cached K and V to all heads
     (b*a*S*d each, S: s + g tokens, a local layer's window); sdpa shares them (`enable_gqa`: one
     token needs no mask) unless its head sizes rule that out (transformers' `use_gqa_in_sdpa`)."""
     repeats = (c.kv_heads != c.heads) & ((c.eager_attention == 1) | (c.head_dim > 256) | (c.v_head_dim != c.head_dim))
     tokens = c.seq + c.gen_tokens
     seen = np.where(c.local_layers == c.layers, np.minimum(tokens, np.maximum(c.window, 1)), tokens)
-    return np.where(repeats, 2.0 * c.batch * seen * c.heads * c.head_dim * compute_bytes(c) / c.tp, 0.0)
+    per_head = c.batch * seen * c.heads * c.head_dim / c.tp
+    # SDPA's math kernel (fp32 GQA): it repeats the cached K and V to every head itself (under
+    # enable_gqa) and scales K by sqrt(scale) (a new tensor), all in fp32 (`math_layer_bytes`);
+    # measured on a cut llama at fp32: decode -13 % -> 0
+    kernel = sdpa_kernel(c) if kernel is None else kernel
+    math_ = (c.eager_attention == 0) & (kernel == MATH_KERNEL) & (c.training == 0)
+    math_bytes = FP32 * per_head * (1.0 + 2.0 * (c.kv_heads != c.heads))
+    return np.where(math_, math_bytes, np.where(repeats, 2.0 * per_head * compute_bytes(c), 0.0))
 
 
 def inference_logits_bytes(c: Columns) -> Array:
@@ -1468,16 +1668,18 @@ def inference_logits_bytes(c: Columns) -> Array:
 
 # --- moments ----------------------------------------------------------------------------------
 
-TRAIN_PHASES = ("forward", "fsdp_forward_start", "fsdp_forward_block", "forward_window_call", "loss", "head_backward", "head_grad_cast", "head_step",
+TRAIN_PHASES = ("forward", "fsdp_forward_start", "fsdp_forward_block", "forward_window_call", "forward_block", "loss", "head_backward", "head_grad_cast", "head_step",
                 "backward_recompute", "fsdp_backward_block", "fsdp_backward_block_end", "backward_first_block", "backward_first_block_softmax", "attention_backward",
-                "embedding_backward", "optimizer_step")
+                "dequant_backward", "embedding_backward", "optimizer_step")
 """The training moments `peak_breakdown` takes the largest of, by the name a result row's
 `peak_phase` gives the winner (docs/formulas.md, "Moments"): the forward's end (inside the loss,
 the logits alive); FSDP2's first and last block all-gathers (`fsdp_gathered`); under recompute, inside a sliding-window layer's SDPA call (`window_call_bytes`);
-the backward's start (the logits' gradient); three moments of the LM head's backward (its matmul;
+inside the last block's forward (an attention core that materialises its scores, a dequantized
+matrix: `forward_block_bytes`, `recompute_forward_block_bytes`); the backward's start (the logits' gradient); three moments of the LM head's backward (its matmul;
 the fp32 gradient made from the 16-bit cast's; stepped there); a recomputed block; the first
 block's backward under full recompute (at its MLP, then at its softmax); the last layer's eager
-softmax backward; a tied embedding's end of backward; the optimizer step."""
+(or math, or selectively re-run) softmax backward; a quantized base's dequantized matrix in the
+last block's backward; a tied embedding's end of backward; the optimizer step."""
 INFERENCE_PHASES = ("prefill", "prefill_logits", "prefill_scores", "decode", "decode_gqa_repeat", "decode_dequant",
                     "decode_first_step")
 """Inference moments: inside a prefill layer's MLP; the LM head's logits; an eager prefill's
@@ -1635,7 +1837,12 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
         # recomputing, the blocks keep nothing else: what is kept so far and a window call's masks
         Breakdown.of(w, weights=w, optimizer=o, gradients=g_acc, overhead=overhead,
                      activations=act * np.where(recomputing & (window > 0), kept_so_far + window, 0.0)),
-        Breakdown.of(w, weights=fs["loss"], optimizer=o, activations=saved,
+        # inside the last block's forward: a dequantized matrix, an eager (or math) core; under
+        # full recompute beside what is kept so far (every checkpoint, autocast's cache)
+        Breakdown.of(w, weights=w, optimizer=o, gradients=g_acc, overhead=overhead,
+                     activations=act * np.where(c.recompute_full == 1, recompute_forward_block_bytes(c, block_now[0], kernel),
+                                                in_flight * forward_block_bytes(c, saved_bytes / np.maximum(in_flight, 1e-30), ext, kernel))),
+        Breakdown.of(w, weights=fs["loss"], optimizer=o, activations=saved - act * in_flight * fused_loss_cast_bytes(c),
                      logits=lg * (logits_gradient_bytes(c) + final_softcap_bytes(c) + loss_parallel),
                      gradients=g_acc, overhead=overhead),
         *(Breakdown.of(w, weights=fs["head"], optimizer=o, activations=act * head_acts,
@@ -1653,7 +1860,10 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
                        activations=act * first * c.recompute_full, overhead=overhead)
           for grads, first in full_recompute_first_block(c, block)),
         Breakdown.of(w, weights=fs["last_block"], optimizer=o, activations=act * eager_backward_bytes(c, saved_bytes, kernel),
-                     gradients=g_acc + block_grads, overhead=overhead),
+                     gradients=g_acc + block_grads + k.gradients_factor * np.where(sharded, 0.0, core_backward_gradients(c)),
+                     overhead=overhead),
+        Breakdown.of(w, weights=fs["last_block"], optimizer=o, overhead=overhead, gradients=g_acc + block_grads,
+                     activations=act * in_flight * dequant_backward_bytes(c, saved_bytes / np.maximum(in_flight, 1e-30), ext)),
         # FSDP2: the embedding's backward beside the gathered root, then the root's reduce-scatter
         # input once it has resharded (post_backward reshards before it reduces), whichever is larger
         Breakdown.of(w, weights=np.where(sharded, np.maximum(fs["end"], w + k.weights_factor * root_reduce), w), optimizer=o,
@@ -1676,7 +1886,7 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
         Breakdown.of(w, weights=w, kv_cache=kv, activations=act * prefill_attention_bytes(c, kernel, window), overhead=overhead),
         Breakdown.of(w, weights=w, kv_cache=kv_decode + k.kv_cache_factor * decode_kv_transient_bytes(c),
                      overhead=overhead),
-        Breakdown.of(w, weights=w, kv_cache=kv_decode, activations=act * decode_activations_bytes(c),
+        Breakdown.of(w, weights=w, kv_cache=kv_decode, activations=act * decode_activations_bytes(c, kernel),
                      overhead=overhead),
         # a quantized model's last decode step dequantizes its largest matrix beside the whole cache
         Breakdown.of(w, weights=w, kv_cache=kv_decode, overhead=overhead,
@@ -1718,11 +1928,12 @@ backward to the last gradient: recomputation and in-backward steps included), op
 and zero_grad); inference: prefill (the cache's allocation and the prompt), decode."""
 PHASE_OF_MOMENT = {
     "forward": "forward", "fsdp_forward_start": "forward", "fsdp_forward_block": "forward",
-    "forward_window_call": "forward", "loss": "backward", "head_backward": "backward",
+    "forward_window_call": "forward", "forward_block": "forward", "loss": "backward", "head_backward": "backward",
     "head_grad_cast": "backward",
     "head_step": "backward", "backward_recompute": "backward", "fsdp_backward_block": "backward",
     "fsdp_backward_block_end": "backward", "backward_first_block": "backward",
-    "backward_first_block_softmax": "backward", "attention_backward": "backward", "embedding_backward": "backward",
+    "backward_first_block_softmax": "backward", "attention_backward": "backward", "dequant_backward": "backward",
+    "embedding_backward": "backward",
     "optimizer_step": "optimizer", "prefill": "prefill", "prefill_logits": "prefill", "prefill_scores": "prefill",
     "decode": "decode", "decode_gqa_repeat": "decode", "decode_dequant": "decode", "decode_first_step": "decode",
 }
