@@ -137,7 +137,9 @@ def test_golden_breakdowns(name):
 
 
 @pytest.mark.parametrize("mode", ["llama/pure16/train/none/sdpa", "gpt2/mixed/train/none/sdpa",
-                                  "llama/kbit/lora-all/full/sdpa"])
+                                  "llama/kbit/lora-all/full/sdpa",
+                                  # exact since the basis has b*a*s^2 (the first layer keeps no probabilities)
+                                  "llama/pure16/lora-mlp/none/eager"])
 def test_coefficient_table_matches_the_reference_implementation(mode):
     """Re-derive one mode's coefficients from fresh fake runs: the table must be current."""
     sys.path.insert(0, str(REPO / "scripts"))

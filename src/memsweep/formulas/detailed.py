@@ -1233,7 +1233,7 @@ def eager_backward_bytes(c: Columns, saved: Array | None = None, kernel: Array |
     eager = (c.eager_attention == 1) & plain
     # the math kernel's softmax backward: the fp32 gradients of its probabilities and scores
     kernel = sdpa_kernel(c) if kernel is None else kernel
-    math_ = (c.eager_attention == 0) & plain & (kernel == MATH_KERNEL) & (c.training == 1)
+    math_ = (c.eager_attention == 0) & plain & (kernel == MATH_KERNEL) & (c.training == 1) & global_call(c)
     grads = np.where(eager, softmax_backward_bytes(c), math_softmax_backward_bytes(c))
     saved = saved_activations_bytes(c, kernel) if saved is None else saved
     # the loss's and the head's saved tensors are freed by then (`head_saved_bytes`), as are the
@@ -1298,7 +1298,10 @@ def attention_core_bytes(c: Columns, index: tuple[Array, ...] | None = None,
     # a 16-bit model's fp32 softmax (softmax(dtype=float32), or autocast's fp32 softmax) first
     # makes an fp32 copy of the scores (ATen's softmax converts the input unless it is CUDA fp16
     # with an fp32 result; autocast casts it): scores, copy and result alive at once
-    forward = np.where(c.attention_sinks == 1, scores + 2.0 * probs,
+    # (sinks: two of the sink-joined logits, their max-subtracted copy and its softmax at a time,
+    # in the joined dtype: fp32 with trained fp32 sinks under autocast, else the scores')
+    joined = np.where(autocast(c) & (c.lora == 0), FP32, cb) * per
+    forward = np.where(c.attention_sinks == 1, scores + 2.0 * joined,
                        scores + np.maximum(np.where(upcast & (cb < FP32), 2.0 * FP32 * per, scores), probs))
     kept = math_layer_bytes(c, kernel)
     # the math kernel's forward: its fp32 scores beside what it keeps, and the masks it reads (the
@@ -1310,8 +1313,9 @@ def attention_core_bytes(c: Columns, index: tuple[Array, ...] | None = None,
     fp32_scores = FP32 * c.batch * c.heads * c.seq**2 / c.tp + masks + qkv
     # the layer after its core: the t*f terms and (under autocast) the 16-bit copies of o_proj
     # and the MLP's matrices (the table's Llinear term, by their share of the block's matrices)
-    post_share = (c.heads * c.v_head_dim * c.hidden + mlp_matrices(c, c.ffn)) / block_matrices(c)
-    ffn = (SAVED[idx] * b * (FFN_TERM.astype(float) + LLINEAR * post_share[:, None])).sum(axis=-1) / c.layers
+    # (a parallel block, Falcon / GPT-NeoX: its MLP branch is not behind the core; o_proj alone)
+    post_share = (c.heads * c.v_head_dim * c.hidden + (c.parallel_block == 0) * mlp_matrices(c, c.ffn)) / block_matrices(c)
+    ffn = (SAVED[idx] * b * ((c.parallel_block == 0)[:, None] * FFN_TERM.astype(float) + LLINEAR * post_share[:, None])).sum(axis=-1) / c.layers
     return (np.where(on, probs, np.where(math_, kept, 0.0)),
             np.where(on, forward, np.where(math_, kept + fp32_scores, 0.0)),
             np.where(on | math_, ffn, 0.0),
@@ -1351,14 +1355,16 @@ def fused_loss_cast_bytes(c: Columns, index: tuple[Array, ...] | None = None) ->
 def core_backward_gradients(c: Columns) -> Array:
     """Gradients made before the last layer's attention core runs its backward (without
     accumulation, which holds every gradient anyway, or a step in the backward, which frees each):
-    the LM head's (an untied head trained; Liger's fused loss made it in the forward: among its
-    saved tensors, `head_saved_bytes` leaves it there) and the layer's o_proj, MLP and second
+    the LM head's (tied or not; Liger's fused loss made it in the forward: among its saved
+    tensors, `head_saved_bytes` leaves it there) and the layer's o_proj, MLP and second
     norm's (a fully trained model; LoRA's adapters are negligible). Measured: mistral-nemo-12b bf16 mixed, selective eager, 4 layers: 2,560 MiB of
     the head and 920 of the layer at that moment."""
     tb = trainable_bytes(c)
     full = (c.lora == 0) & (c.grad_accum == 1) & (c.in_backward == 0)
-    head = (1 - c.tied_embeddings) * (1 - c.fused_loss) * c.vocab * c.hidden
-    post = c.heads * c.v_head_dim * c.hidden + c.out_bias * c.hidden + mlp_params(c) + norm_params(c, c.hidden)
+    # (a tied head's share waits in autograd's buffer for the embedding's own: alive too)
+    head = (1 - c.fused_loss) * c.vocab * c.hidden
+    post = (c.heads * c.v_head_dim * c.hidden + c.out_bias * c.hidden
+            + (c.parallel_block == 0) * (mlp_params(c) + norm_params(c, c.hidden)))
     return np.where(full, (head + post) * tb / c.tp, 0.0)
 
 
@@ -1412,6 +1418,10 @@ def softmax_backward_bytes(c: Columns) -> Array:
     `EAGER_BACKWARD_SCORE_TENSORS` in the compute dtype."""
     cb = plain_matmul_bytes(c)
     per = np.where(fp32_softmax(c), FP32 + cb, EAGER_BACKWARD_SCORE_TENSORS * cb)
+    # gpt-oss's sinks in a 16-bit model (pure, or LoRA's frozen base): the softmax runs in the
+    # sink-joined logits' 16-bit dtype, and so do both gradients (transformers' gpt_oss, 8k: the
+    # backward +7.1 % -> -2.1 %); trained fp32 sinks under autocast keep the fp32 form above
+    per = np.where((c.attention_sinks == 1) & ~(autocast(c) & (c.lora == 0)), EAGER_BACKWARD_SCORE_TENSORS * cb, per)
     return per * c.batch * c.heads * c.seq**2 / c.tp
 
 
@@ -1651,7 +1661,10 @@ def decode_activations_bytes(c: Columns, kernel: Array | None = None) -> Array:
     # enable_gqa) and scales K by sqrt(scale) (a new tensor), all in fp32 (`math_layer_bytes`);
     # measured on a cut llama at fp32: decode -13 % -> 0
     kernel = sdpa_kernel(c) if kernel is None else kernel
-    math_ = (c.eager_attention == 0) & (kernel == MATH_KERNEL) & (c.training == 0)
+    # (measured for fp32 under enable_gqa; a model that passes its own mask, Falcon, expands K and
+    # V itself and keeps the decode step's earlier form)
+    math_ = ((c.eager_attention == 0) & (kernel == MATH_KERNEL) & (c.training == 0) & (compute_bytes(c) == FP32)
+             & (c.sdpa_mask == 0))
     math_bytes = FP32 * per_head * (1.0 + 2.0 * (c.kv_heads != c.heads))
     return np.where(math_, math_bytes, np.where(repeats, 2.0 * per_head * compute_bytes(c), 0.0))
 
