@@ -866,6 +866,28 @@ def math_layer_bytes(c: Columns, kernel: Array | None = None) -> Array:
     return np.where(on, math_ - fused, 0.0)
 
 
+def math_mask_bytes(c: Columns) -> Array:
+    """The masks SDPA's math kernel reads in one call: the causal mask it builds (bool, then its
+    fp32 additive copy), or a model's own bool mask (Falcon) and its additive copy in the compute
+    dtype."""
+    return c.seq**2 * np.where(c.sdpa_mask == 1, c.batch * (1 + compute_bytes(c)), 1 + FP32)
+
+
+def softmax_transient_bytes(c: Columns, cb: Array) -> Array:
+    """Bytes per score alive beside the eager scores (of `cb` bytes) while the softmax runs: an
+    fp32 softmax of 16-bit scores (a llama-family model's softmax(dtype=float32), autocast's fp32
+    softmax) first converts them (ATen's softmax copies the input unless it is CUDA fp16 with an
+    fp32 result), so the copy and the fp32 result, 4 + 4; an fp32 model's, its result; else the
+    result in the scores' dtype. gpt-oss's sinks (transformers' gpt_oss eager_attention_forward):
+    the scores stay referenced while the sink-joined logits, their max-subtracted copy and its
+    softmax are made, two of them at a time, in the joined dtype (fp32 with trained fp32 sinks
+    under autocast, else the scores')."""
+    upcast = fp32_softmax(c) | autocast(c)
+    joined = np.where(autocast(c) & (c.lora == 0), FP32, cb)
+    return np.where(c.attention_sinks == 1, 2.0 * joined,
+                    np.where(upcast, np.where(cb < FP32, 2.0 * FP32, FP32), cb))
+
+
 def math_softmax_backward_bytes(c: Columns) -> Array:
     """The math kernel's softmax backward: the fp32 gradients of its probabilities and scores."""
     return 2 * FP32 * c.batch * c.heads * c.seq**2 / c.tp
@@ -1224,7 +1246,8 @@ def fp32_softmax(c: Columns) -> Array:
     return c.family == FAMILY_CODES["llama"]
 
 
-def eager_backward_bytes(c: Columns, saved: Array | None = None, kernel: Array | None = None) -> Array:
+def eager_backward_bytes(c: Columns, saved: Array | None = None, kernel: Array | None = None,
+                         core: tuple[Array, ...] | None = None, head: Array | None = None) -> Array:
     """Eager training, softmax backward of the last layer: everything saved (but the freed
     log-softmax) plus the b*a*s^2 gradients alive there: `EAGER_BACKWARD_SCORE_TENSORS` in the
     compute dtype, or with an fp32 softmax the fp32 gradient of the probabilities and the
@@ -1238,8 +1261,8 @@ def eager_backward_bytes(c: Columns, saved: Array | None = None, kernel: Array |
     saved = saved_activations_bytes(c, kernel) if saved is None else saved
     # the loss's and the head's saved tensors are freed by then (`head_saved_bytes`), as are the
     # layer's o_proj's and MLP's; under selective recompute the core is re-run for its backward
-    probs, _, post, core_grads, selective = attention_core_bytes(c, kernel=kernel)
-    kept = saved - head_saved_bytes(c) - post
+    probs, _, post, core_grads, selective = core or attention_core_bytes(c, kernel=kernel)
+    kept = saved - (head_saved_bytes(c) if head is None else head) - post
     return np.where(eager | math_, kept + grads, np.where(selective == 1, kept + probs + core_grads, 0.0))
 
 
@@ -1252,9 +1275,9 @@ def attention_core_bytes(c: Columns, index: tuple[Array, ...] | None = None,
     """One layer's attention core where it materialises the b*a*s^2 scores (eager attention, or
     SDPA's math kernel on a global layer), in training (under full recompute only its forward
     transient matters: the re-run block's backward is `full_recompute_layer_bytes`'):
-    (what the core keeps for its backward: for eager, what eager attention without recompute saves
-    of it, the probabilities (fp32 and their cast, the eager table's Lbas2 coefficient, attention
-    sinks' too); for the math kernel `math_layer_bytes`;
+    (what the core keeps for its backward: for eager, the probabilities as it runs them (an fp32
+    softmax's output and the 16-bit cast the matmul with V reads; attention sinks' fitted term);
+    for the math kernel `math_layer_bytes`;
     its forward transient: eager, the scores (in the matmul's dtype) beside the probabilities or
     beside their scaled / masked copy, whichever is larger (with attention sinks, gpt-oss: the
     masked scores stay referenced while the sink-joined logits, their max-subtracted copy and its
@@ -1294,30 +1317,21 @@ def attention_core_bytes(c: Columns, index: tuple[Array, ...] | None = None,
     # a selectively re-run core keeps its dropout too (`attention_dropout_bytes`, which the saved
     # set holds for a core that is not re-run)
     probs = probs + (c.recompute_selective == 1) * attention_dropout_bytes(c)
-    scores = cb * per
-    # a 16-bit model's fp32 softmax (softmax(dtype=float32), or autocast's fp32 softmax) first
-    # makes an fp32 copy of the scores (ATen's softmax converts the input unless it is CUDA fp16
-    # with an fp32 result; autocast casts it): scores, copy and result alive at once
-    # (sinks: two of the sink-joined logits, their max-subtracted copy and its softmax at a time,
-    # in the joined dtype: fp32 with trained fp32 sinks under autocast, else the scores')
-    joined = np.where(autocast(c) & (c.lora == 0), FP32, cb) * per
-    forward = np.where(c.attention_sinks == 1, scores + 2.0 * joined,
-                       scores + np.maximum(np.where(upcast & (cb < FP32), 2.0 * FP32 * per, scores), probs))
+    # the scores beside the softmax's transient or the probabilities, whichever is larger
+    transient = softmax_transient_bytes(c, cb) * per
+    forward = cb * per + np.where(c.attention_sinks == 1, transient, np.maximum(transient, probs))
     kept = math_layer_bytes(c, kernel)
-    # the math kernel's forward: its fp32 scores beside what it keeps, and the masks it reads (the
-    # causal mask it builds, bool then an fp32 additive copy; a model's own bool mask and its
-    # additive copy in the compute dtype), as in a prefill (`prefill_attention_bytes`); a re-run
-    # block (full recompute) holds its q, k and v there too, saved nowhere else
-    masks = c.seq**2 * np.where(c.sdpa_mask == 1, c.batch * (1 + compute_bytes(c)), 1 + FP32)
+    # the math kernel's forward: its fp32 scores beside what it keeps and the masks it reads, as in
+    # a prefill; a re-run block (full recompute) holds its q, k and v there too, saved nowhere else
     qkv = (c.recompute_full == 1) * c.batch * c.seq * (c.heads + 2 * c.kv_heads) * c.head_dim * compute_bytes(c) / c.tp
-    fp32_scores = FP32 * c.batch * c.heads * c.seq**2 / c.tp + masks + qkv
+    math_forward = kept + FP32 * per + math_mask_bytes(c) + qkv
     # the layer after its core: the t*f terms and (under autocast) the 16-bit copies of o_proj
     # and the MLP's matrices (the table's Llinear term, by their share of the block's matrices)
     # (a parallel block, Falcon / GPT-NeoX: its MLP branch is not behind the core; o_proj alone)
     post_share = (c.heads * c.v_head_dim * c.hidden + (c.parallel_block == 0) * mlp_matrices(c, c.ffn)) / block_matrices(c)
     ffn = (SAVED[idx] * b * ((c.parallel_block == 0)[:, None] * FFN_TERM.astype(float) + LLINEAR * post_share[:, None])).sum(axis=-1) / c.layers
     return (np.where(on, probs, np.where(math_, kept, 0.0)),
-            np.where(on, forward, np.where(math_, kept + fp32_scores, 0.0)),
+            np.where(on, forward, np.where(math_, math_forward, 0.0)),
             np.where(on | math_, ffn, 0.0),
             np.where(on, softmax_backward_bytes(c), np.where(math_, math_softmax_backward_bytes(c), 0.0)),
             ((on | math_) & (c.recompute_selective == 1)).astype(float))
@@ -1368,7 +1382,8 @@ def core_backward_gradients(c: Columns) -> Array:
     return np.where(full, (head + post) * tb / c.tp, 0.0)
 
 
-def forward_block_bytes(c: Columns, saved: Array, ext: tuple | None = None, kernel: Array | None = None) -> Array:
+def forward_block_bytes(c: Columns, saved: Array, ext: tuple | None = None, kernel: Array | None = None,
+                        core: tuple[Array, ...] | None = None, head: Array | None = None) -> Array:
     """Inside the last block's forward (without full recompute): every block's saved activations
     but the loss's (the final norm's, the log-softmax, the head's cast), the caches the forward
     keeps, and the larger of two transients: a quantized base's dequantized matrix beside the
@@ -1376,16 +1391,17 @@ def forward_block_bytes(c: Columns, saved: Array, ext: tuple | None = None, kern
     are small: gpt-neox-20b nf4 seq 399, forward -20 %), or the layer's attention core
     (`attention_core_bytes`) before its MLP has saved anything (and, without recompute, before the
     core's own saved tensors are all made)."""
-    idx = _mode_index(c)
-    kept = saved - head_saved_bytes(c, idx, ext) + train_cache_bytes(c)
-    probs, core, ffn, _, selective = attention_core_bytes(c, idx, kernel)
-    core = np.where(core > 0, core - ffn - (1.0 - selective) * probs, 0.0)
+    probs, forward, ffn, _, selective = core or attention_core_bytes(c, kernel=kernel)
+    forward = np.where(forward > 0, forward - ffn - (1.0 - selective) * probs, 0.0)
     dequant = tq.dequant_bytes(c, compute_bytes(c))
-    on = (c.training == 1) & (c.recompute_full == 0) & ((core > 0) | (dequant > 0))
-    return np.where(on, kept + np.maximum(dequant, core), 0.0)
+    on = (c.training == 1) & (c.recompute_full == 0) & ((forward > 0) | (dequant > 0))
+    if not on.any():  # (the planner's sdpa rows pay nothing more)
+        return np.zeros(len(c))
+    kept = saved - (head_saved_bytes(c, ext=ext) if head is None else head) + train_cache_bytes(c)
+    return np.where(on, kept + np.maximum(dequant, forward), 0.0)
 
 
-def dequant_backward_bytes(c: Columns, saved: Array, ext: tuple | None = None) -> Array:
+def dequant_backward_bytes(c: Columns, saved: Array, ext: tuple | None = None, head: Array | None = None) -> Array:
     """A quantized base without full recompute, inside the last block's backward: its MLP's down
     projection dequantizes its weight again for the input's gradient, beside every block's saved
     activations but the loss's (freed by then). (Under full recompute the re-run block counts
@@ -1394,16 +1410,17 @@ def dequant_backward_bytes(c: Columns, saved: Array, ext: tuple | None = None) -
     on = (c.training == 1) & (c.recompute_full == 0) & (dequant > 0)
     if not on.any():
         return np.zeros(len(c))
-    return np.where(on, saved - head_saved_bytes(c, ext=ext) + dequant, 0.0)
+    return np.where(on, saved - (head_saved_bytes(c, ext=ext) if head is None else head) + dequant, 0.0)
 
 
-def recompute_forward_block_bytes(c: Columns, kept: Array, kernel: Array | None = None) -> Array:
+def recompute_forward_block_bytes(c: Columns, kept: Array, kernel: Array | None = None,
+                                  core: tuple[Array, ...] | None = None) -> Array:
     """Full recompute, inside the last block's (checkpointed) forward: what is kept so far (`kept`:
     every checkpoint, ids, RoPE tables, masks; autocast's cache of 16-bit weight copies) and the
     largest of a dequantized matrix (QLoRA), the eager (or math) core's forward transient, which
     runs though nothing of it is saved (phi-3-mini LoRA bf16 mixed, eager, seq 4,096, 3 layers:
     forward -69 %), and an MoE layer's dispatched tokens and expert activations."""
-    _, core, _, _, _ = attention_core_bytes(c, kernel=kernel)
+    _, core, _, _, _ = core or attention_core_bytes(c, kernel=kernel)
     dequant = tq.dequant_bytes(c, compute_bytes(c))
     # an MoE layer's routed token copies and expert activations (`moe_prefill_bytes`: the same
     # forward, not saved)
@@ -1604,13 +1621,8 @@ def prefill_attention_bytes(c: Columns, kernel: Array | None = None, window: Arr
     operand). sdpa never holds s^2: its MLP moment is larger."""
     t = c.batch * c.seq
     cb = compute_bytes(c)
-    # softmax(x, dtype=float32) of 16-bit scores first converts x to fp32 (ATen's softmax; CUDA
-    # skips the copy for fp16 only, not bf16): the cast input and the fp32 output, 4 + 4 bytes
-    probs = np.where(fp32_softmax(c), np.where(cb < FP32, 2 * FP32, FP32), cb)
-    # gpt-oss's sinks (transformers' gpt_oss eager_attention_forward): the scores stay referenced
-    # while the sink-extended copy less its row maximum and its softmax (in the scores' dtype) are
-    # made: three b*a*s^2 tensors in the compute dtype, not an fp32 softmax's
-    probs = np.where(c.attention_sinks == 1, 2 * cb, probs)
+    # (inference runs no autocast: an fp32 softmax is a llama-family model's, sinks are 16-bit)
+    probs = softmax_transient_bytes(c, cb)
     eager = (t * 6.0 * c.hidden * cb + c.batch * c.heads * c.seq**2 * (cb + probs)) / c.tp + eager_mask_bytes(c)
     rope = np.where(c.learned_positions == 1, 0.0, 2.0 * c.seq * c.rope_dim * cb)
     # SDPA's math kernel (fp32 GQA, transformers' Falcon), inside its softmax: the fp32 scores and
@@ -1618,7 +1630,7 @@ def prefill_attention_bytes(c: Columns, kernel: Array | None = None, window: Arr
     # Falcon's own bool mask (b*s^2) with its additive copy in the compute dtype
     kernel = sdpa_kernel(c) if kernel is None else kernel
     math_ = (c.eager_attention == 0) & (kernel == MATH_KERNEL) & global_call(c)
-    masks = c.seq**2 * np.where(c.sdpa_mask == 1, c.batch * (1 + cb), 1 + FP32)
+    masks = math_mask_bytes(c)
     math_bytes = (t * 6.0 * c.hidden * cb + c.batch * c.heads * c.seq**2 * 2 * FP32) / c.tp + masks
     # a window call, beside the residual, the held embeddings and the bool window mask
     windowed = window_call_bytes(c) if window is None else window
@@ -1815,8 +1827,12 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
     # a pipeline stage keeps its micro-batches in flight (1F1B): the whole model's one micro-batch
     # when pp divides the layers, less on an uneven split (`in_flight_layers`)
     in_flight = np.where((c.pp > 1) & (c.training == 1), in_flight_layers(c) / c.layers, 1.0)
-    saved_bytes = in_flight * (saved_activations_bytes(c, kernel, ext) - offloaded - sequence_parallel_saving_bytes(whole, c))
+    stage_saved = saved_activations_bytes(c, kernel, ext) - offloaded - sequence_parallel_saving_bytes(whole, c)
+    saved_bytes = in_flight * stage_saved
     saved = act * saved_bytes
+    # the attention core and what the head saved: three moments read each
+    core = attention_core_bytes(c, kernel=kernel)
+    head_saved = head_saved_bytes(c, ext=ext)
     block_now = (in_flight * (block[0] - offloaded), *block[1:])  # the last block's backward: two checkpoints back
     head = head_backward_bytes(c, saved_bytes)
     window = window_call_bytes(c)
@@ -1853,8 +1869,8 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
         # inside the last block's forward: a dequantized matrix, an eager (or math) core; under
         # full recompute beside what is kept so far (every checkpoint, autocast's cache)
         Breakdown.of(w, weights=w, optimizer=o, gradients=g_acc, overhead=overhead,
-                     activations=act * np.where(c.recompute_full == 1, recompute_forward_block_bytes(c, block_now[0], kernel),
-                                                in_flight * forward_block_bytes(c, saved_bytes / np.maximum(in_flight, 1e-30), ext, kernel))),
+                     activations=act * np.where(c.recompute_full == 1, recompute_forward_block_bytes(c, block_now[0], kernel, core),
+                                                in_flight * forward_block_bytes(c, stage_saved, ext, kernel, core, head_saved))),
         Breakdown.of(w, weights=fs["loss"], optimizer=o, activations=saved - act * in_flight * fused_loss_cast_bytes(c),
                      logits=lg * (logits_gradient_bytes(c) + final_softcap_bytes(c) + loss_parallel),
                      gradients=g_acc, overhead=overhead),
@@ -1872,11 +1888,11 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
                        + block_grads * c.recompute_full,
                        activations=act * first * c.recompute_full, overhead=overhead)
           for grads, first in full_recompute_first_block(c, block)),
-        Breakdown.of(w, weights=fs["last_block"], optimizer=o, activations=act * eager_backward_bytes(c, saved_bytes, kernel),
+        Breakdown.of(w, weights=fs["last_block"], optimizer=o, activations=act * eager_backward_bytes(c, saved_bytes, kernel, core, head_saved),
                      gradients=g_acc + block_grads + k.gradients_factor * np.where(sharded, 0.0, core_backward_gradients(c)),
                      overhead=overhead),
         Breakdown.of(w, weights=fs["last_block"], optimizer=o, overhead=overhead, gradients=g_acc + block_grads,
-                     activations=act * in_flight * dequant_backward_bytes(c, saved_bytes / np.maximum(in_flight, 1e-30), ext)),
+                     activations=act * in_flight * dequant_backward_bytes(c, stage_saved, ext, head_saved)),
         # FSDP2: the embedding's backward beside the gathered root, then the root's reduce-scatter
         # input once it has resharded (post_backward reshards before it reduces), whichever is larger
         Breakdown.of(w, weights=np.where(sharded, np.maximum(fs["end"], w + k.weights_factor * root_reduce), w), optimizer=o,
