@@ -24,6 +24,9 @@ from memsweep.specs import Hardware, KernelsSpec, Parallel  # noqa: E402
 
 GIB = 2**30
 KERNELS = {name: KernelsSpec(**load_preset("kernels", name)) for name in ("eager", "liger", "flash_attn", "te", "compile")}
+KERNELS["compile_blocks"] = dataclasses.replace(KERNELS["compile"], name="compile_blocks", compile_loss=False)
+"""torchtitan's apply_compile (torchtitan/parallelisms/parallelize_llama.py, 2024): each TransformerBlock
+compiled, its loss (`cross_entropy(pred.flatten(0, 1).float(), ...)`) eager: kernels.compile_loss=false."""
 H100_96 = dataclasses.replace(Hardware(**load_preset("hardware", "h100-80g")), name="h100-96g", memory_mib=97871)
 """torchtitan's benchmark H100s are the 96 GB HBM2e part (its docs/performance.md)."""
 
@@ -45,12 +48,18 @@ RUNS = [
      "llama3.2-3b", dict(seq=4096, batch=2, precision="pure", hardware="a100-80g"), "eager", 60.0),
     ("torchtune README, 'Optimization flags': + Compile", "llama3.2-3b",
      dict(seq=4096, batch=2, precision="pure", hardware="a100-80g"), "compile", 51.0),
-    ("torchtitan docs/performance.md Table 1: FSDP, Llama 3.1 8B, 8 GPUs, local bs 2, selective AC (reserved)",
-     "llama3-8b", dict(seq=8192, batch=2, precision="mixed", mixed_policy="param_dtype", recompute="selective",
+    ("torchtitan docs/performance.md Table 1: FSDP, Llama 3.1 8B, 8 GPUs, local bs 2, selective (per-op) AC (reserved)",
+     "llama3-8b", dict(seq=8192, batch=2, precision="mixed", mixed_policy="param_dtype", recompute="op",
                        hardware=H100_96, parallel=fsdp(8)), "eager", 82.4),
-    ("torchtitan Table 1: FSDP + torch.compile", "llama3-8b",
-     dict(seq=8192, batch=2, precision="mixed", mixed_policy="param_dtype", recompute="selective",
-          hardware=H100_96, parallel=fsdp(8)), "compile", 77.0),
+    ("torchtitan Table 1: FSDP + torch.compile (each block; the loss eager)", "llama3-8b",
+     dict(seq=8192, batch=2, precision="mixed", mixed_policy="param_dtype", recompute="op",
+          hardware=H100_96, parallel=fsdp(8)), "compile_blocks", 77.0),
+    ("torchtitan Table 3: FSDP, Llama 3.1 8B, 128 GPUs, local bs 2, selective (per-op) AC (reserved)",
+     "llama3-8b", dict(seq=8192, batch=2, precision="mixed", mixed_policy="param_dtype", recompute="op",
+                       hardware=H100_96, parallel=fsdp(128)), "eager", 67.0),
+    ("torchtitan Table 3: FSDP + torch.compile (each block; the loss eager)", "llama3-8b",
+     dict(seq=8192, batch=2, precision="mixed", mixed_policy="param_dtype", recompute="op",
+          hardware=H100_96, parallel=fsdp(128)), "compile_blocks", 62.0),
     ("TinyLlama README: 16 A100-40G, micro-batch 8 x 2048, FSDP, no checkpointing, flash-attn's fused kernels",
      TINYLLAMA, dict(seq=2048, batch=8, precision="mixed", mixed_policy="param_dtype", hardware="a100-40g",
                      parallel=fsdp(16)), "flash_attn", None),
@@ -64,11 +73,11 @@ RUNS = [
 ]
 
 
-def estimate(model, settings: dict, kernels: str) -> tuple[float, float]:
-    """(total GiB per GPU, capacity GiB) of `detailed` for the run with `kernels`."""
+def estimate(model, settings: dict, kernels) -> tuple[float, float]:
+    """(total GiB per GPU, capacity GiB) of `detailed` for the run with `kernels` (a name or a spec)."""
     kw = dict(settings)
     spec = job_spec(model if not isinstance(model, str) else model_spec(model), wl="train",
-                    kernels=KERNELS[kernels], **kw)
+                    kernels=KERNELS[kernels] if isinstance(kernels, str) else kernels, **kw)
     total = float(FORMULAS["detailed"](Columns.from_specs([spec])).total[0])
     return total / GIB, capacity_bytes(spec) / GIB
 
@@ -83,7 +92,69 @@ def main() -> int:
         fits = "yes" if stack <= cap else f"**no** (capacity {cap:.1f})"
         err = f" ({(stack / published - 1) * 100:+.1f} %)" if published is not None else ""
         print(f"| {source} | {kernels} | {pub} | {eager:.1f} | {stack:.1f}{err} | {fits} |")
+    print()
+    llm_foundry()
     return 0
+
+
+LLM_FOUNDRY_KERNELS = KERNELS["flash_attn"]
+"""llm-foundry's MPT as its benchmark ran it (docs/data/llm_foundry_runs.yaml `settings`): flash-attn's
+fused cross-entropy (loss_fn fused_crossentropy), low_precision_layernorm (F.layer_norm in bf16: the
+input and its statistics saved, as a fused norm), triton flash attention (SDPA), and nn.GELU: one
+ATen kernel saving its input, which for memsweep's GPT-2-style blocks (a written-out gelu_new
+otherwise) is `kernels.mlp=fused`."""
+
+
+MPT_EAGER = dataclasses.replace(KERNELS["eager"], mlp="fused")
+"""Without flash-attn's kernels: torch's cross-entropy and LayerNorm, nn.GELU still one kernel."""
+
+
+def mpt(spec: dict, seq: int):
+    """An MPT size as GPT-2-style blocks: learned positions (max_seq_len = the run's seq), biases,
+    LayerNorm, a 4x GELU MLP (nn.GELU, one kernel), tied embeddings, no dropout."""
+    return dataclasses.replace(model_spec("gpt2"), name="mpt", hidden=spec["d_model"], heads=spec["n_heads"],
+                               kv_heads=spec["n_heads"], layers=spec["n_layers"],
+                               ffn=spec["expansion_ratio"] * spec["d_model"], vocab=spec["vocab_size"],
+                               max_positions=seq, activation="fused", attention_dropout=0.0, hidden_dropout=0.0,
+                               embedding_dropout=0.0)
+
+
+def llm_foundry() -> None:
+    """Every row of llm-foundry's MPT benchmark tables that memsweep can express (bf16; the FP8
+    rows' TransformerEngine linears are not modelled): per table, how many fit with the stack's
+    kernels and without, and the largest estimate against the capacity."""
+    by_table = llm_foundry_ratios()
+    print("llm-foundry's MPT benchmark tables (docs/data/llm_foundry_runs.yaml; bf16 rows), `detailed` "
+          "over memsweep's capacity (fits at <= 1):\n")
+    print("| table | rows | fit, stack's kernels | fit, eager | largest ratio (stack) | median ratio (stack) | its row |")
+    print("|---|---|---|---|---|---|---|")
+    for table, rows in by_table.items():
+        ratios = sorted(r[0] for r in rows)
+        worst = max(rows, key=lambda r: r[0])
+        w = worst[2]
+        print(f"| {table} | {len(rows)} | {sum(r[0] <= 1 for r in rows)} | {sum(r[1] <= 1 for r in rows)} | "
+              f"{worst[0]:.2f} | {ratios[len(ratios) // 2]:.2f} | {w['model']} seq {w['seq']} mb {w['micro_batch']} on "
+              f"{w['gpus']} {w['gpu']}, AC {w['activation_checkpointing']} |")
+
+
+def llm_foundry_ratios() -> dict[str, list[tuple[float, float, dict]]]:
+    """Per table: (stack's estimate / capacity, eager's / capacity, the row) of each bf16 row."""
+    import yaml
+
+    data = yaml.safe_load((ROOT / "docs" / "data" / "llm_foundry_runs.yaml").read_text())
+    by_table: dict[str, list] = {}
+    for run in data["runs"]:
+        if "fp8" in str(run["precision"]):
+            continue
+        settings = dict(seq=run["seq"], batch=run["micro_batch"], precision="mixed", mixed_policy="param_dtype",
+                        hardware=run["gpu"], recompute="full" if run["activation_checkpointing"] else "none",
+                        parallel=Parallel(name="fsdp", dp=run["gpus"],
+                                          zero=2 if run.get("sharding_strategy") == "SHARD_GRAD_OP" else 3))
+        model = mpt(data["models"][run["model"]], run["seq"])
+        stack, cap = estimate(model, settings, LLM_FOUNDRY_KERNELS)
+        eager, _ = estimate(model, settings, MPT_EAGER)
+        by_table.setdefault(run["table"], []).append((stack / cap, eager / cap, run))
+    return by_table
 
 
 if __name__ == "__main__":

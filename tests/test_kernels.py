@@ -142,6 +142,8 @@ CASES = {
     "qwen3-compile-lora-pure": ("qwen3-8b", COMPILE, dict(wl="lora", precision="pure")),
     "gemma2-ce-lora-mixed": ("gemma-2-2b", KernelsSpec(loss="fused"), dict(wl="lora")),
     "gpt2-fused-gelu-norm-train-pure": ("gpt2", KernelsSpec(norm="fused", mlp="fused"), dict(precision="pure")),
+    # torchtitan's compile: the blocks alone, the loss eager (its fp32 logits and log-softmax)
+    "qwen3-compile-blocks-train-pure": ("qwen3-8b", dataclasses.replace(COMPILE, compile_loss=False), dict(precision="pure")),
 }
 
 
@@ -172,6 +174,19 @@ def test_the_fused_kernels_save_what_detailed_says_they_save():
         drop = eager - measure(spec).phase_peaks["forward"]
         assert drop > 0
         assert eager_est - float(phase_peaks(Columns.from_specs([spec]))["forward"][0]) == pytest.approx(drop, rel=1e-6)
+
+
+def test_compile_loss_false_keeps_the_eager_losss_fp32_log_softmax():
+    """kernels.compile_loss=false (torchtitan): the trace's forward peak is above the compiled
+    loss's by what detailed says, the eager loss's fp32 log-softmax over its 16-bit logits."""
+    from memsweep.measure.backends import measure
+
+    base = job(small("llama3.2-1b"), measure=FAKE, seq=256, batch=2, precision="pure", kernels=COMPILE)
+    blocks = dataclasses.replace(base, kernels=dataclasses.replace(COMPILE, compile_loss=False))
+    rise = measure(blocks).phase_peaks["forward"] - measure(base).phase_peaks["forward"]
+    est = [float(phase_peaks(Columns.from_specs([s]))["forward"][0]) for s in (base, blocks)]
+    assert rise > 0 and est[1] - est[0] == pytest.approx(rise, rel=1e-6)
+    assert blocks.kernels.label == "compile(blocks)" and "kernels.compile_loss=false" in blocks.kernels.used
 
 
 # --- the config ------------------------------------------------------------------------------------------

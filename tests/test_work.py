@@ -213,6 +213,20 @@ def test_recompute_and_backward_split_as_traced():
     assert step_work(c).recompute_flops[0] == qk
 
 
+@pytest.mark.parametrize("name,wl", [("llama", "train"), ("qwen2", "lora-all"), ("gemma", "train"), ("neox", "train"),
+                                     ("falcon", "lora"), ("qwen2-moe", "train"), ("deepseek-v3", "lora-all"),
+                                     ("gpt-oss", "train"), ("llama", "qlora")])
+def test_per_op_selective_recomputes_all_but_the_kept_matmuls(name, wl):
+    """recompute=op (torchtitan's per-op SAC): the backward re-runs the block less every other
+    `aten.mm` (a linear with a bias is an addmm, re-run; adapters count) and the fused SDPA call,
+    as the FlopCounterMode trace of the checkpointed step counts it; less than full recompute."""
+    spec = case_spec(name, dict(wl=wl, recompute="op"))
+    w = step_work(Columns.from_specs([spec]))
+    assert counted(w) == traced_flops(spec)
+    full = step_work(Columns.from_specs([replace(spec, recompute="full")]))
+    assert 0 < w.recompute_flops[0] < full.recompute_flops[0]
+
+
 # --- textbook numbers ----------------------------------------------------------------------------
 
 def test_train_flops_reproduce_the_6NT_rule_on_llama3_8b():

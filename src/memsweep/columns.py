@@ -107,6 +107,7 @@ class Columns:
     fused_mlp: Array  # kernels.mlp=fused: the activation recomputed in the backward
     fused_rope: Array  # kernels.rope=fused: the rotary embedding in place
     compiled: Array  # kernels.compile: each block (and an eager loss) as AOTAutograd's partitioned graphs
+    compiled_loss: Array  # kernels.compile with kernels.compile_loss: the eager loss compiled too
     q_bits: Array  # bits per element of the frozen block matrices (0: not quantized)
     q_group: Array  # elements per quantization group (0: none)
     q_group_bytes: Array  # bytes per group: scales (+ zero points)
@@ -129,6 +130,9 @@ class Columns:
     # activation memory choices
     recompute_selective: Array
     recompute_full: Array
+    recompute_op: Array
+    """Per-op selective (recompute=op): recompute_full is 1 too, and each block keeps its SAC cache
+    (formulas/sac.py)."""
     eager_attention: Array
     sm: Array  # the GPU's CUDA compute capability x 10 (80: A100, 90: H100); 0: unknown (read as 80)
     # parallel layout
@@ -218,7 +222,7 @@ def _spec_values(spec: JobSpec) -> dict[str, float]:
         "training": w.training, "lora": w.kind == "lora",
         # transformers keeps a KV cache through a training forward unless use_cache=False or
         # gradient checkpointing (which turns it off); encoders have none
-        "train_cache": w.training and w.use_cache and spec.recompute != "full" and m.decoder,
+        "train_cache": w.training and w.use_cache and spec.recompute not in ("full", "op") and m.decoder,
         "lora_rank": w.lora_rank if w.kind == "lora" else 0,
         **{f"lora_{t}": t in targets for t in ("q", "k", "v", "o", "gate", "up", "down")},
         "lora_dropout": w.lora_dropout if w.kind == "lora" else 0.0,
@@ -226,7 +230,8 @@ def _spec_values(spec: JobSpec) -> dict[str, float]:
         "optimizer_states": o.states_per_param, "foreach": o.impl == "foreach",
         **technique_values(spec),
         "recompute_selective": spec.recompute == "selective",
-        "recompute_full": spec.recompute == "full",
+        "recompute_full": spec.recompute in ("full", "op"),  # op: a full checkpoint that keeps more
+        "recompute_op": spec.recompute == "op",
         "eager_attention": spec.attention == "eager",
         "sm": 10.0 * spec.hardware.capability[0] + spec.hardware.capability[1],
         "tp": p.tp, "pp": p.pp, "dp": p.dp, "zero": p.zero, "deepspeed": p.stack == "deepspeed",
@@ -249,6 +254,7 @@ def technique_values(spec: JobSpec) -> dict[str, float]:
         "fused_ce": spec.loss_kernel == "fused", "fused_norm": spec.kernels.norm == "fused",
         "fused_mlp": spec.kernels.mlp == "fused", "fused_rope": spec.kernels.rope == "fused",
         "compiled": spec.kernels.compile,
+        "compiled_loss": spec.kernels.compile and spec.kernels.compile_loss,
         "q_bits": bits, "q_group": group, "q_group_bytes": group_bytes, "q_in_bytes": in_bytes,
         "q_out_bytes": out_bytes, "kv_bytes": spec.kv_bytes if spec.kv_dtype != "auto" else 0.0,
         "prefill_all_logits": w.prefill_logits == "all", "serve": serve,

@@ -17,7 +17,7 @@ from memsweep.units import DTYPE_BYTES, MIB, SWEEP_DTYPES, TRAIN_DTYPES
 Family = Literal["gpt2", "llama", "bert", "hf"]
 WorkloadKind = Literal["train", "inference", "lora", "serve"]
 OptimizerName = Literal["adamw", "adam", "sgd", "sgd_momentum", "adamw8bit", "paged_adamw8bit", "adafactor", "lion"]
-Recompute = Literal["none", "selective", "full"]
+Recompute = Literal["none", "selective", "full", "op"]
 Attention = Literal["eager", "sdpa"]
 PrecisionMode = Literal["mixed", "pure"]
 
@@ -40,7 +40,10 @@ OPTIMIZERS = ("adamw", "adam", "sgd", "sgd_momentum", "adamw8bit", "paged_adamw8
 BNB_OPTIMIZERS = ("adamw8bit", "paged_adamw8bit", "lion")
 """bitsandbytes' optimizers: fused CUDA kernels (`optimizer.impl=fused`)."""
 OPTIMIZER_IMPLS = ("foreach", "forloop", "fused")
-RECOMPUTES = ("none", "selective", "full")
+RECOMPUTES = ("none", "selective", "full", "op")
+"""selective: the attention core (Korthikanti et al. 2022); full: every block keeps its input only;
+op: per-op selective, torchtitan's `selective_ac_option=op` (each block checkpointed, the outputs of
+its fused attention and of every other `aten.mm` kept; measure/models.per_op_sac_context)."""
 ATTENTIONS = ("eager", "sdpa")
 PRECISIONS = ("mixed", "pure")
 LORA_TARGETS = ("q", "k", "v", "o", "gate", "up", "down")
@@ -609,6 +612,10 @@ class KernelsSpec:
     """torch.compile of every block (and of an eager loss), as torchtitan, torchtune and OLMo-core
     compile: AOTAutograd's min-cut partitioner picks what each block saves and recomputes
     (measure/compiled.py traces it); Inductor's fusion keeps pointwise intermediates in registers."""
+    compile_loss: bool = True
+    """With compile: the eager cross-entropy compiled too, as torchtune's `compile_loss` does
+    (true); false: the blocks alone, as torchtitan's `apply_compile` (2024) compiled each
+    TransformerBlock and left its `cross_entropy(pred.float(), labels)` eager."""
 
     def __post_init__(self) -> None:
         check_label("kernels.name", self.name)
@@ -616,6 +623,7 @@ class KernelsSpec:
             check_choice(f"kernels.{key}", getattr(self, key), KERNEL_CHOICES)
         check_choice("kernels.loss", self.loss, LOSS_KERNELS)
         check_bool("kernels.compile", self.compile)
+        check_bool("kernels.compile_loss", self.compile_loss)
 
     @property
     def default(self) -> bool:
@@ -625,14 +633,16 @@ class KernelsSpec:
     def label(self) -> str:
         """What a result row's `kernels` column says: eager, or the fused ops "+"-joined."""
         parts = [k if k != "loss" else f"loss={self.loss}"
-                 for k in ("norm", "mlp", "rope", "loss") if getattr(self, k) != "eager"] + (["compile"] if self.compile else [])
+                 for k in ("norm", "mlp", "rope", "loss") if getattr(self, k) != "eager"] + (
+            (["compile"] if self.compile_loss else ["compile(blocks)"]) if self.compile else [])
         return "+".join(parts) or "eager"
 
     @property
     def used(self) -> tuple[str, ...]:
         """The non-eager choices, as `kernels.KEY=VALUE` words (for a row's `techniques`)."""
         return (tuple(f"kernels.{k}={getattr(self, k)}" for k in ("norm", "mlp", "rope", "loss") if getattr(self, k) != "eager")
-                + (("kernels.compile=true",) if self.compile else ()))
+                + (("kernels.compile=true",) if self.compile else ())
+                + (("kernels.compile_loss=false",) if self.compile and not self.compile_loss else ()))
 
 
 @dataclass(frozen=True)

@@ -42,6 +42,7 @@ from memsweep.formulas.basis import layer_params as block_matrices
 from memsweep.formulas.coefficients import BASIS as FITTED_BASIS
 from memsweep.formulas.coefficients import COEFFICIENTS
 import memsweep.formulas.techniques as tq
+from memsweep.formulas.sac import sac_total_bytes
 from memsweep.sdpa_rules import KERNELS, Call, choose
 
 FP32 = 4.0
@@ -584,11 +585,25 @@ def ext_saved_bytes(c: Columns, index: tuple[Array, ...] | None = None, mask: np
     return out
 
 
+def per_op_sac_bytes(c: Columns, kernel: Array | None = None) -> tuple[Array, Array, Array]:
+    """recompute=op (torchtitan's per-op selective checkpointing, formulas/sac.py): (every block's
+    kept matmul and attention outputs, the last block's, what of a block's own its re-run leaves
+    alive); zeros at once when no row runs it."""
+    if not (c.recompute_op == 1).any():
+        zero = np.zeros(len(c))
+        return zero, zero, zero
+    kernel = sdpa_kernel(c) if kernel is None else kernel
+    cb = compute_bytes(c)
+    return sac_total_bytes(c, kernel, cb, np.where(autocast(c), cb, trainable_bytes(c)))
+
+
 def saved_activations_bytes(c: Columns, kernel: Array | None = None, ext: tuple | None = None) -> Array:
     """What autograd holds when the forward (and the loss) ends (incl. the fp32 log-softmax, t*V*4;
-    with eager attention the b*a*s^2 probabilities; with recompute, the masks checkpoints hold)."""
+    with eager attention the b*a*s^2 probabilities; with recompute, the masks checkpoints hold;
+    with per-op selective checkpointing, every block's kept outputs)."""
     coef = SAVED[_mode_index(c)]
     return ((coef * basis_values(c)).sum(axis=-1) + ext_saved_bytes(c, parts=ext) + held_mask_bytes(c) + fused_loss_saved_bytes(c)
+            + per_op_sac_bytes(c, kernel)[0]
             + fused_kernels_saved_bytes(c) + router_fp32_saved_bytes(c)
             + math_attention_saved_bytes(c, kernel)
             + c.layers * softcap_scores_bytes(c) * (1 - c.recompute_full) * (1 - c.recompute_selective)
@@ -1030,7 +1045,7 @@ def logits_kept(c: Columns) -> Array:
     """The loss saves the 16-bit logits, not an fp32 log-softmax: a fused cross-entropy kernel
     (kernels.loss=fused), or a compiled loss (kernels.compile with the eager loss: the partitioner
     keeps the logits and recomputes the softmax in the backward)."""
-    return (c.fused_ce == 1) | ((c.compiled == 1) & (c.fused_loss == 0))
+    return (c.fused_ce == 1) | ((c.compiled_loss == 1) & (c.fused_loss == 0))
 
 
 def loss_slot_bytes(c: Columns) -> Array:
@@ -1146,6 +1161,11 @@ def _recompute_block(c: Columns, ext: tuple | None = None) -> tuple[Array, Array
             + held_mask_bytes(c))  # the first block's checkpoint holds the masks to the end
     checkpoints = ((SAVED[idx] * b * (PER_LAYER_TERMS & ~HEAD_TERMS)).sum(axis=-1)
                    + ext_saved_bytes(c, idx, EXT_LAYER_TERMS & ~EXT_HEAD_TERMS, ext))
+    # per-op selective: the blocks before the last keep their saved outputs too (the last block's
+    # are consumed by its re-run: saved again there, or freed); at the first block none is left
+    sac_all, sac_last, sac_tail = per_op_sac_bytes(c)
+    kept = kept + sac_all - sac_last
+    checkpoints = checkpoints + (sac_all - sac_last) * c.layers / np.maximum(c.layers - 1, 1.0)
     none_idx = idx[:3] + (np.zeros_like(idx[3]), idx[4])
     one_layer = ((SAVED[none_idx] * b * (PER_LAYER_TERMS & ~FFN_TERM)).sum(axis=-1)
                  + ext_saved_bytes(c, none_idx, EXT_LAYER_TERMS, ext)) / c.layers + softcap_scores_bytes(c)
@@ -1183,8 +1203,8 @@ def _recompute_block(c: Columns, ext: tuple | None = None) -> tuple[Array, Array
     extra = np.where((c.lora_down == 1) & (c.mixed == 1), tf_ + th, np.maximum(th, c.lora_down * tf_))
     # the re-run layer's dropout and memory-efficient padded mask, alive at both moments
     drop = dropout_layer_bytes(c) + efficient_mask_bytes(c) * (c.recompute_full == 1)
-    mlp = mlp + c.lora * extra / c.tp + drop
-    softmax = np.where(eager, one_layer + softmax_backward_bytes(c) + drop, 0.0)
+    mlp = mlp + c.lora * extra / c.tp + drop + sac_tail
+    softmax = np.where(eager, one_layer + softmax_backward_bytes(c) + drop + sac_tail, 0.0)
     # a quantized base dequantizes the weight of the matmul running (QLoRA)
     return kept, checkpoints, one_layer + mlp + tq.dequant_bytes(c, compute_bytes(c)), softmax, one_layer + drop
 

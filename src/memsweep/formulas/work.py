@@ -176,6 +176,11 @@ class Op:
     """The s x s part of attention (QK^T, PV)."""
     causal: Array | float = 1.0
     """Attention: the share of its (query, key) pairs a causal / sliding-window mask allows."""
+    mm: Array | float = 0.0
+    """1 where it runs as `aten.mm` (a linear without a bias, an adapter, a quantized base; not
+    addmm, not the experts' bmm): per-op selective checkpointing keeps every other one."""
+    fused_attention: Array | float = 0.0
+    """1 for an SDPA call (its output kept by per-op selective checkpointing on a fused kernel)."""
 
 
 ZERO = Op(forward=0.0, backward=0.0)
@@ -202,7 +207,8 @@ def pick(cond: Array, a: Op, b: Op) -> Op:
     return Op(forward=w(a.forward, b.forward), backward=w(a.backward, b.backward),
               saves_before=w(a.saves_before, b.saves_before), saves_after=w(a.saves_after, b.saves_after),
               forward_bytes=w(a.forward_bytes, b.forward_bytes), backward_bytes=w(a.backward_bytes, b.backward_bytes),
-              attention=a.attention or b.attention, causal=w(a.causal, b.causal))
+              attention=a.attention or b.attention, causal=w(a.causal, b.causal), mm=w(a.mm, b.mm),
+              fused_attention=w(a.fused_attention, b.fused_attention))
 
 
 def pick_all(cond: Array, a: list[Op], b: list[Op]) -> list[Op]:
@@ -302,7 +308,7 @@ def matmul_op(n: Array, d_in: Array, d_out: Array, weights: Array, x_grad: Array
 
 def linear(c: Columns, p: Pass, z: Sizes, d_in: Array, d_out: Array, x_grad: Array,
            adapted: Array | float = 0.0, on: Array | float = 1.0, rows: Array | None = None,
-           frozen_kind: str = "block", expert: bool = False) -> tuple[list[Op], Array]:
+           frozen_kind: str = "block", expert: bool = False, bias: Array | float = 0.0) -> tuple[list[Op], Array]:
     """A linear layer where `on`, over `rows` rows (default: the pass's tokens), as the reference
     runs it: `LoRALinear` the adapter's x·A^T then (xA)·B^T, then the base mm; `Experts._linear`
     the base bmm first. Returns its ops and whether its output requires grad.
@@ -327,6 +333,9 @@ def linear(c: Columns, p: Pass, z: Sizes, d_in: Array, d_out: Array, x_grad: Arr
                        w_read_backward=z.adapter_weight_backward, act=z.act, grad=z.grad)
     lora_b = matmul_op(a * n, r, d_out, a * calls * r * d_out, tr, tr, saves=a * tr, w_read=z.adapter_weight,
                        w_read_backward=z.adapter_weight_backward, act=z.act, grad=z.grad)
+    if not expert:  # `aten.mm` (a bias makes the base an addmm, but for a quantized base's)
+        base = replace(base, mm=on * (1.0 - bias * (1.0 - quant)))
+        lora_a, lora_b = replace(lora_a, mm=a), replace(lora_b, mm=a)
     ops = [base, lora_a, lora_b] if expert else [lora_a, lora_b, base]
     return ops, on * either(x_grad, full, a * tr)
 
@@ -350,7 +359,7 @@ def attention_core(c: Columns, p: Pass, z: Sizes, q_grad: Array, k_grad: Array, 
     io = p.layers * (p.rows * h * ((dq + dv) * z.act + FP32) + p.keys * kv_heads * (dq + dv) * kv_elem)
     sdpa = Op(forward=2.0 * prod * (d + d), backward=any_grad * 2.0 * prod * (3.0 * d + 2.0 * d),
               saves_before=any_grad, saves_after=any_grad, attention=True, causal=causal,
-              forward_bytes=io, backward_bytes=any_grad * 2.0 * io)
+              forward_bytes=io, backward_bytes=any_grad * 2.0 * io, fused_attention=1.0)
     scores = prod * z.act
     qk = Op(forward=2.0 * prod * dq, backward=p.training * 2.0 * prod * dq * (q_grad + k_grad),
             saves_before=qk_grad, attention=True, causal=causal,
@@ -369,9 +378,9 @@ def attention(c: Columns, p: Pass, z: Sizes, x_grad: Array) -> tuple[list[Op], l
     h, tr = c.hidden, p.training
     q_w, kv_w = c.heads * c.head_dim, c.kv_heads * c.head_dim
     lq, lk, lv, lo = (c.lora * f for f in (c.lora_q, c.lora_k, c.lora_v, c.lora_o))
-    q_ops, gq = linear(c, p, z, h, q_w, x_grad, lq)
-    k_ops, gk = linear(c, p, z, h, kv_w, x_grad, lk)
-    v_ops, gv = linear(c, p, z, h, kv_w, x_grad, lv)
+    q_ops, gq = linear(c, p, z, h, q_w, x_grad, lq, bias=c.qkv_bias)
+    k_ops, gk = linear(c, p, z, h, kv_w, x_grad, lk, bias=c.qkv_bias)
+    v_ops, gv = linear(c, p, z, h, kv_w, x_grad, lv, bias=c.qkv_bias)
     mha = q_ops + k_ops + v_ops + [save(tr * (c.qk_norm > 0) * either(gq, gk)), save(tr * (c.rope_dim > 0) * either(gq, gk))]
     # MLA (`Attention._mla_qkv`): q_a, its norm, q_b (or one q); kv_a, its norm and RoPE; kv_b over
     # the latent of every token attention reads (with a latent cache, the whole cache every step)
@@ -390,7 +399,7 @@ def attention(c: Columns, p: Pass, z: Sizes, x_grad: Array) -> tuple[list[Op], l
     k_grad = np.where(is_mla, either(gkvb, gkva), gk)
     v_grad = np.where(is_mla, gkvb, gv)
     core = attention_core(c, p, z, q_grad, k_grad, v_grad)
-    o_ops, go = linear(c, p, z, c.heads * c.v_head_dim, h, either(q_grad, k_grad, v_grad), lo)
+    o_ops, go = linear(c, p, z, c.heads * c.v_head_dim, h, either(q_grad, k_grad, v_grad), lo, bias=c.out_bias)
     return qkv + core + o_ops, core, go
 
 
@@ -401,7 +410,7 @@ def mlp(c: Columns, p: Pass, z: Sizes, x_grad: Array, ffn: Array, on: Array | fl
     h, tr = c.hidden, p.training
     lg, lu, ld = (c.lora * f for f in (c.lora_gate, c.lora_up, c.lora_down))
     gated = (c.gated_mlp == 1) * on
-    kw = dict(rows=rows, expert=expert)
+    kw = dict(rows=rows, expert=expert, bias=c.mlp_bias)
     gate_ops, gg = linear(c, p, z, h, ffn, x_grad, lg, on=gated, **kw)
     up_ops, gu = linear(c, p, z, h, ffn, x_grad, lu, on=on, **kw)
     inner = either(gg, gu)
@@ -415,7 +424,7 @@ def moe(c: Columns, p: Pass, z: Sizes, x_grad: Array) -> tuple[list[Op], Array]:
     routing), through the experts' bmm; weighted and summed back (index_add); the shared experts (one
     MLP of their joint size) and Qwen2-MoE's sigmoid gate."""
     h, E, k, tr = c.hidden, c.experts, c.experts_per_token, p.training
-    router_ops, gr = linear(c, p, z, h, E, x_grad, frozen_kind="other")
+    router_ops, gr = linear(c, p, z, h, E, x_grad, frozen_kind="other", bias=c.router_bias)
     rows = p.calls * (p.tokens * k if p.dropless else E * np.ceil(p.tokens * k / np.maximum(E, 1.0)))
     expert_ops, ge = mlp(c, p, z, x_grad, c.expert_ffn, rows=rows, expert=True)
     combined = either(ge, gr) * tr
@@ -480,12 +489,32 @@ class PhaseWork:
         return PhaseWork(*(getattr(self, f) + getattr(other, f) for f in self.__dataclass_fields__))
 
 
+def sac_kept(c: Columns, ops: list[Op], training: Array) -> list[Array]:
+    """Per op, 1 where per-op selective checkpointing (recompute=op, formulas/sac.py) keeps its
+    output, so its recomputation runs nothing: the odd-numbered `aten.mm` calls of the block and
+    SDPA on a fused kernel (not its math kernel, not eager attention)."""
+    on = training * c.recompute_op
+    if not np.any(on):
+        return [0.0] * len(ops)
+    from memsweep.formulas.detailed import MATH_KERNEL, sdpa_kernel
+
+    fused = (sdpa_kernel(c) != MATH_KERNEL) & (c.eager_attention == 0)
+    count = np.zeros(len(c))
+    kept = []
+    for op in ops:
+        count = count + op.mm
+        kept.append(on * np.maximum(op.mm * (count % 2 == 1), op.fused_attention * fused))
+    return kept
+
+
 def run(c: Columns, p: Pass, z: Sizes, moe_layer: bool) -> PhaseWork:
     """The FLOPs and bytes of `p.layers` blocks in one phase; recomputation: full re-runs the
     block's executed ops, selective the core's (where the core has something to save)."""
     ops, core = block(c, p, z, moe_layer)
     full, selective = p.training * c.recompute_full, p.training * c.recompute_selective
-    rerun = [(e * full, op) for e, op in zip(executed(ops), ops)] + [(e * selective, op) for e, op in zip(executed(core), core)]
+    kept = sac_kept(c, ops, p.training)
+    rerun = ([(e * full * (1.0 - k), op) for e, op, k in zip(executed(ops), ops, kept)]
+             + [(e * selective, op) for e, op in zip(executed(core), core)])
     att = [op for op in ops if op.attention]
     return PhaseWork(
         forward=sum(op.forward for op in ops),
@@ -575,7 +604,7 @@ def head(c: Columns, rows: Array, calls: Array, training: bool) -> tuple[Array, 
     trains = (1 - c.lora) * float(training)
     op = matmul_op(rows, c.hidden, c.vocab, calls * c.vocab * c.hidden, float(training), trains, 0.0,
                    z.other_weight, z.other_weight_backward, z.act, z.grad)
-    per_logit = np.select([c.fused_loss == 1, (c.fused_ce == 1) | (c.compiled == 1)],
+    per_logit = np.select([c.fused_loss == 1, (c.fused_ce == 1) | (c.compiled_loss == 1)],
                           [FUSED_LINEAR_LOSS_BYTES_PER_LOGIT, FUSED_LOSS_BYTES_PER_LOGIT], LOSS_BYTES_PER_LOGIT)
     loss = float(training) * rows * c.vocab * per_logit / 2.0
     return op.forward, op.backward, op.forward_bytes + loss, op.backward_bytes + loss

@@ -407,8 +407,13 @@ def decoder_layers(model: torch.nn.Module, layers: int) -> torch.nn.ModuleList:
 
 
 def _train(spec: JobSpec, model, ids: torch.Tensor, tracker) -> Prepared:
-    if spec.recompute == "full":  # every decoder layer (transformers 5.x renamed gradient_checkpointing_enable)
-        model.activation_checkpointing_enable(activation_checkpointing_kwargs={"use_reentrant": False})
+    if spec.recompute in ("full", "op"):  # every decoder layer (transformers 5.x renamed gradient_checkpointing_enable)
+        kwargs = {"use_reentrant": False}
+        if spec.recompute == "op":  # its kwargs go to torch.utils.checkpoint.checkpoint as they are
+            from memsweep.measure.models import per_op_sac_context
+
+            kwargs["context_fn"] = per_op_sac_context
+        model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
     shard(spec, model, decoder_layers(model, spec.model.layers), tracker)
 
     cache_kw = {"use_cache": spec.workload.use_cache} if spec.model.decoder else {}

@@ -25,7 +25,7 @@ from memsweep.measure import kernels
 from memsweep.specs import ModelSpec, lora_targets_of
 
 ATTENTIONS = ("sdpa", "eager")
-RECOMPUTES = ("none", "selective", "full")
+RECOMPUTES = ("none", "selective", "full", "op")
 FUSABLE = ("norm", "mlp", "rope")
 """The ops `kernels` can fuse inside the model (the loss is the training step's: measure/workloads)."""
 ROPE_THETA = 10_000.0
@@ -53,6 +53,41 @@ class _Options:
         if self.lora_rank > 0 and name in self.lora_targets:
             return LoRALinear(d_in, d_out, bias, self.lora_rank, self.lora_dropout, **factory)
         return nn.Linear(d_in, d_out, bias=bias, **factory)
+
+
+SAC_SAVED_ATTENTION = ("_scaled_dot_product_flash_attention", "_scaled_dot_product_efficient_attention",
+                       "_scaled_dot_product_cudnn_attention", "_scaled_dot_product_flash_attention_for_cpu")
+"""The attention kernels whose outputs per-op selective checkpointing keeps (torchtitan's `_save_list`,
+torchtitan/parallelisms/parallelize_llama.py, 2024: flash and memory-efficient; its later
+distributed/activation_checkpoint.py adds cuDNN's). The CPU's flash kernel stands in for CUDA's
+flash on `measure=cpu`. SDPA's math kernel and eager attention are not in it: they are recomputed."""
+
+
+def per_op_sac_context():
+    """torch.utils.checkpoint's `context_fn` for one block under per-op selective checkpointing as
+    torchtitan runs it (`activation_checkpoint.mode=selective`, `selective_ac_option=op`): the
+    output of every fused attention call and of every `aten.mm` but each second one of the block
+    (counted per block, forward and recompute apart) is saved; everything else is recomputed.
+    A linear with a bias runs `aten.addmm` (not in the list: recomputed), a batched matmul `bmm`."""
+    from collections import defaultdict
+
+    from torch.utils.checkpoint import CheckpointPolicy, create_selective_checkpoint_contexts
+
+    attention = {getattr(torch.ops.aten, name).default for name in SAC_SAVED_ATTENTION
+                 if hasattr(torch.ops.aten, name)}
+    mm = torch.ops.aten.mm.default
+    counts: dict[str, int] = defaultdict(int)
+
+    def policy(ctx, func, *args, **kwargs):
+        key = "recompute" if ctx.is_recompute else "forward"
+        if func == mm:
+            counts[key] += 1
+            keep = counts[key] % 2 == 1
+        else:
+            keep = func in attention
+        return CheckpointPolicy.MUST_SAVE if keep else CheckpointPolicy.PREFER_RECOMPUTE
+
+    return create_selective_checkpoint_contexts(policy)
 
 
 def dropout(x: Tensor, p: float, training: bool) -> Tensor:
@@ -765,7 +800,9 @@ class ReferenceModel(nn.Module):
                 mask = _additive(allowed if mask is None else mask, x.dtype)
             del allowed  # (transformers' bool masks die inside its mask functions)
 
-        full = self.recompute == "full" and self.training and torch.is_grad_enabled()
+        full = self.recompute in ("full", "op") and self.training and torch.is_grad_enabled()
+        # per-op selective (torchtitan's): a checkpoint per block that keeps what the policy saves
+        extra = {"context_fn": per_op_sac_context} if self.recompute == "op" else {}
         # training: what transformers' output holds until the loss is computed (the training loop
         # drops `train_cache` then): with use_cache every layer's K and V copies (transformers
         # turns it off under checkpointing), and the final hidden state
@@ -781,13 +818,13 @@ class ReferenceModel(nn.Module):
             if compiled and full:
                 self.compiler.prepare(block, x, rope, mask if block.local else causal_mask)
                 x = checkpoint(self.compiler, block, x, rope, mask if block.local else causal_mask,
-                               use_reentrant=False, preserve_rng_state=self.dropout)
+                               use_reentrant=False, preserve_rng_state=self.dropout, **extra)
             elif compiled:
                 x = self.compiler(block, x, rope, mask if block.local else causal_mask)
             elif full:
                 # Keep only each block's input; everything inside is recomputed in the backward.
                 x = checkpoint(block, x, rope, kv, start, mask if block.local else causal_mask,
-                               use_reentrant=False, preserve_rng_state=self.dropout)  # replays dropout
+                               use_reentrant=False, preserve_rng_state=self.dropout, **extra)  # replays dropout
             else:
                 x = block(x, rope, kv, start, mask if block.local else causal_mask)
         for block in self.blocks:

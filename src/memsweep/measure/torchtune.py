@@ -134,8 +134,9 @@ def check(spec: JobSpec) -> None:
         why = "mixed precision: torchtune's recipes train in the model's dtype, no autocast (mixed=false)"
     elif spec.dtype not in ("bf16", "fp32"):
         why = f"dtype={spec.dtype}: torchtune's recipes train bf16 or fp32"
-    elif spec.recompute == "selective":
-        why = "recompute=selective: torchtune's selective checkpointing is every k-th layer; recompute=none or full"
+    elif spec.recompute in ("selective", "op"):
+        why = (f"recompute={spec.recompute}: torchtune checkpoints whole layers (its selective option: every "
+               "k-th layer); recompute=none or full")
     elif spec.attention != "sdpa":
         why = "attention=eager: torchtune's attention calls SDPA (attention=sdpa)"
     elif spec.loss.fused:
@@ -319,7 +320,8 @@ def prepare_torchtune(spec: JobSpec, device: str, tracker: StorageTracker | None
         tokens = torch.randint(0, spec.model.vocab, (spec.batch, spec.seq), device=device)
         ignore = torch.full((spec.batch, 1), loss_fn.ignore_index, device=device)
     if spec.kernels.compile:  # the recipes' compile=True: training.compile_model and compile_loss
-        loss_fn = _compile(model, loss_fn, modules.TransformerSelfAttentionLayer)
+        compiled_loss = _compile(model, loss_fn, modules.TransformerSelfAttentionLayer)
+        loss_fn = compiled_loss if spec.kernels.compile_loss else loss_fn
 
     def forward_loss(autocast) -> torch.Tensor:  # recipes' _loss_step, times the token count
         with offload if offload is not None else nullcontext():

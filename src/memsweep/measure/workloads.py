@@ -227,7 +227,7 @@ def _prepare_train(spec: JobSpec, model: ReferenceModel, ids: torch.Tensor, trac
                 loss = kernels.fused_linear_cross_entropy(x, model.head_weight, targets.flatten(), chunk)
             elif spec.loss_kernel == "fused":  # one kernel on the 16-bit logits, as the head made them
                 loss = kernels.fused_cross_entropy(model(ids).flatten(0, 1), targets.flatten())
-            elif model.compiler is not None:  # kernels.compile: the loss compiled too (torchtune's compile_loss)
+            elif model.compiler is not None and spec.kernels.compile_loss:  # torchtune's compile_loss
                 loss = model.compiler.loss(model(ids), targets)
             else:
                 logits = model(ids)  # (B, T, V)

@@ -18,6 +18,7 @@ import polars as pl
 
 from memsweep.columns import Columns
 from memsweep.errors import ConfigError
+from memsweep.plan.cases import RECOMPUTE_COST
 from memsweep.plan.render import fmt_int, layout_parts
 from memsweep.plan.spec import PLAN_KEYS, PlanSpec, plan_spec_from_dict, sequence_parallel_applies
 from memsweep.units import GIB
@@ -224,7 +225,7 @@ def answer(spec: PlanSpec) -> str:
         serve = workload_spec(r["workload"]).kind == "serve"  # its batch: the engine's concurrent sequences
         what_batch = "concurrent sequences of that length" if serve else "largest batch on that layout"
         out += f" ({what_batch}: {fmt_int(largest_batch(spec, r))}"
-        most = spec.recompute[-1]  # the plan's most memory-saving recompute
+        most = max(spec.recompute, key=RECOMPUTE_COST.index)  # the plan's most memory-saving recompute
         if workload_spec(r["workload"]).training and most != r["recompute"]:
             out += f"; with recompute={most}: {fmt_int(largest_batch(spec, {**r, 'recompute': most}))}"
         out += ")"

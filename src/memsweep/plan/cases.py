@@ -16,6 +16,11 @@ from memsweep.presets import job_spec, workload_spec
 from memsweep.specs import RECOMPUTES, JobSpec, OffloadSpec
 
 
+RECOMPUTE_COST = ("none", "selective", "op", "full")
+"""RECOMPUTES by the compute they add, least first."""
+assert sorted(RECOMPUTE_COST) == sorted(RECOMPUTES)
+
+
 @dataclass(frozen=True)
 class Variant:
     """The techniques a plan may turn on, with what they cost: offload (CPU RAM and PCIe time)
@@ -26,13 +31,14 @@ class Variant:
 
     @property
     def cost(self) -> int:
-        """Rank of the variant: cheaper first (none < selective < full; offload above all)."""
-        return OFFLOADS.index(self.offload) * len(RECOMPUTES) + RECOMPUTES.index(self.recompute)
+        """Rank of the variant: cheaper first (none < selective < op < full: op recomputes every
+        block but its saved matmuls and attention; offload above all)."""
+        return OFFLOADS.index(self.offload) * len(RECOMPUTES) + RECOMPUTE_COST.index(self.recompute)
 
     @property
     def label(self) -> str:
         """'' for no technique, else e.g. 'full' / 'sel' / 'full, offload optimizer'."""
-        parts = [] if self.recompute == "none" else ["sel" if self.recompute == "selective" else "full"]
+        parts = [] if self.recompute == "none" else [{"selective": "sel"}.get(self.recompute, self.recompute)]
         parts += [] if self.offload == "none" else [f"offload {self.offload}"]
         return ", ".join(parts)
 

@@ -282,7 +282,7 @@ def with_shortfall_reason(df: pl.DataFrame, what: str) -> pl.DataFrame:
     Y GiB (recompute=full)'."""
     text = pl.format(f"{what} needs {{}} GiB > capacity {{}} GiB{{}}", pl.col("total_gib").round(2),
                      (pl.col("capacity_bytes") / GIB).round(2),
-                     pl.when(pl.col("recompute").is_in(["selective", "full"]))
+                     pl.when(pl.col("recompute") != "none")
                      .then(pl.format(" (recompute={})", pl.col("recompute"))).otherwise(pl.lit("")))
     return df.with_columns(
         reason=pl.when(pl.col("status") == "none_fits").then(text).otherwise(pl.col("reason")))

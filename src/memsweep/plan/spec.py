@@ -60,7 +60,8 @@ class PlanSpec:
     inference `bf16-mixed` is plain bf16. A bare 16-bit dtype means mixed (the sweep's default)."""
     optimizer: str = "adamw"
     recompute: tuple[str, ...] = ("none", "selective", "full")
-    """Recompute options the search may use, tried cheapest first (none < selective < full)."""
+    """Recompute options the search may use, tried cheapest first (none < selective < op < full;
+    op, torchtitan's per-op selective checkpointing, is not in the default: a user adds it)."""
     offload: tuple[str, ...] = ("none",)
     """Offload options the search may use (OFFLOADS), cheapest first; each costs CPU RAM and time,
     so none is the default and a user adds them."""
