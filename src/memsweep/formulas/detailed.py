@@ -1292,6 +1292,48 @@ def eager_backward_bytes(c: Columns, saved: Array | None = None, kernel: Array |
     return np.where(eager | math_, kept + grads, np.where(selective == 1, kept + probs + core_grads, 0.0))
 
 
+MLP_BACKWARD_GRADIENTS = {"gated": 3.0, "fused_gated": 1.0, "gelu": 2.0}
+"""t*f gradients alive at once in the last block's MLP backward (autograd's derivatives,
+tools/autograd/derivatives.yaml): a gated MLP's product gradient with the two its `mul` makes
+(act's and up's; gate's then replaces the product's); a fused gated kernel writes gate's and up's
+into their saved storage (Liger's swiglu backward), the product's gradient alone; a GELU's output
+gradient and the one its backward makes."""
+
+
+def mlp_backward_bytes(c: Columns, saved: Array, head: Array) -> Array:
+    """Without recompute, inside the last (dense) block's MLP backward: every saved activation but
+    what the head and loss saved (freed by their backward), the gradient flowing into the block
+    (t*h in the hidden states' dtype) and the MLP's gradients at their widest
+    (`MLP_BACKWARD_GRADIENTS`, a written-out GELU's extra ones too), less the down projection's
+    saved input once its backward has run (full training). The peak where the loss is small: Liger's
+    fused linear cross-entropy on LoRA (GPT-2, 4 layers, seq 512: backward -4.0 % without it)."""
+    on = ((c.training == 1) & (c.recompute_full == 0) & (c.moe_layers == 0) & (c.family != FAMILY_CODES["bert"])
+          & (c.pp == 1))
+    if not on.any():
+        return np.zeros(len(c))
+    t = c.batch * c.seq
+    tf = t * c.ffn * linear_out_bytes(c) / c.tp
+    gated = c.gated_mlp == 1
+    fused = (c.fused_mlp == 1) | (c.compiled == 1)
+    n = np.where(gated, np.where(fused, MLP_BACKWARD_GRADIENTS["fused_gated"], MLP_BACKWARD_GRADIENTS["gated"]),
+                 MLP_BACKWARD_GRADIENTS["gelu"])
+    written_out = ~gated & ~fused
+    ops = np.where(c.family == FAMILY_CODES["gpt2"], 2.0, c.gelu_ops)
+    gelu = np.where(written_out, gelu_ops_bytes(c, backward=True, ops=ops) - gelu_ops_bytes(c, ops=ops), 0.0)
+    down_input = np.where(c.lora == 0, tf, 0.0)
+    residual = t * c.hidden * hidden_bytes(c) / np.where(c.sequence_parallel == 1, c.tp, 1.0)
+    return np.where(on, saved - head + residual + n * tf + gelu - down_input, 0.0)
+
+
+def mlp_backward_gradients(c: Columns) -> Array:
+    """Gradients made by the last block's MLP backward moment (`mlp_backward_bytes`): the LM
+    head's (a tied head's in autograd's buffer; Liger's fused loss's among its saved tensors) and
+    the down projection's, in a fully trained model without accumulation or a step in the backward."""
+    full = (c.lora == 0) & (c.grad_accum == 1) & (c.in_backward == 0)
+    head = (1 - c.fused_loss) * c.vocab * c.hidden
+    return np.where(full, (head + c.hidden * c.ffn + c.mlp_bias * c.hidden) * trainable_bytes(c) / c.tp, 0.0)
+
+
 LBAS2 = BASIS.index("Lbas2")
 LLINEAR = np.array([n == "Llinear" for n in BASIS], dtype=float)
 
@@ -1745,7 +1787,7 @@ def inference_logits_bytes(c: Columns) -> Array:
 
 TRAIN_PHASES = ("forward", "fsdp_forward_start", "fsdp_forward_block", "forward_window_call", "forward_block", "loss", "head_backward", "head_grad_cast", "head_step",
                 "backward_recompute", "fsdp_backward_block", "fsdp_backward_block_end", "backward_first_block", "backward_first_block_softmax", "attention_backward",
-                "dequant_backward", "embedding_backward", "optimizer_step")
+                "dequant_backward", "mlp_backward", "embedding_backward", "optimizer_step")
 """The training moments `peak_breakdown` takes the largest of, by the name a result row's
 `peak_phase` gives the winner (docs/formulas.md, "Moments"): the forward's end (inside the loss,
 the logits alive); FSDP2's first and last block all-gathers (`fsdp_gathered`); under recompute, inside a sliding-window layer's SDPA call (`window_call_bytes`);
@@ -1943,6 +1985,10 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
                      overhead=overhead),
         Breakdown.of(w, weights=fs["last_block"], optimizer=o, overhead=overhead, gradients=g_acc + block_grads,
                      activations=act * in_flight * dequant_backward_bytes(c, stage_saved, ext, head_saved)),
+        # without recompute, the last block's MLP backward: its gradients beside every saved activation
+        Breakdown.of(w, weights=fs["last_block"], optimizer=o, overhead=overhead,
+                     gradients=g_acc + block_grads + k.gradients_factor * np.where(sharded, 0.0, mlp_backward_gradients(c)),
+                     activations=act * mlp_backward_bytes(c, saved_bytes, head_saved)),
         # FSDP2: the embedding's backward beside the gathered root, then the root's reduce-scatter
         # input once it has resharded (post_backward reshards before it reduces), whichever is larger
         Breakdown.of(w, weights=np.where(sharded, np.maximum(fs["end"], w + k.weights_factor * root_reduce), w), optimizer=o,
@@ -2011,7 +2057,7 @@ PHASE_OF_MOMENT = {
     "head_grad_cast": "backward",
     "head_step": "backward", "backward_recompute": "backward", "fsdp_backward_block": "backward",
     "fsdp_backward_block_end": "backward", "backward_first_block": "backward",
-    "backward_first_block_softmax": "backward", "attention_backward": "backward", "dequant_backward": "backward",
+    "backward_first_block_softmax": "backward", "attention_backward": "backward", "dequant_backward": "backward", "mlp_backward": "backward",
     "embedding_backward": "backward",
     "optimizer_step": "optimizer", "prefill": "prefill", "prefill_logits": "prefill", "prefill_scores": "prefill",
     "decode": "decode", "decode_gqa_repeat": "decode", "decode_dequant": "decode", "decode_first_step": "decode",
