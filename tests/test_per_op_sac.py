@@ -40,18 +40,26 @@ def _spec(name: str, wl: str, precision: str, kernels: str, recompute: str = "op
                     recompute=recompute, kernels=KernelsSpec(**load_preset("kernels", kernels)))
 
 
-@pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
-def test_detailed_equals_the_trace_of_torchtitans_policy(case):
-    pytest.importorskip("torch")
+def _traced_as_detailed_says(spec):
+    """The fake trace of `spec`, every phase peak within 0.5 % of `detailed`'s."""
     from memsweep.measure.backends import measure
 
-    spec = _spec(*case)
     m = measure(spec)
     assert m.status == "ok", m.error
     est = phase_peaks(Columns.from_specs([spec]))
     for phase, traced in m.phase_peaks.items():
         if phase in est:
             assert float(est[phase][0]) == pytest.approx(traced, rel=5e-3), phase
+    return m
+
+
+@pytest.mark.parametrize("case", CASES, ids=["-".join(c) for c in CASES])
+def test_detailed_equals_the_trace_of_torchtitans_policy(case):
+    pytest.importorskip("torch")
+    from memsweep.measure.backends import measure
+
+    spec = _spec(*case)
+    m = _traced_as_detailed_says(spec)
     # it keeps more than full recompute: the forward's end holds every block's kept outputs
     full = measure(dataclasses.replace(spec, recompute="full"))
     assert m.phase_peaks["forward"] > full.phase_peaks["forward"]
@@ -68,7 +76,6 @@ def test_kept_outputs_follow_the_matmul_parity():
         kernel = sdpa_kernel(c)
         total, last, tail = sac_total_bytes(c, kernel, np.full(1, 2.0), np.full(1, 2.0))
         t = c.batch * c.seq
-        attention = t * c.heads * c.head_dim * 2.0 + c.batch * c.heads * c.seq * 4.0
         queries = np.ceil(c.seq / 32.0) * 32.0 if kernel[0] == 2 else c.seq  # memory-efficient pads
         attention = t * c.heads * c.head_dim * 2.0 + c.batch * c.heads * queries * 4.0
         assert last[0] == pytest.approx((t * widths(c) * 2.0 + attention)[0])
@@ -123,12 +130,5 @@ def test_transformers_own_checkpointing_takes_the_policy():
     """measure.impl=hf: transformers' gradient checkpointing passes its kwargs to torch's checkpoint,
     so the policy runs on its LlamaDecoderLayer; `detailed` matches that trace too."""
     pytest.importorskip("transformers")
-    from memsweep.measure.backends import measure
-
-    spec = dataclasses.replace(_spec("llama3.2-1b", "train", "mixed", "eager"), measure=MeasureSpec("fake", "fake", impl="hf"))
-    m = measure(spec)
-    assert m.status == "ok", m.error
-    est = phase_peaks(Columns.from_specs([spec]))
-    for phase, traced in m.phase_peaks.items():
-        if phase in est:
-            assert float(est[phase][0]) == pytest.approx(traced, rel=5e-3), phase
+    _traced_as_detailed_says(dataclasses.replace(_spec("llama3.2-1b", "train", "mixed", "eager"),
+                                                 measure=MeasureSpec("fake", "fake", impl="hf")))

@@ -45,7 +45,6 @@ def _mm_outputs(c: Columns, moe: bool, compute: Array, adapter: Array) -> list[t
         quantized = c.q_bits > 0
         out.append((((bias == 0) | quantized).astype(float), share * compute))
 
-    no_bias = np.zeros(len(c))
     mla = c.mla == 1
     q_width = c.heads * c.head_dim
     kv_width = c.kv_heads * c.head_dim
@@ -56,8 +55,7 @@ def _mm_outputs(c: Columns, moe: bool, compute: Array, adapter: Array) -> list[t
     out.append((q_a.astype(float) * (c.lora_q == 1), c.q_lora_rank * adapter))
     out.append((q_a.astype(float), c.q_lora_rank * compute))
     linear(q_width, np.where(mla, 0.0, c.qkv_bias), c.lora_q)
-    linear(np.where(mla, c.kv_lora_rank + c.rope_head_dim, kv_width), np.where(mla, 0.0, c.qkv_bias), c.lora_k,
-           column=True)
+    linear(np.where(mla, c.kv_lora_rank + c.rope_head_dim, kv_width), np.where(mla, 0.0, c.qkv_bias), c.lora_k)
     linear(np.where(mla, c.heads * (nope + c.v_head_dim), kv_width), np.where(mla, 0.0, c.qkv_bias), c.lora_v)
     linear(c.hidden, c.out_bias, c.lora_o, column=False)
     gated = c.gated_mlp == 1
@@ -79,7 +77,7 @@ def _mm_outputs(c: Columns, moe: bool, compute: Array, adapter: Array) -> list[t
     # the experts run bmm (not saved); shared experts: an MLP, then their gate (h -> 1)
     shared = (c.shared_ffn > 0).astype(float)
     mlp(c.shared_ffn, shared)
-    out.append((shared * c.shared_expert_gate, compute + no_bias))
+    out.append((shared * c.shared_expert_gate, compute))
     return out
 
 
