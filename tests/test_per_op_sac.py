@@ -132,3 +132,19 @@ def test_transformers_own_checkpointing_takes_the_policy():
     pytest.importorskip("transformers")
     _traced_as_detailed_says(dataclasses.replace(_spec("llama3.2-1b", "train", "mixed", "eager"),
                                                  measure=MeasureSpec("fake", "fake", impl="hf")))
+
+
+def test_the_planner_takes_op_where_it_is_the_cheapest_recompute_that_fits():
+    """Llama-3.2-3B LoRA at 8,192 tokens on an A100-40GB: selective does not fit one GPU, op does
+    (the answer names it, not full); without op in the list the plan falls back to full."""
+    from memsweep.estimate import capacity_bytes
+    from memsweep.formulas import FORMULAS
+    from memsweep.plan.ask import answer, parse_args
+
+    base = ["model=llama3.2-3b", "hardware=a100-40g", "workload=lora", "seq=8192"]
+    assert "fits on 1 GPU, recompute=op" in answer(parse_args(base + ["recompute=[none,selective,op,full]"]))
+    assert "fits on 1 GPU, recompute=full" in answer(parse_args(base))
+    specs = [job_spec(model_spec("llama3.2-3b"), wl="lora", seq=8192, batch=1, hardware="a100-40g", recompute=r)
+             for r in ("selective", "op")]
+    totals = FORMULAS["detailed"](Columns.from_specs(specs)).total
+    assert totals[1] <= capacity_bytes(specs[1]) < totals[0]
