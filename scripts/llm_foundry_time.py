@@ -20,32 +20,19 @@ ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT / "src"))
 sys.path.insert(0, str(ROOT / "scripts"))
 
-from published_runs import LLM_FOUNDRY_KERNELS, mpt  # noqa: E402
+from published_runs import LLM_FOUNDRY_KERNELS, llm_foundry_runs, run_spec  # noqa: E402
 
 from memsweep.estimate import estimate_rows  # noqa: E402
 from memsweep.formulas import FORMULAS  # noqa: E402
-from memsweep.presets import job_spec  # noqa: E402
-from memsweep.specs import Parallel  # noqa: E402
 
 
 def ratios() -> list[tuple[float, dict]]:
-    """(estimated / published tokens/s per GPU, the row) for every bf16 row."""
-    import yaml
-
-    data = yaml.safe_load((ROOT / "docs" / "data" / "llm_foundry_runs.yaml").read_text())
+    """(estimated / published tokens/s per GPU, the row) for every bf16 row with a throughput."""
     out = []
-    for run in data["runs"]:
-        if "fp8" in str(run["precision"]) or not run.get("throughput_tokens_per_s_per_gpu"):
+    for run, model, settings in llm_foundry_runs():
+        if not run.get("throughput_tokens_per_s_per_gpu"):
             continue
-        spec = job_spec(mpt(data["models"][run["model"]], run["seq"]), wl="train", seq=run["seq"],
-                        batch=run["micro_batch"], grad_accum=max(int(run.get("grad_accum") or 1), 1),
-                        precision="mixed", mixed_policy="param_dtype", hardware=run["gpu"],
-                        recompute="full" if run["activation_checkpointing"] else "none",
-                        parallel=Parallel(name="fsdp", dp=run["gpus"],
-                                          zero=2 if run.get("sharding_strategy") == "SHARD_GRAD_OP" else 3),
-                        kernels=LLM_FOUNDRY_KERNELS)
-        row = estimate_rows(spec, [FORMULAS["detailed"]])[0]
-        est = row.get("est_tokens_per_s")
+        est = estimate_rows(run_spec(model, settings, LLM_FOUNDRY_KERNELS), [FORMULAS["detailed"]])[0].get("est_tokens_per_s")
         if est:
             out.append((est / run["throughput_tokens_per_s_per_gpu"], run))
     return out

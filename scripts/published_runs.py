@@ -35,6 +35,13 @@ def fsdp(dp: int) -> Parallel:
     return Parallel(name=f"fsdp{dp}", dp=dp, zero=3)
 
 
+def torchtitan_8b(dp: int) -> dict:
+    """torchtitan's Llama 3.1 8B benchmark (docs/performance.md, Tables 1 and 3): local batch 2 x
+    8192, FSDP2 with bf16 parameters and fp32 reduce, per-op selective checkpointing, 96 GB H100s."""
+    return dict(seq=8192, batch=2, precision="mixed", mixed_policy="param_dtype", recompute="op",
+                hardware=H100_96, parallel=fsdp(dp))
+
+
 TINYLLAMA = dataclasses.replace(model_spec("llama2-7b"), name="tinyllama-1.1b", layers=22, hidden=2048, heads=32,
                                 kv_heads=4, ffn=5632, vocab=32000, max_positions=2048)
 """TinyLlama README: 'Layers: 22, Heads: 32, Query Groups: 4, Embedding Size: 2048, Intermediate
@@ -49,17 +56,13 @@ RUNS = [
     ("torchtune README, 'Optimization flags': + Compile", "llama3.2-3b",
      dict(seq=4096, batch=2, precision="pure", hardware="a100-80g"), "compile", 51.0),
     ("torchtitan docs/performance.md Table 1: FSDP, Llama 3.1 8B, 8 GPUs, local bs 2, selective (per-op) AC (reserved)",
-     "llama3-8b", dict(seq=8192, batch=2, precision="mixed", mixed_policy="param_dtype", recompute="op",
-                       hardware=H100_96, parallel=fsdp(8)), "eager", 82.4),
-    ("torchtitan Table 1: FSDP + torch.compile (each block; the loss eager)", "llama3-8b",
-     dict(seq=8192, batch=2, precision="mixed", mixed_policy="param_dtype", recompute="op",
-          hardware=H100_96, parallel=fsdp(8)), "compile_blocks", 77.0),
+     "llama3-8b", torchtitan_8b(8), "eager", 82.4),
+    ("torchtitan Table 1: FSDP + torch.compile (each block; the loss eager)", "llama3-8b", torchtitan_8b(8),
+     "compile_blocks", 77.0),
     ("torchtitan Table 3: FSDP, Llama 3.1 8B, 128 GPUs, local bs 2, selective (per-op) AC (reserved)",
-     "llama3-8b", dict(seq=8192, batch=2, precision="mixed", mixed_policy="param_dtype", recompute="op",
-                       hardware=H100_96, parallel=fsdp(128)), "eager", 67.0),
-    ("torchtitan Table 3: FSDP + torch.compile (each block; the loss eager)", "llama3-8b",
-     dict(seq=8192, batch=2, precision="mixed", mixed_policy="param_dtype", recompute="op",
-          hardware=H100_96, parallel=fsdp(128)), "compile_blocks", 62.0),
+     "llama3-8b", torchtitan_8b(128), "eager", 67.0),
+    ("torchtitan Table 3: FSDP + torch.compile (each block; the loss eager)", "llama3-8b", torchtitan_8b(128),
+     "compile_blocks", 62.0),
     ("TinyLlama README: 16 A100-40G, micro-batch 8 x 2048, FSDP, no checkpointing, flash-attn's fused kernels",
      TINYLLAMA, dict(seq=2048, batch=8, precision="mixed", mixed_policy="param_dtype", hardware="a100-40g",
                      parallel=fsdp(16)), "flash_attn", None),
@@ -73,11 +76,15 @@ RUNS = [
 ]
 
 
+def run_spec(model, settings: dict, kernels):
+    """The run's training JobSpec with `kernels` (a name or a spec)."""
+    return job_spec(model if not isinstance(model, str) else model_spec(model), wl="train",
+                    kernels=KERNELS[kernels] if isinstance(kernels, str) else kernels, **settings)
+
+
 def estimate(model, settings: dict, kernels) -> tuple[float, float]:
     """(total GiB per GPU, capacity GiB) of `detailed` for the run with `kernels` (a name or a spec)."""
-    kw = dict(settings)
-    spec = job_spec(model if not isinstance(model, str) else model_spec(model), wl="train",
-                    kernels=KERNELS[kernels] if isinstance(kernels, str) else kernels, **kw)
+    spec = run_spec(model, settings, kernels)
     total = float(FORMULAS["detailed"](Columns.from_specs([spec])).total[0])
     return total / GIB, capacity_bytes(spec) / GIB
 
@@ -137,20 +144,31 @@ def llm_foundry() -> None:
               f"{w['gpus']} {w['gpu']}, AC {w['activation_checkpointing']} |")
 
 
-def llm_foundry_ratios() -> dict[str, list[tuple[float, float, dict]]]:
-    """Per table: (stack's estimate / capacity, eager's / capacity, the row) of each bf16 row."""
+def llm_foundry_runs() -> list[tuple[dict, object, dict]]:
+    """(the row, its MPT model, its job settings) for every bf16 row of docs/data/llm_foundry_runs.yaml
+    (the FP8 rows' TransformerEngine linears are not modelled): micro-batch, gradient accumulation,
+    checkpointing, FSDP over the row's GPUs (SHARD_GRAD_OP: ZeRO-2), Composer's DEFAULT mixed
+    precision (bf16 parameters, fp32 reduce: `param_dtype`)."""
     import yaml
 
     data = yaml.safe_load((ROOT / "docs" / "data" / "llm_foundry_runs.yaml").read_text())
-    by_table: dict[str, list] = {}
+    out = []
     for run in data["runs"]:
         if "fp8" in str(run["precision"]):
             continue
-        settings = dict(seq=run["seq"], batch=run["micro_batch"], precision="mixed", mixed_policy="param_dtype",
-                        hardware=run["gpu"], recompute="full" if run["activation_checkpointing"] else "none",
+        settings = dict(seq=run["seq"], batch=run["micro_batch"], grad_accum=max(int(run.get("grad_accum") or 1), 1),
+                        precision="mixed", mixed_policy="param_dtype", hardware=run["gpu"],
+                        recompute="full" if run["activation_checkpointing"] else "none",
                         parallel=Parallel(name="fsdp", dp=run["gpus"],
                                           zero=2 if run.get("sharding_strategy") == "SHARD_GRAD_OP" else 3))
-        model = mpt(data["models"][run["model"]], run["seq"])
+        out.append((run, mpt(data["models"][run["model"]], run["seq"]), settings))
+    return out
+
+
+def llm_foundry_ratios() -> dict[str, list[tuple[float, float, dict]]]:
+    """Per table: (stack's estimate / capacity, eager's / capacity, the row) of each bf16 row."""
+    by_table: dict[str, list] = {}
+    for run, model, settings in llm_foundry_runs():
         stack, cap = estimate(model, settings, LLM_FOUNDRY_KERNELS)
         eager, _ = estimate(model, settings, MPT_EAGER)
         by_table.setdefault(run["table"], []).append((stack / cap, eager / cap, run))

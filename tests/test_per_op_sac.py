@@ -74,16 +74,16 @@ def test_kept_outputs_follow_the_matmul_parity():
     for c, widths in ((llama, lambda c: c.heads * c.head_dim + c.kv_heads * c.head_dim + c.ffn + c.hidden),
                       (qwen, lambda c: c.hidden + c.ffn)):
         kernel = sdpa_kernel(c)
-        total, last, tail = sac_total_bytes(c, kernel, np.full(1, 2.0), np.full(1, 2.0))
+        total, last, tail = sac_total_bytes(c, kernel, np.full(1, 2.0), np.full(1, 2.0), c.v_head_dim)
         t = c.batch * c.seq
         queries = np.ceil(c.seq / 32.0) * 32.0 if kernel[0] == 2 else c.seq  # memory-efficient pads
         attention = t * c.heads * c.head_dim * 2.0 + c.batch * c.heads * queries * 4.0
         assert last[0] == pytest.approx((t * widths(c) * 2.0 + attention)[0])
         assert total[0] == pytest.approx(c.layers[0] * last[0])
     # llama's last mm (down, the 7th) is kept and not re-run (its inputs are saved before it runs)
-    assert sac_total_bytes(llama, sdpa_kernel(llama), np.full(1, 2.0), np.full(1, 2.0))[2][0] > 0
+    assert sac_total_bytes(llama, sdpa_kernel(llama), np.full(1, 2.0), np.full(1, 2.0), llama.v_head_dim)[2][0] > 0
     # qwen's down is the 4th mm: not kept
-    assert sac_total_bytes(qwen, sdpa_kernel(qwen), np.full(1, 2.0), np.full(1, 2.0))[2][0] == 0
+    assert sac_total_bytes(qwen, sdpa_kernel(qwen), np.full(1, 2.0), np.full(1, 2.0), qwen.v_head_dim)[2][0] == 0
 
 
 def test_recompute_op_is_a_key_with_its_limits():

@@ -594,16 +594,17 @@ def per_op_sac_bytes(c: Columns, kernel: Array | None = None) -> tuple[Array, Ar
         return zero, zero, zero
     kernel = sdpa_kernel(c) if kernel is None else kernel
     cb = compute_bytes(c)
-    return sac_total_bytes(c, kernel, cb, np.where(autocast(c), cb, trainable_bytes(c)))
+    return sac_total_bytes(c, kernel, cb, np.where(autocast(c), cb, trainable_bytes(c)), _sdpa_dims(c)[1])
 
 
-def saved_activations_bytes(c: Columns, kernel: Array | None = None, ext: tuple | None = None) -> Array:
+def saved_activations_bytes(c: Columns, kernel: Array | None = None, ext: tuple | None = None,
+                            sac: tuple[Array, ...] | None = None) -> Array:
     """What autograd holds when the forward (and the loss) ends (incl. the fp32 log-softmax, t*V*4;
     with eager attention the b*a*s^2 probabilities; with recompute, the masks checkpoints hold;
     with per-op selective checkpointing, every block's kept outputs)."""
     coef = SAVED[_mode_index(c)]
     return ((coef * basis_values(c)).sum(axis=-1) + ext_saved_bytes(c, parts=ext) + held_mask_bytes(c) + fused_loss_saved_bytes(c)
-            + per_op_sac_bytes(c, kernel)[0]
+            + (sac or per_op_sac_bytes(c, kernel))[0]
             + fused_kernels_saved_bytes(c) + router_fp32_saved_bytes(c)
             + math_attention_saved_bytes(c, kernel)
             + c.layers * softcap_scores_bytes(c) * (1 - c.recompute_full) * (1 - c.recompute_selective)
@@ -727,6 +728,12 @@ def gelu_layers(c: Columns) -> Array:
              | ((c.parallel_block == 0) & ((c.lora_q + c.lora_k + c.lora_v + c.lora_o) > 0)))
     dense = c.layers - c.moe_layers
     return np.where(c.lora == 1, np.maximum(dense - 1, 0) + first * (dense > 0), dense)
+
+
+def written_out_gelu(c: Columns) -> Array:
+    """ACTIVATIONS index of the GELU a row's MLP writes out op by op: GPT-2's own gelu_new (2), a
+    llama-family model's `model.activation` (`gelu_ops`), none for BERT (torch's one kernel)."""
+    return np.where(c.family == FAMILY_CODES["gpt2"], 2.0, np.where(c.family == FAMILY_CODES["llama"], c.gelu_ops, 0.0))
 
 
 def gelu_ops_bytes(c: Columns, backward: bool = False, ops: Array | None = None) -> Array:
@@ -1000,8 +1007,7 @@ def fused_mlp_saved_bytes(c: Columns) -> Array:
     keeps its input alone (`gelu_ops_bytes`). Routed experts run eager; shared experts are MLPs."""
     t = c.batch * c.seq
     ob = linear_out_bytes(c)
-    gpt2 = c.family == FAMILY_CODES["gpt2"]
-    gelu = gelu_ops_bytes(c, ops=np.where(gpt2, 2.0, np.where(c.family == FAMILY_CODES["llama"], c.gelu_ops, 0.0)))
+    gelu = gelu_ops_bytes(c, ops=written_out_gelu(c))
     dense_ffn = np.where(c.moe_layers > 0, c.shared_ffn, c.ffn)
     gated = np.where(c.gated_mlp == 1, t * dense_ffn * ob / c.tp, 0.0)
     # (compiled blocks: the partitioner recomputes the activation from gate(x) and up(x) the same way)
@@ -1075,6 +1081,12 @@ def router_fp32_saved_bytes(c: Columns) -> Array:
     return np.where(on, c.moe_layers * per_layer / c.tp, 0.0)
 
 
+def hidden_state_bytes(c: Columns) -> Array:
+    """One (b, s, h) hidden state in the hidden states' dtype, per rank (sequence parallel splits
+    it over the tensor-parallel group)."""
+    return c.batch * c.seq * c.hidden * hidden_bytes(c) / np.where(c.sequence_parallel == 1, c.tp, 1.0)
+
+
 def hidden_bytes(c: Columns) -> Array:
     """The hidden states' dtype (the embedding's): fp32 under mixed precision (fp32 master
     weights) and after prepare_model_for_kbit_training (an fp32 embedding), else the compute
@@ -1145,7 +1157,8 @@ EXT_LAYER_TERMS = np.array([n[0] in "LMD" and n not in ("Mtf", "Mtkf", "MPf", "M
                             for n in EXT_BASIS])
 
 
-def _recompute_block(c: Columns, ext: tuple | None = None) -> tuple[Array, Array, Array, Array, Array]:
+def _recompute_block(c: Columns, ext: tuple | None = None,
+                     sac: tuple[Array, ...] | None = None) -> tuple[Array, Array, Array, Array, Array]:
     """Full recompute, the backward of one re-run block: (what is kept outside the blocks: ids,
     RoPE tables, eager masks, every block's checkpoint; the checkpoints' share of it; the block at
     its MLP backward; the block at its softmax backward, eager only). The re-run block saves a
@@ -1163,7 +1176,7 @@ def _recompute_block(c: Columns, ext: tuple | None = None) -> tuple[Array, Array
                    + ext_saved_bytes(c, idx, EXT_LAYER_TERMS & ~EXT_HEAD_TERMS, ext))
     # per-op selective: the blocks before the last keep their saved outputs too (the last block's
     # are consumed by its re-run: saved again there, or freed); at the first block none is left
-    sac_all, sac_last, sac_tail = per_op_sac_bytes(c)
+    sac_all, sac_last, sac_tail = sac or per_op_sac_bytes(c)
     kept = kept + sac_all - sac_last
     checkpoints = checkpoints + (sac_all - sac_last) * c.layers / np.maximum(c.layers - 1, 1.0)
     none_idx = idx[:3] + (np.zeros_like(idx[3]), idx[4])
@@ -1319,21 +1332,16 @@ def mlp_backward_bytes(c: Columns, saved: Array, head: Array) -> Array:
     fused = (c.fused_mlp == 1) | (c.compiled == 1)
     n = np.where(gated, np.where(fused, MLP_BACKWARD_GRADIENTS["fused_gated"], MLP_BACKWARD_GRADIENTS["gated"]),
                  MLP_BACKWARD_GRADIENTS["gelu"])
-    written_out = ~gated & ~fused
-    ops = np.where(c.family == FAMILY_CODES["gpt2"], 2.0, c.gelu_ops)
-    gelu = np.where(written_out, gelu_ops_bytes(c, backward=True, ops=ops) - gelu_ops_bytes(c, ops=ops), 0.0)
+    ops = np.where(~gated & ~fused, written_out_gelu(c), 0.0)
+    gelu = gelu_ops_bytes(c, backward=True, ops=ops) - gelu_ops_bytes(c, ops=ops)
     down_input = np.where(c.lora == 0, tf, 0.0)
-    residual = t * c.hidden * hidden_bytes(c) / np.where(c.sequence_parallel == 1, c.tp, 1.0)
-    return np.where(on, saved - head + residual + n * tf + gelu - down_input, 0.0)
+    return np.where(on, saved - head + hidden_state_bytes(c) + n * tf + gelu - down_input, 0.0)
 
 
 def mlp_backward_gradients(c: Columns) -> Array:
-    """Gradients made by the last block's MLP backward moment (`mlp_backward_bytes`): the LM
-    head's (a tied head's in autograd's buffer; Liger's fused loss's among its saved tensors) and
-    the down projection's, in a fully trained model without accumulation or a step in the backward."""
-    full = (c.lora == 0) & (c.grad_accum == 1) & (c.in_backward == 0)
-    head = (1 - c.fused_loss) * c.vocab * c.hidden
-    return np.where(full, (head + c.hidden * c.ffn + c.mlp_bias * c.hidden) * trainable_bytes(c) / c.tp, 0.0)
+    """Gradients made by the last block's MLP backward moment (`mlp_backward_bytes`): the head's
+    and the down projection's (`last_block_gradients`)."""
+    return last_block_gradients(c, c.hidden * c.ffn + c.mlp_bias * c.hidden)
 
 
 LBAS2 = BASIS.index("Lbas2")
@@ -1443,13 +1451,19 @@ def core_backward_gradients(c: Columns) -> Array:
     tensors, `head_saved_bytes` leaves it there) and the layer's o_proj, MLP and second
     norm's (a fully trained model; LoRA's adapters are negligible). Measured: mistral-nemo-12b bf16 mixed, selective eager, 4 layers: 2,560 MiB of
     the head and 920 of the layer at that moment."""
-    tb = trainable_bytes(c)
-    full = (c.lora == 0) & (c.grad_accum == 1) & (c.in_backward == 0)
-    # (a tied head's share waits in autograd's buffer for the embedding's own: alive too)
-    head = (1 - c.fused_loss) * c.vocab * c.hidden
     post = (c.heads * c.v_head_dim * c.hidden + c.out_bias * c.hidden
             + (c.parallel_block == 0) * (mlp_params(c) + norm_params(c, c.hidden)))
-    return np.where(full, (head + post) * tb / c.tp, 0.0)
+    return last_block_gradients(c, post)
+
+
+def last_block_gradients(c: Columns, layer_params: Array) -> Array:
+    """Gradients made when the last block's backward has reached a moment: the LM head's (a tied
+    head's share waits in autograd's buffer for the embedding's own; Liger's fused loss made it
+    among its saved tensors) and `layer_params` of that block, in a fully trained model without
+    accumulation (which holds every gradient anyway) or a step in the backward (which frees each)."""
+    full = (c.lora == 0) & (c.grad_accum == 1) & (c.in_backward == 0)
+    head = (1 - c.fused_loss) * c.vocab * c.hidden
+    return np.where(full, (head + layer_params) * trainable_bytes(c) / c.tp, 0.0)
 
 
 def forward_block_bytes(c: Columns, saved: Array, ext: tuple | None = None, kernel: Array | None = None,
@@ -1508,19 +1522,15 @@ def recompute_forward_mlp_bytes(c: Columns) -> Array:
     and activation (written out op by op, its intermediates beside them, `gelu_ops_bytes`). The
     peak of a step whose loss is small (Liger's fused linear cross-entropy: the logits never exist)
     under full recompute (traced: llama3.2-1b LoRA liger, 4 layers, seq 512: forward -3.4 % without it)."""
-    on = (c.training == 1) & (c.recompute_full == 1) & (c.moe_layers < c.layers) & (c.compiled == 0)
+    # (an MoE model's dense layers come first: its last block is an MoE one, `moe_prefill_bytes`)
+    on = (c.training == 1) & (c.recompute_full == 1) & (c.moe_layers == 0) & (c.compiled == 0)
     if not on.any():
         return np.zeros(len(c))
-    t = c.batch * c.seq
-    hb = hidden_bytes(c)
-    ob = linear_out_bytes(c)
-    width = t * c.ffn * ob / c.tp
+    width = c.batch * c.seq * c.ffn * linear_out_bytes(c) / c.tp
     gated = c.gated_mlp == 1
-    written_out = (c.fused_mlp == 0) & ~gated
-    # (GPT-2's own GELU is gelu_new, ACTIVATIONS index 2)
-    gelu = np.where(written_out, gelu_ops_bytes(c, ops=np.where(c.family == FAMILY_CODES["gpt2"], 2.0, c.gelu_ops)), 0.0)
+    gelu = gelu_ops_bytes(c, ops=np.where((c.fused_mlp == 0) & ~gated, written_out_gelu(c), 0.0))
     mlp = np.where(gated, 3.0 * width, 2.0 * width) + gelu
-    return np.where(on, 2.0 * t * c.hidden * hb / np.where(c.sequence_parallel == 1, c.tp, 1.0) + mlp, 0.0)
+    return np.where(on, 2.0 * hidden_state_bytes(c) + mlp, 0.0)
 
 
 def softmax_backward_bytes(c: Columns) -> Array:
@@ -1914,14 +1924,15 @@ def _moments(c: Columns, k: DetailedConstants) -> tuple[list[Breakdown], list[Br
     # FSDP2 takes that shard (a copy) for the root's reduce-scatter beside the whole one
     whole_grad_end = whole_grad + np.where(whole_grad > 0, k.gradients_factor * c.vocab * c.hidden * gathered_element_bytes(c), 0.0)
     ext = ext_rows(c)  # once: the saved set and the re-run block both read it
-    block = _recompute_block(c, ext)
-    offloaded = offloaded_checkpoint_bytes(c, block)
     # each computed once: the planner evaluates millions of rows
     kernel = sdpa_kernel(c)  # once: several moments read it
+    sac = per_op_sac_bytes(c, kernel)  # (recompute=op) the saved set and the re-run block both read it
+    block = _recompute_block(c, ext, sac)
+    offloaded = offloaded_checkpoint_bytes(c, block)
     # a pipeline stage keeps its micro-batches in flight (1F1B): the whole model's one micro-batch
     # when pp divides the layers, less on an uneven split (`in_flight_layers`)
     in_flight = np.where((c.pp > 1) & (c.training == 1), in_flight_layers(c) / c.layers, 1.0)
-    stage_saved = saved_activations_bytes(c, kernel, ext) - offloaded - sequence_parallel_saving_bytes(whole, c)
+    stage_saved = saved_activations_bytes(c, kernel, ext, sac) - offloaded - sequence_parallel_saving_bytes(whole, c)
     saved_bytes = in_flight * stage_saved
     saved = act * saved_bytes
     # the attention core and what the head saved: three moments read each

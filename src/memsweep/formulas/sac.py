@@ -24,6 +24,7 @@ import numpy as np
 
 from memsweep.columns import Columns
 from memsweep.formulas.techniques import FP32
+from memsweep.sdpa_rules import KERNELS
 
 Array = np.ndarray
 
@@ -37,23 +38,22 @@ def _mm_outputs(c: Columns, moe: bool, compute: Array, adapter: Array) -> list[t
     tp = c.tp
     out: list[tuple[Array, Array]] = []
 
-    def linear(width: Array, bias: Array, lora: Array, column: bool = True) -> None:
+    quantized = c.q_bits > 0
+
+    def linear(width: Array, bias: Array, lora: Array, column: bool = True, on: Array | float = 1.0) -> None:
+        """A linear where `on`: its adapter's A and B (where `lora`), then its base."""
         share = width / tp if column else width
-        on = lora == 1
-        out.append((on.astype(float), c.lora_rank * adapter))  # A (r per token)
-        out.append((on.astype(float), share * adapter))  # B
-        quantized = c.q_bits > 0
-        out.append((((bias == 0) | quantized).astype(float), share * compute))
+        adapted = on * (lora == 1)
+        out.append((adapted, c.lora_rank * adapter))  # A (r per token)
+        out.append((adapted, share * adapter))  # B
+        out.append((on * ((bias == 0) | quantized), share * compute))
 
     mla = c.mla == 1
     q_width = c.heads * c.head_dim
     kv_width = c.kv_heads * c.head_dim
     nope = c.head_dim - c.rope_head_dim
     # attention: q, k, v (MLA: q_a, q_b or q; kv_a; kv_b), then o
-    q_a = mla & (c.q_lora_rank > 0)
-    out.append((q_a.astype(float) * (c.lora_q == 1), c.lora_rank * adapter))
-    out.append((q_a.astype(float) * (c.lora_q == 1), c.q_lora_rank * adapter))
-    out.append((q_a.astype(float), c.q_lora_rank * compute))
+    linear(c.q_lora_rank, 0.0, c.lora_q, column=False, on=mla & (c.q_lora_rank > 0))  # MLA's q_a (q's LoRA too)
     linear(q_width, np.where(mla, 0.0, c.qkv_bias), c.lora_q)
     linear(np.where(mla, c.kv_lora_rank + c.rope_head_dim, kv_width), np.where(mla, 0.0, c.qkv_bias), c.lora_k)
     linear(np.where(mla, c.heads * (nope + c.v_head_dim), kv_width), np.where(mla, 0.0, c.qkv_bias), c.lora_v)
@@ -62,12 +62,7 @@ def _mm_outputs(c: Columns, moe: bool, compute: Array, adapter: Array) -> list[t
 
     def mlp(ffn: Array, on: Array) -> None:
         for name, width, column in (("gate", ffn, True), ("up", ffn, True), ("down", c.hidden, False)):
-            present = on * (gated if name == "gate" else 1.0)
-            lora = getattr(c, f"lora_{name}") * present
-            before = len(out)
-            linear(width, c.mlp_bias, lora, column)
-            for i in range(before, len(out)):
-                out[i] = (out[i][0] * present, out[i][1])
+            linear(width, c.mlp_bias, getattr(c, f"lora_{name}"), column, on=on * (gated if name == "gate" else 1.0))
 
     if not moe:
         mlp(c.ffn, np.ones(len(c)))
@@ -93,17 +88,15 @@ def _saved_per_token(c: Columns, moe: bool, compute: Array, adapter: Array) -> t
     return saved, last
 
 
-def sac_layer_bytes(c: Columns, kernel: Array, compute: Array, adapter: Array) -> tuple[Array, Array]:
+def sac_layer_bytes(c: Columns, kernel: Array, compute: Array, adapter: Array,
+                    v_dim: Array) -> tuple[Array, Array, Array, Array]:
     """(a dense block's, an MoE block's) bytes the policy keeps: its odd-numbered `aten.mm`
     outputs and a fused attention call's output and log-sum-exp (fp32 per query and head; the
     memory-efficient kernel pads the queries to 32). 0 for rows without `recompute=op`."""
-    from memsweep.sdpa_rules import KERNELS
-
     on = (c.recompute_op == 1) & (c.training == 1)
     t = c.batch * c.seq
     fused = np.isin(kernel, [KERNELS.index(k) for k in SAC_ATTENTION_KERNELS]) & (c.eager_attention == 0)
     queries = np.where(kernel == KERNELS.index("efficient"), np.ceil(c.seq / 32.0) * 32.0, c.seq)
-    v_dim = np.where(c.mla == 1, np.maximum(c.head_dim, c.v_head_dim), c.v_head_dim)
     attention = fused * (t * c.heads * v_dim * compute + c.batch * c.heads * queries * FP32) / c.tp
     dense, dense_last = _saved_per_token(c, False, compute, adapter)
     moe, moe_last = _saved_per_token(c, True, compute, adapter) if (c.moe_layers > 0).any() else (dense, dense_last)
@@ -111,7 +104,8 @@ def sac_layer_bytes(c: Columns, kernel: Array, compute: Array, adapter: Array) -
             np.where(on, t * dense_last, 0.0), np.where(on, t * moe_last, 0.0))
 
 
-def sac_total_bytes(c: Columns, kernel: Array, compute: Array, adapter: Array) -> tuple[Array, Array, Array]:
+def sac_total_bytes(c: Columns, kernel: Array, compute: Array, adapter: Array,
+                    v_dim: Array) -> tuple[Array, Array, Array]:
     """(every block's saved outputs, the last block's, what of a block's stays through its own
     backward). The loss keeps all; the last block's re-run all the others' and what of its own
     the re-run does not consume: non-reentrant checkpointing stops recomputing at the last saved
@@ -119,7 +113,7 @@ def sac_total_bytes(c: Columns, kernel: Array, compute: Array, adapter: Array) -
     matmul is not re-run and its cached output lives until the block's backward ends; unless an
     op after it saves something (a hidden dropout's mask, Gemma's post-MLP norm) or the block is
     one compiled Function (its tensors are saved when its whole forward has run)."""
-    dense, moe, dense_last, moe_last = sac_layer_bytes(c, kernel, compute, adapter)
+    dense, moe, dense_last, moe_last = sac_layer_bytes(c, kernel, compute, adapter, v_dim)
     n_moe = np.where(c.experts > 0, c.moe_layers, 0.0)
     total = (c.layers - n_moe) * dense + n_moe * moe
     is_moe = n_moe > 0

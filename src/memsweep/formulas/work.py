@@ -45,7 +45,15 @@ import numpy as np
 
 from memsweep.columns import Array, Columns
 from memsweep.formulas import techniques as tq
-from memsweep.formulas.detailed import autocast, compute_bytes, kv_element_bytes, trainable_bytes, updated_params
+from memsweep.formulas.detailed import (
+    MATH_KERNEL,
+    autocast,
+    compute_bytes,
+    kv_element_bytes,
+    sdpa_kernel,
+    trainable_bytes,
+    updated_params,
+)
 
 FP32 = 4.0
 
@@ -496,8 +504,6 @@ def sac_kept(c: Columns, ops: list[Op], training: Array) -> list[Array]:
     on = training * c.recompute_op
     if not np.any(on):
         return [0.0] * len(ops)
-    from memsweep.formulas.detailed import MATH_KERNEL, sdpa_kernel
-
     fused = (sdpa_kernel(c) != MATH_KERNEL) & (c.eager_attention == 0)
     count = np.zeros(len(c))
     kept = []
