@@ -1517,19 +1517,26 @@ def recompute_forward_block_bytes(c: Columns, kept: Array, kernel: Array | None 
 def recompute_forward_mlp_bytes(c: Columns) -> Array:
     """Full recompute, inside the last (dense) block's checkpointed forward, at its MLP: nothing is
     saved there, so what lives is the block's residual (its input plus the attention's output), the
-    norm's output, and the MLP's three widest tensors: a gated MLP's act(gate) and up at their
-    product (gate itself freed by then), or a fused kernel's gate, up and output; a GELU MLP's up
-    and activation (written out op by op, its intermediates beside them, `gelu_ops_bytes`). The
+    norm's output, and the MLP's widest tensors: a gated MLP's act(gate) and up at their product
+    (gate itself freed by then), or a fused kernel's gate, up and output; a GELU MLP's up and
+    activation, or a written-out activation's live intermediates. The
     peak of a step whose loss is small (Liger's fused linear cross-entropy: the logits never exist)
     under full recompute (traced: llama3.2-1b LoRA liger, 4 layers, seq 512: forward -3.4 % without it)."""
     # (an MoE model's dense layers come first: its last block is an MoE one, `moe_prefill_bytes`)
     on = (c.training == 1) & (c.recompute_full == 1) & (c.moe_layers == 0) & (c.compiled == 0)
     if not on.any():
         return np.zeros(len(c))
-    width = c.batch * c.seq * c.ffn * linear_out_bytes(c) / c.tp
+    ob = linear_out_bytes(c)
     gated = c.gated_mlp == 1
-    gelu = gelu_ops_bytes(c, ops=np.where((c.fused_mlp == 0) & ~gated, written_out_gelu(c), 0.0))
-    mlp = np.where(gated, 3.0 * width, 2.0 * width) + gelu
+    # a GELU MLP: up's output beside what the activation holds at its widest, op by op in a
+    # forward that saves nothing (each intermediate dies at its last use, in Python's order):
+    # one kernel, its output; gelu_fast (0.5 x, x * 0.798, 0.045 x, its product with x): four;
+    # gelu_new (0.5 x and two of pow, its scaling, the sum, tanh, 1 + tanh; fp32 from pow on
+    # under autocast) and gelu_python (0.5 x, x / sqrt 2, erf, 1 + erf): three
+    ops = np.where((c.fused_mlp == 0) & ~gated, written_out_gelu(c), 0.0)
+    gelu = np.select([ops == 1, (ops == 2) & autocast(c), ops >= 2], [5.0 * ob, 2.0 * ob + 2.0 * FP32, 4.0 * ob],
+                     default=2.0 * ob)
+    mlp = np.where(gated, 3.0 * ob, gelu) * c.batch * c.seq * c.ffn / c.tp
     return np.where(on, 2.0 * hidden_state_bytes(c) + mlp, 0.0)
 
 
